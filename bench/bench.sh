@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Benchmarks for docs/benchmarks.md. Every timing is a ratio against a baseline
+# measured in the same invocation (this machine is shared and noisy).
+#
+#   ./bench/bench.sh ratio    keyframe codec vs zstd -3 on the fixture tensors
+#   ./bench/bench.sh big      4 GiB synthetic checkpoint: peak RSS and speed of
+#                             commit / checkout vs `cp` of the same files
+#   ./bench/bench.sh chain    commit time along a growing delta chain
+#   ./bench/bench.sh all      everything (needs ~20 GB free disk under $BENCH_DIR)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="$(./scripts/setup.sh)"
+cargo build --release --quiet --bin ckptvc --examples
+bin="$CARGO_TARGET_DIR/release"
+ckptvc="$bin/ckptvc"
+work="${BENCH_DIR:-$(mktemp -d)}"
+mkdir -p "$work"
+trap 'rm -rf "$work"/store* "$work"/out* "$work"/copy* "$work"/ck-*' EXIT
+
+# Wall seconds of a command.
+seconds() {
+    local start end
+    start=$(date +%s.%N)
+    "$@" >/dev/null
+    end=$(date +%s.%N)
+    calc "$end - $start"
+}
+
+# "peak_rss_kib seconds" of a command, from GNU time.
+measure() {
+    local log="$work/time.log"
+    /usr/bin/time -v -o "$log" "$@" >/dev/null
+    local rss wall
+    rss=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$log")
+    wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$log" | awk -F: '{ if (NF==3) print $1*3600+$2*60+$3; else print $1*60+$2 }')
+    echo "$rss $wall"
+}
+
+calc() { awk "BEGIN { print $1 }"; }
+
+ratio() {
+    echo "== keyframe codec vs zstd -3 (fixtures/series, all tensors)"
+    "$bin/examples/codec_ratio" fixtures/series/step-*
+    echo "== whole fixture series through the store"
+    rm -rf "$work/store-r"
+    "$ckptvc" --repo "$work/store-r" init
+    for dir in fixtures/series/step-*; do
+        "$ckptvc" --repo "$work/store-r" --quiet commit "$dir" --step $((10#${dir##*step-})) >/dev/null
+    done
+    "$ckptvc" --repo "$work/store-r" log
+    "$ckptvc" --repo "$work/store-r" stats
+}
+
+big() {
+    local size=$((4 * 1024 * 1024 * 1024))
+    echo "== synthetic checkpoint: $size bytes"
+    [ -f "$work/ck-big/model.safetensors" ] || "$bin/examples/make_synthetic" "$work/ck-big" "$size" 1
+    [ -f "$work/ck-big2/model.safetensors" ] || "$bin/examples/make_synthetic" "$work/ck-big2" "$size" 2
+    du -sb "$work/ck-big" "$work/ck-big2"
+    rm -rf "$work/store-b" "$work/out-b" "$work/copy-b"
+    "$ckptvc" --repo "$work/store-b" init
+    sync
+    local cp_s; cp_s=$(seconds cp -r "$work/ck-big" "$work/copy-b"); rm -rf "$work/copy-b"
+    read -r rss1 s1 < <(measure "$ckptvc" --repo "$work/store-b" --quiet commit "$work/ck-big" --step 100)
+    read -r rss2 s2 < <(measure "$ckptvc" --repo "$work/store-b" --quiet commit "$work/ck-big2" --step 200)
+    read -r rss3 s3 < <(measure "$ckptvc" --repo "$work/store-b" --quiet checkout 100 --output "$work/out-b")
+    cmp "$work/ck-big/model.safetensors" "$work/out-b/model.safetensors"
+    cmp "$work/ck-big/optimizer.safetensors" "$work/out-b/optimizer.safetensors"
+    local cp2_s; cp2_s=$(seconds cp -r "$work/ck-big" "$work/copy-b"); rm -rf "$work/copy-b"
+    local cp_avg; cp_avg=$(calc "($cp_s + $cp2_s) / 2")
+    printf 'cp -r baseline          %6.1f s (mean of %.1f and %.1f)\n' "$cp_avg" "$cp_s" "$cp2_s"
+    printf 'commit keyframe         %6.1f s  %.2fx cp   peak RSS %d MiB\n' "$s1" "$(calc "$s1 / $cp_avg")" $((rss1 / 1024))
+    printf 'commit delta            %6.1f s  %.2fx cp   peak RSS %d MiB\n' "$s2" "$(calc "$s2 / $cp_avg")" $((rss2 / 1024))
+    printf 'checkout (verified)     %6.1f s  %.2fx cp   peak RSS %d MiB\n' "$s3" "$(calc "$s3 / $cp_avg")" $((rss3 / 1024))
+    "$ckptvc" --repo "$work/store-b" log
+    "$ckptvc" --repo "$work/store-b" stats
+}
+
+chain() {
+    local size=$((96 * 1024 * 1024)) n=12
+    echo "== commit time along one delta chain (keyframe interval 1000, $n commits of $size bytes)"
+    rm -rf "$work/store-c"
+    "$ckptvc" --repo "$work/store-c" init --keyframe-interval 1000
+    for v in $(seq 1 $n); do
+        [ -f "$work/ck-c$v/model.safetensors" ] || "$bin/examples/make_synthetic" "$work/ck-c$v" "$size" "$v"
+    done
+    local first=""
+    for v in $(seq 1 $n); do
+        local cp_s; cp_s=$(seconds cp -r "$work/ck-c$v" "$work/copy-c"); rm -rf "$work/copy-c"
+        local s; s=$(seconds "$ckptvc" --repo "$work/store-c" --quiet commit "$work/ck-c$v" --step "$v")
+        local rel; rel=$(calc "$s / $cp_s")
+        [ -n "$first" ] || first=$rel
+        printf 'commit %2d (chain depth %2d)  %5.2f s   %.2fx cp\n' "$v" $((v - 1)) "$s" "$rel"
+    done
+}
+
+case "${1:-all}" in
+    ratio) ratio ;;
+    big) big ;;
+    chain) chain ;;
+    all) ratio; chain; big ;;
+    *) echo "usage: $0 ratio|big|chain|all" >&2; exit 2 ;;
+esac

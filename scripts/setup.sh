@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what building ckptvc needs on a fresh Debian machine that has only
+# the Rust toolchain: clang and libclang (RocksDB is built from C++ source and
+# its bindings are generated with bindgen). Safe to run again.
+set -euo pipefail
+
+missing=()
+command -v clang >/dev/null 2>&1 || missing+=(clang)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}" >&2
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# Builds live outside the clone, so repeated runs (and CI on this machine)
+# reuse the ~12-minute RocksDB build.
+echo "${CARGO_TARGET_DIR:-$HOME/.cache/ckptvc-target}"

@@ -1,0 +1,286 @@
+//! The `codec` layer: pure functions from a chunk of tensor bytes to an encoded
+//! blob and back. No I/O, no store: everything a codec needs arrives as slices.
+//!
+//! Every blob starts with a fixed 11-byte header (see docs/format.md) so that a
+//! blob can be checked and decoded on its own, given its base where it has one:
+//!
+//! | bytes | field |
+//! |-------|-------|
+//! | 0     | blob format version (`BLOB_VERSION`) |
+//! | 1     | codec id ([`Codec`]) |
+//! | 2     | element size used for byte-plane splitting (1, 2, 4 or 8) |
+//! | 3..11 | raw (decoded) length, u64 little-endian |
+//! | 11..  | codec payload (a zstd frame for every codec so far) |
+
+pub mod shuffle;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the blob header layout.
+pub const BLOB_VERSION: u8 = 1;
+const HEADER_LEN: usize = 11;
+/// zstd level for all codecs: level 3 keeps commit well above disk speed on
+/// two cores; higher levels gain little on float bytes (docs/benchmarks.md).
+const ZSTD_LEVEL: i32 = 3;
+
+/// How one chunk is encoded. The numeric values are on disk: never reuse one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "u8", try_from = "u8")]
+#[repr(u8)]
+pub enum Codec {
+    /// Opaque bytes, plain zstd.
+    Zstd = 1,
+    /// Byte-plane split, then zstd. Decodes on its own.
+    Keyframe = 2,
+    /// XOR against the same chunk of the parent commit, byte-plane split, zstd.
+    XorDelta = 3,
+}
+
+impl Codec {
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Zstd => "zstd",
+            Codec::Keyframe => "keyframe",
+            Codec::XorDelta => "xor-delta",
+        }
+    }
+
+    /// Whether decoding needs the parent's version of the chunk.
+    pub fn needs_base(self) -> bool {
+        matches!(self, Codec::XorDelta)
+    }
+
+    fn from_id(id: u8) -> Option<Codec> {
+        [Codec::Zstd, Codec::Keyframe, Codec::XorDelta]
+            .into_iter()
+            .find(|c| *c as u8 == id)
+    }
+}
+
+impl From<Codec> for u8 {
+    fn from(codec: Codec) -> u8 {
+        codec as u8
+    }
+}
+
+impl TryFrom<u8> for Codec {
+    type Error = CodecError;
+    fn try_from(id: u8) -> Result<Codec, CodecError> {
+        Codec::from_id(id).ok_or(CodecError::UnknownCodec(id))
+    }
+}
+
+impl std::fmt::Display for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("blob is too short to hold a header ({0} bytes)")]
+    TooShort(usize),
+    #[error("blob format version {0} is not supported (this build reads {BLOB_VERSION})")]
+    Version(u8),
+    #[error("unknown codec id {0}")]
+    UnknownCodec(u8),
+    #[error("invalid element size {0}")]
+    ElementSize(u8),
+    #[error("{0} blob needs its base chunk, none was given")]
+    MissingBase(Codec),
+    #[error("base chunk is {base} bytes but the blob encodes {raw} bytes")]
+    BaseLength { base: usize, raw: usize },
+    #[error("payload does not decompress: {0}")]
+    Payload(String),
+    #[error("payload decodes to {got} bytes, header says {want}")]
+    Length { got: usize, want: usize },
+}
+
+/// The parsed fixed header of a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobHeader {
+    pub codec: Codec,
+    pub elem_size: usize,
+    pub raw_len: u64,
+}
+
+impl BlobHeader {
+    pub fn parse(blob: &[u8]) -> Result<BlobHeader, CodecError> {
+        if blob.len() < HEADER_LEN {
+            return Err(CodecError::TooShort(blob.len()));
+        }
+        if blob[0] != BLOB_VERSION {
+            return Err(CodecError::Version(blob[0]));
+        }
+        let codec = Codec::from_id(blob[1]).ok_or(CodecError::UnknownCodec(blob[1]))?;
+        if !matches!(blob[2], 1 | 2 | 4 | 8) {
+            return Err(CodecError::ElementSize(blob[2]));
+        }
+        Ok(BlobHeader {
+            codec,
+            elem_size: blob[2] as usize,
+            raw_len: u64::from_le_bytes(blob[3..11].try_into().expect("8 bytes")),
+        })
+    }
+
+    fn write(self, out: &mut Vec<u8>) {
+        out.push(BLOB_VERSION);
+        out.push(self.codec as u8);
+        out.push(self.elem_size as u8);
+        out.extend_from_slice(&self.raw_len.to_le_bytes());
+    }
+}
+
+fn normalized_elem_size(elem_size: usize) -> usize {
+    match elem_size {
+        2 | 4 | 8 => elem_size,
+        _ => 1,
+    }
+}
+
+fn seal(codec: Codec, elem_size: usize, raw_len: usize, payload_input: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload_input.len() / 2);
+    BlobHeader {
+        codec,
+        elem_size,
+        raw_len: raw_len as u64,
+    }
+    .write(&mut out);
+    let mut encoder = zstd::Encoder::new(out, ZSTD_LEVEL).expect("zstd encoder on a Vec");
+    encoder
+        .set_pledged_src_size(Some(payload_input.len() as u64))
+        .expect("pledged size");
+    std::io::Write::write_all(&mut encoder, payload_input).expect("write to Vec");
+    encoder.finish().expect("finish to Vec")
+}
+
+/// Opaque bytes: plain zstd.
+pub fn encode_zstd(raw: &[u8]) -> Vec<u8> {
+    seal(Codec::Zstd, 1, raw.len(), raw)
+}
+
+/// A chunk on its own: byte-plane split so that sign/exponent bytes sit
+/// together, then zstd.
+pub fn encode_keyframe(raw: &[u8], elem_size: usize) -> Vec<u8> {
+    let elem_size = normalized_elem_size(elem_size);
+    seal(
+        Codec::Keyframe,
+        elem_size,
+        raw.len(),
+        &shuffle::split(raw, elem_size),
+    )
+}
+
+/// A chunk against the parent's chunk of the same length: the XOR of the bit
+/// patterns is mostly zero in the high bytes when few bits changed.
+pub fn encode_xor_delta(raw: &[u8], base: &[u8], elem_size: usize) -> Vec<u8> {
+    assert_eq!(raw.len(), base.len(), "xor-delta needs equal lengths");
+    let elem_size = normalized_elem_size(elem_size);
+    let xored: Vec<u8> = raw.iter().zip(base).map(|(a, b)| a ^ b).collect();
+    seal(
+        Codec::XorDelta,
+        elem_size,
+        raw.len(),
+        &shuffle::split(&xored, elem_size),
+    )
+}
+
+/// Decodes a blob back to the raw chunk. `base` is the decoded parent chunk for
+/// codecs that need one.
+pub fn decode(blob: &[u8], base: Option<&[u8]>) -> Result<Vec<u8>, CodecError> {
+    let header = BlobHeader::parse(blob)?;
+    let raw_len = header.raw_len as usize;
+    let payload = zstd::bulk::decompress(&blob[HEADER_LEN..], raw_len)
+        .map_err(|e| CodecError::Payload(e.to_string()))?;
+    if payload.len() != raw_len {
+        return Err(CodecError::Length {
+            got: payload.len(),
+            want: raw_len,
+        });
+    }
+    match header.codec {
+        Codec::Zstd => Ok(payload),
+        Codec::Keyframe => Ok(shuffle::join(&payload, header.elem_size)),
+        Codec::XorDelta => {
+            let base = base.ok_or(CodecError::MissingBase(Codec::XorDelta))?;
+            if base.len() != raw_len {
+                return Err(CodecError::BaseLength {
+                    base: base.len(),
+                    raw: raw_len,
+                });
+            }
+            let mut out = shuffle::join(&payload, header.elem_size);
+            out.iter_mut().zip(base).for_each(|(o, b)| *o ^= b);
+            Ok(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Element sizes of every fixed-width safetensors dtype: BOOL, U8, I8 and
+    /// the F8 variants (1), F16/BF16/I16/U16 (2), F32/I32/U32 (4),
+    /// F64/I64/U64/C64 (8); sub-byte F4/F6 are coded as bytes (1).
+    const ELEM_SIZES: [usize; 4] = [1, 2, 4, 8];
+
+    fn special_floats() -> impl Strategy<Value = Vec<u8>> {
+        let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, f32::MIN_POSITIVE, 1e-40];
+        proptest::collection::vec(prop::sample::select(specials.to_vec()), 0..200)
+            .prop_map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+
+    proptest! {
+        #[test]
+        fn keyframe_round_trips(raw in proptest::collection::vec(any::<u8>(), 0..5000), k in 0usize..4) {
+            let blob = encode_keyframe(&raw, ELEM_SIZES[k]);
+            prop_assert_eq!(decode(&blob, None).unwrap(), raw);
+        }
+
+        #[test]
+        fn xor_delta_round_trips(pair in proptest::collection::vec(any::<(u8, u8)>(), 0..5000), k in 0usize..4) {
+            let (raw, base): (Vec<u8>, Vec<u8>) = pair.into_iter().unzip();
+            let blob = encode_xor_delta(&raw, &base, ELEM_SIZES[k]);
+            prop_assert_eq!(decode(&blob, Some(&base)).unwrap(), raw);
+        }
+
+        #[test]
+        fn nan_and_inf_payloads_survive(raw in special_floats(), base in special_floats()) {
+            prop_assert_eq!(decode(&encode_keyframe(&raw, 4), None).unwrap(), raw.clone());
+            let base: Vec<u8> = base.into_iter().cycle().take(raw.len()).collect();
+            if base.len() == raw.len() {
+                prop_assert_eq!(decode(&encode_xor_delta(&raw, &base, 4), Some(&base)).unwrap(), raw);
+            }
+        }
+
+        #[test]
+        fn zstd_round_trips(raw in proptest::collection::vec(any::<u8>(), 0..5000)) {
+            prop_assert_eq!(decode(&encode_zstd(&raw), None).unwrap(), raw);
+        }
+    }
+
+    #[test]
+    fn header_errors_are_reported() {
+        assert_eq!(decode(&[1, 2], None), Err(CodecError::TooShort(2)));
+        let mut blob = encode_keyframe(&[1, 2, 3, 4], 4);
+        blob[0] = 9;
+        assert_eq!(decode(&blob, None), Err(CodecError::Version(9)));
+        let blob = encode_xor_delta(&[1, 2], &[3, 4], 2);
+        assert_eq!(decode(&blob, None), Err(CodecError::MissingBase(Codec::XorDelta)));
+        assert!(matches!(decode(&blob, Some(&[1])), Err(CodecError::BaseLength { .. })));
+        let mut blob = encode_keyframe(&[7; 100], 4);
+        let n = blob.len();
+        blob.truncate(n - 3);
+        assert!(matches!(decode(&blob, None), Err(CodecError::Payload(_))));
+    }
+
+    #[test]
+    fn identical_chunks_give_identical_blobs() {
+        let raw: Vec<u8> = (0..10_000u32).flat_map(|x| (x as f32).to_le_bytes()).collect();
+        assert_eq!(encode_keyframe(&raw, 4), encode_keyframe(&raw, 4));
+        let zeros = encode_xor_delta(&raw, &raw, 4);
+        assert!(zeros.len() < 100, "xor of equal chunks is all zeros");
+    }
+}

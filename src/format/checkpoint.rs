@@ -1,0 +1,166 @@
+//! A checkpoint directory as committed: every regular file in it, the
+//! safetensors ones parsed into tensors, the rest kept as opaque bytes.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use super::FormatError;
+use super::safetensors::{Header, parse_header};
+
+/// What kind of file an input is, decided by its name.
+#[derive(Debug)]
+pub enum InputKind {
+    Safetensors(Header),
+    /// Any other regular file (meta.json, trainer_state.json, ...): stored as is.
+    Opaque,
+}
+
+/// One file of a checkpoint directory, mapped into memory.
+#[derive(Debug)]
+pub struct InputFile {
+    /// Name relative to the checkpoint directory, with `/` separators.
+    pub name: String,
+    pub path: PathBuf,
+    pub kind: InputKind,
+    /// `None` for empty files, which cannot be mapped.
+    map: Option<Mmap>,
+}
+
+impl InputFile {
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+
+    pub fn len(&self) -> u64 {
+        self.bytes().len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tells the kernel that `[offset, offset+len)` will not be read again, so
+    /// the pages leave this process's resident set: memory then stays bounded by
+    /// the chunks in flight, not by the size of the checkpoint.
+    pub fn release(&self, offset: usize, len: usize) {
+        if let Some(map) = &self.map {
+            // Page-align the start inward; a partial page is simply kept.
+            let page = 4096;
+            let start = offset.div_ceil(page) * page;
+            let end = (offset + len).min(map.len());
+            if end > start {
+                // SAFETY: the map is read-only and backed by a file, so dropping
+                // pages only means they are read from the file again if touched.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+    }
+}
+
+/// All files of one checkpoint directory, sorted by name.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub files: Vec<InputFile>,
+}
+
+impl Checkpoint {
+    /// Opens and validates every file of `dir` (recursively). Nothing is
+    /// written anywhere; all errors name the offending file.
+    pub fn open(dir: &Path) -> Result<Self, FormatError> {
+        let meta = std::fs::metadata(dir).map_err(|e| FormatError::Directory {
+            path: dir.to_path_buf(),
+            what: format!("cannot read checkpoint directory: {e}"),
+        })?;
+        if !meta.is_dir() {
+            return Err(FormatError::Directory {
+                path: dir.to_path_buf(),
+                what: "not a directory".into(),
+            });
+        }
+        let mut names = Vec::new();
+        collect_files(dir, "", &mut names)?;
+        if names.is_empty() {
+            return Err(FormatError::Directory {
+                path: dir.to_path_buf(),
+                what: "checkpoint directory contains no files".into(),
+            });
+        }
+        names.sort();
+        let files = names
+            .into_iter()
+            .map(|name| open_file(dir, name))
+            .collect::<Result<_, _>>()?;
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            files,
+        })
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(InputFile::len).sum()
+    }
+}
+
+fn collect_files(root: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), FormatError> {
+    let dir = root.join(prefix);
+    let entries = std::fs::read_dir(&dir).map_err(|e| FormatError::io(&dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| FormatError::io(&dir, e))?;
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else {
+            return Err(FormatError::Directory {
+                path: entry.path(),
+                what: "file name is not valid UTF-8".into(),
+            });
+        };
+        let name = if prefix.is_empty() {
+            file_name.to_string()
+        } else {
+            format!("{prefix}/{file_name}")
+        };
+        // Follow symlinks: a checkpoint assembled with links still means its content.
+        let meta = std::fs::metadata(entry.path()).map_err(|e| FormatError::io(entry.path(), e))?;
+        if meta.is_dir() {
+            collect_files(root, &name, out)?;
+        } else if meta.is_file() {
+            out.push(name);
+        }
+    }
+    Ok(())
+}
+
+fn open_file(dir: &Path, name: String) -> Result<InputFile, FormatError> {
+    let path = dir.join(&name);
+    let file = File::open(&path).map_err(|e| FormatError::io(&path, e))?;
+    let len = file.metadata().map_err(|e| FormatError::io(&path, e))?.len();
+    let map = if len == 0 {
+        None
+    } else {
+        // SAFETY: the map is read-only. Should the file change underneath us the
+        // chunk hashes recorded at commit time no longer match what checkout
+        // verifies, so corruption is caught, not propagated silently.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(&path, e))?;
+        let _ = map.advise(memmap2::Advice::Sequential);
+        Some(map)
+    };
+    let is_safetensors = name.ends_with(".safetensors");
+    let mut input = InputFile {
+        name,
+        path,
+        kind: InputKind::Opaque,
+        map,
+    };
+    if is_safetensors {
+        input.kind = InputKind::Safetensors(parse_header(&input.path, input.bytes())?);
+    }
+    Ok(input)
+}

@@ -1,0 +1,192 @@
+//! Read-only views of the history: `log`, `show` and `stats`, as plain data
+//! that the CLI prints as a table or as JSON.
+
+use serde::Serialize;
+
+use super::rev::resolve;
+use crate::store::{CommitRecord, FileContent, ObjectId, Store};
+
+/// One line of `log`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogEntry {
+    pub id: String,
+    pub step: u64,
+    pub branch: String,
+    pub parents: Vec<String>,
+    pub time_ms: u64,
+    pub message: String,
+    pub keyframe: bool,
+    pub chain_depth: u32,
+    pub input_bytes: u64,
+    pub stored_bytes: u64,
+    /// input_bytes / stored_bytes (how much smaller this commit made its input).
+    pub ratio: f64,
+}
+
+impl LogEntry {
+    pub fn new(id: &ObjectId, record: &CommitRecord) -> LogEntry {
+        LogEntry {
+            id: id.to_hex(),
+            step: record.step,
+            branch: record.branch.clone(),
+            parents: record.parents.iter().map(ObjectId::to_hex).collect(),
+            time_ms: record.time_ms,
+            message: record.message.clone(),
+            keyframe: record.keyframe,
+            chain_depth: record.chain_depth,
+            input_bytes: record.input_bytes,
+            stored_bytes: record.stored_bytes,
+            ratio: ratio(record.input_bytes, record.stored_bytes),
+        }
+    }
+}
+
+fn ratio(input: u64, stored: u64) -> f64 {
+    if stored == 0 {
+        if input == 0 { 1.0 } else { f64::INFINITY }
+    } else {
+        input as f64 / stored as f64
+    }
+}
+
+/// History newest first: the first-parent chain from a branch tip (`branch`,
+/// or the current branch), or with `all` every commit in the store.
+pub fn log(store: &Store, branch: Option<&str>, all: bool) -> anyhow::Result<Vec<LogEntry>> {
+    let mut entries = Vec::new();
+    if all {
+        for id in store.commit_ids()? {
+            if let Some(record) = store.get_commit(&id)? {
+                entries.push(LogEntry::new(&id, &record));
+            }
+        }
+        entries.sort_by(|a, b| (b.time_ms, b.step).cmp(&(a.time_ms, a.step)));
+        return Ok(entries);
+    }
+    let branch = match branch {
+        Some(b) => b.to_string(),
+        None => store.head_branch()?,
+    };
+    let mut next = match store.branch_tip(&branch)? {
+        Some(id) => Some(id),
+        None if store.branches()?.is_empty() => None,
+        None => anyhow::bail!("no branch named `{branch}`"),
+    };
+    while let Some(id) = next {
+        let record = store
+            .get_commit(&id)?
+            .ok_or_else(|| anyhow::anyhow!("commit {id} is missing from the store"))?;
+        entries.push(LogEntry::new(&id, &record));
+        next = record.first_parent();
+    }
+    Ok(entries)
+}
+
+/// One tensor (or opaque file) in `show`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorReport {
+    pub file: String,
+    /// `None` for an opaque file.
+    pub tensor: Option<String>,
+    pub dtype: Option<String>,
+    pub shape: Option<Vec<u64>>,
+    /// Codecs of its chunks, e.g. `keyframe` or `xor-delta`, or both.
+    pub codecs: Vec<String>,
+    pub chunks: usize,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ShowReport {
+    #[serde(flatten)]
+    pub commit: LogEntry,
+    pub entries: Vec<TensorReport>,
+}
+
+pub fn show(store: &Store, rev: &str) -> anyhow::Result<ShowReport> {
+    let id = resolve(store, rev)?;
+    let record = store
+        .get_commit(&id)?
+        .ok_or_else(|| anyhow::anyhow!("commit {id} is missing"))?;
+    let mut entries = Vec::new();
+    for file in &record.files {
+        match &file.content {
+            FileContent::Opaque { chunks } => entries.push(TensorReport {
+                file: file.name.clone(),
+                tensor: None,
+                dtype: None,
+                shape: None,
+                codecs: codec_names(chunks.iter().map(|c| c.codec)),
+                chunks: chunks.len(),
+                bytes_in: file.size,
+                bytes_out: chunks.iter().map(|c| c.stored_len).sum(),
+            }),
+            FileContent::Safetensors { tensors, .. } => {
+                entries.extend(tensors.iter().map(|t| TensorReport {
+                    file: file.name.clone(),
+                    tensor: Some(t.name.clone()),
+                    dtype: Some(t.dtype.clone()),
+                    shape: Some(t.shape.clone()),
+                    codecs: codec_names(t.chunks.iter().map(|c| c.codec)),
+                    chunks: t.chunks.len(),
+                    bytes_in: t.raw_bytes(),
+                    bytes_out: t.stored_bytes(),
+                }))
+            }
+        }
+    }
+    Ok(ShowReport {
+        commit: LogEntry::new(&id, &record),
+        entries,
+    })
+}
+
+fn codec_names(codecs: impl Iterator<Item = crate::codec::Codec>) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for c in codecs {
+        if !names.iter().any(|n| n == c.name()) {
+            names.push(c.name().to_string());
+        }
+    }
+    names
+}
+
+/// Store totals for `stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub commits: u64,
+    pub branches: u64,
+    pub blobs: u64,
+    /// Sum of every commit's input size: what keeping all checkpoints would cost.
+    pub logical_bytes: u64,
+    /// Sum of the encoded sizes of all blobs.
+    pub blob_bytes: u64,
+    /// Size of the store's database files on disk.
+    pub physical_bytes: u64,
+    /// Size of the reconstruction cache (deletable; not part of the store).
+    pub cache_bytes: u64,
+    /// logical_bytes / physical_bytes.
+    pub ratio: f64,
+}
+
+pub fn stats(store: &Store) -> anyhow::Result<Stats> {
+    let ids = store.commit_ids()?;
+    let mut logical = 0;
+    for id in &ids {
+        if let Some(record) = store.get_commit(id)? {
+            logical += record.input_bytes;
+        }
+    }
+    let (blobs, blob_bytes) = store.blob_totals()?;
+    let physical = store.physical_bytes()?;
+    Ok(Stats {
+        commits: ids.len() as u64,
+        branches: store.branches()?.len() as u64,
+        blobs,
+        logical_bytes: logical,
+        blob_bytes,
+        physical_bytes: physical,
+        cache_bytes: crate::store::db::dir_size(&store.cache_dir(), &|_| true)?,
+        ratio: ratio(logical, physical),
+    })
+}

@@ -1,0 +1,132 @@
+//! The reconstruction cache: for recent commits (branch tips), the decoded
+//! bytes of every tensor chunk in one flat file `<repo>/cache/tips/<id>`, in
+//! manifest order. Commit reads its delta bases from here instead of decoding
+//! the parent's chain, so commit cost does not grow with chain length.
+//!
+//! It is only a cache: every chunk read from it is checked against the raw
+//! hash in the commit record, and a missing, short or damaged file just means
+//! the store decodes the chunk instead. Deleting `cache/` is always safe.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::store::{ChunkRef, CommitRecord, ObjectId};
+
+/// Where each tensor's first chunk sits in a cache file, keyed by (file, tensor).
+/// Every chunk of a tensor but the last has the tensor's chunk length, so a
+/// chunk's offset is `start + index * chunk_len`.
+#[derive(Debug, Default, Clone)]
+pub struct CacheLayout {
+    tensors: HashMap<(String, String), (u64, u64)>,
+    total: u64,
+}
+
+impl CacheLayout {
+    /// Appends a tensor of `len` bytes cut into chunks of `chunk_len`.
+    pub fn push(&mut self, file: &str, tensor: &str, len: u64, chunk_len: u64) {
+        self.tensors
+            .insert((file.to_string(), tensor.to_string()), (self.total, chunk_len));
+        self.total += len;
+    }
+
+    pub fn of_record(record: &CommitRecord) -> CacheLayout {
+        let mut layout = CacheLayout::default();
+        for file in &record.files {
+            for t in file.tensors() {
+                let chunk_len = t.chunks.first().map_or(0, |c| c.raw_len);
+                layout.push(&file.name, &t.name, t.raw_bytes(), chunk_len);
+            }
+        }
+        layout
+    }
+
+    pub fn chunk_offset(&self, file: &str, tensor: &str, index: usize) -> Option<u64> {
+        let &(start, chunk_len) = self.tensors.get(&(file.to_string(), tensor.to_string()))?;
+        Some(start + index as u64 * chunk_len)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+}
+
+pub fn tips_dir(cache_dir: &Path) -> PathBuf {
+    cache_dir.join("tips")
+}
+
+/// A cache file being written during a commit.
+pub struct CacheWriter {
+    file: File,
+    tmp: PathBuf,
+    dir: PathBuf,
+}
+
+impl CacheWriter {
+    pub fn create(cache_dir: &Path, len: u64) -> std::io::Result<CacheWriter> {
+        let dir = tips_dir(cache_dir);
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!("tmp-{}", std::process::id()));
+        let file = File::create(&tmp)?;
+        file.set_len(len)?;
+        Ok(CacheWriter { file, tmp, dir })
+    }
+
+    pub fn write_at(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all_at(bytes, offset)
+    }
+
+    /// Publishes the file under the commit's id.
+    pub fn finish(self, id: &ObjectId) -> std::io::Result<()> {
+        std::fs::rename(&self.tmp, self.dir.join(id.to_hex()))
+    }
+
+    pub fn abandon(self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// A published cache file, mapped.
+pub struct CacheReader {
+    map: Mmap,
+    layout: CacheLayout,
+}
+
+impl CacheReader {
+    /// Opens the cache of `record` (whose id is `id`) if there is a complete one.
+    pub fn open(cache_dir: &Path, id: &ObjectId, record: &CommitRecord) -> Option<CacheReader> {
+        let file = File::open(tips_dir(cache_dir).join(id.to_hex())).ok()?;
+        let layout = CacheLayout::of_record(record);
+        if file.metadata().ok()?.len() != layout.total() || layout.total() == 0 {
+            return None;
+        }
+        // SAFETY: read-only map; every read is verified against its hash.
+        let map = unsafe { Mmap::map(&file) }.ok()?;
+        Some(CacheReader { map, layout })
+    }
+
+    /// The chunk's bytes if the cache has them intact.
+    pub fn chunk(&self, file: &str, tensor: &str, index: usize, chunk: &ChunkRef) -> Option<&[u8]> {
+        let offset = self.layout.chunk_offset(file, tensor, index)? as usize;
+        let bytes = self.map.get(offset..offset + chunk.raw_len as usize)?;
+        (ObjectId::of(bytes) == chunk.raw_hash).then_some(bytes)
+    }
+}
+
+/// Deletes cache files of commits not in `keep` (branch tips), and stale
+/// temporary files of writers that no longer hold the lock.
+pub fn prune(cache_dir: &Path, keep: &[ObjectId]) {
+    let keep: Vec<String> = keep.iter().map(ObjectId::to_hex).collect();
+    let Ok(entries) = std::fs::read_dir(tips_dir(cache_dir)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !keep.contains(&name) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! RocksDB access: opening, column families, and the typed reads and writes
+//! the `repo` layer builds on.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+use serde::{Deserialize, Serialize};
+
+use super::lock::WriterLock;
+use super::object::{CommitRecord, ObjectId};
+use super::StoreError;
+
+/// First line of `<repo>/FORMAT`.
+pub const FORMAT_MAGIC: &str = "ckptvc-store";
+/// Version of the store layout as a whole (directory + column families).
+pub const STORE_VERSION: u32 = 1;
+/// Version of [`StoreConfig`]'s layout.
+pub const CONFIG_VERSION: u32 = 1;
+
+const CF_BLOBS: &str = "blobs";
+const CF_BLOB_SIZES: &str = "blob_sizes";
+const CF_COMMITS: &str = "commits";
+const CF_REFS: &str = "refs";
+const CF_STEPS: &str = "steps";
+const CF_META: &str = "meta";
+const ALL_CFS: [&str; 6] = [CF_BLOBS, CF_BLOB_SIZES, CF_COMMITS, CF_REFS, CF_STEPS, CF_META];
+
+const META_CONFIG: &[u8] = b"config";
+const REF_HEAD: &[u8] = b"HEAD";
+const BRANCH_PREFIX: &str = "branch/";
+
+/// Settings fixed at `init`, stored under `meta/config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreConfig {
+    pub version: u32,
+    /// A lossless keyframe commit every this many commits along a chain.
+    pub keyframe_interval: u32,
+    /// Upper bound on a chunk's raw size.
+    pub chunk_bytes: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            version: CONFIG_VERSION,
+            keyframe_interval: 10,
+            chunk_bytes: 4 << 20,
+        }
+    }
+}
+
+/// An open store. Readers open RocksDB read-only and see a consistent snapshot
+/// of what was published before they opened; the one writer holds the lock.
+pub struct Store {
+    root: PathBuf,
+    db: DB,
+    _lock: Option<WriterLock>,
+}
+
+fn db_options() -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(false);
+    opts.set_keep_log_file_num(2);
+    opts.set_max_log_file_size(1 << 20);
+    opts.set_log_level(rocksdb::LogLevel::Warn);
+    // Blobs and their size index are flushed together, so after a crash a size
+    // entry never claims a blob that did not reach disk.
+    opts.set_atomic_flush(true);
+    opts
+}
+
+fn cf_options(name: &str) -> Options {
+    let mut opts = Options::default();
+    opts.set_compression_type(rocksdb::DBCompressionType::None);
+    if name == CF_BLOBS {
+        // Blob payloads (already zstd-compressed by our codecs) go to blob
+        // files instead of being rewritten by every LSM compaction.
+        opts.set_enable_blob_files(true);
+        opts.set_min_blob_size(1024);
+        opts.set_blob_file_size(256 << 20);
+        opts.set_blob_compression_type(rocksdb::DBCompressionType::None);
+        opts.set_enable_blob_gc(true);
+        opts.set_write_buffer_size(64 << 20);
+    }
+    opts
+}
+
+fn descriptors() -> Vec<ColumnFamilyDescriptor> {
+    ALL_CFS
+        .iter()
+        .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)))
+        .collect()
+}
+
+impl Store {
+    pub fn db_dir(root: &Path) -> PathBuf {
+        root.join("db")
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates an empty store at `root`, which must not hold one already.
+    pub fn init(root: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
+        if root.join("FORMAT").exists() || Self::db_dir(root).exists() {
+            return Err(StoreError::AlreadyExists(root.to_path_buf()));
+        }
+        std::fs::create_dir_all(root).map_err(|e| StoreError::io(root, e))?;
+        let lock = WriterLock::acquire(&root.join("lock"), Duration::ZERO)?;
+        let mut opts = db_options();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let db = DB::open_cf_descriptors(&opts, Self::db_dir(root), descriptors())?;
+        let store = Store {
+            root: root.to_path_buf(),
+            db,
+            _lock: Some(lock),
+        };
+        let mut batch = WriteBatch::default();
+        batch.put_cf(store.cf(CF_META), META_CONFIG, postcard::to_stdvec(config).expect("vec"));
+        batch.put_cf(store.cf(CF_REFS), REF_HEAD, b"main");
+        store.write_synced(batch)?;
+        // FORMAT is written last: its presence means the store is complete.
+        let format = format!("{FORMAT_MAGIC} {STORE_VERSION}\n");
+        std::fs::write(root.join("FORMAT"), format).map_err(|e| StoreError::io(root, e))?;
+        Ok(store)
+    }
+
+    fn check_format(root: &Path) -> Result<(), StoreError> {
+        let path = root.join("FORMAT");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::Missing(root.to_path_buf()));
+            }
+            Err(e) => return Err(StoreError::io(path, e)),
+        };
+        let expected = format!("{FORMAT_MAGIC} {STORE_VERSION}");
+        if text.trim() != expected {
+            return Err(StoreError::NotAStore {
+                path: root.to_path_buf(),
+                what: format!("FORMAT says `{}`, expected `{expected}`", text.trim()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Opens for reading. Touches no file of the store.
+    pub fn open_read(root: &Path) -> Result<Store, StoreError> {
+        Self::check_format(root)?;
+        let db = DB::open_cf_descriptors_read_only(&db_options(), Self::db_dir(root), descriptors(), false)?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            db,
+            _lock: None,
+        })
+    }
+
+    /// Opens for writing, holding the writer lock (waiting up to `wait`).
+    /// `before_write` runs on a read-only view while the lock is held and before
+    /// RocksDB is opened for writing, so that a refused operation leaves every
+    /// file of the store exactly as it was.
+    pub fn open_write<T>(
+        root: &Path,
+        wait: Duration,
+        before_write: impl FnOnce(&Store) -> anyhow::Result<T>,
+    ) -> anyhow::Result<(Store, T)> {
+        Self::check_format(root)?;
+        let lock = WriterLock::acquire(&root.join("lock"), wait)?;
+        let checked = {
+            let view = Self::open_read(root)?;
+            before_write(&view)?
+        };
+        let db = DB::open_cf_descriptors(&db_options(), Self::db_dir(root), descriptors())
+            .map_err(StoreError::from)?;
+        let store = Store {
+            root: root.to_path_buf(),
+            db,
+            _lock: Some(lock),
+        };
+        Ok((store, checked))
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db.cf_handle(name).expect("column family opened with the store")
+    }
+
+    fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        Ok(self.db.write_opt(batch, &opts)?)
+    }
+
+    pub fn config(&self) -> Result<StoreConfig, StoreError> {
+        let bytes = self.db.get_pinned_cf(self.cf(CF_META), META_CONFIG)?.ok_or_else(|| StoreError::Corrupt {
+            what: "store config".into(),
+            detail: "meta/config is missing".into(),
+        })?;
+        let config: StoreConfig = postcard::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
+            what: "store config".into(),
+            detail: e.to_string(),
+        })?;
+        if config.version != CONFIG_VERSION {
+            return Err(StoreError::Corrupt {
+                what: "store config".into(),
+                detail: format!("version {} is not supported", config.version),
+            });
+        }
+        Ok(config)
+    }
+
+    // --- blobs -------------------------------------------------------------
+
+    pub fn has_blob(&self, id: &ObjectId) -> Result<bool, StoreError> {
+        Ok(self.db.get_pinned_cf(self.cf(CF_BLOB_SIZES), id.0)?.is_some())
+    }
+
+    /// Writes a blob and its size entry without the WAL: blobs are made
+    /// durable by [`Store::flush_blobs`] before any commit refers to them, so a
+    /// crash before that only loses blobs nothing points to.
+    pub fn put_blob(&self, id: &ObjectId, bytes: &[u8]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_BLOBS), id.0, bytes);
+        batch.put_cf(self.cf(CF_BLOB_SIZES), id.0, (bytes.len() as u64).to_le_bytes());
+        let mut opts = WriteOptions::default();
+        opts.disable_wal(true);
+        Ok(self.db.write_opt(batch, &opts)?)
+    }
+
+    pub fn flush_blobs(&self) -> Result<(), StoreError> {
+        let cfs = [self.cf(CF_BLOBS), self.cf(CF_BLOB_SIZES)];
+        Ok(self.db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?)
+    }
+
+    pub fn get_blob(&self, id: &ObjectId) -> Result<Vec<u8>, StoreError> {
+        self.db
+            .get_cf(self.cf(CF_BLOBS), id.0)?
+            .ok_or_else(|| StoreError::Corrupt {
+                what: format!("blob {id}"),
+                detail: "missing from the store".into(),
+            })
+    }
+
+    /// Number of blobs and the sum of their encoded sizes.
+    pub fn blob_totals(&self) -> Result<(u64, u64), StoreError> {
+        let mut count = 0;
+        let mut bytes = 0;
+        for item in self.db.iterator_cf(self.cf(CF_BLOB_SIZES), IteratorMode::Start) {
+            let (_, value) = item?;
+            count += 1;
+            bytes += u64::from_le_bytes(value.as_ref().try_into().unwrap_or([0; 8]));
+        }
+        Ok((count, bytes))
+    }
+
+    // --- commits and refs --------------------------------------------------
+
+    pub fn get_commit(&self, id: &ObjectId) -> Result<Option<CommitRecord>, StoreError> {
+        let Some(bytes) = self.db.get_pinned_cf(self.cf(CF_COMMITS), id.0)? else {
+            return Ok(None);
+        };
+        if ObjectId::of(&bytes) != *id {
+            return Err(StoreError::Corrupt {
+                what: format!("commit {id}"),
+                detail: "record does not hash to its id".into(),
+            });
+        }
+        CommitRecord::from_bytes(&bytes)
+            .map(Some)
+            .map_err(|detail| StoreError::Corrupt {
+                what: format!("commit {id}"),
+                detail,
+            })
+    }
+
+    pub fn commit_ids(&self) -> Result<Vec<ObjectId>, StoreError> {
+        let mut ids = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_COMMITS), IteratorMode::Start) {
+            let (key, _) = item?;
+            ids.extend(ObjectId::from_slice(&key));
+        }
+        Ok(ids)
+    }
+
+    pub fn head_branch(&self) -> Result<String, StoreError> {
+        let head = self.db.get_cf(self.cf(CF_REFS), REF_HEAD)?;
+        Ok(head.map_or_else(|| "main".to_string(), |b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    pub fn branch_tip(&self, branch: &str) -> Result<Option<ObjectId>, StoreError> {
+        let key = format!("{BRANCH_PREFIX}{branch}");
+        let value = self.db.get_pinned_cf(self.cf(CF_REFS), key.as_bytes())?;
+        Ok(value.and_then(|v| ObjectId::from_slice(&v)))
+    }
+
+    /// All branches with their tips, sorted by name.
+    pub fn branches(&self) -> Result<Vec<(String, ObjectId)>, StoreError> {
+        let mut out = Vec::new();
+        let mode = IteratorMode::From(BRANCH_PREFIX.as_bytes(), Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_REFS), mode) {
+            let (key, value) = item?;
+            let Some(name) = key.strip_prefix(BRANCH_PREFIX.as_bytes()) else {
+                break;
+            };
+            if let Some(id) = ObjectId::from_slice(&value) {
+                out.push((String::from_utf8_lossy(name).into_owned(), id));
+            }
+        }
+        Ok(out)
+    }
+
+    fn step_key(branch: &str, step: u64) -> Vec<u8> {
+        let mut key = branch.as_bytes().to_vec();
+        key.push(0);
+        key.extend_from_slice(&step.to_be_bytes());
+        key
+    }
+
+    pub fn commit_at_step(&self, branch: &str, step: u64) -> Result<Option<ObjectId>, StoreError> {
+        let value = self.db.get_pinned_cf(self.cf(CF_STEPS), Self::step_key(branch, step))?;
+        Ok(value.and_then(|v| ObjectId::from_slice(&v)))
+    }
+
+    /// Makes a commit visible: the record, the branch tip, the step index and
+    /// HEAD in one synced write batch. Its blobs must be flushed already.
+    pub fn publish_commit(&self, record: &CommitRecord) -> Result<ObjectId, StoreError> {
+        let bytes = record.to_bytes();
+        let id = ObjectId::of(&bytes);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_COMMITS), id.0, &bytes);
+        let branch_key = format!("{BRANCH_PREFIX}{}", record.branch);
+        batch.put_cf(self.cf(CF_REFS), branch_key.as_bytes(), id.0);
+        batch.put_cf(self.cf(CF_REFS), REF_HEAD, record.branch.as_bytes());
+        batch.put_cf(self.cf(CF_STEPS), Self::step_key(&record.branch, record.step), id.0);
+        self.write_synced(batch)?;
+        Ok(id)
+    }
+
+    /// Bytes the store occupies on disk: every file under `db/` except
+    /// RocksDB's informational logs (`LOG*`), which are not store data.
+    pub fn physical_bytes(&self) -> Result<u64, StoreError> {
+        dir_size(&Self::db_dir(&self.root), &|name| !name.starts_with("LOG"))
+    }
+}
+
+/// Total size of the files under `dir` whose names pass `keep`.
+pub fn dir_size(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<u64, StoreError> {
+    let mut total = 0;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(StoreError::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::io(dir, e))?;
+        let meta = entry.metadata().map_err(|e| StoreError::io(entry.path(), e))?;
+        if meta.is_dir() {
+            total += dir_size(&entry.path(), keep)?;
+        } else if keep(&entry.file_name().to_string_lossy()) {
+            total += meta.len();
+        }
+    }
+    Ok(total)
+}

@@ -1,0 +1,122 @@
+//! Helpers shared by the integration tests: they drive the real binary on the
+//! fixture checkpoints in fixtures/series.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+pub const STEPS: [u64; 6] = [20, 40, 60, 80, 100, 120];
+
+pub fn fixture(step: u64) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/series")
+        .join(format!("step-{step:06}"))
+}
+
+/// A temporary directory holding a store at `<tmp>/store`.
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        Env {
+            tmp: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// A fresh store, initialized.
+    pub fn init() -> Env {
+        let env = Env::new();
+        env.cmd().arg("init").assert().success();
+        env
+    }
+
+    pub fn repo(&self) -> PathBuf {
+        self.tmp.path().join("store")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut cmd = Command::cargo_bin("ckptvc").expect("binary");
+        cmd.arg("--repo").arg(self.repo()).env_remove("CKPTVC_REPO");
+        cmd
+    }
+
+    pub fn commit(&self, dir: &Path, step: u64) -> String {
+        let out = self
+            .cmd()
+            .args(["commit", "--step", &step.to_string()])
+            .arg(dir)
+            .assert()
+            .success();
+        String::from_utf8(out.get_output().stdout.clone())
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let out = self.cmd().arg("--json").args(args).assert().success();
+        serde_json::from_slice(&out.get_output().stdout).expect("valid JSON")
+    }
+
+    /// Everything a user can see about the store, plus a digest of every
+    /// store file: equal snapshots mean the store was not touched.
+    pub fn snapshot(&self) -> (Value, Value, Vec<(String, String)>) {
+        let stats = self.json(&["stats"]);
+        let log = self.json(&["log", "--all"]);
+        (stats, log, file_digests(&self.repo().join("db")))
+    }
+}
+
+/// (relative path, blake3) of every file under `dir`, sorted.
+pub fn file_digests(dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            walk(root, &path, out);
+        } else {
+            let bytes = std::fs::read(&path).unwrap();
+            let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            out.push((rel, blake3::hash(&bytes).to_hex().to_string()));
+        }
+    }
+}
+
+/// Copies a directory (flat) to `dest`.
+pub fn copy_dir(src: &Path, dest: &Path) {
+    std::fs::create_dir_all(dest).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dest.join(entry.file_name())).unwrap();
+    }
+}
+
+/// Asserts that two directories hold the same files with the same bytes.
+pub fn assert_same_files(expected: &Path, actual: &Path) {
+    let a = file_digests(expected);
+    let b = file_digests(actual);
+    assert!(!a.is_empty());
+    assert_eq!(a, b, "{} vs {}", expected.display(), actual.display());
+}
+
+/// A safetensors file from a raw JSON header and `data_len` data bytes.
+pub fn safetensors_bytes(header: &str, data_len: usize) -> Vec<u8> {
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.extend((0..data_len).map(|i| i as u8));
+    v
+}
