@@ -7,8 +7,8 @@
 use std::path::Path;
 
 use ckptvc::codec;
-use ckptvc::format::{Checkpoint, InputKind};
 use ckptvc::format::safetensors::element_size;
+use ckptvc::format::{Checkpoint, InputKind};
 
 fn main() {
     let dirs: Vec<String> = std::env::args().skip(1).collect();
@@ -31,7 +31,16 @@ fn main() {
         }
     }
     println!("tensor bytes        {raw}");
-    println!("zstd -3             {zstd3}  ratio {:.4}", raw as f64 / zstd3 as f64);
-    println!("keyframe codec      {keyframe}  ratio {:.4}", raw as f64 / keyframe as f64);
-    println!("keyframe vs zstd -3 {:.4}x smaller", zstd3 as f64 / keyframe as f64);
+    println!(
+        "zstd -3             {zstd3}  ratio {:.4}",
+        raw as f64 / zstd3 as f64
+    );
+    println!(
+        "keyframe codec      {keyframe}  ratio {:.4}",
+        raw as f64 / keyframe as f64
+    );
+    println!(
+        "keyframe vs zstd -3 {:.4}x smaller",
+        zstd3 as f64 / keyframe as f64
+    );
 }

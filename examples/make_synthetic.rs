@@ -45,7 +45,7 @@ fn write_file(path: &Path, tensors: &[(String, u64)], fill: &dyn Fn(usize, &mut 
         offset += elements * 4;
     }
     let mut json = serde_json::to_string(&header).unwrap();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(' ');
     }
     let mut out = BufWriter::with_capacity(8 << 20, File::create(path).unwrap());
@@ -86,7 +86,12 @@ fn main() {
         .collect();
     let opt: Vec<(String, u64)> = names
         .iter()
-        .flat_map(|(n, e)| [(format!("{n}.exp_avg"), *e), (format!("{n}.exp_avg_sq"), *e)])
+        .flat_map(|(n, e)| {
+            [
+                (format!("{n}.exp_avg"), *e),
+                (format!("{n}.exp_avg_sq"), *e),
+            ]
+        })
         .collect();
 
     write_file(&out.join("model.safetensors"), &names, &|block, buf| {

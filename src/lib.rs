@@ -7,8 +7,8 @@
 //! - [`repo`]: the operations (commit, checkout, log, show, stats);
 //! - `cli` (in the binary): argument parsing, output, progress bars.
 
+pub mod cli;
 pub mod codec;
 pub mod format;
 pub mod repo;
 pub mod store;
-pub mod cli;

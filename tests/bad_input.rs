@@ -45,7 +45,12 @@ fn with_model(env: &Env, name: &str, bytes: &[u8]) -> std::path::PathBuf {
 #[test]
 fn missing_and_empty_directories() {
     let env = seeded();
-    refuses(&env, &env.path("nope"), 60, &["nope", "cannot read checkpoint directory"]);
+    refuses(
+        &env,
+        &env.path("nope"),
+        60,
+        &["nope", "cannot read checkpoint directory"],
+    );
     let file = env.path("file");
     std::fs::write(&file, "x").unwrap();
     refuses(&env, &file, 60, &["file", "not a directory"]);
@@ -59,17 +64,28 @@ fn damaged_safetensors_files() {
     let env = seeded();
     let good = std::fs::read(fixture(60).join("model.safetensors")).unwrap();
     let cases: Vec<(&str, Vec<u8>, Vec<&str>)> = vec![
-        ("truncated", good[..good.len() - 100].to_vec(), vec!["run past the end"]),
+        (
+            "truncated",
+            good[..good.len() - 100].to_vec(),
+            vec!["run past the end"],
+        ),
         ("stub", good[..5].to_vec(), vec!["truncated"]),
         (
             "short-header",
             good[..50].to_vec(),
             vec!["truncated", "header says"],
         ),
-        ("json", safetensors_bytes("{\"a\": [1, 2", 0), vec!["not a valid JSON"]),
+        (
+            "json",
+            safetensors_bytes("{\"a\": [1, 2", 0),
+            vec!["not a valid JSON"],
+        ),
         (
             "past",
-            safetensors_bytes(r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 8),
+            safetensors_bytes(
+                r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+                8,
+            ),
             vec!["`w`", "run past the end"],
         ),
         (
@@ -82,12 +98,18 @@ fn damaged_safetensors_files() {
         ),
         (
             "dtype",
-            safetensors_bytes(r#"{"w":{"dtype":"F24","shape":[2],"data_offsets":[0,6]}}"#, 6),
+            safetensors_bytes(
+                r#"{"w":{"dtype":"F24","shape":[2],"data_offsets":[0,6]}}"#,
+                6,
+            ),
             vec!["`w`", "unknown dtype `F24`"],
         ),
         (
             "shape",
-            safetensors_bytes(r#"{"w":{"dtype":"F32","shape":[3,3],"data_offsets":[0,32]}}"#, 32),
+            safetensors_bytes(
+                r#"{"w":{"dtype":"F32","shape":[3,3],"data_offsets":[0,32]}}"#,
+                32,
+            ),
             vec!["`w`", "9 elements", "32 bytes"],
         ),
     ];
@@ -103,7 +125,12 @@ fn damaged_safetensors_files() {
 fn step_rules() {
     let env = seeded();
     refuses(&env, &fixture(40), 40, &["step 40 already exists", "main"]);
-    refuses(&env, &fixture(20), 30, &["step 30 is lower than", "step 40"]);
+    refuses(
+        &env,
+        &fixture(20),
+        30,
+        &["step 30 is lower than", "step 40"],
+    );
 }
 
 #[test]
@@ -115,7 +142,10 @@ fn missing_store() {
         .assert()
         .failure()
         .stderr(contains("no ckptvc store").and(contains("ckptvc init")));
-    assert!(!env.repo().exists(), "a failed commit must not create a store");
+    assert!(
+        !env.repo().exists(),
+        "a failed commit must not create a store"
+    );
     env.cmd()
         .args(["log"])
         .assert()
@@ -174,7 +204,13 @@ fn concurrent_commits_never_corrupt() {
         std::process::Command::new(assert_cmd::cargo::cargo_bin("ckptvc"))
             .arg("--repo")
             .arg(env.repo())
-            .args(["commit", "--step", &step.to_string(), "--branch", &format!("b{step}")])
+            .args([
+                "commit",
+                "--step",
+                &step.to_string(),
+                "--branch",
+                &format!("b{step}"),
+            ])
             .arg(fixture(step))
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

@@ -15,7 +15,11 @@ fn every_step_checks_out_byte_identical() {
         ids.push(id);
     }
     for (step, id) in STEPS.iter().zip(&ids) {
-        for rev in [step.to_string(), format!("main@{step}"), id[..8].to_string()] {
+        for rev in [
+            step.to_string(),
+            format!("main@{step}"),
+            id[..8].to_string(),
+        ] {
             let out = env.path(&format!("out-{rev}"));
             env.cmd()
                 .args(["checkout", &rev, "--output"])
@@ -27,7 +31,11 @@ fn every_step_checks_out_byte_identical() {
     }
     // The branch name checks out its tip.
     let out = env.path("tip");
-    env.cmd().args(["checkout", "main", "-o"]).arg(&out).assert().success();
+    env.cmd()
+        .args(["checkout", "main", "-o"])
+        .arg(&out)
+        .assert()
+        .success();
     assert_same_files(&fixture(120), &out);
 }
 
@@ -50,7 +58,11 @@ fn checkout_without_the_cache_decodes_from_blobs() {
     // Committing on top of a tip whose cache is gone still works (decodes the base).
     let id = env.commit(&fixture(120), 140);
     let out = env.path("out140");
-    env.cmd().args(["checkout", &id[..10], "-o"]).arg(&out).assert().success();
+    env.cmd()
+        .args(["checkout", &id[..10], "-o"])
+        .arg(&out)
+        .assert()
+        .success();
     assert_same_files(&fixture(120), &out);
 }
 
@@ -65,7 +77,14 @@ fn log_and_show_report_the_history() {
     assert_eq!(log.len(), 3);
     let steps: Vec<u64> = log.iter().map(|e| e["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [60, 40, 20], "newest first");
-    for key in ["id", "step", "branch", "parents", "input_bytes", "stored_bytes"] {
+    for key in [
+        "id",
+        "step",
+        "branch",
+        "parents",
+        "input_bytes",
+        "stored_bytes",
+    ] {
         assert!(log[0].get(key).is_some(), "log entry lacks {key}");
     }
     assert_eq!(log[0]["parents"][0], log[1]["id"]);
@@ -81,7 +100,11 @@ fn log_and_show_report_the_history() {
     assert_eq!(tensor["dtype"], "F32");
     assert_eq!(tensor["shape"], serde_json::json!([320, 80]));
     assert_eq!(tensor["bytes_in"], 320 * 80 * 4);
-    assert!(entries.iter().any(|e| e["file"] == "meta.json" && e["tensor"].is_null()));
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["file"] == "meta.json" && e["tensor"].is_null())
+    );
 
     env.cmd()
         .args(["log"])
@@ -101,15 +124,42 @@ fn log_and_show_report_the_history() {
 #[test]
 fn identical_commit_adds_no_blobs() {
     let env = Env::init();
-    env.commit(&fixture(20), 20);
-    let before = env.json(&["stats"]);
-    env.commit(&fixture(20), 21);
-    let after = env.json(&["stats"]);
-    assert_eq!(before["blobs"], after["blobs"]);
-    assert_eq!(before["blob_bytes"], after["blob_bytes"]);
-    assert_eq!(after["commits"], 2);
-    let log = env.json(&["log"]);
-    assert_eq!(log[0]["stored_bytes"], 0);
+    // On top of a keyframe commit, then on top of a delta commit.
+    for (dir_step, step, commits) in [(20, 20, 1), (20, 21, 2), (40, 40, 3), (40, 41, 4)] {
+        let before = env.json(&["stats"]);
+        env.commit(&fixture(dir_step), step);
+        let after = env.json(&["stats"]);
+        assert_eq!(after["commits"], commits);
+        if step == dir_step {
+            continue;
+        }
+        assert_eq!(before["blobs"], after["blobs"], "step {step}");
+        assert_eq!(before["blob_bytes"], after["blob_bytes"]);
+        assert_eq!(env.json(&["log"])[0]["stored_bytes"], 0);
+    }
+    let out = env.path("out");
+    env.cmd().args(["checkout", "41", "-o"]).arg(&out).assert().success();
+    assert_same_files(&fixture(40), &out);
+}
+
+#[test]
+fn encoding_does_not_depend_on_thread_count() {
+    let shows: Vec<_> = ["1", "2"]
+        .into_iter()
+        .map(|threads| {
+            let env = Env::init();
+            for step in [20, 40, 60] {
+                env.cmd()
+                    .env("RAYON_NUM_THREADS", threads)
+                    .args(["commit", "--step", &step.to_string()])
+                    .arg(fixture(step))
+                    .assert()
+                    .success();
+            }
+            (env.json(&["show", "60"])["entries"].clone(), env.json(&["stats"])["blob_bytes"].clone())
+        })
+        .collect();
+    assert_eq!(shows[0], shows[1]);
 }
 
 #[test]
@@ -124,11 +174,18 @@ fn unchanged_tensors_add_no_blobs() {
     let before = env.json(&["stats"]);
     env.commit(&dir, 41);
     let after = env.json(&["stats"]);
-    assert_eq!(after["blobs"].as_u64().unwrap(), before["blobs"].as_u64().unwrap() + 1);
+    assert_eq!(
+        after["blobs"].as_u64().unwrap(),
+        before["blobs"].as_u64().unwrap() + 1
+    );
     let log = env.json(&["log"]);
     assert!(log[0]["stored_bytes"].as_u64().unwrap() < 200, "{}", log[0]);
     let out = env.path("out");
-    env.cmd().args(["checkout", "41", "-o"]).arg(&out).assert().success();
+    env.cmd()
+        .args(["checkout", "41", "-o"])
+        .arg(&out)
+        .assert()
+        .success();
     assert_same_files(&dir, &out);
 }
 
@@ -195,7 +252,11 @@ fn branches_and_revisions() {
         .success();
     // The current branch is now `restart`: a bare step resolves there.
     let out = env.path("a");
-    env.cmd().args(["checkout", "40", "-o"]).arg(&out).assert().success();
+    env.cmd()
+        .args(["checkout", "40", "-o"])
+        .arg(&out)
+        .assert()
+        .success();
     assert_same_files(&fixture(40), &out);
     env.cmd()
         .args(["checkout", "20", "-o"])
@@ -204,7 +265,11 @@ fn branches_and_revisions() {
         .failure()
         .stderr(contains("no commit at step 20"));
     let out = env.path("c");
-    env.cmd().args(["checkout", "main@20", "-o"]).arg(&out).assert().success();
+    env.cmd()
+        .args(["checkout", "main@20", "-o"])
+        .arg(&out)
+        .assert()
+        .success();
     assert_same_files(&fixture(20), &out);
     env.cmd()
         .args(["checkout", "nosuch@20", "-o"])
@@ -212,7 +277,13 @@ fn branches_and_revisions() {
         .assert()
         .failure()
         .stderr(contains("no branch named `nosuch`"));
-    assert_eq!(env.json(&["log", "--branch", "main"]).as_array().unwrap().len(), 1);
+    assert_eq!(
+        env.json(&["log", "--branch", "main"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     assert_eq!(env.json(&["log", "--all"]).as_array().unwrap().len(), 2);
 }
 

@@ -16,7 +16,11 @@ use output::{bytes, print_json};
 use progress::Bar;
 
 #[derive(Parser, Debug)]
-#[command(name = "ckptvc", version, about = "Version control for training checkpoints")]
+#[command(
+    name = "ckptvc",
+    version,
+    about = "Version control for training checkpoints"
+)]
 struct Cli {
     /// Store location.
     #[arg(long, global = true, env = "CKPTVC_REPO", default_value = ".ckptvc")]

@@ -116,10 +116,22 @@ pub fn print_stats(s: &Stats) {
     println!("commits         {}", s.commits);
     println!("branches        {}", s.branches);
     println!("blobs           {}", s.blobs);
-    println!("logical bytes   {} ({})", s.logical_bytes, bytes(s.logical_bytes));
+    println!(
+        "logical bytes   {} ({})",
+        s.logical_bytes,
+        bytes(s.logical_bytes)
+    );
     println!("blob bytes      {} ({})", s.blob_bytes, bytes(s.blob_bytes));
-    println!("physical bytes  {} ({})", s.physical_bytes, bytes(s.physical_bytes));
-    println!("cache bytes     {} ({}, deletable)", s.cache_bytes, bytes(s.cache_bytes));
+    println!(
+        "physical bytes  {} ({})",
+        s.physical_bytes,
+        bytes(s.physical_bytes)
+    );
+    println!(
+        "cache bytes     {} ({}, deletable)",
+        s.cache_bytes,
+        bytes(s.cache_bytes)
+    );
     println!("ratio           {:.2}x", s.ratio);
 }
 

@@ -227,7 +227,14 @@ mod tests {
     const ELEM_SIZES: [usize; 4] = [1, 2, 4, 8];
 
     fn special_floats() -> impl Strategy<Value = Vec<u8>> {
-        let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, f32::MIN_POSITIVE, 1e-40];
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            f32::MIN_POSITIVE,
+            1e-40,
+        ];
         proptest::collection::vec(prop::sample::select(specials.to_vec()), 0..200)
             .prop_map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
@@ -268,8 +275,14 @@ mod tests {
         blob[0] = 9;
         assert_eq!(decode(&blob, None), Err(CodecError::Version(9)));
         let blob = encode_xor_delta(&[1, 2], &[3, 4], 2);
-        assert_eq!(decode(&blob, None), Err(CodecError::MissingBase(Codec::XorDelta)));
-        assert!(matches!(decode(&blob, Some(&[1])), Err(CodecError::BaseLength { .. })));
+        assert_eq!(
+            decode(&blob, None),
+            Err(CodecError::MissingBase(Codec::XorDelta))
+        );
+        assert!(matches!(
+            decode(&blob, Some(&[1])),
+            Err(CodecError::BaseLength { .. })
+        ));
         let mut blob = encode_keyframe(&[7; 100], 4);
         let n = blob.len();
         blob.truncate(n - 3);
@@ -278,7 +291,9 @@ mod tests {
 
     #[test]
     fn identical_chunks_give_identical_blobs() {
-        let raw: Vec<u8> = (0..10_000u32).flat_map(|x| (x as f32).to_le_bytes()).collect();
+        let raw: Vec<u8> = (0..10_000u32)
+            .flat_map(|x| (x as f32).to_le_bytes())
+            .collect();
         assert_eq!(encode_keyframe(&raw, 4), encode_keyframe(&raw, 4));
         let zeros = encode_xor_delta(&raw, &raw, 4);
         assert!(zeros.len() < 100, "xor of equal chunks is all zeros");

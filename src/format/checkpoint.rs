@@ -141,7 +141,10 @@ fn collect_files(root: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(),
 fn open_file(dir: &Path, name: String) -> Result<InputFile, FormatError> {
     let path = dir.join(&name);
     let file = File::open(&path).map_err(|e| FormatError::io(&path, e))?;
-    let len = file.metadata().map_err(|e| FormatError::io(&path, e))?.len();
+    let len = file
+        .metadata()
+        .map_err(|e| FormatError::io(&path, e))?
+        .len();
     let map = if len == 0 {
         None
     } else {

@@ -75,13 +75,17 @@ fn write_file(
     progress: &dyn Progress,
 ) -> anyhow::Result<()> {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("{}: cannot create", parent.display()))?;
     }
     let partial = path.with_file_name(format!(
         ".{}.ckptvc-partial",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
     ));
-    let file = File::create(&partial).with_context(|| format!("{}: cannot create", partial.display()))?;
+    let file =
+        File::create(&partial).with_context(|| format!("{}: cannot create", partial.display()))?;
     file.set_len(entry.size)?;
 
     // (file offset, chunk address) for every chunk, in output order.
@@ -127,6 +131,7 @@ fn write_file(
         anyhow::Ok(())
     })?;
     file.sync_all()?;
-    std::fs::rename(&partial, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    std::fs::rename(&partial, path)
+        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
 }

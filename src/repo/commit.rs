@@ -22,9 +22,7 @@ use crate::codec;
 use crate::format::safetensors::{TensorInfo, element_size};
 use crate::format::{Checkpoint, InputFile, InputKind};
 use crate::store::object::COMMIT_VERSION;
-use crate::store::{
-    ChunkRef, CommitRecord, FileContent, FileEntry, ObjectId, Store, TensorEntry,
-};
+use crate::store::{ChunkRef, CommitRecord, FileContent, FileEntry, ObjectId, Store, TensorEntry};
 
 #[derive(Debug, Clone)]
 pub struct CommitOptions {
@@ -62,9 +60,10 @@ struct Job<'c> {
     /// The tensor it belongs to, with the chunk index; `None` for opaque files.
     tensor: Option<(&'c TensorInfo, usize)>,
     elem_size: usize,
-    /// Raw hash of the parent's same chunk, when the parent has one of the
-    /// same length to delta against.
-    base_hash: Option<ObjectId>,
+    /// The parent's chunk at the same position, when it has the same length.
+    parent_chunk: Option<&'c ChunkRef>,
+    /// Whether this chunk may be coded as a delta (not in keyframe commits).
+    allow_delta: bool,
     /// Offset in the new commit's reconstruction cache.
     cache_offset: Option<u64>,
 }
@@ -77,9 +76,8 @@ pub fn commit(
 ) -> anyhow::Result<CommitOutcome> {
     validate_branch_name(options.branch.as_deref())?;
     let checkpoint = Checkpoint::open(dir)?;
-    let (store, target) = Store::open_write(root, options.lock_wait, |view| {
-        check_target(view, options)
-    })?;
+    let (store, target) =
+        Store::open_write(root, options.lock_wait, |view| check_target(view, options))?;
     let config = store.config()?;
     let parent_record = target.parent.as_ref().map(|(_, r)| r);
     let keyframe = options.force_keyframe
@@ -88,10 +86,15 @@ pub fn commit(
     let (jobs, layout) = plan_jobs(
         &checkpoint,
         config.chunk_bytes as u64,
-        if keyframe { None } else { parent_record },
+        parent_record,
+        !keyframe,
     );
-    let cache = CacheWriter::create(&store.cache_dir(), layout.total())
-        .with_context(|| format!("cannot create the reconstruction cache in {}", store.cache_dir().display()))?;
+    let cache = CacheWriter::create(&store.cache_dir(), layout.total()).with_context(|| {
+        format!(
+            "cannot create the reconstruction cache in {}",
+            store.cache_dir().display()
+        )
+    })?;
     let reconstructor = Reconstructor::new(&store);
     let parent_id = target.parent.as_ref().map(|(id, _)| *id);
 
@@ -202,12 +205,13 @@ fn check_target(view: &Store, options: &CommitOptions) -> anyhow::Result<Target>
     Ok(Target { branch, parent })
 }
 
-/// Cuts every input into chunks. `parent` is given when chunks may be coded
-/// as deltas against it.
+/// Cuts every input into chunks, pairing each tensor chunk with the parent's
+/// chunk at the same position.
 fn plan_jobs<'c>(
     checkpoint: &'c Checkpoint,
     chunk_bytes: u64,
-    parent: Option<&CommitRecord>,
+    parent: Option<&'c CommitRecord>,
+    allow_delta: bool,
 ) -> (Vec<Job<'c>>, CacheLayout) {
     let mut jobs = Vec::new();
     let mut layout = CacheLayout::default();
@@ -221,7 +225,8 @@ fn plan_jobs<'c>(
                         len,
                         tensor: None,
                         elem_size: 1,
-                        base_hash: None,
+                        parent_chunk: None,
+                        allow_delta: false,
                         cache_offset: None,
                     });
                 }
@@ -232,22 +237,26 @@ fn plan_jobs<'c>(
                     let chunk_len = (chunk_bytes / elem_size as u64).max(1) * elem_size as u64;
                     let start = layout.total();
                     layout.push(&file.name, &tensor.name, tensor.byte_len(), chunk_len);
-                    let base = parent.and_then(|p| p.tensor(&file.name, &tensor.name)).filter(
-                        |t| t.dtype == tensor.dtype.to_string() && t.shape == tensor.shape,
+                    let base = parent
+                        .and_then(|p| p.tensor(&file.name, &tensor.name))
+                        .filter(|t| t.dtype == tensor.dtype.to_string() && t.shape == tensor.shape);
+                    let ranges = chunk_ranges(
+                        header.data_start() + tensor.begin,
+                        tensor.byte_len(),
+                        chunk_len,
                     );
-                    let ranges = chunk_ranges(header.data_start() + tensor.begin, tensor.byte_len(), chunk_len);
                     for (index, (offset, len)) in ranges.into_iter().enumerate() {
-                        let base_hash = base
+                        let parent_chunk = base
                             .and_then(|t| t.chunks.get(index))
-                            .filter(|c| c.raw_len == len)
-                            .map(|c| c.raw_hash);
+                            .filter(|c| c.raw_len == len);
                         jobs.push(Job {
                             file,
                             offset,
                             len,
                             tensor: Some((tensor, index)),
                             elem_size,
-                            base_hash,
+                            parent_chunk,
+                            allow_delta,
                             cache_offset: Some(start + index as u64 * chunk_len),
                         });
                     }
@@ -280,24 +289,38 @@ fn encode_job(
     job.file.release(start, job.len as usize);
 
     let raw_hash = ObjectId::of(&raw);
+    if let Some(offset) = job.cache_offset {
+        cache
+            .write_at(offset, &raw)
+            .context("cannot write the reconstruction cache")?;
+    }
+    // An unchanged chunk (a frozen layer, a repeated commit) reuses the
+    // parent's reference verbatim: no new blob. A keyframe commit may only
+    // reuse standalone references.
+    if let Some(previous) = job.parent_chunk
+        && previous.raw_hash == raw_hash
+        && (job.allow_delta || !previous.codec.needs_base())
+    {
+        return Ok((previous.clone(), false));
+    }
     let mut blob = match job.tensor {
         None => codec::encode_zstd(&raw),
         Some(_) => codec::encode_keyframe(&raw, job.elem_size),
     };
-    // An unchanged chunk (a frozen layer) stays a keyframe: that blob is
-    // already in the store from the chain's keyframe, so it costs nothing,
-    // where a delta of zeros would be a new blob in every commit.
-    let changed = job.base_hash.is_some_and(|h| h != raw_hash);
-    if let (Some((tensor, index)), Some(parent), true) = (job.tensor, parent, changed) {
+    let mut base = None;
+    if let (Some((tensor, index)), Some(parent), Some(_), true) =
+        (job.tensor, parent, job.parent_chunk, job.allow_delta)
+    {
         let addr = ChunkAddr {
             file: &job.file.name,
             tensor: Some(&tensor.name),
             index,
         };
-        let base = reconstructor.chunk(parent, addr)?;
-        let delta = codec::encode_xor_delta(&raw, &base, job.elem_size);
+        let parent_raw = reconstructor.chunk(parent, addr)?;
+        let delta = codec::encode_xor_delta(&raw, &parent_raw, job.elem_size);
         if delta.len() < blob.len() {
             blob = delta;
+            base = Some(*parent);
         }
     }
     let header = codec::BlobHeader::parse(&blob).expect("we just encoded it");
@@ -306,11 +329,6 @@ fn encode_job(
     if new {
         store.put_blob(&id, &blob)?;
     }
-    if let Some(offset) = job.cache_offset {
-        cache
-            .write_at(offset, &raw)
-            .context("cannot write the reconstruction cache")?;
-    }
     Ok((
         ChunkRef {
             blob: id,
@@ -318,6 +336,7 @@ fn encode_job(
             raw_len: raw.len() as u64,
             stored_len: blob.len() as u64,
             raw_hash,
+            base,
         },
         new,
     ))
@@ -339,7 +358,10 @@ fn assemble_manifest(
     jobs: &[Job<'_>],
     encoded: Vec<(ChunkRef, bool)>,
 ) -> Vec<FileEntry> {
-    let mut chunks = jobs.iter().zip(encoded.into_iter().map(|(c, _)| c)).peekable();
+    let mut chunks = jobs
+        .iter()
+        .zip(encoded.into_iter().map(|(c, _)| c))
+        .peekable();
     let mut files = Vec::with_capacity(checkpoint.files.len());
     for file in &checkpoint.files {
         let mut take_while = |pred: &dyn Fn(&Job<'_>) -> bool| {
@@ -365,7 +387,9 @@ fn assemble_manifest(
                         name: t.name.clone(),
                         dtype: t.dtype.to_string(),
                         shape: t.shape.clone(),
-                        chunks: take_while(&|job| job.tensor.is_some_and(|(jt, _)| std::ptr::eq(jt, t))),
+                        chunks: take_while(&|job| {
+                            job.tensor.is_some_and(|(jt, _)| std::ptr::eq(jt, t))
+                        }),
                     })
                     .collect(),
             },

@@ -59,7 +59,7 @@ pub fn log(store: &Store, branch: Option<&str>, all: bool) -> anyhow::Result<Vec
                 entries.push(LogEntry::new(&id, &record));
             }
         }
-        entries.sort_by(|a, b| (b.time_ms, b.step).cmp(&(a.time_ms, a.step)));
+        entries.sort_by_key(|e| std::cmp::Reverse((e.time_ms, e.step)));
         return Ok(entries);
     }
     let branch = match branch {

@@ -57,7 +57,10 @@ impl<'s> Reconstructor<'s> {
             .get_commit(id)?
             .ok_or_else(|| anyhow!("commit {id} is missing from the store"))?;
         let record = Arc::new(record);
-        self.records.lock().expect("lock").insert(*id, record.clone());
+        self.records
+            .lock()
+            .expect("lock")
+            .insert(*id, record.clone());
         Ok(record)
     }
 
@@ -80,32 +83,40 @@ impl<'s> Reconstructor<'s> {
         {
             return Ok(bytes.to_vec());
         }
-        self.decode(id, &record, addr, chunk)
+        self.decode(id, addr, chunk)
     }
 
     fn decode(
         &self,
         id: &ObjectId,
-        record: &CommitRecord,
         addr: ChunkAddr<'_>,
         chunk: &ChunkRef,
     ) -> anyhow::Result<Vec<u8>> {
-        let context = || format!("{addr} (blob {}) in commit {}", chunk.blob.short(), id.short());
+        let context = || {
+            format!(
+                "{addr} (blob {}) in commit {}",
+                chunk.blob.short(),
+                id.short()
+            )
+        };
         let blob = self.store.get_blob(&chunk.blob).with_context(context)?;
         if ObjectId::of(&blob) != chunk.blob {
             bail!("{}: blob content does not match its hash", context());
         }
         let base = if chunk.codec.needs_base() {
-            let parent = record
-                .first_parent()
-                .ok_or_else(|| anyhow!("{}: delta chunk in a commit without parent", context()))?;
-            Some(self.chunk(&parent, addr)?)
+            let base = chunk
+                .base
+                .ok_or_else(|| anyhow!("{}: delta chunk without a base commit", context()))?;
+            Some(self.chunk(&base, addr)?)
         } else {
             None
         };
         let raw = codec::decode(&blob, base.as_deref()).with_context(context)?;
         if ObjectId::of(&raw) != chunk.raw_hash {
-            bail!("{}: decoded bytes do not match the recorded checksum", context());
+            bail!(
+                "{}: decoded bytes do not match the recorded checksum",
+                context()
+            );
         }
         Ok(raw)
     }
@@ -115,9 +126,11 @@ pub fn find_chunk<'r>(record: &'r CommitRecord, addr: ChunkAddr<'_>) -> Option<&
     let file = record.files.iter().find(|f| f.name == addr.file)?;
     match (&file.content, addr.tensor) {
         (FileContent::Opaque { chunks }, None) => chunks.get(addr.index),
-        (FileContent::Safetensors { tensors, .. }, Some(name)) => {
-            tensors.iter().find(|t| t.name == name)?.chunks.get(addr.index)
-        }
+        (FileContent::Safetensors { tensors, .. }, Some(name)) => tensors
+            .iter()
+            .find(|t| t.name == name)?
+            .chunks
+            .get(addr.index),
         _ => None,
     }
 }

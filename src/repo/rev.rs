@@ -55,5 +55,7 @@ pub fn resolve(store: &Store, rev: &str) -> anyhow::Result<ObjectId> {
             )),
         };
     }
-    bail!("`{rev}`: no commit, step, or branch by that name (ids need at least {MIN_PREFIX} hex digits)")
+    bail!(
+        "`{rev}`: no commit, step, or branch by that name (ids need at least {MIN_PREFIX} hex digits)"
+    )
 }

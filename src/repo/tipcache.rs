@@ -28,8 +28,10 @@ pub struct CacheLayout {
 impl CacheLayout {
     /// Appends a tensor of `len` bytes cut into chunks of `chunk_len`.
     pub fn push(&mut self, file: &str, tensor: &str, len: u64, chunk_len: u64) {
-        self.tensors
-            .insert((file.to_string(), tensor.to_string()), (self.total, chunk_len));
+        self.tensors.insert(
+            (file.to_string(), tensor.to_string()),
+            (self.total, chunk_len),
+        );
         self.total += len;
     }
 

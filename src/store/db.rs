@@ -4,12 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch,
+    WriteOptions,
+};
 use serde::{Deserialize, Serialize};
 
+use super::StoreError;
 use super::lock::WriterLock;
 use super::object::{CommitRecord, ObjectId};
-use super::StoreError;
 
 /// First line of `<repo>/FORMAT`.
 pub const FORMAT_MAGIC: &str = "ckptvc-store";
@@ -24,7 +27,14 @@ const CF_COMMITS: &str = "commits";
 const CF_REFS: &str = "refs";
 const CF_STEPS: &str = "steps";
 const CF_META: &str = "meta";
-const ALL_CFS: [&str; 6] = [CF_BLOBS, CF_BLOB_SIZES, CF_COMMITS, CF_REFS, CF_STEPS, CF_META];
+const ALL_CFS: [&str; 6] = [
+    CF_BLOBS,
+    CF_BLOB_SIZES,
+    CF_COMMITS,
+    CF_REFS,
+    CF_STEPS,
+    CF_META,
+];
 
 const META_CONFIG: &[u8] = b"config";
 const REF_HEAD: &[u8] = b"HEAD";
@@ -123,7 +133,11 @@ impl Store {
             _lock: Some(lock),
         };
         let mut batch = WriteBatch::default();
-        batch.put_cf(store.cf(CF_META), META_CONFIG, postcard::to_stdvec(config).expect("vec"));
+        batch.put_cf(
+            store.cf(CF_META),
+            META_CONFIG,
+            postcard::to_stdvec(config).expect("vec"),
+        );
         batch.put_cf(store.cf(CF_REFS), REF_HEAD, b"main");
         store.write_synced(batch)?;
         // FORMAT is written last: its presence means the store is complete.
@@ -154,7 +168,12 @@ impl Store {
     /// Opens for reading. Touches no file of the store.
     pub fn open_read(root: &Path) -> Result<Store, StoreError> {
         Self::check_format(root)?;
-        let db = DB::open_cf_descriptors_read_only(&db_options(), Self::db_dir(root), descriptors(), false)?;
+        let db = DB::open_cf_descriptors_read_only(
+            &db_options(),
+            Self::db_dir(root),
+            descriptors(),
+            false,
+        )?;
         Ok(Store {
             root: root.to_path_buf(),
             db,
@@ -188,7 +207,9 @@ impl Store {
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
-        self.db.cf_handle(name).expect("column family opened with the store")
+        self.db
+            .cf_handle(name)
+            .expect("column family opened with the store")
     }
 
     fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
@@ -198,14 +219,18 @@ impl Store {
     }
 
     pub fn config(&self) -> Result<StoreConfig, StoreError> {
-        let bytes = self.db.get_pinned_cf(self.cf(CF_META), META_CONFIG)?.ok_or_else(|| StoreError::Corrupt {
-            what: "store config".into(),
-            detail: "meta/config is missing".into(),
-        })?;
-        let config: StoreConfig = postcard::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
-            what: "store config".into(),
-            detail: e.to_string(),
-        })?;
+        let bytes = self
+            .db
+            .get_pinned_cf(self.cf(CF_META), META_CONFIG)?
+            .ok_or_else(|| StoreError::Corrupt {
+                what: "store config".into(),
+                detail: "meta/config is missing".into(),
+            })?;
+        let config: StoreConfig =
+            postcard::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
+                what: "store config".into(),
+                detail: e.to_string(),
+            })?;
         if config.version != CONFIG_VERSION {
             return Err(StoreError::Corrupt {
                 what: "store config".into(),
@@ -218,7 +243,10 @@ impl Store {
     // --- blobs -------------------------------------------------------------
 
     pub fn has_blob(&self, id: &ObjectId) -> Result<bool, StoreError> {
-        Ok(self.db.get_pinned_cf(self.cf(CF_BLOB_SIZES), id.0)?.is_some())
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_BLOB_SIZES), id.0)?
+            .is_some())
     }
 
     /// Writes a blob and its size entry without the WAL: blobs are made
@@ -227,7 +255,11 @@ impl Store {
     pub fn put_blob(&self, id: &ObjectId, bytes: &[u8]) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_BLOBS), id.0, bytes);
-        batch.put_cf(self.cf(CF_BLOB_SIZES), id.0, (bytes.len() as u64).to_le_bytes());
+        batch.put_cf(
+            self.cf(CF_BLOB_SIZES),
+            id.0,
+            (bytes.len() as u64).to_le_bytes(),
+        );
         let mut opts = WriteOptions::default();
         opts.disable_wal(true);
         Ok(self.db.write_opt(batch, &opts)?)
@@ -235,7 +267,9 @@ impl Store {
 
     pub fn flush_blobs(&self) -> Result<(), StoreError> {
         let cfs = [self.cf(CF_BLOBS), self.cf(CF_BLOB_SIZES)];
-        Ok(self.db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?)
+        Ok(self
+            .db
+            .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?)
     }
 
     pub fn get_blob(&self, id: &ObjectId) -> Result<Vec<u8>, StoreError> {
@@ -251,7 +285,10 @@ impl Store {
     pub fn blob_totals(&self) -> Result<(u64, u64), StoreError> {
         let mut count = 0;
         let mut bytes = 0;
-        for item in self.db.iterator_cf(self.cf(CF_BLOB_SIZES), IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_BLOB_SIZES), IteratorMode::Start)
+        {
             let (_, value) = item?;
             count += 1;
             bytes += u64::from_le_bytes(value.as_ref().try_into().unwrap_or([0; 8]));
@@ -281,7 +318,10 @@ impl Store {
 
     pub fn commit_ids(&self) -> Result<Vec<ObjectId>, StoreError> {
         let mut ids = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_COMMITS), IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_COMMITS), IteratorMode::Start)
+        {
             let (key, _) = item?;
             ids.extend(ObjectId::from_slice(&key));
         }
@@ -290,7 +330,10 @@ impl Store {
 
     pub fn head_branch(&self) -> Result<String, StoreError> {
         let head = self.db.get_cf(self.cf(CF_REFS), REF_HEAD)?;
-        Ok(head.map_or_else(|| "main".to_string(), |b| String::from_utf8_lossy(&b).into_owned()))
+        Ok(head.map_or_else(
+            || "main".to_string(),
+            |b| String::from_utf8_lossy(&b).into_owned(),
+        ))
     }
 
     pub fn branch_tip(&self, branch: &str) -> Result<Option<ObjectId>, StoreError> {
@@ -323,7 +366,9 @@ impl Store {
     }
 
     pub fn commit_at_step(&self, branch: &str, step: u64) -> Result<Option<ObjectId>, StoreError> {
-        let value = self.db.get_pinned_cf(self.cf(CF_STEPS), Self::step_key(branch, step))?;
+        let value = self
+            .db
+            .get_pinned_cf(self.cf(CF_STEPS), Self::step_key(branch, step))?;
         Ok(value.and_then(|v| ObjectId::from_slice(&v)))
     }
 
@@ -337,7 +382,11 @@ impl Store {
         let branch_key = format!("{BRANCH_PREFIX}{}", record.branch);
         batch.put_cf(self.cf(CF_REFS), branch_key.as_bytes(), id.0);
         batch.put_cf(self.cf(CF_REFS), REF_HEAD, record.branch.as_bytes());
-        batch.put_cf(self.cf(CF_STEPS), Self::step_key(&record.branch, record.step), id.0);
+        batch.put_cf(
+            self.cf(CF_STEPS),
+            Self::step_key(&record.branch, record.step),
+            id.0,
+        );
         self.write_synced(batch)?;
         Ok(id)
     }
@@ -359,7 +408,9 @@ pub fn dir_size(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<u64, StoreErr
     };
     for entry in entries {
         let entry = entry.map_err(|e| StoreError::io(dir, e))?;
-        let meta = entry.metadata().map_err(|e| StoreError::io(entry.path(), e))?;
+        let meta = entry
+            .metadata()
+            .map_err(|e| StoreError::io(entry.path(), e))?;
         if meta.is_dir() {
             total += dir_size(&entry.path(), keep)?;
         } else if keep(&entry.file_name().to_string_lossy()) {

@@ -27,7 +27,9 @@ pub enum StoreError {
     AlreadyExists(PathBuf),
     #[error("{} is not a ckptvc store: {what}", path.display())]
     NotAStore { path: PathBuf, what: String },
-    #[error("store is locked by another writer ({holder}); try again when it has finished, or pass --wait SECONDS")]
+    #[error(
+        "store is locked by another writer ({holder}); try again when it has finished, or pass --wait SECONDS"
+    )]
     Locked { holder: String },
     #[error("store database error: {0}")]
     Db(#[from] rocksdb::Error),

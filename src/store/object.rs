@@ -70,6 +70,11 @@ pub struct ChunkRef {
     pub stored_len: u64,
     /// blake3 of the decoded chunk: checkout verifies every chunk against it.
     pub raw_hash: ObjectId,
+    /// For codecs that need a base: the commit whose chunk at the same
+    /// position (file, tensor, index) is the base. A commit whose chunk did
+    /// not change copies its parent's reference verbatim, base included, so
+    /// an unchanged chunk costs no new blob.
+    pub base: Option<ObjectId>,
 }
 
 /// One tensor of a safetensors file. Its chunks, decoded and concatenated,
@@ -217,6 +222,7 @@ mod tests {
                         raw_len: 2,
                         stored_len: 20,
                         raw_hash: ObjectId::of(b"{}"),
+                        base: None,
                     }],
                 },
             }],

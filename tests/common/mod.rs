@@ -90,7 +90,11 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) {
             walk(root, &path, out);
         } else {
             let bytes = std::fs::read(&path).unwrap();
-            let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             out.push((rel, blake3::hash(&bytes).to_hex().to_string()));
         }
     }
