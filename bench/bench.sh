@@ -15,7 +15,7 @@ bin="$CARGO_TARGET_DIR/release"
 ckptvc="$bin/ckptvc"
 work="${BENCH_DIR:-$(mktemp -d)}"
 mkdir -p "$work"
-trap 'rm -rf "$work"/store* "$work"/out* "$work"/copy* "$work"/ck-*' EXIT
+trap 'rm -rf "$work"/store* "$work"/out* "$work"/copy*' EXIT
 
 # Wall seconds of a command.
 seconds() {
@@ -84,13 +84,14 @@ chain() {
     for v in $(seq 1 $n); do
         [ -f "$work/ck-c$v/model.safetensors" ] || "$bin/examples/make_synthetic" "$work/ck-c$v" "$size" "$v"
     done
-    local first=""
+    # Baseline, measured right after each chain commit: the same checkpoint
+    # committed into a fresh store (no parent, nothing to look up).
     for v in $(seq 1 $n); do
-        local cp_s; cp_s=$(seconds cp -r "$work/ck-c$v" "$work/copy-c"); rm -rf "$work/copy-c"
         local s; s=$(seconds "$ckptvc" --repo "$work/store-c" --quiet commit "$work/ck-c$v" --step "$v")
-        local rel; rel=$(calc "$s / $cp_s")
-        [ -n "$first" ] || first=$rel
-        printf 'commit %2d (chain depth %2d)  %5.2f s   %.2fx cp\n' "$v" $((v - 1)) "$s" "$rel"
+        rm -rf "$work/store-f"
+        "$ckptvc" --repo "$work/store-f" --quiet init
+        local f; f=$(seconds "$ckptvc" --repo "$work/store-f" --quiet commit "$work/ck-c$v" --step "$v")
+        printf 'commit %2d (chain depth %2d)  %5.2f s   fresh-store commit %5.2f s   ratio %.2f\n' "$v" $((v - 1)) "$s" "$f" "$(calc "$s / $f")"
     done
 }
 

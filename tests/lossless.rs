@@ -138,7 +138,11 @@ fn identical_commit_adds_no_blobs() {
         assert_eq!(env.json(&["log"])[0]["stored_bytes"], 0);
     }
     let out = env.path("out");
-    env.cmd().args(["checkout", "41", "-o"]).arg(&out).assert().success();
+    env.cmd()
+        .args(["checkout", "41", "-o"])
+        .arg(&out)
+        .assert()
+        .success();
     assert_same_files(&fixture(40), &out);
 }
 
@@ -156,7 +160,10 @@ fn encoding_does_not_depend_on_thread_count() {
                     .assert()
                     .success();
             }
-            (env.json(&["show", "60"])["entries"].clone(), env.json(&["stats"])["blob_bytes"].clone())
+            (
+                env.json(&["show", "60"])["entries"].clone(),
+                env.json(&["stats"])["blob_bytes"].clone(),
+            )
         })
         .collect();
     assert_eq!(shows[0], shows[1]);

@@ -46,22 +46,23 @@ impl InputFile {
     /// the chunks in flight, not by the size of the checkpoint.
     pub fn release(&self, offset: usize, len: usize) {
         if let Some(map) = &self.map {
-            // Page-align the start inward; a partial page is simply kept.
-            let page = 4096;
-            let start = offset.div_ceil(page) * page;
-            let end = (offset + len).min(map.len());
-            if end > start {
-                // SAFETY: the map is read-only and backed by a file, so dropping
-                // pages only means they are read from the file again if touched.
-                let _ = unsafe {
-                    map.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        start,
-                        end - start,
-                    )
-                };
-            }
+            release_pages(map, offset, len);
         }
+    }
+}
+
+/// Drops the pages of `map` in `[offset, offset+len)` from this process's
+/// resident set (`MADV_DONTNEED`), start rounded up to a page boundary.
+pub fn release_pages(map: &Mmap, offset: usize, len: usize) {
+    const PAGE: usize = 4096;
+    let start = offset.div_ceil(PAGE) * PAGE;
+    let end = (offset + len).min(map.len());
+    if end > start {
+        // SAFETY: callers only pass read-only, file-backed maps, for which
+        // dropped pages are simply read from the file again if touched.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+        };
     }
 }
 
@@ -76,6 +77,12 @@ impl Checkpoint {
     /// Opens and validates every file of `dir` (recursively). Nothing is
     /// written anywhere; all errors name the offending file.
     pub fn open(dir: &Path) -> Result<Self, FormatError> {
+        Self::open_excluding(dir, None)
+    }
+
+    /// Like [`Checkpoint::open`], skipping the directory `exclude` if it lies
+    /// inside `dir` (a store kept in the checkpoint folder is not part of it).
+    pub fn open_excluding(dir: &Path, exclude: Option<&Path>) -> Result<Self, FormatError> {
         let meta = std::fs::metadata(dir).map_err(|e| FormatError::Directory {
             path: dir.to_path_buf(),
             what: format!("cannot read checkpoint directory: {e}"),
@@ -86,8 +93,9 @@ impl Checkpoint {
                 what: "not a directory".into(),
             });
         }
+        let exclude = exclude.and_then(|p| p.canonicalize().ok());
         let mut names = Vec::new();
-        collect_files(dir, "", &mut names)?;
+        collect_files(dir, "", exclude.as_deref(), &mut names)?;
         if names.is_empty() {
             return Err(FormatError::Directory {
                 path: dir.to_path_buf(),
@@ -110,7 +118,12 @@ impl Checkpoint {
     }
 }
 
-fn collect_files(root: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), FormatError> {
+fn collect_files(
+    root: &Path,
+    prefix: &str,
+    exclude: Option<&Path>,
+    out: &mut Vec<String>,
+) -> Result<(), FormatError> {
     let dir = root.join(prefix);
     let entries = std::fs::read_dir(&dir).map_err(|e| FormatError::io(&dir, e))?;
     for entry in entries {
@@ -130,7 +143,10 @@ fn collect_files(root: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(),
         // Follow symlinks: a checkpoint assembled with links still means its content.
         let meta = std::fs::metadata(entry.path()).map_err(|e| FormatError::io(entry.path(), e))?;
         if meta.is_dir() {
-            collect_files(root, &name, out)?;
+            let skip = exclude.is_some_and(|ex| entry.path().canonicalize().is_ok_and(|p| p == ex));
+            if !skip {
+                collect_files(root, &name, exclude, out)?;
+            }
         } else if meta.is_file() {
             out.push(name);
         }
@@ -148,9 +164,9 @@ fn open_file(dir: &Path, name: String) -> Result<InputFile, FormatError> {
     let map = if len == 0 {
         None
     } else {
-        // SAFETY: the map is read-only. Should the file change underneath us the
-        // chunk hashes recorded at commit time no longer match what checkout
-        // verifies, so corruption is caught, not propagated silently.
+        // SAFETY: the map is read-only. Commit copies each chunk out of the map
+        // once and both hashes and encodes that copy, so a file modified while
+        // it is read cannot make a blob disagree with its recorded checksum.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(&path, e))?;
         let _ = map.advise(memmap2::Advice::Sequential);
         Some(map)

@@ -75,7 +75,7 @@ pub fn commit(
     progress: &dyn Progress,
 ) -> anyhow::Result<CommitOutcome> {
     validate_branch_name(options.branch.as_deref())?;
-    let checkpoint = Checkpoint::open(dir)?;
+    let checkpoint = Checkpoint::open_excluding(dir, Some(root))?;
     let (store, target) =
         Store::open_write(root, options.lock_wait, |view| check_target(view, options))?;
     let config = store.config()?;
@@ -98,7 +98,7 @@ pub fn commit(
     let reconstructor = Reconstructor::new(&store);
     let parent_id = target.parent.as_ref().map(|(id, _)| *id);
 
-    progress.begin("commit", checkpoint.total_bytes());
+    progress.begin("commit", jobs.iter().map(|j| j.len).sum());
     let encoded: anyhow::Result<Vec<(ChunkRef, bool)>> = jobs
         .par_iter()
         .map(|job| {

@@ -79,9 +79,9 @@ impl<'s> Reconstructor<'s> {
             .ok_or_else(|| anyhow!("commit {} has no {addr}", id.short()))?;
         if let Some(tensor) = addr.tensor
             && let Some(cache) = self.cache(id, &record)
-            && let Some(bytes) = cache.chunk(addr.file, tensor, addr.index, chunk)
+            && let Some(bytes) = cache.read_chunk(addr.file, tensor, addr.index, chunk)
         {
-            return Ok(bytes.to_vec());
+            return Ok(bytes);
         }
         self.decode(id, addr, chunk)
     }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+use crate::format::release_pages;
 use crate::store::{ChunkRef, CommitRecord, ObjectId};
 
 /// Where each tensor's first chunk sits in a cache file, keyed by (file, tensor).
@@ -110,11 +111,21 @@ impl CacheReader {
         Some(CacheReader { map, layout })
     }
 
-    /// The chunk's bytes if the cache has them intact.
-    pub fn chunk(&self, file: &str, tensor: &str, index: usize, chunk: &ChunkRef) -> Option<&[u8]> {
+    /// A copy of the chunk's bytes if the cache has them intact. The pages
+    /// read are then dropped from this process's resident set: each chunk is
+    /// read once, and a multi-GiB cache must not stay mapped in memory.
+    pub fn read_chunk(
+        &self,
+        file: &str,
+        tensor: &str,
+        index: usize,
+        chunk: &ChunkRef,
+    ) -> Option<Vec<u8>> {
         let offset = self.layout.chunk_offset(file, tensor, index)? as usize;
-        let bytes = self.map.get(offset..offset + chunk.raw_len as usize)?;
-        (ObjectId::of(bytes) == chunk.raw_hash).then_some(bytes)
+        let len = chunk.raw_len as usize;
+        let bytes = self.map.get(offset..offset + len)?.to_vec();
+        release_pages(&self.map, offset, len);
+        (ObjectId::of(&bytes) == chunk.raw_hash).then_some(bytes)
     }
 }
 
