@@ -4,10 +4,11 @@
 # its bindings are generated with bindgen). Safe to run again.
 set -euo pipefail
 
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
 missing=()
-command -v clang >/dev/null 2>&1 || missing+=(clang)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
-command -v g++ >/dev/null 2>&1 || missing+=(g++)
+for pkg in clang libclang-dev g++; do
+    installed "$pkg" || missing+=("$pkg")
+done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}" >&2
     SUDO=""

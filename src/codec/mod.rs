@@ -221,10 +221,40 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// Element sizes of every fixed-width safetensors dtype: BOOL, U8, I8 and
-    /// the F8 variants (1), F16/BF16/I16/U16 (2), F32/I32/U32 (4),
-    /// F64/I64/U64/C64 (8); sub-byte F4/F6 are coded as bytes (1).
-    const ELEM_SIZES: [usize; 4] = [1, 2, 4, 8];
+    /// Every dtype safetensors defines, with the element size the commit
+    /// path gives the codec (bits / 8, or 1 for sub-byte dtypes).
+    const DTYPES: [(&str, usize); 22] = [
+        ("BOOL", 1),
+        ("U8", 1),
+        ("I8", 1),
+        ("F8_E5M2", 1),
+        ("F8_E4M3", 1),
+        ("F8_E8M0", 1),
+        ("F8_E4M3FNUZ", 1),
+        ("F8_E5M2FNUZ", 1),
+        ("F4", 1),
+        ("F6_E2M3", 1),
+        ("F6_E3M2", 1),
+        ("I16", 2),
+        ("U16", 2),
+        ("F16", 2),
+        ("BF16", 2),
+        ("I32", 4),
+        ("U32", 4),
+        ("F32", 4),
+        ("I64", 8),
+        ("U64", 8),
+        ("F64", 8),
+        ("C64", 8),
+    ];
+
+    /// A dtype and a tensor of it: whole elements, any count including 0.
+    fn tensor() -> impl Strategy<Value = (&'static str, usize, Vec<u8>)> {
+        (0..DTYPES.len(), 0usize..1200).prop_flat_map(|(d, n)| {
+            let (name, size) = DTYPES[d];
+            proptest::collection::vec(any::<u8>(), n * size).prop_map(move |v| (name, size, v))
+        })
+    }
 
     fn special_floats() -> impl Strategy<Value = Vec<u8>> {
         let specials = [
@@ -241,16 +271,25 @@ mod tests {
 
     proptest! {
         #[test]
-        fn keyframe_round_trips(raw in proptest::collection::vec(any::<u8>(), 0..5000), k in 0usize..4) {
-            let blob = encode_keyframe(&raw, ELEM_SIZES[k]);
-            prop_assert_eq!(decode(&blob, None).unwrap(), raw);
+        fn keyframe_round_trips_every_dtype((dtype, size, raw) in tensor()) {
+            let blob = encode_keyframe(&raw, size);
+            prop_assert_eq!(decode(&blob, None).unwrap(), raw, "{}", dtype);
         }
 
         #[test]
-        fn xor_delta_round_trips(pair in proptest::collection::vec(any::<(u8, u8)>(), 0..5000), k in 0usize..4) {
-            let (raw, base): (Vec<u8>, Vec<u8>) = pair.into_iter().unzip();
-            let blob = encode_xor_delta(&raw, &base, ELEM_SIZES[k]);
-            prop_assert_eq!(decode(&blob, Some(&base)).unwrap(), raw);
+        fn xor_delta_round_trips_every_dtype((dtype, size, raw) in tensor(), seed in any::<u8>()) {
+            let base: Vec<u8> = raw.iter().map(|b| b.rotate_left(3) ^ seed).collect();
+            let blob = encode_xor_delta(&raw, &base, size);
+            prop_assert_eq!(decode(&blob, Some(&base)).unwrap(), raw, "{}", dtype);
+        }
+
+        #[test]
+        fn odd_byte_lengths_round_trip(raw in proptest::collection::vec(any::<u8>(), 0..3000), k in 0usize..4) {
+            // Not whole elements: the trailing bytes are kept as they are.
+            let size = [1, 2, 4, 8][k];
+            prop_assert_eq!(decode(&encode_keyframe(&raw, size), None).unwrap(), raw.clone());
+            let base = vec![0x5a; raw.len()];
+            prop_assert_eq!(decode(&encode_xor_delta(&raw, &base, size), Some(&base)).unwrap(), raw);
         }
 
         #[test]

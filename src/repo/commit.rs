@@ -116,13 +116,7 @@ pub fn commit(
         }
     };
 
-    let stored_bytes = new_blob_bytes(&encoded);
-    let new_blobs = encoded
-        .iter()
-        .filter(|(_, new)| *new)
-        .map(|(c, _)| c.blob)
-        .collect::<HashSet<_>>()
-        .len() as u64;
+    let (new_blobs, stored_bytes) = new_blob_totals(&encoded);
     store.flush_blobs()?;
 
     let chain_depth = if keyframe {
@@ -342,14 +336,14 @@ fn encode_job(
     ))
 }
 
-/// Bytes of distinct blobs this commit wrote.
-fn new_blob_bytes(encoded: &[(ChunkRef, bool)]) -> u64 {
+/// Number and bytes of the distinct blobs this commit wrote (two identical
+/// chunks in one commit may both have found their blob missing).
+fn new_blob_totals(encoded: &[(ChunkRef, bool)]) -> (u64, u64) {
     let mut seen = HashSet::new();
     encoded
         .iter()
         .filter(|(c, new)| *new && seen.insert(c.blob))
-        .map(|(c, _)| c.stored_len)
-        .sum()
+        .fold((0, 0), |(n, bytes), (c, _)| (n + 1, bytes + c.stored_len))
 }
 
 /// Puts the encoded chunks (in job order) back into files and tensors.
