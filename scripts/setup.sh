@@ -19,4 +19,4 @@ fi
 
 # Builds live outside the clone, so repeated runs (and CI on this machine)
 # reuse the ~12-minute RocksDB build.
-echo "${CARGO_TARGET_DIR:-$HOME/.cache/ckptvc-target}"
+echo "${CARGO_TARGET_DIR:-${HOME:-/root}/.cache/ckptvc-target}"
