@@ -230,12 +230,7 @@ fn concurrent_commits_never_corrupt() {
     }
     assert!(!committed.is_empty());
     for step in committed {
-        let out = env.path(&format!("out{step}"));
-        env.cmd()
-            .args(["checkout", &format!("b{step}@{step}"), "-o"])
-            .arg(&out)
-            .assert()
-            .success();
+        let out = env.checkout(&format!("b{step}@{step}"), &format!("out{step}"));
         assert_same_files(&fixture(step), &out);
     }
 }

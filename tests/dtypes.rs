@@ -101,12 +101,7 @@ fn all_dtypes_round_trip() {
         env.commit(&dir, version * 10);
     }
     for version in [1u64, 2, 3] {
-        let out = env.path(&format!("out{version}"));
-        env.cmd()
-            .args(["checkout", &(version * 10).to_string(), "-o"])
-            .arg(&out)
-            .assert()
-            .success();
+        let out = env.checkout(&(version * 10).to_string(), &format!("out{version}"));
         assert_same_files(&env.path(&format!("in{version}")), &out);
     }
     let show = env.json(&["show", "30"]);

@@ -20,22 +20,12 @@ fn every_step_checks_out_byte_identical() {
             format!("main@{step}"),
             id[..8].to_string(),
         ] {
-            let out = env.path(&format!("out-{rev}"));
-            env.cmd()
-                .args(["checkout", &rev, "--output"])
-                .arg(&out)
-                .assert()
-                .success();
+            let out = env.checkout(&rev, &format!("out-{rev}"));
             assert_same_files(&fixture(*step), &out);
         }
     }
     // The branch name checks out its tip.
-    let out = env.path("tip");
-    env.cmd()
-        .args(["checkout", "main", "-o"])
-        .arg(&out)
-        .assert()
-        .success();
+    let out = env.checkout("main", "tip");
     assert_same_files(&fixture(120), &out);
 }
 
@@ -47,12 +37,7 @@ fn checkout_without_the_cache_decodes_from_blobs() {
     }
     std::fs::remove_dir_all(env.repo().join("cache")).unwrap();
     for step in [120, 60] {
-        let out = env.path(&format!("out{step}"));
-        env.cmd()
-            .args(["checkout", &step.to_string(), "-o"])
-            .arg(&out)
-            .assert()
-            .success();
+        let out = env.checkout(&step.to_string(), &format!("out{step}"));
         assert_same_files(&fixture(step), &out);
     }
     // Committing on top of a tip whose cache is gone still works (decodes the base).
@@ -137,12 +122,7 @@ fn identical_commit_adds_no_blobs() {
         assert_eq!(before["blob_bytes"], after["blob_bytes"]);
         assert_eq!(env.json(&["log"])[0]["stored_bytes"], 0);
     }
-    let out = env.path("out");
-    env.cmd()
-        .args(["checkout", "41", "-o"])
-        .arg(&out)
-        .assert()
-        .success();
+    let out = env.checkout("41", "out");
     assert_same_files(&fixture(40), &out);
 }
 
@@ -187,12 +167,7 @@ fn unchanged_tensors_add_no_blobs() {
     );
     let log = env.json(&["log"]);
     assert!(log[0]["stored_bytes"].as_u64().unwrap() < 200, "{}", log[0]);
-    let out = env.path("out");
-    env.cmd()
-        .args(["checkout", "41", "-o"])
-        .arg(&out)
-        .assert()
-        .success();
+    let out = env.checkout("41", "out");
     assert_same_files(&dir, &out);
 }
 
@@ -258,12 +233,7 @@ fn branches_and_revisions() {
         .assert()
         .success();
     // The current branch is now `restart`: a bare step resolves there.
-    let out = env.path("a");
-    env.cmd()
-        .args(["checkout", "40", "-o"])
-        .arg(&out)
-        .assert()
-        .success();
+    let out = env.checkout("40", "a");
     assert_same_files(&fixture(40), &out);
     env.cmd()
         .args(["checkout", "20", "-o"])
@@ -271,12 +241,7 @@ fn branches_and_revisions() {
         .assert()
         .failure()
         .stderr(contains("no commit at step 20"));
-    let out = env.path("c");
-    env.cmd()
-        .args(["checkout", "main@20", "-o"])
-        .arg(&out)
-        .assert()
-        .success();
+    let out = env.checkout("main@20", "c");
     assert_same_files(&fixture(20), &out);
     env.cmd()
         .args(["checkout", "nosuch@20", "-o"])

@@ -61,6 +61,17 @@ impl Env {
             .to_string()
     }
 
+    /// Checks `rev` out into `<tmp>/<name>` and returns that path.
+    pub fn checkout(&self, rev: &str, name: &str) -> PathBuf {
+        let out = self.path(name);
+        self.cmd()
+            .args(["checkout", rev, "--output"])
+            .arg(&out)
+            .assert()
+            .success();
+        out
+    }
+
     pub fn json(&self, args: &[&str]) -> Value {
         let out = self.cmd().arg("--json").args(args).assert().success();
         serde_json::from_slice(&out.get_output().stdout).expect("valid JSON")
