@@ -12,6 +12,7 @@
 //! | 3..11 | raw (decoded) length, u64 little-endian |
 //! | 11..  | codec payload (a zstd frame for every codec so far) |
 
+pub mod rans;
 pub mod shuffle;
 
 use serde::{Deserialize, Serialize};
