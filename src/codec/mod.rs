@@ -12,6 +12,9 @@
 //! | 3..11 | raw (decoded) length, u64 little-endian |
 //! | 11..  | codec payload (a zstd frame for every codec so far) |
 
+pub mod float;
+pub mod policy;
+pub mod quant;
 pub mod rans;
 pub mod shuffle;
 

@@ -1,0 +1,471 @@
+//! Lossy policies for a parameter's weights W and Adam moments m (exp_avg)
+//! and v (exp_avg_sq): per-tensor planning from statistics, then per-chunk
+//! quantization. Pure functions; the repo layer feeds them slices.
+//!
+//! Two families:
+//! - [`Policy::Excp`] — ExCP (Li et al., ICML 2024) as published, our
+//!   reference point: weight residuals kept where |dW| > median(|dW|) ·
+//!   min(2.5, α/√mean(v)), m kept where |m| > β·mean(|m|) and dW kept, v kept
+//!   with m and zeroed elsewhere; each coded with a 1-D k-means codebook of
+//!   2^bits − 1 centres (symbol 0 = dropped). Codebooks are f32 here: the
+//!   reference code's f16 codebooks flush v ≈ 1e-9 to 0, and wherever m
+//!   survives with v = 0 the first resumed Adam step is lr·m/ε.
+//! - [`Policy::Tuned`] — ours. W: residual against the parent's
+//!   reconstruction, uniform quantizer whose step is a fixed fraction of the
+//!   tensor's RMS weight (a distortion target per tensor; the rate follows
+//!   from how much the tensor moved). m: uniform quantizer, step a fraction of
+//!   the tensor's RMS m. v: coded in the log domain as a ratio to the parent's
+//!   reconstructed v (v moves slowly, β2 ≈ 0.999), so v̂ is never 0 where v
+//!   was not and its relative error is bounded by the step. Symbols are
+//!   rANS-coded; out-of-range values and NaN/Inf are stored exactly.
+
+use serde::{Deserialize, Serialize};
+
+use super::float::FloatType;
+use super::quant::{Domain, ESCAPE, Quantized};
+
+/// How a commit codes parameters that have Adam state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Policy {
+    /// Bit-exact: keyframe / xor-delta only.
+    Lossless,
+    Excp { alpha: f32, beta: f32, bits: u8 },
+    /// `preset` names it (`compact`, `balanced`, `faithful`, or `custom`).
+    Tuned {
+        preset: String,
+        /// W quantizer step as a fraction of RMS(W).
+        w_step: f32,
+        /// m quantizer step as a fraction of RMS(m).
+        m_step: f32,
+        /// v quantizer step in natural-log units (≈ relative error bound × 2).
+        v_log_step: f32,
+    },
+}
+
+impl Policy {
+    pub const PRESETS: [&str; 5] = ["lossless", "excp", "compact", "balanced", "faithful"];
+
+    pub fn preset(name: &str) -> Option<Policy> {
+        let tuned = |w_step, m_step, v_log_step| Policy::Tuned {
+            preset: name.to_string(),
+            w_step,
+            m_step,
+            v_log_step,
+        };
+        Some(match name {
+            "lossless" => Policy::Lossless,
+            "excp" => Policy::Excp {
+                alpha: 5e-5,
+                beta: 2.0,
+                bits: 4,
+            },
+            "compact" => tuned(0.02, 0.5, 0.2),
+            "balanced" => tuned(0.005, 0.1, 0.05),
+            "faithful" => tuned(0.001, 0.02, 0.01),
+            _ => return None,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Policy::Lossless => "lossless",
+            Policy::Excp { .. } => "excp",
+            Policy::Tuned { preset, .. } => preset,
+        }
+    }
+
+    pub fn is_lossless(&self) -> bool {
+        matches!(self, Policy::Lossless)
+    }
+
+    /// One line describing the policy and its parameters.
+    pub fn describe(&self) -> String {
+        match self {
+            Policy::Lossless => "lossless".into(),
+            Policy::Excp { alpha, beta, bits } => format!("excp(alpha={alpha}, beta={beta}, bits={bits})"),
+            Policy::Tuned {
+                preset,
+                w_step,
+                m_step,
+                v_log_step,
+            } => format!("{preset}(w_step={w_step}, m_step={m_step}, v_log_step={v_log_step})"),
+        }
+    }
+}
+
+/// Largest number of samples per tensor used for medians and k-means.
+const MAX_SAMPLES: u64 = 16_384;
+
+/// One sampled element: (dW, m, v).
+pub type Sample = (f32, f32, f32);
+
+/// Statistics of a chunk of a parameter group, combined in chunk order so the
+/// result does not depend on the thread count.
+#[derive(Debug, Clone, Default)]
+pub struct GroupStats {
+    pub count: u64,
+    pub sum_w2: f64,
+    pub sum_m2: f64,
+    pub sum_abs_m: f64,
+    pub sum_v: f64,
+    pub samples: Vec<Sample>,
+}
+
+impl GroupStats {
+    /// Statistics of one chunk starting at element `first` of a tensor of
+    /// `numel` elements. Non-finite elements are left out.
+    pub fn of_chunk(first: u64, numel: u64, w: &[f32], p: &[f32], m: &[f32], v: &[f32]) -> GroupStats {
+        let stride = numel.div_ceil(MAX_SAMPLES).max(1);
+        let mut stats = GroupStats::default();
+        for i in 0..w.len() {
+            let (wi, mi, vi) = (w[i], m[i], v[i]);
+            if !(wi.is_finite() && mi.is_finite() && vi.is_finite() && p[i].is_finite()) {
+                continue;
+            }
+            stats.count += 1;
+            stats.sum_w2 += (wi as f64).powi(2);
+            stats.sum_m2 += (mi as f64).powi(2);
+            stats.sum_abs_m += mi.abs() as f64;
+            stats.sum_v += vi as f64;
+            if (first + i as u64).is_multiple_of(stride) {
+                stats.samples.push((wi - p[i], mi, vi));
+            }
+        }
+        stats
+    }
+
+    pub fn merge(mut self, other: GroupStats) -> GroupStats {
+        self.count += other.count;
+        self.sum_w2 += other.sum_w2;
+        self.sum_m2 += other.sum_m2;
+        self.sum_abs_m += other.sum_abs_m;
+        self.sum_v += other.sum_v;
+        self.samples.extend(other.samples);
+        self
+    }
+
+    fn mean(&self, sum: f64) -> f64 {
+        if self.count == 0 { 0.0 } else { sum / self.count as f64 }
+    }
+}
+
+/// Per-tensor decisions, shared by all chunks of the tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TensorPlan {
+    Excp {
+        w_threshold: f32,
+        m_threshold: f32,
+        w_centres: Vec<f32>,
+        m_centres: Vec<f32>,
+        v_centres: Vec<f32>,
+    },
+    Tuned {
+        w_step: f32,
+        m_step: f32,
+        v_log_step: f32,
+    },
+}
+
+pub fn plan(policy: &Policy, stats: &GroupStats) -> Option<TensorPlan> {
+    match policy {
+        Policy::Lossless => None,
+        Policy::Excp { alpha, beta, bits } => {
+            let centres = (1usize << (*bits).clamp(1, 7)) - 1;
+            let mut abs_dw: Vec<f32> = stats.samples.iter().map(|s| s.0.abs()).collect();
+            abs_dw.sort_by(f32::total_cmp);
+            let median = abs_dw.get(abs_dw.len() / 2).copied().unwrap_or(0.0);
+            let mean_v = stats.mean(stats.sum_v).max(f64::MIN_POSITIVE);
+            let factor = (*alpha as f64 / mean_v.sqrt()).min(2.5);
+            let w_threshold = (median as f64 * factor) as f32;
+            let m_threshold = (*beta as f64 * stats.mean(stats.sum_abs_m)) as f32;
+            let kept_w: Vec<f32> = stats.samples.iter().filter(|s| s.0.abs() > w_threshold).map(|s| s.0).collect();
+            let kept_m: Vec<&Sample> = stats
+                .samples
+                .iter()
+                .filter(|s| s.0.abs() > w_threshold && s.1.abs() > m_threshold)
+                .collect();
+            Some(TensorPlan::Excp {
+                w_threshold,
+                m_threshold,
+                w_centres: kmeans(&kept_w, centres),
+                m_centres: kmeans(&kept_m.iter().map(|s| s.1).collect::<Vec<_>>(), centres),
+                v_centres: kmeans(&kept_m.iter().map(|s| s.2).collect::<Vec<_>>(), centres),
+            })
+        }
+        Policy::Tuned {
+            w_step,
+            m_step,
+            v_log_step,
+            ..
+        } => Some(TensorPlan::Tuned {
+            w_step: (*w_step as f64 * stats.mean(stats.sum_w2).sqrt()) as f32,
+            m_step: (*m_step as f64 * stats.mean(stats.sum_m2).sqrt()) as f32,
+            v_log_step: *v_log_step,
+        }),
+    }
+}
+
+/// 1-D k-means (Lloyd, 25 iterations) from quantile initialization:
+/// deterministic. Returns sorted centres, at most `k`, none for no data.
+pub fn kmeans(values: &[f32], k: usize) -> Vec<f32> {
+    let mut data: Vec<f32> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if data.is_empty() || k == 0 {
+        return Vec::new();
+    }
+    data.sort_by(f32::total_cmp);
+    let n = data.len();
+    let mut centres: Vec<f32> = (0..k).map(|i| data[((2 * i + 1) * n / (2 * k)).min(n - 1)]).collect();
+    centres.dedup();
+    for _ in 0..25 {
+        let mut sums = vec![0f64; centres.len()];
+        let mut counts = vec![0u64; centres.len()];
+        for &x in &data {
+            let c = nearest(&centres, x);
+            sums[c] += x as f64;
+            counts[c] += 1;
+        }
+        let mut moved = false;
+        for c in 0..centres.len() {
+            if counts[c] > 0 {
+                let mean = (sums[c] / counts[c] as f64) as f32;
+                moved |= mean != centres[c];
+                centres[c] = mean;
+            }
+        }
+        centres.sort_by(f32::total_cmp);
+        if !moved {
+            break;
+        }
+    }
+    centres
+}
+
+/// Index of the centre nearest to `x` (centres sorted ascending).
+fn nearest(centres: &[f32], x: f32) -> usize {
+    let i = centres.partition_point(|&c| c < x);
+    if i == 0 {
+        0
+    } else if i == centres.len() || x - centres[i - 1] <= centres[i] - x {
+        i - 1
+    } else {
+        i
+    }
+}
+
+/// One chunk of a parameter group, as f32: input W, m, v and the parent's
+/// reconstructed W and v.
+pub struct GroupChunk<'a> {
+    pub w: &'a [f32],
+    pub m: &'a [f32],
+    pub v: &'a [f32],
+    pub parent_w: &'a [f32],
+    pub parent_v: &'a [f32],
+    pub w_float: FloatType,
+    pub m_float: FloatType,
+    pub v_float: FloatType,
+}
+
+/// Quantizes one chunk: (W, m, v).
+pub fn quantize(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> [Quantized; 3] {
+    match plan {
+        TensorPlan::Excp {
+            w_threshold,
+            m_threshold,
+            w_centres,
+            m_centres,
+            v_centres,
+        } => {
+            let mut w = codebook_stream(Domain::Residual, chunk.w_float, w_centres);
+            let mut m = codebook_stream(Domain::Value, chunk.m_float, m_centres);
+            let mut v = codebook_stream(Domain::Value, chunk.v_float, v_centres);
+            for i in 0..chunk.w.len() {
+                let dw = chunk.w[i] - chunk.parent_w[i];
+                let keep_w = dw.abs() > *w_threshold;
+                let keep_m = keep_w && chunk.m[i].abs() > *m_threshold;
+                push_codebook(&mut w, w_centres, dw, chunk.w[i], keep_w);
+                push_codebook(&mut m, m_centres, chunk.m[i], chunk.m[i], keep_m);
+                push_codebook(&mut v, v_centres, chunk.v[i], chunk.v[i], keep_m);
+            }
+            [w, m, v]
+        }
+        TensorPlan::Tuned {
+            w_step,
+            m_step,
+            v_log_step,
+        } => {
+            let mut w = uniform_stream(Domain::Residual, chunk.w_float, *w_step, |q| q);
+            let mut m = uniform_stream(Domain::Value, chunk.m_float, *m_step, |q| q);
+            let mut v = uniform_stream(Domain::Ratio, chunk.v_float, *v_log_step, f32::exp);
+            for i in 0..chunk.w.len() {
+                push_uniform(&mut w, *w_step, chunk.w[i] - chunk.parent_w[i], chunk.w[i]);
+                push_uniform(&mut m, *m_step, chunk.m[i], chunk.m[i]);
+                let (vi, vp) = (chunk.v[i], chunk.parent_v[i]);
+                let log_ratio = if vi > 0.0 && vp > 0.0 && vp.is_finite() {
+                    (vi / vp).ln()
+                } else {
+                    f32::NAN
+                };
+                push_uniform(&mut v, *v_log_step, log_ratio, vi);
+            }
+            [w, m, v]
+        }
+    }
+}
+
+fn codebook_stream(domain: Domain, float: FloatType, centres: &[f32]) -> Quantized {
+    let mut levels = vec![0.0];
+    levels.extend_from_slice(centres);
+    Quantized {
+        domain,
+        float,
+        levels,
+        symbols: Vec::new(),
+        escapes: Vec::new(),
+    }
+}
+
+/// Symbol 0 (dropped: zero, or no change for residuals) or the nearest
+/// centre; a non-finite input is kept exactly rather than spread.
+fn push_codebook(q: &mut Quantized, centres: &[f32], coded: f32, exact: f32, keep: bool) {
+    if !exact.is_finite() || !coded.is_finite() {
+        q.symbols.push(ESCAPE);
+        q.escapes.push(exact);
+    } else if keep && !centres.is_empty() {
+        q.symbols.push(1 + nearest(centres, coded) as u8);
+    } else {
+        q.symbols.push(0);
+    }
+}
+
+/// Largest |level index| of a uniform quantizer: symbols 0..=254 stand for
+/// -127..=127.
+const MAX_LEVEL: i32 = 127;
+
+fn uniform_stream(domain: Domain, float: FloatType, step: f32, level: impl Fn(f32) -> f32) -> Quantized {
+    let levels = (-MAX_LEVEL..=MAX_LEVEL).map(|q| level(q as f32 * step)).collect();
+    Quantized {
+        domain,
+        float,
+        levels,
+        symbols: Vec::new(),
+        escapes: Vec::new(),
+    }
+}
+
+/// Quantizes `coded` with `step`, or stores `exact` as an escape when the
+/// level is out of range or not finite.
+fn push_uniform(q: &mut Quantized, step: f32, coded: f32, exact: f32) {
+    let level = (coded / step).round();
+    if step > 0.0 && level.is_finite() && level.abs() <= MAX_LEVEL as f32 {
+        q.symbols.push((level as i32 + MAX_LEVEL) as u8);
+    } else {
+        q.symbols.push(ESCAPE);
+        q.escapes.push(exact);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::quant::reconstruct;
+
+    fn chunk<'a>(w: &'a [f32], m: &'a [f32], v: &'a [f32], p: &'a [f32], vp: &'a [f32]) -> GroupChunk<'a> {
+        GroupChunk {
+            w,
+            m,
+            v,
+            parent_w: p,
+            parent_v: vp,
+            w_float: FloatType::F32,
+            m_float: FloatType::F32,
+            v_float: FloatType::F32,
+        }
+    }
+
+    fn series(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kmeans_finds_clusters() {
+        let data: Vec<f32> = (0..300).map(|i| [1.0, 5.0, 9.0][i % 3] + (i % 7) as f32 * 0.01).collect();
+        let c = kmeans(&data, 3);
+        assert_eq!(c.len(), 3);
+        assert!((c[0] - 1.03).abs() < 0.05 && (c[1] - 5.03).abs() < 0.05 && (c[2] - 9.03).abs() < 0.05, "{c:?}");
+        assert_eq!(nearest(&c, 4.0), 1);
+        assert!(kmeans(&[], 15).is_empty());
+    }
+
+    #[test]
+    fn tuned_errors_are_bounded_and_v_never_zeroed() {
+        let n = 10_000;
+        let p = series(n, 1, 0.1);
+        let w: Vec<f32> = p.iter().zip(series(n, 2, 0.002)).map(|(a, b)| a + b).collect();
+        let m = series(n, 3, 1e-3);
+        let vp: Vec<f32> = series(n, 4, 1.0).iter().map(|x| x * x * 1e-6 + 1e-12).collect();
+        let v: Vec<f32> = vp.iter().map(|x| x * 1.01).collect();
+        let policy = Policy::preset("balanced").unwrap();
+        let stats = GroupStats::of_chunk(0, n as u64, &w, &p, &m, &v);
+        let plan = plan(&policy, &stats).unwrap();
+        let [qw, qm, qv] = quantize(&plan, &chunk(&w, &m, &v, &p, &vp));
+        let w_hat = reconstruct(&qw, Some(&p)).unwrap();
+        let m_hat = reconstruct(&qm, None).unwrap();
+        let v_hat = reconstruct(&qv, Some(&vp)).unwrap();
+        let TensorPlan::Tuned { w_step, m_step, v_log_step } = plan else { panic!() };
+        for i in 0..n {
+            assert!((w_hat[i] - w[i]).abs() <= w_step * 0.51, "w {i}");
+            assert!((m_hat[i] - m[i]).abs() <= m_step * 0.51, "m {i}");
+            assert!(v_hat[i] > 0.0);
+            assert!((v_hat[i] / v[i]).ln().abs() <= v_log_step * 0.51, "v {i}");
+        }
+    }
+
+    #[test]
+    fn excp_drops_small_changes_and_zeroes_v_with_m() {
+        let n = 10_000;
+        let p = series(n, 1, 0.1);
+        let w: Vec<f32> = p.iter().zip(series(n, 2, 0.002)).map(|(a, b)| a + b).collect();
+        let m = series(n, 3, 1e-3);
+        let v: Vec<f32> = m.iter().map(|x| x * x + 1e-9).collect();
+        let policy = Policy::preset("excp").unwrap();
+        let plan = plan(&policy, &GroupStats::of_chunk(0, n as u64, &w, &p, &m, &v)).unwrap();
+        let [qw, qm, qv] = quantize(&plan, &chunk(&w, &m, &v, &p, &v));
+        assert!(qw.symbols.contains(&0) && qw.symbols.iter().any(|&s| s > 0));
+        for i in 0..n {
+            assert_eq!(qm.symbols[i] == 0, qv.symbols[i] == 0, "v kept exactly where m is");
+            if qm.symbols[i] != 0 {
+                assert_ne!(qw.symbols[i], 0, "m kept only where dW kept");
+            }
+        }
+        assert!(reconstruct(&qv, None).unwrap().contains(&0.0));
+    }
+
+    #[test]
+    fn non_finite_values_stay_where_they_are() {
+        let p = vec![0.5f32; 8];
+        let mut w = vec![0.51f32; 8];
+        w[3] = f32::NAN;
+        let mut m = vec![1e-3f32; 8];
+        m[5] = f32::INFINITY;
+        let mut v = vec![1e-6f32; 8];
+        v[6] = f32::NEG_INFINITY;
+        for name in ["excp", "balanced"] {
+            let policy = Policy::preset(name).unwrap();
+            let plan = plan(&policy, &GroupStats::of_chunk(0, 8, &w, &p, &m, &v)).unwrap();
+            let [qw, qm, qv] = quantize(&plan, &chunk(&w, &m, &v, &p, &v));
+            let w_hat = reconstruct(&qw, Some(&p)).unwrap();
+            let m_hat = reconstruct(&qm, None).unwrap();
+            let v_hat = reconstruct(&qv, Some(&v)).unwrap();
+            assert!(w_hat[3].is_nan() && m_hat[5] == f32::INFINITY && v_hat[6] == f32::NEG_INFINITY);
+            for i in [0, 1, 2, 4, 7] {
+                assert!(w_hat[i].is_finite() && m_hat[i].is_finite() && v_hat[i].is_finite(), "{name} {i}");
+            }
+        }
+    }
+}

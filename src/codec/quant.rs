@@ -1,0 +1,176 @@
+//! Quantized tensor chunks: one symbol per element, entropy-coded with rANS,
+//! mapped back to values through a table of levels.
+//!
+//! Reconstruction of element `i` with symbol `s = sym[i]`:
+//! - `s == ESCAPE`: the next value of the escape list, exactly (outliers,
+//!   NaN/Inf, elements without a usable base);
+//! - domain `Value`: `level[s]`;
+//! - domain `Residual`: `base[i] + level[s]`;
+//! - domain `Ratio`: `base[i] * level[s]` (log-domain coding of positive
+//!   values such as Adam's v: the level table holds the factors).
+//!
+//! all in f32, then rounded to the stored float type. Encoder and decoder use
+//! the same [`reconstruct`], so the encoder knows the decoder's output
+//! exactly (closed loop).
+//!
+//! Payload layout (after the common blob header): domain u8, float type u8,
+//! level count u16 LE, levels as f32 LE, escape count u32 LE, escapes as f32
+//! LE, then the rANS stream of symbols.
+
+use super::float::FloatType;
+use super::rans;
+
+/// Symbol reserved for "exact value follows in the escape list".
+pub const ESCAPE: u8 = 255;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Domain {
+    Value,
+    Residual,
+    Ratio,
+}
+
+impl Domain {
+    fn id(self) -> u8 {
+        match self {
+            Domain::Value => 0,
+            Domain::Residual => 1,
+            Domain::Ratio => 2,
+        }
+    }
+
+    fn from_id(id: u8) -> Option<Domain> {
+        [Domain::Value, Domain::Residual, Domain::Ratio]
+            .into_iter()
+            .find(|d| d.id() == id)
+    }
+
+    pub fn needs_base(self) -> bool {
+        self != Domain::Value
+    }
+}
+
+/// A quantized chunk before entropy coding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quantized {
+    pub domain: Domain,
+    pub float: FloatType,
+    /// Level of each symbol (index = symbol). At most 255 entries.
+    pub levels: Vec<f32>,
+    pub symbols: Vec<u8>,
+    pub escapes: Vec<f32>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QuantError {
+    #[error("quantized payload is truncated")]
+    Truncated,
+    #[error("quantized payload is invalid: {0}")]
+    Invalid(&'static str),
+    #[error(transparent)]
+    Rans(#[from] rans::RansError),
+}
+
+/// The reconstructed values of a quantized chunk, in f32 rounded to the
+/// stored type. `base` (f32) is required for the Residual and Ratio domains.
+pub fn reconstruct(q: &Quantized, base: Option<&[f32]>) -> Result<Vec<f32>, QuantError> {
+    if q.domain.needs_base() && base.is_none_or(|b| b.len() != q.symbols.len()) {
+        return Err(QuantError::Invalid("base missing or of the wrong length"));
+    }
+    let mut escapes = q.escapes.iter();
+    let mut out = Vec::with_capacity(q.symbols.len());
+    for (i, &s) in q.symbols.iter().enumerate() {
+        let x = if s == ESCAPE {
+            *escapes.next().ok_or(QuantError::Invalid("too few escapes"))?
+        } else {
+            let level = *q
+                .levels
+                .get(s as usize)
+                .ok_or(QuantError::Invalid("symbol without a level"))?;
+            match (q.domain, base) {
+                (Domain::Value, _) => level,
+                (Domain::Residual, Some(b)) => b[i] + level,
+                (Domain::Ratio, Some(b)) => b[i] * level,
+                _ => unreachable!("checked above"),
+            }
+        };
+        out.push(q.float.round(x));
+    }
+    if escapes.next().is_some() {
+        return Err(QuantError::Invalid("unused escapes"));
+    }
+    Ok(out)
+}
+
+/// Serializes a quantized chunk into `out` (the payload part of a blob).
+pub fn write_payload(q: &Quantized, out: &mut Vec<u8>) {
+    assert!(q.levels.len() <= ESCAPE as usize, "at most 255 levels");
+    out.push(q.domain.id());
+    out.push(q.float.id());
+    out.extend_from_slice(&(q.levels.len() as u16).to_le_bytes());
+    q.levels.iter().for_each(|l| out.extend_from_slice(&l.to_le_bytes()));
+    out.extend_from_slice(&(q.escapes.len() as u32).to_le_bytes());
+    q.escapes.iter().for_each(|e| out.extend_from_slice(&e.to_le_bytes()));
+    rans::encode(&q.symbols, out);
+}
+
+pub fn read_payload(bytes: &[u8]) -> Result<Quantized, QuantError> {
+    let mut pos = 0;
+    let mut take = |n: usize| -> Result<&[u8], QuantError> {
+        let slice = bytes.get(pos..pos + n).ok_or(QuantError::Truncated)?;
+        pos += n;
+        Ok(slice)
+    };
+    let domain = Domain::from_id(take(1)?[0]).ok_or(QuantError::Invalid("domain"))?;
+    let float = FloatType::from_id(take(1)?[0]).ok_or(QuantError::Invalid("float type"))?;
+    let n_levels = u16::from_le_bytes(take(2)?.try_into().expect("2")) as usize;
+    let levels = f32s(take(n_levels * 4)?);
+    let n_escapes = u32::from_le_bytes(take(4)?.try_into().expect("4")) as usize;
+    let escapes = f32s(take(n_escapes.checked_mul(4).ok_or(QuantError::Truncated)?)?);
+    let (symbols, used) = rans::decode(&bytes[pos..])?;
+    if pos + used != bytes.len() {
+        return Err(QuantError::Invalid("trailing bytes"));
+    }
+    Ok(Quantized {
+        domain,
+        float,
+        levels,
+        symbols,
+        escapes,
+    })
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_round_trips_and_reconstructs() {
+        let q = Quantized {
+            domain: Domain::Residual,
+            float: FloatType::F32,
+            levels: vec![0.0, 0.5, -0.5],
+            symbols: vec![0, 1, 2, ESCAPE, 1],
+            escapes: vec![f32::NAN],
+        };
+        let mut bytes = Vec::new();
+        write_payload(&q, &mut bytes);
+        let back = read_payload(&bytes).unwrap();
+        assert_eq!(back.symbols, q.symbols);
+        assert!(back.escapes[0].is_nan());
+        let base = [1.0, 1.0, 1.0, 1.0, 2.0];
+        let x = reconstruct(&back, Some(&base)).unwrap();
+        assert_eq!(&x[..3], &[1.0, 1.5, 0.5]);
+        assert!(x[3].is_nan());
+        assert_eq!(x[4], 2.5);
+        assert!(reconstruct(&back, None).is_err());
+        assert_eq!(read_payload(&bytes[..bytes.len() - 1]).unwrap_err(), QuantError::Rans(rans::RansError::Truncated));
+    }
+}
