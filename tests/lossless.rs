@@ -173,11 +173,7 @@ fn unchanged_tensors_add_no_blobs() {
 
 #[test]
 fn keyframe_interval_bounds_chains() {
-    let env = Env::new();
-    env.cmd()
-        .args(["init", "--keyframe-interval", "2"])
-        .assert()
-        .success();
+    let env = Env::init_with(&["--policy", "lossless", "--keyframe-interval", "2"]);
     for step in STEPS {
         env.commit(&fixture(step), step);
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::codec::policy::Policy;
 use crate::repo::{self, CommitOptions};
 use crate::store::{Store, StoreConfig};
 use output::{bytes, print_json};
@@ -45,6 +46,9 @@ enum Command {
         /// Take a lossless keyframe commit every K commits along a branch.
         #[arg(long, default_value_t = 10)]
         keyframe_interval: u32,
+        /// Default policy of commits: lossless, excp, compact, balanced, faithful.
+        #[arg(long, default_value = "balanced", value_parser = parse_preset)]
+        policy: Policy,
     },
     /// Store a checkpoint directory as a new commit.
     Commit {
@@ -58,9 +62,21 @@ enum Command {
         branch: Option<String>,
         #[arg(long, short, default_value = "")]
         message: String,
-        /// Encode every chunk standalone, starting a new delta chain.
+        /// Encode every chunk standalone and losslessly, starting a new chain.
         #[arg(long)]
         keyframe: bool,
+        /// lossless, excp, compact, balanced or faithful (default: the store's).
+        #[arg(long, value_parser = parse_preset)]
+        policy: Option<Policy>,
+        /// excp: weight threshold factor alpha (implies --policy excp).
+        #[arg(long)]
+        alpha: Option<f32>,
+        /// excp: momentum threshold factor beta (implies --policy excp).
+        #[arg(long)]
+        beta: Option<f32>,
+        /// excp: bits per code, 2^bits - 1 centres (implies --policy excp).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=7))]
+        bits: Option<u8>,
     },
     /// Write a commit's files into a directory.
     Checkout {
@@ -86,6 +102,43 @@ enum Command {
     Stats,
 }
 
+fn parse_preset(name: &str) -> Result<Policy, String> {
+    Policy::preset(name).ok_or_else(|| {
+        format!(
+            "unknown policy `{name}` (one of {})",
+            Policy::PRESETS.join(", ")
+        )
+    })
+}
+
+/// `--policy`, with the excp knobs applied on top (they imply excp).
+fn commit_policy(
+    policy: &Option<Policy>,
+    alpha: Option<f32>,
+    beta: Option<f32>,
+    bits: Option<u8>,
+) -> anyhow::Result<Option<Policy>> {
+    if alpha.is_none() && beta.is_none() && bits.is_none() {
+        return Ok(policy.clone());
+    }
+    let base = policy
+        .clone()
+        .unwrap_or_else(|| Policy::preset("excp").expect("preset"));
+    let Policy::Excp {
+        alpha: a,
+        beta: b,
+        bits: n,
+    } = base
+    else {
+        anyhow::bail!("--alpha, --beta and --bits apply to --policy excp only");
+    };
+    Ok(Some(Policy::Excp {
+        alpha: alpha.unwrap_or(a),
+        beta: beta.unwrap_or(b),
+        bits: bits.unwrap_or(n),
+    }))
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
@@ -99,9 +152,13 @@ pub fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Init { keyframe_interval } => {
+        Command::Init {
+            keyframe_interval,
+            policy,
+        } => {
             let config = StoreConfig {
                 keyframe_interval: *keyframe_interval,
+                policy: policy.clone(),
                 ..StoreConfig::default()
             };
             repo::init(&cli.repo, &config)?;
@@ -116,12 +173,17 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             branch,
             message,
             keyframe,
+            policy,
+            alpha,
+            beta,
+            bits,
         } => {
             let options = CommitOptions {
                 step: *step,
                 branch: branch.clone(),
                 message: message.clone(),
                 force_keyframe: *keyframe,
+                policy: commit_policy(policy, *alpha, *beta, *bits)?,
                 lock_wait: Duration::from_secs_f64(cli.wait.max(0.0)),
             };
             let bar = Bar::new(cli.quiet);

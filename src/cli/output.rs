@@ -51,12 +51,22 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 pub fn print_log(entries: &[LogEntry]) {
     println!(
-        "{:<12}  {:>8}  {:<12}  {:<19}  {:>10}  {:>10}  {:>7}  message",
-        "commit", "step", "branch", "date (UTC)", "input", "stored", "ratio"
+        "{:<12}  {:>8}  {:<12}  {:<19}  {:>10}  {:>10}  {:>7}  {:<9}  {:>8}  {:>8}  {:>8}  message",
+        "commit",
+        "step",
+        "branch",
+        "date (UTC)",
+        "input",
+        "stored",
+        "ratio",
+        "policy",
+        "err W",
+        "err m",
+        "err v"
     );
     for e in entries {
         println!(
-            "{:<12}  {:>8}  {:<12}  {:<19}  {:>10}  {:>10}  {:>6.1}x  {}{}",
+            "{:<12}  {:>8}  {:<12}  {:<19}  {:>10}  {:>10}  {:>6.1}x  {:<9}  {:>8.2e}  {:>8.2e}  {:>8.2e}  {}{}",
             &e.id[..12],
             e.step,
             e.branch,
@@ -64,6 +74,10 @@ pub fn print_log(entries: &[LogEntry]) {
             bytes(e.input_bytes),
             bytes(e.stored_bytes),
             e.ratio,
+            e.policy.split('(').next().unwrap_or_default(),
+            e.error_w,
+            e.error_m,
+            e.error_v,
             if e.keyframe { "[keyframe] " } else { "" },
             e.message
         );
@@ -85,13 +99,18 @@ pub fn print_show(report: &ShowReport) {
         c.ratio,
         if c.keyframe { ", keyframe" } else { "" }
     );
+    println!("policy   {}", c.policy);
+    println!(
+        "error    W {:.3e}, m {:.3e}, v {:.3e} (relative L2, lossy-coded tensors)",
+        c.error_w, c.error_m, c.error_v
+    );
     if !c.message.is_empty() {
         println!("message  {}", c.message);
     }
     println!();
     println!(
-        "{:<24} {:<40} {:<6} {:<16} {:<20} {:>10} {:>10}",
-        "file", "tensor", "dtype", "shape", "codec", "in", "out"
+        "{:<24} {:<40} {:<6} {:<16} {:<20} {:>10} {:>10} {:>9}",
+        "file", "tensor", "dtype", "shape", "codec", "in", "out", "rel err"
     );
     for e in &report.entries {
         let shape = e
@@ -100,14 +119,15 @@ pub fn print_show(report: &ShowReport) {
             .map(|s| format!("{s:?}"))
             .unwrap_or_default();
         println!(
-            "{:<24} {:<40} {:<6} {:<16} {:<20} {:>10} {:>10}",
+            "{:<24} {:<40} {:<6} {:<16} {:<20} {:>10} {:>10} {:>9.2e}",
             e.file,
             e.tensor.as_deref().unwrap_or("-"),
             e.dtype.as_deref().unwrap_or("-"),
             shape,
             e.codecs.join("+"),
             bytes(e.bytes_in),
-            bytes(e.bytes_out)
+            bytes(e.bytes_out),
+            e.rel_error
         );
     }
 }

@@ -38,6 +38,10 @@ pub enum Codec {
     Keyframe = 2,
     /// XOR against the same chunk of the parent commit, byte-plane split, zstd.
     XorDelta = 3,
+    /// Lossy: quantized values, rANS-coded (see [`quant`]). Decodes on its own.
+    Quant = 4,
+    /// Lossy: quantized residuals or ratios against the base chunk.
+    QuantDelta = 5,
 }
 
 impl Codec {
@@ -46,18 +50,31 @@ impl Codec {
             Codec::Zstd => "zstd",
             Codec::Keyframe => "keyframe",
             Codec::XorDelta => "xor-delta",
+            Codec::Quant => "quant",
+            Codec::QuantDelta => "quant-delta",
         }
     }
 
     /// Whether decoding needs the parent's version of the chunk.
     pub fn needs_base(self) -> bool {
-        matches!(self, Codec::XorDelta)
+        matches!(self, Codec::XorDelta | Codec::QuantDelta)
+    }
+
+    /// Whether decoding gives back exactly the bytes that were encoded.
+    pub fn is_lossless(self) -> bool {
+        !matches!(self, Codec::Quant | Codec::QuantDelta)
     }
 
     fn from_id(id: u8) -> Option<Codec> {
-        [Codec::Zstd, Codec::Keyframe, Codec::XorDelta]
-            .into_iter()
-            .find(|c| *c as u8 == id)
+        [
+            Codec::Zstd,
+            Codec::Keyframe,
+            Codec::XorDelta,
+            Codec::Quant,
+            Codec::QuantDelta,
+        ]
+        .into_iter()
+        .find(|c| *c as u8 == id)
     }
 }
 
@@ -98,6 +115,8 @@ pub enum CodecError {
     Payload(String),
     #[error("payload decodes to {got} bytes, header says {want}")]
     Length { got: usize, want: usize },
+    #[error(transparent)]
+    Quant(#[from] quant::QuantError),
 }
 
 /// The parsed fixed header of a blob.
@@ -189,10 +208,60 @@ pub fn encode_xor_delta(raw: &[u8], base: &[u8], elem_size: usize) -> Vec<u8> {
     )
 }
 
+/// A lossy chunk: the quantized stream, decoded by [`decode`] to the stored
+/// float type. Its codec is `quant-delta` when it is coded against a base.
+pub fn encode_quant(q: &quant::Quantized) -> Vec<u8> {
+    let codec = if q.domain.needs_base() {
+        Codec::QuantDelta
+    } else {
+        Codec::Quant
+    };
+    let mut out = Vec::with_capacity(HEADER_LEN + q.symbols.len() / 2);
+    BlobHeader {
+        codec,
+        elem_size: q.float.size(),
+        raw_len: (q.symbols.len() * q.float.size()) as u64,
+    }
+    .write(&mut out);
+    quant::write_payload(q, &mut out);
+    out
+}
+
+fn decode_quant(
+    header: &BlobHeader,
+    payload: &[u8],
+    base: Option<&[u8]>,
+) -> Result<Vec<u8>, CodecError> {
+    let q = quant::read_payload(payload)?;
+    let raw_len = header.raw_len as usize;
+    if q.symbols.len() * q.float.size() != raw_len {
+        return Err(CodecError::Length {
+            got: q.symbols.len() * q.float.size(),
+            want: raw_len,
+        });
+    }
+    let base = match (q.domain.needs_base(), base) {
+        (false, _) => None,
+        (true, None) => return Err(CodecError::MissingBase(header.codec)),
+        (true, Some(b)) if b.len() != raw_len => {
+            return Err(CodecError::BaseLength {
+                base: b.len(),
+                raw: raw_len,
+            });
+        }
+        (true, Some(b)) => Some(q.float.to_f32(b)),
+    };
+    let values = quant::reconstruct(&q, base.as_deref())?;
+    Ok(q.float.from_f32(&values))
+}
+
 /// Decodes a blob back to the raw chunk. `base` is the decoded parent chunk for
 /// codecs that need one.
 pub fn decode(blob: &[u8], base: Option<&[u8]>) -> Result<Vec<u8>, CodecError> {
     let header = BlobHeader::parse(blob)?;
+    if !header.codec.is_lossless() {
+        return decode_quant(&header, &blob[HEADER_LEN..], base);
+    }
     let raw_len = header.raw_len as usize;
     let payload = zstd::bulk::decompress(&blob[HEADER_LEN..], raw_len)
         .map_err(|e| CodecError::Payload(e.to_string()))?;
@@ -204,6 +273,7 @@ pub fn decode(blob: &[u8], base: Option<&[u8]>) -> Result<Vec<u8>, CodecError> {
     }
     match header.codec {
         Codec::Zstd => Ok(payload),
+        Codec::Quant | Codec::QuantDelta => unreachable!("handled above"),
         Codec::Keyframe => Ok(shuffle::join(&payload, header.elem_size)),
         Codec::XorDelta => {
             let base = base.ok_or(CodecError::MissingBase(Codec::XorDelta))?;

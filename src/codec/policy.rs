@@ -29,7 +29,11 @@ use super::quant::{Domain, ESCAPE, Quantized};
 pub enum Policy {
     /// Bit-exact: keyframe / xor-delta only.
     Lossless,
-    Excp { alpha: f32, beta: f32, bits: u8 },
+    Excp {
+        alpha: f32,
+        beta: f32,
+        bits: u8,
+    },
     /// `preset` names it (`compact`, `balanced`, `faithful`, or `custom`).
     Tuned {
         preset: String,
@@ -82,7 +86,9 @@ impl Policy {
     pub fn describe(&self) -> String {
         match self {
             Policy::Lossless => "lossless".into(),
-            Policy::Excp { alpha, beta, bits } => format!("excp(alpha={alpha}, beta={beta}, bits={bits})"),
+            Policy::Excp { alpha, beta, bits } => {
+                format!("excp(alpha={alpha}, beta={beta}, bits={bits})")
+            }
             Policy::Tuned {
                 preset,
                 w_step,
@@ -114,7 +120,14 @@ pub struct GroupStats {
 impl GroupStats {
     /// Statistics of one chunk starting at element `first` of a tensor of
     /// `numel` elements. Non-finite elements are left out.
-    pub fn of_chunk(first: u64, numel: u64, w: &[f32], p: &[f32], m: &[f32], v: &[f32]) -> GroupStats {
+    pub fn of_chunk(
+        first: u64,
+        numel: u64,
+        w: &[f32],
+        p: &[f32],
+        m: &[f32],
+        v: &[f32],
+    ) -> GroupStats {
         let stride = numel.div_ceil(MAX_SAMPLES).max(1);
         let mut stats = GroupStats::default();
         for i in 0..w.len() {
@@ -145,7 +158,11 @@ impl GroupStats {
     }
 
     fn mean(&self, sum: f64) -> f64 {
-        if self.count == 0 { 0.0 } else { sum / self.count as f64 }
+        if self.count == 0 {
+            0.0
+        } else {
+            sum / self.count as f64
+        }
     }
 }
 
@@ -178,7 +195,12 @@ pub fn plan(policy: &Policy, stats: &GroupStats) -> Option<TensorPlan> {
             let factor = (*alpha as f64 / mean_v.sqrt()).min(2.5);
             let w_threshold = (median as f64 * factor) as f32;
             let m_threshold = (*beta as f64 * stats.mean(stats.sum_abs_m)) as f32;
-            let kept_w: Vec<f32> = stats.samples.iter().filter(|s| s.0.abs() > w_threshold).map(|s| s.0).collect();
+            let kept_w: Vec<f32> = stats
+                .samples
+                .iter()
+                .filter(|s| s.0.abs() > w_threshold)
+                .map(|s| s.0)
+                .collect();
             let kept_m: Vec<&Sample> = stats
                 .samples
                 .iter()
@@ -214,7 +236,9 @@ pub fn kmeans(values: &[f32], k: usize) -> Vec<f32> {
     }
     data.sort_by(f32::total_cmp);
     let n = data.len();
-    let mut centres: Vec<f32> = (0..k).map(|i| data[((2 * i + 1) * n / (2 * k)).min(n - 1)]).collect();
+    let mut centres: Vec<f32> = (0..k)
+        .map(|i| data[((2 * i + 1) * n / (2 * k)).min(n - 1)])
+        .collect();
     centres.dedup();
     for _ in 0..25 {
         let mut sums = vec![0f64; centres.len()];
@@ -341,8 +365,15 @@ fn push_codebook(q: &mut Quantized, centres: &[f32], coded: f32, exact: f32, kee
 /// -127..=127.
 const MAX_LEVEL: i32 = 127;
 
-fn uniform_stream(domain: Domain, float: FloatType, step: f32, level: impl Fn(f32) -> f32) -> Quantized {
-    let levels = (-MAX_LEVEL..=MAX_LEVEL).map(|q| level(q as f32 * step)).collect();
+fn uniform_stream(
+    domain: Domain,
+    float: FloatType,
+    step: f32,
+    level: impl Fn(f32) -> f32,
+) -> Quantized {
+    let levels = (-MAX_LEVEL..=MAX_LEVEL)
+        .map(|q| level(q as f32 * step))
+        .collect();
     Quantized {
         domain,
         float,
@@ -369,7 +400,13 @@ mod tests {
     use super::*;
     use crate::codec::quant::reconstruct;
 
-    fn chunk<'a>(w: &'a [f32], m: &'a [f32], v: &'a [f32], p: &'a [f32], vp: &'a [f32]) -> GroupChunk<'a> {
+    fn chunk<'a>(
+        w: &'a [f32],
+        m: &'a [f32],
+        v: &'a [f32],
+        p: &'a [f32],
+        vp: &'a [f32],
+    ) -> GroupChunk<'a> {
         GroupChunk {
             w,
             m,
@@ -386,7 +423,9 @@ mod tests {
         let mut x = seed;
         (0..n)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
             })
             .collect()
@@ -394,10 +433,15 @@ mod tests {
 
     #[test]
     fn kmeans_finds_clusters() {
-        let data: Vec<f32> = (0..300).map(|i| [1.0, 5.0, 9.0][i % 3] + (i % 7) as f32 * 0.01).collect();
+        let data: Vec<f32> = (0..300)
+            .map(|i| [1.0, 5.0, 9.0][i % 3] + (i % 7) as f32 * 0.01)
+            .collect();
         let c = kmeans(&data, 3);
         assert_eq!(c.len(), 3);
-        assert!((c[0] - 1.03).abs() < 0.05 && (c[1] - 5.03).abs() < 0.05 && (c[2] - 9.03).abs() < 0.05, "{c:?}");
+        assert!(
+            (c[0] - 1.03).abs() < 0.05 && (c[1] - 5.03).abs() < 0.05 && (c[2] - 9.03).abs() < 0.05,
+            "{c:?}"
+        );
         assert_eq!(nearest(&c, 4.0), 1);
         assert!(kmeans(&[], 15).is_empty());
     }
@@ -406,9 +450,16 @@ mod tests {
     fn tuned_errors_are_bounded_and_v_never_zeroed() {
         let n = 10_000;
         let p = series(n, 1, 0.1);
-        let w: Vec<f32> = p.iter().zip(series(n, 2, 0.002)).map(|(a, b)| a + b).collect();
+        let w: Vec<f32> = p
+            .iter()
+            .zip(series(n, 2, 0.002))
+            .map(|(a, b)| a + b)
+            .collect();
         let m = series(n, 3, 1e-3);
-        let vp: Vec<f32> = series(n, 4, 1.0).iter().map(|x| x * x * 1e-6 + 1e-12).collect();
+        let vp: Vec<f32> = series(n, 4, 1.0)
+            .iter()
+            .map(|x| x * x * 1e-6 + 1e-12)
+            .collect();
         let v: Vec<f32> = vp.iter().map(|x| x * 1.01).collect();
         let policy = Policy::preset("balanced").unwrap();
         let stats = GroupStats::of_chunk(0, n as u64, &w, &p, &m, &v);
@@ -417,7 +468,14 @@ mod tests {
         let w_hat = reconstruct(&qw, Some(&p)).unwrap();
         let m_hat = reconstruct(&qm, None).unwrap();
         let v_hat = reconstruct(&qv, Some(&vp)).unwrap();
-        let TensorPlan::Tuned { w_step, m_step, v_log_step } = plan else { panic!() };
+        let TensorPlan::Tuned {
+            w_step,
+            m_step,
+            v_log_step,
+        } = plan
+        else {
+            panic!()
+        };
         for i in 0..n {
             assert!((w_hat[i] - w[i]).abs() <= w_step * 0.51, "w {i}");
             assert!((m_hat[i] - m[i]).abs() <= m_step * 0.51, "m {i}");
@@ -430,7 +488,11 @@ mod tests {
     fn excp_drops_small_changes_and_zeroes_v_with_m() {
         let n = 10_000;
         let p = series(n, 1, 0.1);
-        let w: Vec<f32> = p.iter().zip(series(n, 2, 0.002)).map(|(a, b)| a + b).collect();
+        let w: Vec<f32> = p
+            .iter()
+            .zip(series(n, 2, 0.002))
+            .map(|(a, b)| a + b)
+            .collect();
         let m = series(n, 3, 1e-3);
         let v: Vec<f32> = m.iter().map(|x| x * x + 1e-9).collect();
         let policy = Policy::preset("excp").unwrap();
@@ -438,7 +500,11 @@ mod tests {
         let [qw, qm, qv] = quantize(&plan, &chunk(&w, &m, &v, &p, &v));
         assert!(qw.symbols.contains(&0) && qw.symbols.iter().any(|&s| s > 0));
         for i in 0..n {
-            assert_eq!(qm.symbols[i] == 0, qv.symbols[i] == 0, "v kept exactly where m is");
+            assert_eq!(
+                qm.symbols[i] == 0,
+                qv.symbols[i] == 0,
+                "v kept exactly where m is"
+            );
             if qm.symbols[i] != 0 {
                 assert_ne!(qw.symbols[i], 0, "m kept only where dW kept");
             }
@@ -462,9 +528,14 @@ mod tests {
             let w_hat = reconstruct(&qw, Some(&p)).unwrap();
             let m_hat = reconstruct(&qm, None).unwrap();
             let v_hat = reconstruct(&qv, Some(&v)).unwrap();
-            assert!(w_hat[3].is_nan() && m_hat[5] == f32::INFINITY && v_hat[6] == f32::NEG_INFINITY);
+            assert!(
+                w_hat[3].is_nan() && m_hat[5] == f32::INFINITY && v_hat[6] == f32::NEG_INFINITY
+            );
             for i in [0, 1, 2, 4, 7] {
-                assert!(w_hat[i].is_finite() && m_hat[i].is_finite() && v_hat[i].is_finite(), "{name} {i}");
+                assert!(
+                    w_hat[i].is_finite() && m_hat[i].is_finite() && v_hat[i].is_finite(),
+                    "{name} {i}"
+                );
             }
         }
     }

@@ -81,7 +81,9 @@ pub fn reconstruct(q: &Quantized, base: Option<&[f32]>) -> Result<Vec<f32>, Quan
     let mut out = Vec::with_capacity(q.symbols.len());
     for (i, &s) in q.symbols.iter().enumerate() {
         let x = if s == ESCAPE {
-            *escapes.next().ok_or(QuantError::Invalid("too few escapes"))?
+            *escapes
+                .next()
+                .ok_or(QuantError::Invalid("too few escapes"))?
         } else {
             let level = *q
                 .levels
@@ -108,9 +110,13 @@ pub fn write_payload(q: &Quantized, out: &mut Vec<u8>) {
     out.push(q.domain.id());
     out.push(q.float.id());
     out.extend_from_slice(&(q.levels.len() as u16).to_le_bytes());
-    q.levels.iter().for_each(|l| out.extend_from_slice(&l.to_le_bytes()));
+    q.levels
+        .iter()
+        .for_each(|l| out.extend_from_slice(&l.to_le_bytes()));
     out.extend_from_slice(&(q.escapes.len() as u32).to_le_bytes());
-    q.escapes.iter().for_each(|e| out.extend_from_slice(&e.to_le_bytes()));
+    q.escapes
+        .iter()
+        .for_each(|e| out.extend_from_slice(&e.to_le_bytes()));
     rans::encode(&q.symbols, out);
 }
 
@@ -126,7 +132,9 @@ pub fn read_payload(bytes: &[u8]) -> Result<Quantized, QuantError> {
     let n_levels = u16::from_le_bytes(take(2)?.try_into().expect("2")) as usize;
     let levels = f32s(take(n_levels * 4)?);
     let n_escapes = u32::from_le_bytes(take(4)?.try_into().expect("4")) as usize;
-    let escapes = f32s(take(n_escapes.checked_mul(4).ok_or(QuantError::Truncated)?)?);
+    let escapes = f32s(take(
+        n_escapes.checked_mul(4).ok_or(QuantError::Truncated)?,
+    )?);
     let (symbols, used) = rans::decode(&bytes[pos..])?;
     if pos + used != bytes.len() {
         return Err(QuantError::Invalid("trailing bytes"));
@@ -171,6 +179,9 @@ mod tests {
         assert!(x[3].is_nan());
         assert_eq!(x[4], 2.5);
         assert!(reconstruct(&back, None).is_err());
-        assert_eq!(read_payload(&bytes[..bytes.len() - 1]).unwrap_err(), QuantError::Rans(rans::RansError::Truncated));
+        assert_eq!(
+            read_payload(&bytes[..bytes.len() - 1]).unwrap_err(),
+            QuantError::Rans(rans::RansError::Truncated)
+        );
     }
 }

@@ -210,7 +210,10 @@ mod tests {
     fn damage_is_detected() {
         let mut out = Vec::new();
         encode(&[1, 2, 3, 1, 2, 3, 0, 0, 0, 9], &mut out);
-        assert_eq!(decode(&out[..out.len() - 1]).unwrap_err(), RansError::Truncated);
+        assert_eq!(
+            decode(&out[..out.len() - 1]).unwrap_err(),
+            RansError::Truncated
+        );
         let mut bad = out.clone();
         bad[7] ^= 0xff; // a frequency
         assert!(decode(&bad).is_err());

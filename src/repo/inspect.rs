@@ -17,10 +17,16 @@ pub struct LogEntry {
     pub message: String,
     pub keyframe: bool,
     pub chain_depth: u32,
+    /// Policy and parameters, e.g. `balanced(w_step=0.005, ...)`.
+    pub policy: String,
     pub input_bytes: u64,
     pub stored_bytes: u64,
     /// input_bytes / stored_bytes (how much smaller this commit made its input).
     pub ratio: f64,
+    /// Relative L2 errors of the lossy-coded W, m and v (0 when lossless).
+    pub error_w: f32,
+    pub error_m: f32,
+    pub error_v: f32,
 }
 
 impl LogEntry {
@@ -34,9 +40,13 @@ impl LogEntry {
             message: record.message.clone(),
             keyframe: record.keyframe,
             chain_depth: record.chain_depth,
+            policy: record.policy.describe(),
             input_bytes: record.input_bytes,
             stored_bytes: record.stored_bytes,
             ratio: ratio(record.input_bytes, record.stored_bytes),
+            error_w: record.errors.w,
+            error_m: record.errors.m,
+            error_v: record.errors.v,
         }
     }
 }
@@ -94,6 +104,8 @@ pub struct TensorReport {
     pub chunks: usize,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Relative L2 error of the stored tensor (0 when lossless).
+    pub rel_error: f32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -120,6 +132,7 @@ pub fn show(store: &Store, rev: &str) -> anyhow::Result<ShowReport> {
                 chunks: chunks.len(),
                 bytes_in: file.size,
                 bytes_out: chunks.iter().map(|c| c.stored_len).sum(),
+                rel_error: 0.0,
             }),
             FileContent::Safetensors { tensors, .. } => {
                 entries.extend(tensors.iter().map(|t| TensorReport {
@@ -131,6 +144,7 @@ pub fn show(store: &Store, rev: &str) -> anyhow::Result<ShowReport> {
                     chunks: t.chunks.len(),
                     bytes_in: t.raw_bytes(),
                     bytes_out: t.stored_bytes(),
+                    rel_error: t.rel_error,
                 }))
             }
         }

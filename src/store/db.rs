@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::StoreError;
 use super::lock::WriterLock;
 use super::object::{CommitRecord, ObjectId};
+use crate::codec::policy::Policy;
 
 /// First line of `<repo>/FORMAT`.
 pub const FORMAT_MAGIC: &str = "ckptvc-store";
@@ -41,13 +42,16 @@ const REF_HEAD: &[u8] = b"HEAD";
 const BRANCH_PREFIX: &str = "branch/";
 
 /// Settings fixed at `init`, stored under `meta/config`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoreConfig {
     pub version: u32,
     /// A lossless keyframe commit every this many commits along a chain.
     pub keyframe_interval: u32,
-    /// Upper bound on a chunk's raw size.
+    /// Upper bound on a chunk's raw size (chunks hold `chunk_bytes / 4`
+    /// elements whatever the dtype).
     pub chunk_bytes: u32,
+    /// Policy of commits that do not name one.
+    pub policy: Policy,
 }
 
 impl Default for StoreConfig {
@@ -56,6 +60,7 @@ impl Default for StoreConfig {
             version: CONFIG_VERSION,
             keyframe_interval: 10,
             chunk_bytes: 4 << 20,
+            policy: Policy::preset("balanced").expect("a preset"),
         }
     }
 }

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::codec::Codec;
+use crate::codec::policy::Policy;
 
 /// Version of [`CommitRecord`]'s layout.
 pub const COMMIT_VERSION: u32 = 1;
@@ -79,12 +80,15 @@ pub struct ChunkRef {
 
 /// One tensor of a safetensors file. Its chunks, decoded and concatenated,
 /// are the tensor's bytes in the data section.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TensorEntry {
     pub name: String,
     /// safetensors dtype name, e.g. `F32`, `BF16`.
     pub dtype: String,
     pub shape: Vec<u64>,
+    /// Relative L2 error ‖x̂ − x‖ / ‖x‖ of the stored tensor against the
+    /// input (0 for lossless coding).
+    pub rel_error: f32,
     pub chunks: Vec<ChunkRef>,
 }
 
@@ -98,7 +102,7 @@ impl TensorEntry {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FileContent {
     /// Stored as zstd chunks, byte for byte.
     Opaque { chunks: Vec<ChunkRef> },
@@ -110,7 +114,7 @@ pub enum FileContent {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileEntry {
     /// Path relative to the checkpoint directory, `/`-separated.
     pub name: String,
@@ -137,8 +141,17 @@ impl FileEntry {
     }
 }
 
+/// Relative L2 errors of a commit's lossy-coded weights (W) and Adam moments
+/// (m = exp_avg, v = exp_avg_sq), each over all such tensors together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ErrorTotals {
+    pub w: f32,
+    pub m: f32,
+    pub v: f32,
+}
+
 /// A commit: one checkpoint at one step on one branch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CommitRecord {
     pub version: u32,
     pub parents: Vec<ObjectId>,
@@ -152,11 +165,14 @@ pub struct CommitRecord {
     /// Commits since the last keyframe commit on this chain (0 for a keyframe).
     /// No chunk's delta chain is longer than this.
     pub chain_depth: u32,
+    /// The policy (with its parameters) the commit was coded with.
+    pub policy: Policy,
     /// Sum of the input files' sizes.
     pub input_bytes: u64,
     /// Encoded bytes of the blobs this commit added to the store (blobs that
     /// already existed cost nothing and are not counted).
     pub stored_bytes: u64,
+    pub errors: ErrorTotals,
     pub files: Vec<FileEntry>,
 }
 
@@ -210,8 +226,10 @@ mod tests {
             message: "m".into(),
             keyframe: false,
             chain_depth: 1,
+            policy: Policy::Lossless,
             input_bytes: 10,
             stored_bytes: 5,
+            errors: ErrorTotals::default(),
             files: vec![FileEntry {
                 name: "meta.json".into(),
                 size: 2,

@@ -27,10 +27,15 @@ impl Env {
         }
     }
 
-    /// A fresh store, initialized.
+    /// A fresh lossless store, initialized: checkouts are byte-identical.
     pub fn init() -> Env {
+        Env::init_with(&["--policy", "lossless"])
+    }
+
+    /// A fresh store, initialized with `init ARGS`.
+    pub fn init_with(args: &[&str]) -> Env {
         let env = Env::new();
-        env.cmd().arg("init").assert().success();
+        env.cmd().arg("init").args(args).assert().success();
         env
     }
 

@@ -1,0 +1,71 @@
+//! Lossless coding of one chunk: keyframe, xor-delta, or a verbatim reuse of
+//! the parent's reference when the chunk did not change.
+
+use anyhow::Context;
+
+use super::Encoded;
+use super::Session;
+use super::plan::{OPAQUE, TensorSlot};
+use crate::codec;
+use crate::format::InputFile;
+use crate::format::safetensors::element_size;
+use crate::store::ObjectId;
+
+/// A chunk of an opaque file: plain zstd, deduplicated by content.
+pub fn encode_opaque(
+    session: &Session<'_>,
+    file: &InputFile,
+    key: (usize, usize),
+    offset: u64,
+    len: u64,
+) -> anyhow::Result<Encoded> {
+    let (offset, len) = (offset as usize, len as usize);
+    let raw = file.bytes()[offset..offset + len].to_vec();
+    file.release(offset, len);
+    let blob = codec::encode_zstd(&raw);
+    session.finish_chunk((key.0, OPAQUE, key.1), &raw, blob, None, None)
+}
+
+/// A tensor chunk: the smaller of keyframe and xor-delta against the parent.
+pub fn encode_tensor(
+    session: &Session<'_>,
+    slot: &TensorSlot<'_>,
+    index: usize,
+) -> anyhow::Result<Encoded> {
+    // One private copy: the hash and the encoding see the same bytes even if
+    // the input file is modified while we read it.
+    let raw = slot.read(index);
+    let key = (slot.file_index, slot.tensor_index, index);
+    session
+        .cache
+        .write_at(slot.cache_offset(index), &raw)
+        .context("cannot write the reconstruction cache")?;
+    let raw_hash = ObjectId::of(&raw);
+    let parent_chunk = slot.parent_chunk(index);
+    // An unchanged chunk (a frozen layer, a repeated commit) reuses the
+    // parent's reference verbatim: no new blob. A keyframe commit may only
+    // reuse standalone references.
+    if let Some(previous) = parent_chunk
+        && previous.raw_hash == raw_hash
+        && (session.allow_delta || !previous.codec.needs_base())
+    {
+        return Ok(Encoded {
+            key,
+            chunk: previous.clone(),
+            new: false,
+            error: None,
+        });
+    }
+    let elem_size = element_size(slot.info.dtype);
+    let mut blob = codec::encode_keyframe(&raw, elem_size);
+    let mut base = None;
+    if let (Some(parent), Some(_), true) = (session.parent, parent_chunk, session.allow_delta) {
+        let parent_raw = session.reconstructor.chunk(&parent, slot.addr(index))?;
+        let delta = codec::encode_xor_delta(&raw, &parent_raw, elem_size);
+        if delta.len() < blob.len() {
+            blob = delta;
+            base = Some(parent);
+        }
+    }
+    session.finish_chunk(key, &raw, blob, base, Some(raw_hash))
+}

@@ -1,0 +1,140 @@
+//! Lossy coding of a weight group (W, m, v): statistics over the whole
+//! tensors first, then each chunk quantized against the parent's
+//! reconstruction. What goes into the cache, and what the record's checksum
+//! covers, is the reconstruction: exactly what checkout returns and what the
+//! next commit takes its residuals against (closed loop).
+
+use anyhow::Context;
+
+use super::plan::{Group, Plan};
+use super::{Encoded, Session};
+use crate::codec;
+use crate::codec::float::FloatType;
+use crate::codec::policy::{GroupChunk, GroupStats, Policy, TensorPlan};
+
+/// Input and parent values of one chunk of a group, as f32.
+struct Loaded {
+    w: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    parent_w: Vec<f32>,
+    parent_v: Vec<f32>,
+    floats: [FloatType; 3],
+}
+
+fn load(
+    session: &Session<'_>,
+    plan: &Plan<'_>,
+    group: Group,
+    index: usize,
+) -> anyhow::Result<Loaded> {
+    let parent = session.parent.context("lossy coding needs a parent")?;
+    let float = |s: usize| plan.slots[s].float().expect("groups hold float tensors");
+    let floats = [float(group.w), float(group.m), float(group.v)];
+    let input = |s: usize, f: FloatType| f.to_f32(&plan.slots[s].read(index));
+    let recon = |s: usize, f: FloatType| -> anyhow::Result<Vec<f32>> {
+        Ok(f.to_f32(
+            &session
+                .reconstructor
+                .chunk(&parent, plan.slots[s].addr(index))?,
+        ))
+    };
+    Ok(Loaded {
+        w: input(group.w, floats[0]),
+        m: input(group.m, floats[1]),
+        v: input(group.v, floats[2]),
+        parent_w: recon(group.w, floats[0])?,
+        parent_v: recon(group.v, floats[2])?,
+        floats,
+    })
+}
+
+/// Statistics of chunk `index` of `group`.
+pub fn chunk_stats(
+    session: &Session<'_>,
+    plan: &Plan<'_>,
+    group: Group,
+    index: usize,
+) -> anyhow::Result<GroupStats> {
+    let x = load(session, plan, group, index)?;
+    let w = &plan.slots[group.w];
+    let first = index as u64 * (w.chunk_len * 8 / w.info.dtype.bitsize() as u64);
+    Ok(GroupStats::of_chunk(
+        first,
+        plan.slots[group.w].numel(),
+        &x.w,
+        &x.parent_w,
+        &x.m,
+        &x.v,
+    ))
+}
+
+/// Plans a group from the statistics of all its chunks, in chunk order.
+pub fn plan_group(policy: &Policy, stats: Vec<GroupStats>) -> Option<TensorPlan> {
+    let total = stats
+        .into_iter()
+        .fold(GroupStats::default(), GroupStats::merge);
+    codec::policy::plan(policy, &total)
+}
+
+/// Quantizes chunk `index` of `group`: three encoded chunks, W, m, v.
+pub fn encode_chunk(
+    session: &Session<'_>,
+    plan: &Plan<'_>,
+    group: Group,
+    tensor_plan: &TensorPlan,
+    index: usize,
+) -> anyhow::Result<Vec<Encoded>> {
+    let x = load(session, plan, group, index)?;
+    let chunk = GroupChunk {
+        w: &x.w,
+        m: &x.m,
+        v: &x.v,
+        parent_w: &x.parent_w,
+        parent_v: &x.parent_v,
+        w_float: x.floats[0],
+        m_float: x.floats[1],
+        v_float: x.floats[2],
+    };
+    let streams = codec::policy::quantize(tensor_plan, &chunk);
+    let inputs = [&x.w, &x.m, &x.v];
+    let mut out = Vec::with_capacity(3);
+    for ((q, slot_index), input) in streams.iter().zip([group.w, group.m, group.v]).zip(inputs) {
+        let slot = &plan.slots[slot_index];
+        let base_values = match slot_index {
+            s if s == group.w => Some(x.parent_w.as_slice()),
+            s if s == group.v && q.domain.needs_base() => Some(x.parent_v.as_slice()),
+            _ => None,
+        };
+        let recon = codec::quant::reconstruct(q, base_values)
+            .context("quantizer produced an invalid stream")?;
+        let raw = q.float.from_f32(&recon);
+        session
+            .cache
+            .write_at(slot.cache_offset(index), &raw)
+            .context("cannot write the reconstruction cache")?;
+        let base = q.domain.needs_base().then_some(session.parent).flatten();
+        let mut encoded = session.finish_chunk(
+            (slot.file_index, slot.tensor_index, index),
+            &raw,
+            codec::encode_quant(q),
+            base,
+            None,
+        )?;
+        encoded.error = Some(squared_error(input, &recon));
+        out.push(encoded);
+    }
+    Ok(out)
+}
+
+/// (Σ (x̂ − x)², Σ x²) over the finite elements.
+fn squared_error(input: &[f32], recon: &[f32]) -> (f64, f64) {
+    input
+        .iter()
+        .zip(recon)
+        .filter(|(x, _)| x.is_finite())
+        .fold((0.0, 0.0), |(e, n), (&x, &y)| {
+            let d = (y - x) as f64;
+            (e + d * d, n + (x as f64) * (x as f64))
+        })
+}

@@ -1,0 +1,398 @@
+//! `commit`: one checkpoint directory in, one commit out.
+//!
+//! The order of work is what keeps the store safe:
+//! 1. every input file is opened and validated before the store is touched;
+//! 2. under the writer lock, branch and step are checked on a read-only view,
+//!    so a refused commit leaves every store file as it was;
+//! 3. chunks are encoded in parallel and new blobs written, then flushed;
+//! 4. the commit record, branch tip, step index and HEAD go in one synced
+//!    batch: the commit becomes visible all at once or not at all.
+//!
+//! Lossy policies code each weight with its Adam moments as a group, in two
+//! parallel passes: statistics over whole tensors, then quantization.
+
+mod lossless;
+mod lossy;
+mod plan;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use rayon::prelude::*;
+
+use super::progress::Progress;
+use super::reconstruct::Reconstructor;
+use super::tipcache::{self, CacheWriter};
+use crate::codec::{self, policy::Policy};
+use crate::format::{Checkpoint, InputKind};
+use crate::store::object::{COMMIT_VERSION, ErrorTotals};
+use crate::store::{ChunkRef, CommitRecord, FileContent, FileEntry, ObjectId, Store, TensorEntry};
+use plan::{OPAQUE, Plan, Work};
+
+pub use plan::MIN_LOSSY_ELEMENTS;
+
+#[derive(Debug, Clone)]
+pub struct CommitOptions {
+    pub step: u64,
+    /// `None`: the current branch (HEAD).
+    pub branch: Option<String>,
+    pub message: String,
+    /// Encode every chunk standalone, losslessly.
+    pub force_keyframe: bool,
+    /// `None`: the store's default policy.
+    pub policy: Option<Policy>,
+    /// How long to wait for another writer to finish.
+    pub lock_wait: Duration,
+}
+
+/// What the commit produced.
+#[derive(Debug, Clone)]
+pub struct CommitOutcome {
+    pub id: ObjectId,
+    pub record: CommitRecord,
+    /// Blobs written (not already in the store).
+    pub new_blobs: u64,
+}
+
+/// The branch tip a commit builds on, checked before any write.
+struct Target {
+    branch: String,
+    parent: Option<(ObjectId, CommitRecord)>,
+}
+
+/// What the encoding passes share.
+pub(crate) struct Session<'s> {
+    store: &'s Store,
+    reconstructor: Reconstructor<'s>,
+    parent: Option<ObjectId>,
+    cache: CacheWriter,
+    allow_delta: bool,
+}
+
+/// One encoded chunk, keyed by (file index, tensor index or OPAQUE, chunk).
+pub(crate) struct Encoded {
+    key: (usize, usize, usize),
+    chunk: ChunkRef,
+    new: bool,
+    /// (Σ squared error, Σ squared input) for lossy chunks.
+    error: Option<(f64, f64)>,
+}
+
+impl Session<'_> {
+    /// Stores `blob` if new and describes the chunk whose decoded bytes are
+    /// `raw` (for lossy chunks: the reconstruction).
+    fn finish_chunk(
+        &self,
+        key: (usize, usize, usize),
+        raw: &[u8],
+        blob: Vec<u8>,
+        base: Option<ObjectId>,
+        raw_hash: Option<ObjectId>,
+    ) -> anyhow::Result<Encoded> {
+        let header = codec::BlobHeader::parse(&blob).expect("we just encoded it");
+        let id = ObjectId::of(&blob);
+        let new = !self.store.has_blob(&id)?;
+        if new {
+            self.store.put_blob(&id, &blob)?;
+        }
+        Ok(Encoded {
+            key,
+            chunk: ChunkRef {
+                blob: id,
+                codec: header.codec,
+                raw_len: raw.len() as u64,
+                stored_len: blob.len() as u64,
+                raw_hash: raw_hash.unwrap_or_else(|| ObjectId::of(raw)),
+                base,
+            },
+            new,
+            error: None,
+        })
+    }
+}
+
+pub fn commit(
+    root: &Path,
+    dir: &Path,
+    options: &CommitOptions,
+    progress: &dyn Progress,
+) -> anyhow::Result<CommitOutcome> {
+    validate_branch_name(options.branch.as_deref())?;
+    let checkpoint = Checkpoint::open_excluding(dir, Some(root))?;
+    let (store, target) =
+        Store::open_write(root, options.lock_wait, |view| check_target(view, options))?;
+    let config = store.config()?;
+    let policy = options.policy.clone().unwrap_or(config.policy.clone());
+    let parent_record = target.parent.as_ref().map(|(_, r)| r);
+    let keyframe = options.force_keyframe
+        || parent_record.is_none_or(|p| p.chain_depth + 1 >= config.keyframe_interval);
+
+    let plan = plan::plan(
+        &checkpoint,
+        config.chunk_bytes as u64,
+        parent_record,
+        !keyframe && !policy.is_lossless(),
+    );
+    let cache =
+        CacheWriter::create(&store.cache_dir(), plan.layout.total()).with_context(|| {
+            format!(
+                "cannot create the reconstruction cache in {}",
+                store.cache_dir().display()
+            )
+        })?;
+    let session = Session {
+        store: &store,
+        reconstructor: Reconstructor::new(&store),
+        parent: target.parent.as_ref().map(|(id, _)| *id),
+        cache,
+        allow_delta: !keyframe,
+    };
+
+    let encoded = match encode_all(&session, &plan, &policy, progress) {
+        Ok(encoded) => encoded,
+        Err(e) => {
+            session.cache.abandon();
+            return Err(e);
+        }
+    };
+    let (new_blobs, stored_bytes) = new_blob_totals(&encoded);
+    store.flush_blobs()?;
+
+    let errors = error_totals(&plan, &encoded);
+    let record = CommitRecord {
+        version: COMMIT_VERSION,
+        parents: session.parent.into_iter().collect(),
+        branch: target.branch.clone(),
+        step: options.step,
+        time_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        message: options.message.clone(),
+        keyframe,
+        chain_depth: if keyframe {
+            0
+        } else {
+            parent_record.map_or(0, |p| p.chain_depth + 1)
+        },
+        policy: if keyframe { Policy::Lossless } else { policy },
+        input_bytes: checkpoint.total_bytes(),
+        stored_bytes,
+        errors,
+        files: assemble_manifest(&checkpoint, encoded),
+    };
+    let id = store.publish_commit(&record)?;
+
+    // The commit is durable; the cache is a best-effort accelerator.
+    if session.cache.finish(&id).is_ok() {
+        let tips: Vec<ObjectId> = store.branches()?.into_iter().map(|(_, id)| id).collect();
+        tipcache::prune(&store.cache_dir(), &tips);
+    }
+    Ok(CommitOutcome {
+        id,
+        record,
+        new_blobs,
+    })
+}
+
+/// Both passes: group statistics and plans, then every chunk.
+fn encode_all(
+    session: &Session<'_>,
+    plan: &Plan<'_>,
+    policy: &Policy,
+    progress: &dyn Progress,
+) -> anyhow::Result<Vec<Encoded>> {
+    let total: u64 = plan.work.iter().map(|w| w.input_bytes(plan)).sum();
+    let group_stats: Vec<_> = plan
+        .work
+        .par_iter()
+        .filter_map(|work| match *work {
+            Work::Group { group, index } => Some(
+                lossy::chunk_stats(session, plan, plan.groups[group], index).map(|s| (group, s)),
+            ),
+            _ => None,
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut per_group: Vec<Vec<_>> = vec![Vec::new(); plan.groups.len()];
+    for (group, stats) in group_stats {
+        per_group[group].push(stats);
+    }
+    let tensor_plans: Vec<_> = per_group
+        .into_iter()
+        .map(|stats| lossy::plan_group(policy, stats).context("lossy group without a lossy policy"))
+        .collect::<anyhow::Result<_>>()?;
+
+    progress.begin("commit", total);
+    let encoded: anyhow::Result<Vec<Vec<Encoded>>> = plan
+        .work
+        .par_iter()
+        .map(|work| {
+            let result = match *work {
+                Work::Opaque {
+                    file,
+                    file_index,
+                    index,
+                    offset,
+                    len,
+                } => lossless::encode_opaque(session, file, (file_index, index), offset, len)
+                    .map(|e| vec![e]),
+                Work::Tensor { slot, index } => {
+                    lossless::encode_tensor(session, &plan.slots[slot], index).map(|e| vec![e])
+                }
+                Work::Group { group, index } => lossy::encode_chunk(
+                    session,
+                    plan,
+                    plan.groups[group],
+                    &tensor_plans[group],
+                    index,
+                ),
+            };
+            progress.advance(work.input_bytes(plan));
+            result
+        })
+        .collect();
+    progress.finish();
+    Ok(encoded?.into_iter().flatten().collect())
+}
+
+fn validate_branch_name(branch: Option<&str>) -> anyhow::Result<()> {
+    let Some(name) = branch else { return Ok(()) };
+    let ok = !name.is_empty()
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        && !name.contains("..")
+        && !name.contains('@');
+    if !ok {
+        bail!("invalid branch name `{name}`: use letters, digits, `-`, `_`, `.` and `/`");
+    }
+    Ok(())
+}
+
+fn check_target(view: &Store, options: &CommitOptions) -> anyhow::Result<Target> {
+    let branch = match &options.branch {
+        Some(b) => b.clone(),
+        None => view.head_branch()?,
+    };
+    if let Some(existing) = view.commit_at_step(&branch, options.step)? {
+        bail!(
+            "step {} already exists on branch `{branch}` (commit {})",
+            options.step,
+            existing.short()
+        );
+    }
+    let parent = match view.branch_tip(&branch)? {
+        Some(id) => {
+            let record = view
+                .get_commit(&id)?
+                .with_context(|| format!("tip {id} of branch `{branch}` is missing"))?;
+            if options.step < record.step {
+                bail!(
+                    "step {} is lower than the tip of branch `{branch}` (step {}); commit later steps only, or use another --branch for a restart",
+                    options.step,
+                    record.step
+                );
+            }
+            Some((id, record))
+        }
+        None => None,
+    };
+    Ok(Target { branch, parent })
+}
+
+/// Number and bytes of the distinct blobs this commit wrote (two identical
+/// chunks in one commit may both have found their blob missing).
+fn new_blob_totals(encoded: &[Encoded]) -> (u64, u64) {
+    let mut seen = HashSet::new();
+    encoded
+        .iter()
+        .filter(|e| e.new && seen.insert(e.chunk.blob))
+        .fold((0, 0), |(n, bytes), e| (n + 1, bytes + e.chunk.stored_len))
+}
+
+/// Relative L2 error per tensor, keyed by (file index, tensor index).
+fn tensor_errors(encoded: &[Encoded]) -> BTreeMap<(usize, usize), (f64, f64)> {
+    let mut sums = BTreeMap::new();
+    for e in encoded {
+        if let Some((err, norm)) = e.error {
+            let entry = sums.entry((e.key.0, e.key.1)).or_insert((0.0, 0.0));
+            entry.0 += err;
+            entry.1 += norm;
+        }
+    }
+    sums
+}
+
+fn relative(err: f64, norm: f64) -> f32 {
+    if norm > 0.0 {
+        (err / norm).sqrt() as f32
+    } else {
+        0.0
+    }
+}
+
+/// Relative L2 errors of all lossy-coded W, m and v together.
+fn error_totals(plan: &Plan<'_>, encoded: &[Encoded]) -> ErrorTotals {
+    let sums = tensor_errors(encoded);
+    let role_total = |pick: fn(&plan::Group) -> usize| {
+        let (err, norm) = plan.groups.iter().fold((0.0, 0.0), |acc, g| {
+            let slot = &plan.slots[pick(g)];
+            let (e, n) = sums
+                .get(&(slot.file_index, slot.tensor_index))
+                .copied()
+                .unwrap_or_default();
+            (acc.0 + e, acc.1 + n)
+        });
+        relative(err, norm)
+    };
+    ErrorTotals {
+        w: role_total(|g| g.w),
+        m: role_total(|g| g.m),
+        v: role_total(|g| g.v),
+    }
+}
+
+/// Puts the encoded chunks back into files and tensors.
+fn assemble_manifest(checkpoint: &Checkpoint, encoded: Vec<Encoded>) -> Vec<FileEntry> {
+    let errors = tensor_errors(&encoded);
+    let mut chunks: BTreeMap<(usize, usize, usize), ChunkRef> =
+        encoded.into_iter().map(|e| (e.key, e.chunk)).collect();
+    let mut take = |file: usize, tensor: usize| -> Vec<ChunkRef> {
+        let keys: Vec<_> = chunks
+            .range((file, tensor, 0)..=(file, tensor, usize::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        keys.iter().filter_map(|k| chunks.remove(k)).collect()
+    };
+    let mut files = Vec::with_capacity(checkpoint.files.len());
+    for (fi, file) in checkpoint.files.iter().enumerate() {
+        let content = match &file.kind {
+            InputKind::Opaque => FileContent::Opaque {
+                chunks: take(fi, OPAQUE),
+            },
+            InputKind::Safetensors(header) => FileContent::Safetensors {
+                header: header.raw.clone(),
+                tensors: header
+                    .tensors
+                    .iter()
+                    .enumerate()
+                    .map(|(ti, t)| TensorEntry {
+                        name: t.name.clone(),
+                        dtype: t.dtype.to_string(),
+                        shape: t.shape.clone(),
+                        rel_error: errors.get(&(fi, ti)).map_or(0.0, |&(e, n)| relative(e, n)),
+                        chunks: take(fi, ti),
+                    })
+                    .collect(),
+            },
+        };
+        files.push(FileEntry {
+            name: file.name.clone(),
+            size: file.len(),
+            content,
+        });
+    }
+    files
+}

@@ -1,0 +1,243 @@
+//! Cutting a checkpoint into units of parallel work.
+//!
+//! Every tensor is cut into chunks of the same number of elements
+//! (`chunk_bytes / 4`), whatever its dtype, so that a weight tensor and its
+//! Adam moments line up chunk for chunk even when their dtypes differ. A
+//! weight with `<name>.exp_avg` and `<name>.exp_avg_sq` in the same commit
+//! forms a *group* that lossy policies code jointly; everything else is coded
+//! losslessly chunk by chunk.
+
+use std::collections::HashMap;
+
+use crate::codec::float::FloatType;
+use crate::format::safetensors::TensorInfo;
+use crate::format::{Checkpoint, InputFile, InputKind};
+use crate::repo::reconstruct::ChunkAddr;
+use crate::repo::tipcache::CacheLayout;
+use crate::store::{ChunkRef, CommitRecord, TensorEntry};
+
+/// Tensors smaller than this stay lossless: their share of the checkpoint is
+/// negligible and their statistics too noisy to plan a quantizer on.
+pub const MIN_LOSSY_ELEMENTS: u64 = 4096;
+
+/// Index used in place of a tensor index for opaque files.
+pub const OPAQUE: usize = usize::MAX;
+
+/// One tensor of the checkpoint, with where its chunks go.
+pub struct TensorSlot<'c> {
+    pub file: &'c InputFile,
+    pub file_index: usize,
+    pub tensor_index: usize,
+    pub info: &'c TensorInfo,
+    /// Absolute offset of the tensor's data in its file.
+    pub data_offset: u64,
+    pub chunk_len: u64,
+    pub cache_start: u64,
+    /// The parent's tensor of the same name, dtype and shape.
+    pub parent: Option<&'c TensorEntry>,
+}
+
+impl TensorSlot<'_> {
+    pub fn chunk_count(&self) -> usize {
+        self.info.byte_len().div_ceil(self.chunk_len) as usize
+    }
+
+    /// (absolute file offset, length) of chunk `index`.
+    pub fn chunk_range(&self, index: usize) -> (u64, u64) {
+        let start = index as u64 * self.chunk_len;
+        (
+            self.data_offset + start,
+            self.chunk_len.min(self.info.byte_len() - start),
+        )
+    }
+
+    pub fn cache_offset(&self, index: usize) -> u64 {
+        self.cache_start + index as u64 * self.chunk_len
+    }
+
+    pub fn addr(&self, index: usize) -> ChunkAddr<'_> {
+        ChunkAddr {
+            file: &self.file.name,
+            tensor: Some(&self.info.name),
+            index,
+        }
+    }
+
+    /// The parent's chunk at the same position, if it has the same length.
+    pub fn parent_chunk(&self, index: usize) -> Option<&ChunkRef> {
+        let (_, len) = self.chunk_range(index);
+        self.parent?.chunks.get(index).filter(|c| c.raw_len == len)
+    }
+
+    /// A private copy of chunk `index` of the input; its pages are released.
+    pub fn read(&self, index: usize) -> Vec<u8> {
+        let (offset, len) = self.chunk_range(index);
+        let (offset, len) = (offset as usize, len as usize);
+        let bytes = self.file.bytes()[offset..offset + len].to_vec();
+        self.file.release(offset, len);
+        bytes
+    }
+
+    pub fn float(&self) -> Option<FloatType> {
+        FloatType::from_dtype(&self.info.dtype.to_string())
+    }
+
+    pub fn numel(&self) -> u64 {
+        self.info.shape.iter().product()
+    }
+}
+
+/// A weight and its Adam moments (indices into [`Plan::slots`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Group {
+    pub w: usize,
+    pub m: usize,
+    pub v: usize,
+}
+
+pub enum Work<'c> {
+    Opaque {
+        file: &'c InputFile,
+        file_index: usize,
+        index: usize,
+        offset: u64,
+        len: u64,
+    },
+    Tensor {
+        slot: usize,
+        index: usize,
+    },
+    Group {
+        group: usize,
+        index: usize,
+    },
+}
+
+impl Work<'_> {
+    pub fn input_bytes(&self, plan: &Plan<'_>) -> u64 {
+        match *self {
+            Work::Opaque { len, .. } => len,
+            Work::Tensor { slot, index } => plan.slots[slot].chunk_range(index).1,
+            Work::Group { group, index } => {
+                let g = plan.groups[group];
+                [g.w, g.m, g.v]
+                    .iter()
+                    .map(|&s| plan.slots[s].chunk_range(index).1)
+                    .sum()
+            }
+        }
+    }
+}
+
+pub struct Plan<'c> {
+    pub slots: Vec<TensorSlot<'c>>,
+    pub groups: Vec<Group>,
+    pub work: Vec<Work<'c>>,
+    pub layout: CacheLayout,
+}
+
+/// Bytes of one chunk of a tensor with `bits`-bit elements.
+fn chunk_len(chunk_bytes: u64, bits: usize) -> u64 {
+    ((chunk_bytes / 4).max(8) * bits as u64).div_ceil(8)
+}
+
+/// Plans the commit. With `lossy`, weight groups whose parent has the same
+/// three tensors are coded jointly; the rest is lossless.
+pub fn plan<'c>(
+    checkpoint: &'c Checkpoint,
+    chunk_bytes: u64,
+    parent: Option<&'c CommitRecord>,
+    lossy: bool,
+) -> Plan<'c> {
+    let mut plan = Plan {
+        slots: Vec::new(),
+        groups: Vec::new(),
+        work: Vec::new(),
+        layout: CacheLayout::default(),
+    };
+    for (file_index, file) in checkpoint.files.iter().enumerate() {
+        let InputKind::Safetensors(header) = &file.kind else {
+            for (index, start) in (0..file.len()).step_by(chunk_bytes as usize).enumerate() {
+                plan.work.push(Work::Opaque {
+                    file,
+                    file_index,
+                    index,
+                    offset: start,
+                    len: chunk_bytes.min(file.len() - start),
+                });
+            }
+            continue;
+        };
+        for (tensor_index, info) in header.tensors.iter().enumerate() {
+            let chunk_len = chunk_len(chunk_bytes, info.dtype.bitsize());
+            let cache_start = plan.layout.total();
+            plan.layout
+                .push(&file.name, &info.name, info.byte_len(), chunk_len);
+            let parent = parent
+                .and_then(|p| p.tensor(&file.name, &info.name))
+                .filter(|t| t.dtype == info.dtype.to_string() && t.shape == info.shape);
+            plan.slots.push(TensorSlot {
+                file,
+                file_index,
+                tensor_index,
+                info,
+                data_offset: header.data_start() + info.begin,
+                chunk_len,
+                cache_start,
+                parent,
+            });
+        }
+    }
+    if lossy {
+        plan.groups = find_groups(&plan.slots);
+    }
+    let mut grouped = vec![false; plan.slots.len()];
+    for (g, group) in plan.groups.iter().enumerate() {
+        for s in [group.w, group.m, group.v] {
+            grouped[s] = true;
+        }
+        let chunks = plan.slots[group.w].chunk_count();
+        plan.work
+            .extend((0..chunks).map(|index| Work::Group { group: g, index }));
+    }
+    for (s, slot) in plan.slots.iter().enumerate() {
+        if !grouped[s] {
+            plan.work
+                .extend((0..slot.chunk_count()).map(|index| Work::Tensor { slot: s, index }));
+        }
+    }
+    plan
+}
+
+fn lossy_candidate(slot: &TensorSlot<'_>) -> bool {
+    slot.float().is_some()
+        && slot.numel() >= MIN_LOSSY_ELEMENTS
+        && slot
+            .parent
+            .is_some_and(|p| p.chunks.len() == slot.chunk_count())
+}
+
+fn find_groups(slots: &[TensorSlot<'_>]) -> Vec<Group> {
+    let by_name: HashMap<&str, usize> = slots
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.info.name.as_str(), i))
+        .collect();
+    let mut groups = Vec::new();
+    for (w, slot) in slots.iter().enumerate() {
+        let name = slot.info.name.as_str();
+        if name.ends_with(".exp_avg") || name.ends_with(".exp_avg_sq") || !lossy_candidate(slot) {
+            continue;
+        }
+        let moment = |suffix: &str| {
+            by_name
+                .get(format!("{name}{suffix}").as_str())
+                .copied()
+                .filter(|&i| slots[i].info.shape == slot.info.shape && lossy_candidate(&slots[i]))
+        };
+        if let (Some(m), Some(v)) = (moment(".exp_avg"), moment(".exp_avg_sq")) {
+            groups.push(Group { w, m, v });
+        }
+    }
+    groups
+}
