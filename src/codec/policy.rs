@@ -22,7 +22,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::float::FloatType;
-use super::quant::{Domain, ESCAPE, Quantized};
+use super::quant::{Domain, ESCAPE, Levels, MAX_LEVEL, Quantized};
 
 /// How a commit codes parameters that have Adam state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,8 +102,8 @@ impl Policy {
 /// Largest number of samples per tensor used for medians and k-means.
 const MAX_SAMPLES: u64 = 16_384;
 
-/// One sampled element: (dW, m, v).
-pub type Sample = (f32, f32, f32);
+/// One sampled element: (dW, m, v, dm) with dm = m − m̂_parent.
+pub type Sample = (f32, f32, f32, f32);
 
 /// Statistics of a chunk of a parameter group, combined in chunk order so the
 /// result does not depend on the thread count.
@@ -114,34 +114,32 @@ pub struct GroupStats {
     pub sum_m2: f64,
     pub sum_abs_m: f64,
     pub sum_v: f64,
+    /// Σ (m − m̂_parent)²: whether m is cheaper coded as a residual.
+    pub sum_dm2: f64,
     pub samples: Vec<Sample>,
 }
 
 impl GroupStats {
     /// Statistics of one chunk starting at element `first` of a tensor of
     /// `numel` elements. Non-finite elements are left out.
-    pub fn of_chunk(
-        first: u64,
-        numel: u64,
-        w: &[f32],
-        p: &[f32],
-        m: &[f32],
-        v: &[f32],
-    ) -> GroupStats {
+    pub fn of_chunk(first: u64, numel: u64, chunk: &GroupChunk<'_>) -> GroupStats {
         let stride = numel.div_ceil(MAX_SAMPLES).max(1);
         let mut stats = GroupStats::default();
-        for i in 0..w.len() {
-            let (wi, mi, vi) = (w[i], m[i], v[i]);
-            if !(wi.is_finite() && mi.is_finite() && vi.is_finite() && p[i].is_finite()) {
+        for i in 0..chunk.w.len() {
+            let (wi, mi, vi) = (chunk.w[i], chunk.m[i], chunk.v[i]);
+            let dw = wi - chunk.parent_w[i];
+            let dm = mi - chunk.parent_m[i];
+            if !(dw.is_finite() && dm.is_finite() && vi.is_finite()) {
                 continue;
             }
             stats.count += 1;
             stats.sum_w2 += (wi as f64).powi(2);
             stats.sum_m2 += (mi as f64).powi(2);
+            stats.sum_dm2 += (dm as f64).powi(2);
             stats.sum_abs_m += mi.abs() as f64;
             stats.sum_v += vi as f64;
             if (first + i as u64).is_multiple_of(stride) {
-                stats.samples.push((wi - p[i], mi, vi));
+                stats.samples.push((dw, mi, vi, dm));
             }
         }
         stats
@@ -153,6 +151,7 @@ impl GroupStats {
         self.sum_m2 += other.sum_m2;
         self.sum_abs_m += other.sum_abs_m;
         self.sum_v += other.sum_v;
+        self.sum_dm2 += other.sum_dm2;
         self.samples.extend(other.samples);
         self
     }
@@ -179,6 +178,8 @@ pub enum TensorPlan {
     Tuned {
         w_step: f32,
         m_step: f32,
+        /// Code m as a residual against m̂_parent (it moved less than its size).
+        m_residual: bool,
         v_log_step: f32,
     },
 }
@@ -222,6 +223,10 @@ pub fn plan(policy: &Policy, stats: &GroupStats) -> Option<TensorPlan> {
         } => Some(TensorPlan::Tuned {
             w_step: (*w_step as f64 * stats.mean(stats.sum_w2).sqrt()) as f32,
             m_step: (*m_step as f64 * stats.mean(stats.sum_m2).sqrt()) as f32,
+            // Same step either way, so the same error bound; the residual is
+            // cheaper when its spread is clearly smaller (a frozen or slowly
+            // changing tensor), the value when m turned over since the parent.
+            m_residual: stats.sum_dm2 < 0.5 * stats.sum_m2,
             v_log_step: *v_log_step,
         }),
     }
@@ -277,12 +282,13 @@ fn nearest(centres: &[f32], x: f32) -> usize {
 }
 
 /// One chunk of a parameter group, as f32: input W, m, v and the parent's
-/// reconstructed W and v.
+/// reconstructed W, m and v.
 pub struct GroupChunk<'a> {
     pub w: &'a [f32],
     pub m: &'a [f32],
     pub v: &'a [f32],
     pub parent_w: &'a [f32],
+    pub parent_m: &'a [f32],
     pub parent_v: &'a [f32],
     pub w_float: FloatType,
     pub m_float: FloatType,
@@ -315,16 +321,31 @@ pub fn quantize(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> [Quantized; 3] {
         TensorPlan::Tuned {
             w_step,
             m_step,
+            m_residual,
             v_log_step,
         } => {
-            let mut w = uniform_stream(Domain::Residual, chunk.w_float, *w_step, |q| q);
-            let mut m = uniform_stream(Domain::Value, chunk.m_float, *m_step, |q| q);
-            let mut v = uniform_stream(Domain::Ratio, chunk.v_float, *v_log_step, f32::exp);
+            let mut w = uniform_stream(Domain::Residual, chunk.w_float, Levels::Linear(*w_step));
+            let m_domain = if *m_residual {
+                Domain::Residual
+            } else {
+                Domain::Value
+            };
+            let mut m = uniform_stream(m_domain, chunk.m_float, Levels::Linear(*m_step));
+            let mut v = uniform_stream(Domain::Ratio, chunk.v_float, Levels::Exp(*v_log_step));
             for i in 0..chunk.w.len() {
                 push_uniform(&mut w, *w_step, chunk.w[i] - chunk.parent_w[i], chunk.w[i]);
-                push_uniform(&mut m, *m_step, chunk.m[i], chunk.m[i]);
+                let coded_m = if *m_residual {
+                    chunk.m[i] - chunk.parent_m[i]
+                } else {
+                    chunk.m[i]
+                };
+                push_uniform(&mut m, *m_step, coded_m, chunk.m[i]);
                 let (vi, vp) = (chunk.v[i], chunk.parent_v[i]);
-                let log_ratio = if vi > 0.0 && vp > 0.0 && vp.is_finite() {
+                // Unchanged (notably v = 0 for rows that never had a
+                // gradient, like unused embeddings) is level 0: exact.
+                let log_ratio = if vi == vp {
+                    0.0
+                } else if vi > 0.0 && vp > 0.0 && vp.is_finite() {
                     (vi / vp).ln()
                 } else {
                     f32::NAN
@@ -342,7 +363,7 @@ fn codebook_stream(domain: Domain, float: FloatType, centres: &[f32]) -> Quantiz
     Quantized {
         domain,
         float,
-        levels,
+        levels: Levels::Table(levels),
         symbols: Vec::new(),
         escapes: Vec::new(),
     }
@@ -361,19 +382,7 @@ fn push_codebook(q: &mut Quantized, centres: &[f32], coded: f32, exact: f32, kee
     }
 }
 
-/// Largest |level index| of a uniform quantizer: symbols 0..=254 stand for
-/// -127..=127.
-const MAX_LEVEL: i32 = 127;
-
-fn uniform_stream(
-    domain: Domain,
-    float: FloatType,
-    step: f32,
-    level: impl Fn(f32) -> f32,
-) -> Quantized {
-    let levels = (-MAX_LEVEL..=MAX_LEVEL)
-        .map(|q| level(q as f32 * step))
-        .collect();
+fn uniform_stream(domain: Domain, float: FloatType, levels: Levels) -> Quantized {
     Quantized {
         domain,
         float,
@@ -412,6 +421,8 @@ mod tests {
             m,
             v,
             parent_w: p,
+            // Far from m: m is coded as a value, not a residual.
+            parent_m: vp,
             parent_v: vp,
             w_float: FloatType::F32,
             m_float: FloatType::F32,
@@ -462,9 +473,9 @@ mod tests {
             .collect();
         let v: Vec<f32> = vp.iter().map(|x| x * 1.01).collect();
         let policy = Policy::preset("balanced").unwrap();
-        let stats = GroupStats::of_chunk(0, n as u64, &w, &p, &m, &v);
-        let plan = plan(&policy, &stats).unwrap();
-        let [qw, qm, qv] = quantize(&plan, &chunk(&w, &m, &v, &p, &vp));
+        let input = chunk(&w, &m, &v, &p, &vp);
+        let plan = plan(&policy, &GroupStats::of_chunk(0, n as u64, &input)).unwrap();
+        let [qw, qm, qv] = quantize(&plan, &input);
         let w_hat = reconstruct(&qw, Some(&p)).unwrap();
         let m_hat = reconstruct(&qm, None).unwrap();
         let v_hat = reconstruct(&qv, Some(&vp)).unwrap();
@@ -472,6 +483,7 @@ mod tests {
             w_step,
             m_step,
             v_log_step,
+            ..
         } = plan
         else {
             panic!()
@@ -496,8 +508,9 @@ mod tests {
         let m = series(n, 3, 1e-3);
         let v: Vec<f32> = m.iter().map(|x| x * x + 1e-9).collect();
         let policy = Policy::preset("excp").unwrap();
-        let plan = plan(&policy, &GroupStats::of_chunk(0, n as u64, &w, &p, &m, &v)).unwrap();
-        let [qw, qm, qv] = quantize(&plan, &chunk(&w, &m, &v, &p, &v));
+        let input = chunk(&w, &m, &v, &p, &v);
+        let plan = plan(&policy, &GroupStats::of_chunk(0, n as u64, &input)).unwrap();
+        let [qw, qm, qv] = quantize(&plan, &input);
         assert!(qw.symbols.contains(&0) && qw.symbols.iter().any(|&s| s > 0));
         for i in 0..n {
             assert_eq!(
@@ -523,8 +536,9 @@ mod tests {
         v[6] = f32::NEG_INFINITY;
         for name in ["excp", "balanced"] {
             let policy = Policy::preset(name).unwrap();
-            let plan = plan(&policy, &GroupStats::of_chunk(0, 8, &w, &p, &m, &v)).unwrap();
-            let [qw, qm, qv] = quantize(&plan, &chunk(&w, &m, &v, &p, &v));
+            let input = chunk(&w, &m, &v, &p, &v);
+            let plan = plan(&policy, &GroupStats::of_chunk(0, 8, &input)).unwrap();
+            let [qw, qm, qv] = quantize(&plan, &input);
             let w_hat = reconstruct(&qw, Some(&p)).unwrap();
             let m_hat = reconstruct(&qm, None).unwrap();
             let v_hat = reconstruct(&qv, Some(&v)).unwrap();

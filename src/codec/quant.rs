@@ -14,7 +14,8 @@
 //! exactly (closed loop).
 //!
 //! Payload layout (after the common blob header): domain u8, float type u8,
-//! level count u16 LE, levels as f32 LE, escape count u32 LE, escapes as f32
+//! levels (kind u8: 0 = table, then count u16 LE and f32 LE each; 1 = linear
+//! or 2 = exp, then the step as f32 LE), escape count u32 LE, escapes as f32
 //! LE, then the rANS stream of symbols.
 
 use super::float::FloatType;
@@ -50,13 +51,63 @@ impl Domain {
     }
 }
 
+/// Largest |level index| of a uniform quantizer: symbols 0..=254 stand for
+/// levels -127..=127.
+pub const MAX_LEVEL: i32 = 127;
+
+/// The level of each symbol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Levels {
+    /// An explicit table (index = symbol), at most 255 entries: codebooks.
+    Table(Vec<f32>),
+    /// Symbol `s` is `(s − 127) · step`.
+    Linear(f32),
+    /// Symbol `s` is `exp((s − 127) · step)`, computed in f64 and rounded to
+    /// f32, so that libm differences in the last f64 bit do not show.
+    Exp(f32),
+}
+
+impl Levels {
+    pub fn table(&self) -> Vec<f32> {
+        let uniform = |f: &dyn Fn(f64) -> f64, step: f32| {
+            (-MAX_LEVEL..=MAX_LEVEL)
+                .map(|q| f(q as f64 * step as f64) as f32)
+                .collect()
+        };
+        match self {
+            Levels::Table(t) => t.clone(),
+            Levels::Linear(step) => uniform(&|x| x, *step),
+            Levels::Exp(step) => uniform(&f64::exp, *step),
+        }
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Levels::Table(t) => {
+                assert!(t.len() <= ESCAPE as usize, "at most 255 levels");
+                out.push(0);
+                out.extend_from_slice(&(t.len() as u16).to_le_bytes());
+                t.iter()
+                    .for_each(|l| out.extend_from_slice(&l.to_le_bytes()));
+            }
+            Levels::Linear(step) => {
+                out.push(1);
+                out.extend_from_slice(&step.to_le_bytes());
+            }
+            Levels::Exp(step) => {
+                out.push(2);
+                out.extend_from_slice(&step.to_le_bytes());
+            }
+        }
+    }
+}
+
 /// A quantized chunk before entropy coding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quantized {
     pub domain: Domain,
     pub float: FloatType,
-    /// Level of each symbol (index = symbol). At most 255 entries.
-    pub levels: Vec<f32>,
+    pub levels: Levels,
     pub symbols: Vec<u8>,
     pub escapes: Vec<f32>,
 }
@@ -77,6 +128,7 @@ pub fn reconstruct(q: &Quantized, base: Option<&[f32]>) -> Result<Vec<f32>, Quan
     if q.domain.needs_base() && base.is_none_or(|b| b.len() != q.symbols.len()) {
         return Err(QuantError::Invalid("base missing or of the wrong length"));
     }
+    let levels = q.levels.table();
     let mut escapes = q.escapes.iter();
     let mut out = Vec::with_capacity(q.symbols.len());
     for (i, &s) in q.symbols.iter().enumerate() {
@@ -85,8 +137,7 @@ pub fn reconstruct(q: &Quantized, base: Option<&[f32]>) -> Result<Vec<f32>, Quan
                 .next()
                 .ok_or(QuantError::Invalid("too few escapes"))?
         } else {
-            let level = *q
-                .levels
+            let level = *levels
                 .get(s as usize)
                 .ok_or(QuantError::Invalid("symbol without a level"))?;
             match (q.domain, base) {
@@ -106,13 +157,9 @@ pub fn reconstruct(q: &Quantized, base: Option<&[f32]>) -> Result<Vec<f32>, Quan
 
 /// Serializes a quantized chunk into `out` (the payload part of a blob).
 pub fn write_payload(q: &Quantized, out: &mut Vec<u8>) {
-    assert!(q.levels.len() <= ESCAPE as usize, "at most 255 levels");
     out.push(q.domain.id());
     out.push(q.float.id());
-    out.extend_from_slice(&(q.levels.len() as u16).to_le_bytes());
-    q.levels
-        .iter()
-        .for_each(|l| out.extend_from_slice(&l.to_le_bytes()));
+    q.levels.write(out);
     out.extend_from_slice(&(q.escapes.len() as u32).to_le_bytes());
     q.escapes
         .iter()
@@ -129,8 +176,18 @@ pub fn read_payload(bytes: &[u8]) -> Result<Quantized, QuantError> {
     };
     let domain = Domain::from_id(take(1)?[0]).ok_or(QuantError::Invalid("domain"))?;
     let float = FloatType::from_id(take(1)?[0]).ok_or(QuantError::Invalid("float type"))?;
-    let n_levels = u16::from_le_bytes(take(2)?.try_into().expect("2")) as usize;
-    let levels = f32s(take(n_levels * 4)?);
+    let levels = match take(1)?[0] {
+        0 => {
+            let n = u16::from_le_bytes(take(2)?.try_into().expect("2")) as usize;
+            if n > ESCAPE as usize {
+                return Err(QuantError::Invalid("more than 255 levels"));
+            }
+            Levels::Table(f32s(take(n * 4)?))
+        }
+        1 => Levels::Linear(f32s(take(4)?)[0]),
+        2 => Levels::Exp(f32s(take(4)?)[0]),
+        _ => return Err(QuantError::Invalid("level kind")),
+    };
     let n_escapes = u32::from_le_bytes(take(4)?.try_into().expect("4")) as usize;
     let escapes = f32s(take(
         n_escapes.checked_mul(4).ok_or(QuantError::Truncated)?,
@@ -164,7 +221,7 @@ mod tests {
         let q = Quantized {
             domain: Domain::Residual,
             float: FloatType::F32,
-            levels: vec![0.0, 0.5, -0.5],
+            levels: Levels::Table(vec![0.0, 0.5, -0.5]),
             symbols: vec![0, 1, 2, ESCAPE, 1],
             escapes: vec![f32::NAN],
         };

@@ -18,8 +18,30 @@ struct Loaded {
     m: Vec<f32>,
     v: Vec<f32>,
     parent_w: Vec<f32>,
+    parent_m: Vec<f32>,
     parent_v: Vec<f32>,
     floats: [FloatType; 3],
+}
+
+impl Loaded {
+    fn chunk(&self) -> GroupChunk<'_> {
+        GroupChunk {
+            w: &self.w,
+            m: &self.m,
+            v: &self.v,
+            parent_w: &self.parent_w,
+            parent_m: &self.parent_m,
+            parent_v: &self.parent_v,
+            w_float: self.floats[0],
+            m_float: self.floats[1],
+            v_float: self.floats[2],
+        }
+    }
+
+    /// The parent values a stream of `role` (0 = W, 1 = m, 2 = v) is coded against.
+    fn base(&self, role: usize) -> &[f32] {
+        [&self.parent_w, &self.parent_m, &self.parent_v][role]
+    }
 }
 
 fn load(
@@ -44,6 +66,7 @@ fn load(
         m: input(group.m, floats[1]),
         v: input(group.v, floats[2]),
         parent_w: recon(group.w, floats[0])?,
+        parent_m: recon(group.m, floats[1])?,
         parent_v: recon(group.v, floats[2])?,
         floats,
     })
@@ -59,14 +82,7 @@ pub fn chunk_stats(
     let x = load(session, plan, group, index)?;
     let w = &plan.slots[group.w];
     let first = index as u64 * (w.chunk_len * 8 / w.info.dtype.bitsize() as u64);
-    Ok(GroupStats::of_chunk(
-        first,
-        plan.slots[group.w].numel(),
-        &x.w,
-        &x.parent_w,
-        &x.m,
-        &x.v,
-    ))
+    Ok(GroupStats::of_chunk(first, w.numel(), &x.chunk()))
 }
 
 /// Plans a group from the statistics of all its chunks, in chunk order.
@@ -86,26 +102,13 @@ pub fn encode_chunk(
     index: usize,
 ) -> anyhow::Result<Vec<Encoded>> {
     let x = load(session, plan, group, index)?;
-    let chunk = GroupChunk {
-        w: &x.w,
-        m: &x.m,
-        v: &x.v,
-        parent_w: &x.parent_w,
-        parent_v: &x.parent_v,
-        w_float: x.floats[0],
-        m_float: x.floats[1],
-        v_float: x.floats[2],
-    };
-    let streams = codec::policy::quantize(tensor_plan, &chunk);
+    let streams = codec::policy::quantize(tensor_plan, &x.chunk());
     let inputs = [&x.w, &x.m, &x.v];
     let mut out = Vec::with_capacity(3);
-    for ((q, slot_index), input) in streams.iter().zip([group.w, group.m, group.v]).zip(inputs) {
+    for (role, (q, slot_index)) in streams.iter().zip([group.w, group.m, group.v]).enumerate() {
         let slot = &plan.slots[slot_index];
-        let base_values = match slot_index {
-            s if s == group.w => Some(x.parent_w.as_slice()),
-            s if s == group.v && q.domain.needs_base() => Some(x.parent_v.as_slice()),
-            _ => None,
-        };
+        let input = inputs[role];
+        let base_values = q.domain.needs_base().then(|| x.base(role));
         let recon = codec::quant::reconstruct(q, base_values)
             .context("quantizer produced an invalid stream")?;
         let raw = q.float.from_f32(&recon);

@@ -1,0 +1,218 @@
+//! Lossy policies through the real binary on the fixture run.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::*;
+use safetensors::SafeTensors;
+
+const POLICIES: [&str; 4] = ["excp", "compact", "balanced", "faithful"];
+
+/// All float tensors of the safetensors files in `dir`, by name, as f32.
+fn tensors(dir: &Path) -> HashMap<String, Vec<f32>> {
+    let mut out = HashMap::new();
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        for (name, view) in st.tensors() {
+            if view.dtype() == safetensors::Dtype::F32 {
+                let values = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                out.insert(name, values);
+            }
+        }
+    }
+    out
+}
+
+fn rel_error(x: &[f32], y: &[f32]) -> f64 {
+    let (e, n) = x.iter().zip(y).fold((0.0, 0.0), |(e, n), (&a, &b)| {
+        (e + ((a - b) as f64).powi(2), n + (a as f64).powi(2))
+    });
+    if n == 0.0 { 0.0 } else { (e / n).sqrt() }
+}
+
+#[test]
+fn every_policy_round_trips_with_the_recorded_error() {
+    for policy in POLICIES {
+        let env = Env::init_with(&["--policy", policy]);
+        for step in STEPS {
+            env.commit(&fixture(step), step);
+        }
+        for step in [40, 120] {
+            let out = env.checkout(&step.to_string(), &format!("out{step}"));
+            // Opaque files and the headers are exact; files keep their size.
+            assert_eq!(
+                std::fs::read(out.join("meta.json")).unwrap(),
+                std::fs::read(fixture(step).join("meta.json")).unwrap()
+            );
+            let input = tensors(&fixture(step));
+            let output = tensors(&out);
+            let show = env.json(&["show", &step.to_string()]);
+            assert!(
+                show["policy"].as_str().unwrap().starts_with(policy),
+                "{policy}"
+            );
+            let mut lossy = 0;
+            for entry in show["entries"].as_array().unwrap() {
+                let Some(name) = entry["tensor"].as_str() else {
+                    continue;
+                };
+                let Some(x) = input.get(name) else { continue };
+                let recorded = entry["rel_error"].as_f64().unwrap();
+                let measured = rel_error(x, &output[name]);
+                assert!(
+                    (recorded - measured).abs() <= 1e-4 * measured.max(1e-3),
+                    "{policy} {name}: recorded {recorded}, measured {measured}"
+                );
+                if recorded > 0.0 {
+                    lossy += 1;
+                    if policy != "excp" && name.ends_with(".exp_avg_sq") {
+                        let zeroed = x
+                            .iter()
+                            .zip(&output[name])
+                            .filter(|(a, b)| **a > 0.0 && **b == 0.0)
+                            .count();
+                        assert_eq!(zeroed, 0, "{policy} zeroed v in {name}");
+                    }
+                } else {
+                    assert_eq!(x, &output[name], "{policy} {name} should be exact");
+                }
+            }
+            assert!(lossy >= 3 * 8, "{policy}: only {lossy} lossy tensors");
+        }
+        let log = env.json(&["log"]);
+        assert!(log[0]["error_w"].as_f64().unwrap() > 0.0);
+        assert!(
+            log[0]["ratio"].as_f64().unwrap() > 2.0,
+            "{policy}: {}",
+            log[0]
+        );
+    }
+}
+
+#[test]
+fn checkout_equals_the_reference_the_next_commit_used() {
+    let env = Env::init_with(&["--policy", "balanced"]);
+    for step in [20, 40] {
+        env.commit(&fixture(step), step);
+    }
+    let id = env.commit(&fixture(60), 60);
+    let cached = std::fs::read(env.repo().join("cache/tips").join(&id)).unwrap();
+    env.commit(&fixture(80), 80);
+    std::fs::remove_dir_all(env.repo().join("cache")).unwrap();
+    let out = env.checkout("60", "out");
+    // The cache holds every tensor's bytes in record order: files by name,
+    // tensors in data-offset order, which is the data section of each file.
+    let mut data = Vec::new();
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let bytes = std::fs::read(out.join(file)).unwrap();
+        let header_len = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        data.extend_from_slice(&bytes[header_len..]);
+    }
+    assert_eq!(data.len(), cached.len());
+    assert!(
+        data == cached,
+        "checkout differs from the reconstruction step 80 was coded against"
+    );
+}
+
+#[test]
+fn lossy_encoding_does_not_depend_on_thread_count() {
+    for policy in ["excp", "balanced"] {
+        let runs: Vec<_> = ["1", "2"]
+            .into_iter()
+            .map(|threads| {
+                let env = Env::init_with(&["--policy", policy]);
+                for step in [20, 40, 60] {
+                    env.cmd()
+                        .env("RAYON_NUM_THREADS", threads)
+                        .args(["commit", "--step", &step.to_string()])
+                        .arg(fixture(step))
+                        .assert()
+                        .success();
+                }
+                let out = env.checkout("60", "out");
+                (
+                    env.json(&["show", "60"])["entries"].clone(),
+                    file_digests(&out),
+                )
+            })
+            .collect();
+        assert_eq!(runs[0], runs[1], "{policy}");
+    }
+}
+
+#[test]
+fn an_unchanged_checkpoint_costs_nearly_nothing() {
+    let env = Env::init_with(&["--policy", "balanced"]);
+    env.commit(&fixture(20), 20);
+    env.commit(&fixture(40), 40);
+    // Committed again: every tensor equals its parent's input, and the
+    // residuals against the reconstruction fall inside the quantizer's zero.
+    env.commit(&fixture(40), 41);
+    let log = env.json(&["log"]);
+    let stored = log[0]["stored_bytes"].as_f64().unwrap();
+    let input = log[0]["input_bytes"].as_f64().unwrap();
+    assert!(stored < input * 0.01, "{stored} of {input}");
+}
+
+#[test]
+fn nan_and_inf_stay_put() {
+    for policy in ["excp", "balanced"] {
+        let env = Env::init_with(&["--policy", policy]);
+        env.commit(&fixture(20), 20);
+        let dir = env.path("damaged");
+        copy_dir(&fixture(40), &dir);
+        let target = "blocks.0.mlp.0.weight";
+        let poison = |file: &str, name: &str, index: usize, value: f32| {
+            let path = dir.join(file);
+            let mut bytes = std::fs::read(&path).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            let view = st.tensor(name).unwrap();
+            let offset = view.data().as_ptr() as usize - bytes.as_ptr() as usize + index * 4;
+            bytes[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+            std::fs::write(&path, bytes).unwrap();
+        };
+        poison("model.safetensors", target, 7, f32::NAN);
+        poison(
+            "optimizer.safetensors",
+            &format!("{target}.exp_avg"),
+            11,
+            f32::INFINITY,
+        );
+        poison(
+            "optimizer.safetensors",
+            &format!("{target}.exp_avg_sq"),
+            13,
+            f32::NEG_INFINITY,
+        );
+        env.commit(&dir, 40);
+        let out = tensors(&env.checkout("40", "out"));
+        let w = &out[target];
+        let m = &out[&format!("{target}.exp_avg")];
+        let v = &out[&format!("{target}.exp_avg_sq")];
+        assert!(
+            w[7].is_nan() && m[11] == f32::INFINITY && v[13] == f32::NEG_INFINITY,
+            "{policy}"
+        );
+        let finite = |x: &[f32], skip: usize| {
+            x.iter()
+                .enumerate()
+                .all(|(i, y)| i == skip || y.is_finite())
+        };
+        assert!(
+            finite(w, 7) && finite(m, 11) && finite(v, 13),
+            "{policy}: non-finite spread"
+        );
+        // And the next commit, against this reconstruction, is clean again.
+        env.commit(&fixture(60), 60);
+        let out = tensors(&env.checkout("60", "out60"));
+        assert!(out[target].iter().all(|x| x.is_finite()), "{policy}");
+    }
+}
