@@ -11,20 +11,31 @@ ckptvc="$CARGO_TARGET_DIR/release/ckptvc"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-export CKPTVC_REPO="$work/store"
 
+commit_series() {
+    for dir in fixtures/series/step-*; do
+        step=$((10#${dir##*step-}))
+        "$ckptvc" commit "$dir" --step "$step" --message "fixture step $step" >/dev/null
+    done
+}
+
+echo "== the default policy (balanced): lossy residuals against the parent"
+export CKPTVC_REPO="$work/store"
 "$ckptvc" init
-for dir in fixtures/series/step-*; do
-    step=$((10#${dir##*step-}))
-    "$ckptvc" commit "$dir" --step "$step" --message "fixture step $step" >/dev/null
-done
-echo "== log"
+commit_series
 "$ckptvc" log
-echo "== stats"
 "$ckptvc" stats
-echo "== checkout step 60 and verify"
-"$ckptvc" checkout 60 --output "$work/step-60"
+"$ckptvc" checkout 60 --output "$work/step-60"   # every chunk verified against its checksum
+cmp fixtures/series/step-000060/meta.json "$work/step-60/meta.json"
+
+echo
+echo "== policy lossless: checkouts are byte-identical"
+export CKPTVC_REPO="$work/lossless"
+"$ckptvc" init --policy lossless
+commit_series
+"$ckptvc" stats
+"$ckptvc" checkout 60 --output "$work/exact-60"
 for f in fixtures/series/step-000060/*; do
-    cmp "$f" "$work/step-60/$(basename "$f")"
+    cmp "$f" "$work/exact-60/$(basename "$f")"
 done
-echo "demo: step 60 is byte-identical to fixtures/series/step-000060"
+echo "demo: lossless step 60 is byte-identical to fixtures/series/step-000060"

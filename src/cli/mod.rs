@@ -77,6 +77,15 @@ enum Command {
         /// excp: bits per code, 2^bits - 1 centres (implies --policy excp).
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=7))]
         bits: Option<u8>,
+        /// Tuned policies: W step as a fraction of RMS(W) (makes the policy `custom`).
+        #[arg(long)]
+        w_step: Option<f32>,
+        /// Tuned policies: m step as a fraction of RMS(m) (makes the policy `custom`).
+        #[arg(long)]
+        m_step: Option<f32>,
+        /// Tuned policies: v step in natural-log units (makes the policy `custom`).
+        #[arg(long)]
+        v_log_step: Option<f32>,
     },
     /// Write a commit's files into a directory.
     Checkout {
@@ -111,14 +120,58 @@ fn parse_preset(name: &str) -> Result<Policy, String> {
     })
 }
 
-/// `--policy`, with the excp knobs applied on top (they imply excp).
-fn commit_policy(
-    policy: &Option<Policy>,
+/// Knobs that adjust a preset.
+#[derive(Debug, Default, Clone, Copy)]
+struct Knobs {
     alpha: Option<f32>,
     beta: Option<f32>,
     bits: Option<u8>,
-) -> anyhow::Result<Option<Policy>> {
-    if alpha.is_none() && beta.is_none() && bits.is_none() {
+    w_step: Option<f32>,
+    m_step: Option<f32>,
+    v_log_step: Option<f32>,
+}
+
+/// `--policy`, with the knobs applied on top: excp's imply excp, the step
+/// knobs turn a tuned preset (balanced unless named) into `custom`.
+fn commit_policy(policy: &Option<Policy>, knobs: Knobs) -> anyhow::Result<Option<Policy>> {
+    let Knobs {
+        alpha,
+        beta,
+        bits,
+        w_step,
+        m_step,
+        v_log_step,
+    } = knobs;
+    let excp_knobs = alpha.is_some() || beta.is_some() || bits.is_some();
+    let tuned_knobs = w_step.is_some() || m_step.is_some() || v_log_step.is_some();
+    if excp_knobs && tuned_knobs {
+        anyhow::bail!(
+            "--alpha/--beta/--bits (excp) and --w-step/--m-step/--v-log-step (tuned) do not mix"
+        );
+    }
+    if tuned_knobs {
+        let base = policy
+            .clone()
+            .unwrap_or_else(|| Policy::preset("balanced").expect("preset"));
+        let Policy::Tuned {
+            w_step: w,
+            m_step: m,
+            v_log_step: v,
+            ..
+        } = base
+        else {
+            anyhow::bail!(
+                "--w-step, --m-step and --v-log-step apply to compact, balanced and faithful only"
+            );
+        };
+        return Ok(Some(Policy::Tuned {
+            preset: "custom".into(),
+            w_step: w_step.unwrap_or(w),
+            m_step: m_step.unwrap_or(m),
+            v_log_step: v_log_step.unwrap_or(v),
+        }));
+    }
+    if !excp_knobs {
         return Ok(policy.clone());
     }
     let base = policy
@@ -177,13 +230,24 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             alpha,
             beta,
             bits,
+            w_step,
+            m_step,
+            v_log_step,
         } => {
+            let knobs = Knobs {
+                alpha: *alpha,
+                beta: *beta,
+                bits: *bits,
+                w_step: *w_step,
+                m_step: *m_step,
+                v_log_step: *v_log_step,
+            };
             let options = CommitOptions {
                 step: *step,
                 branch: branch.clone(),
                 message: message.clone(),
                 force_keyframe: *keyframe,
-                policy: commit_policy(policy, *alpha, *beta, *bits)?,
+                policy: commit_policy(policy, knobs)?,
                 lock_wait: Duration::from_secs_f64(cli.wait.max(0.0)),
             };
             let bar = Bar::new(cli.quiet);
