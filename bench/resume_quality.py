@@ -51,8 +51,14 @@ BASE_LR, WARMUP = 1e-3, 20
 
 
 def ckptvc_binary():
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/ckptvc-target"))
-    return os.path.join(target, "release", "ckptvc")
+    """A private copy of the release binary, so that a rebuild during the run
+    cannot mix two versions in one store."""
+    private = os.path.join(WORK, "bin", "ckptvc")
+    if not os.path.exists(private):
+        target = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/ckptvc-target"))
+        os.makedirs(os.path.dirname(private), exist_ok=True)
+        shutil.copy2(os.path.join(target, "release", "ckptvc"), private)
+    return private
 
 
 def load_text():
@@ -258,9 +264,10 @@ POLICIES = [
 SWEEP = [
     ("excp α=1e-5", ["--policy", "excp", "--alpha", "1e-5"]),
     ("excp α=2e-4", ["--policy", "excp", "--alpha", "2e-4"]),
-    ("tuned w=0.05", ["--policy", "compact", "--w-step", "0.05", "--m-step", "1.0", "--v-log-step", "0.4"]),
-    ("tuned w=0.01", ["--policy", "balanced", "--w-step", "0.01", "--m-step", "0.2", "--v-log-step", "0.1"]),
-    ("tuned w=0.0025", ["--policy", "balanced", "--w-step", "0.0025", "--m-step", "0.05", "--v-log-step", "0.025"]),
+    ("tuned 0.0025/0.25/0.1", ["--policy", "balanced", "--w-step", "0.0025", "--m-step", "0.25", "--v-log-step", "0.1"]),
+    ("tuned 0.006/1.5/0.4", ["--policy", "balanced", "--w-step", "0.006", "--m-step", "1.5", "--v-log-step", "0.4"]),
+    ("tuned 0.035/4/1", ["--policy", "balanced", "--w-step", "0.035", "--m-step", "4", "--v-log-step", "1.0"]),
+    ("tuned 0.1/8/2", ["--policy", "balanced", "--w-step", "0.1", "--m-step", "8", "--v-log-step", "2.0"]),
 ]
 
 
@@ -271,8 +278,11 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="evaluate only these variants, e.g. 'x=--policy balanced --w-step 0.01' (repeatable)")
     args = ap.parse_args()
     WORK = args.work
+    shutil.rmtree(os.path.join(WORK, "bin"), ignore_errors=True)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
     text, held = load_text()
@@ -304,7 +314,8 @@ def main():
         results["variants"][name] = entry
         print(name, json.dumps(entry), flush=True)
 
-    for how in ("bf16", "zero_mv"):
+    only = [(v.split("=", 1)[0], v.split("=", 1)[1].split()) for v in args.variant]
+    for how in () if only else ("bf16", "zero_mv"):
         dirs = {}
         for p in points:
             dirs[p] = f"{WORK}/damage-{how}/step-{p}"
@@ -312,7 +323,7 @@ def main():
         extra = {"ratio_residual": bf16_zstd_ratio(points[-1]), "ratio_total": bf16_zstd_ratio(points[-1])} if how == "bf16" else {}
         evaluate(f"damage: {how}", dirs, extra)
 
-    for name, policy_args in POLICIES + ([] if args.no_sweep else SWEEP):
+    for name, policy_args in only or POLICIES + ([] if args.no_sweep else SWEEP):
         store = f"{WORK}/store-{name.replace(' ', '_')}"
         shutil.rmtree(store, ignore_errors=True)
         speed = commit_series(store, policy_args, steps)
@@ -323,7 +334,7 @@ def main():
             run_ckptvc("--repo", store, "--quiet", "checkout", str(p), "--output", dirs[p])
         evaluate(name, dirs, {**size_metrics(store), "commit_mb_per_s": speed / 1e6, "sweep": name not in dict(POLICIES)})
 
-    with open(f"{WORK}/results.json", "w") as f:
+    with open(f"{WORK}/results{'-variants' if only else ''}.json", "w") as f:
         json.dump(results, f, indent=2)
     report(results)
 

@@ -43,9 +43,14 @@ struct Cli {
 enum Command {
     /// Create an empty store.
     Init {
-        /// Take a lossless keyframe commit every K commits along a branch.
-        #[arg(long, default_value_t = 10)]
+        /// Longest chain: a lossless keyframe at least every K commits.
+        #[arg(long, default_value_t = 100)]
         keyframe_interval: u32,
+        /// Also take a keyframe when checking out a commit would replay more
+        /// than this many seconds of decoding (estimated at 100 MB/s), once a
+        /// chain has at least 4 commits.
+        #[arg(long, default_value_t = 60.0)]
+        replay_budget: f64,
         /// Default policy of commits: lossless, excp, compact, balanced, faithful.
         #[arg(long, default_value = "balanced", value_parser = parse_preset)]
         policy: Policy,
@@ -207,10 +212,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Init {
             keyframe_interval,
+            replay_budget,
             policy,
         } => {
             let config = StoreConfig {
                 keyframe_interval: *keyframe_interval,
+                replay_budget_ms: (replay_budget * 1000.0).clamp(0.0, u32::MAX as f64) as u32,
                 policy: policy.clone(),
                 ..StoreConfig::default()
             };

@@ -45,8 +45,12 @@ const BRANCH_PREFIX: &str = "branch/";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoreConfig {
     pub version: u32,
-    /// A lossless keyframe commit every this many commits along a chain.
+    /// Longest chain: a lossless keyframe commit at least every this many
+    /// commits along a chain.
     pub keyframe_interval: u32,
+    /// A keyframe also comes as soon as checking out the new commit would mean
+    /// replaying more than this many milliseconds of decoding (estimated).
+    pub replay_budget_ms: u32,
     /// Upper bound on a chunk's raw size (chunks hold `chunk_bytes / 4`
     /// elements whatever the dtype).
     pub chunk_bytes: u32,
@@ -58,7 +62,8 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             version: CONFIG_VERSION,
-            keyframe_interval: 10,
+            keyframe_interval: 100,
+            replay_budget_ms: 60_000,
             chunk_bytes: 4 << 20,
             policy: Policy::preset("balanced").expect("a preset"),
         }

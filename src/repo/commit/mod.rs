@@ -28,7 +28,9 @@ use super::tipcache::{self, CacheWriter};
 use crate::codec::{self, policy::Policy};
 use crate::format::{Checkpoint, InputKind};
 use crate::store::object::{COMMIT_VERSION, ErrorTotals};
-use crate::store::{ChunkRef, CommitRecord, FileContent, FileEntry, ObjectId, Store, TensorEntry};
+use crate::store::{
+    ChunkRef, CommitRecord, FileContent, FileEntry, ObjectId, Store, StoreConfig, TensorEntry,
+};
 use plan::{OPAQUE, Plan, Work};
 
 pub use plan::MIN_LOSSY_ELEMENTS;
@@ -127,7 +129,7 @@ pub fn commit(
     let policy = options.policy.clone().unwrap_or(config.policy.clone());
     let parent_record = target.parent.as_ref().map(|(_, r)| r);
     let keyframe = options.force_keyframe
-        || parent_record.is_none_or(|p| p.chain_depth + 1 >= config.keyframe_interval);
+        || parent_record.is_none_or(|p| needs_keyframe(p, checkpoint.total_bytes(), &config));
 
     let plan = plan::plan(
         &checkpoint,
@@ -254,6 +256,29 @@ fn encode_all(
         .collect();
     progress.finish();
     Ok(encoded?.into_iter().flatten().collect())
+}
+
+/// Decoding speed assumed for the replay estimate, per core: measured
+/// checkout throughput on the development machine was 200 MB/s on two
+/// cores for keyframes (docs/benchmarks.md); residual decoding is of the
+/// same order. Conservative on purpose: a too-early keyframe costs space, a
+/// too-late one costs every checkout.
+const REPLAY_BYTES_PER_SEC: f64 = 100e6;
+
+/// Chains shorter than this are never cut for the replay budget: for a
+/// checkpoint so large that one link alone exceeds the budget, keyframing
+/// every commit would give up the residuals entirely.
+const MIN_CHAIN: u64 = 4;
+
+/// Keyframes are expensive (a lossless fp32 keyframe is ~1.2× smaller than
+/// its input, a residual 10–50×), so they come when the chain gets too long
+/// to replay within the budget (after at least `MIN_CHAIN` links), or at the
+/// configured maximum length.
+fn needs_keyframe(parent: &CommitRecord, input_bytes: u64, config: &StoreConfig) -> bool {
+    let depth = parent.chain_depth as u64 + 1;
+    let replay_ms = (depth + 1) as f64 * input_bytes as f64 / REPLAY_BYTES_PER_SEC * 1000.0;
+    depth >= config.keyframe_interval as u64
+        || (depth >= MIN_CHAIN && replay_ms > config.replay_budget_ms as f64)
 }
 
 fn validate_branch_name(branch: Option<&str>) -> anyhow::Result<()> {
@@ -395,4 +420,53 @@ fn assemble_manifest(checkpoint: &Checkpoint, encoded: Vec<Encoded>) -> Vec<File
         });
     }
     files
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parent(chain_depth: u32) -> CommitRecord {
+        CommitRecord {
+            version: COMMIT_VERSION,
+            parents: vec![],
+            branch: "main".into(),
+            step: 0,
+            time_ms: 0,
+            message: String::new(),
+            keyframe: chain_depth == 0,
+            chain_depth,
+            policy: Policy::Lossless,
+            input_bytes: 0,
+            stored_bytes: 0,
+            errors: ErrorTotals::default(),
+            files: vec![],
+        }
+    }
+
+    #[test]
+    fn keyframes_come_from_the_replay_budget_or_the_cap() {
+        let config = StoreConfig::default(); // cap 100, budget 60 s at 100 MB/s
+        let small = 28_000_000; // a 2.3M-parameter model with Adam state
+        assert!(!needs_keyframe(&parent(60), small, &config));
+        assert!(needs_keyframe(&parent(99), small, &config), "the cap");
+        let medium = 400_000_000;
+        assert!(
+            !needs_keyframe(&parent(10), medium, &config),
+            "12 x 400 MB < 60 s"
+        );
+        assert!(
+            needs_keyframe(&parent(14), medium, &config),
+            "16 x 400 MB > 60 s"
+        );
+        let large = 4 << 30; // a 4 GiB checkpoint: only the minimum chain
+        assert!(!needs_keyframe(&parent(2), large, &config));
+        assert!(needs_keyframe(&parent(3), large, &config));
+        let capped = StoreConfig {
+            keyframe_interval: 3,
+            ..StoreConfig::default()
+        };
+        assert!(!needs_keyframe(&parent(1), small, &capped));
+        assert!(needs_keyframe(&parent(2), small, &capped));
+    }
 }
