@@ -43,7 +43,7 @@ ratio() {
     "$bin/examples/codec_ratio" fixtures/series/step-*
     echo "== whole fixture series through the store"
     rm -rf "$work/store-r"
-    "$ckptvc" --repo "$work/store-r" init
+    "$ckptvc" --repo "$work/store-r" init --policy lossless
     for dir in fixtures/series/step-*; do
         "$ckptvc" --repo "$work/store-r" --quiet commit "$dir" --step $((10#${dir##*step-})) >/dev/null
     done
@@ -57,8 +57,8 @@ big() {
     [ -f "$work/ck-big/model.safetensors" ] || "$bin/examples/make_synthetic" "$work/ck-big" "$size" 1
     [ -f "$work/ck-big2/model.safetensors" ] || "$bin/examples/make_synthetic" "$work/ck-big2" "$size" 2
     du -sb "$work/ck-big" "$work/ck-big2"
-    rm -rf "$work/store-b" "$work/out-b" "$work/copy-b"
-    "$ckptvc" --repo "$work/store-b" init
+    rm -rf "$work/store-b" "$work/out-b" "$work/copy-b" "$work/store-l"
+    "$ckptvc" --repo "$work/store-b" init --policy lossless
     sync
     local cp_s; cp_s=$(seconds cp -r "$work/ck-big" "$work/copy-b"); rm -rf "$work/copy-b"
     read -r rss1 s1 < <(measure "$ckptvc" --repo "$work/store-b" --quiet commit "$work/ck-big" --step 100)
@@ -74,13 +74,25 @@ big() {
     printf 'checkout (verified)     %6.1f s  %.2fx cp   peak RSS %d MiB\n' "$s3" "$(calc "$s3 / $cp_avg")" $((rss3 / 1024))
     "$ckptvc" --repo "$work/store-b" log
     "$ckptvc" --repo "$work/store-b" stats
+    rm -rf "$work/store-b" "$work/out-b"
+
+    echo "== the same two checkpoints, policy balanced (the second is a lossy residual)"
+    "$ckptvc" --repo "$work/store-l" init --policy balanced
+    "$ckptvc" --repo "$work/store-l" --quiet commit "$work/ck-big" --step 100 >/dev/null
+    local cp3_s; cp3_s=$(seconds cp -r "$work/ck-big2" "$work/copy-b"); rm -rf "$work/copy-b"
+    read -r rss4 s4 < <(measure "$ckptvc" --repo "$work/store-l" --quiet commit "$work/ck-big2" --step 200)
+    local cp4_s; cp4_s=$(seconds cp -r "$work/ck-big2" "$work/copy-b"); rm -rf "$work/copy-b"
+    local cpl; cpl=$(calc "($cp3_s + $cp4_s) / 2")
+    printf 'cp -r baseline          %6.1f s\n' "$cpl"
+    printf 'commit lossy residual   %6.1f s  %.2fx cp   %.0f MB/s of input   peak RSS %d MiB\n' "$s4" "$(calc "$s4 / $cpl")" "$(calc "$size / $s4 / 1000000")" $((rss4 / 1024))
+    "$ckptvc" --repo "$work/store-l" log
 }
 
 chain() {
     local size=$((96 * 1024 * 1024)) n=12
     echo "== commit time along one delta chain (keyframe interval 1000, $n commits of $size bytes)"
     rm -rf "$work/store-c"
-    "$ckptvc" --repo "$work/store-c" init --keyframe-interval 1000
+    "$ckptvc" --repo "$work/store-c" init --policy lossless --keyframe-interval 1000 --replay-budget 1000000
     for v in $(seq 1 $n); do
         [ -f "$work/ck-c$v/model.safetensors" ] || "$bin/examples/make_synthetic" "$work/ck-c$v" "$size" "$v"
     done
@@ -89,7 +101,7 @@ chain() {
     for v in $(seq 1 $n); do
         local s; s=$(seconds "$ckptvc" --repo "$work/store-c" --quiet commit "$work/ck-c$v" --step "$v")
         rm -rf "$work/store-f"
-        "$ckptvc" --repo "$work/store-f" --quiet init
+        "$ckptvc" --repo "$work/store-f" --quiet init --policy lossless
         local f; f=$(seconds "$ckptvc" --repo "$work/store-f" --quiet commit "$work/ck-c$v" --step "$v")
         printf 'commit %2d (chain depth %2d)  %5.2f s   fresh-store commit %5.2f s   ratio %.2f\n' "$v" $((v - 1)) "$s" "$f" "$(calc "$s / $f")"
     done
