@@ -216,3 +216,82 @@ fn nan_and_inf_stay_put() {
         assert!(out[target].iter().all(|x| x.is_finite()), "{policy}");
     }
 }
+
+/// A copy of fixture `step` whose weights (not the optimizer state) are bf16.
+fn bf16_fixture(env: &Env, step: u64) -> std::path::PathBuf {
+    let dir = env.path(&format!("bf16-{step}"));
+    copy_dir(&fixture(step), &dir);
+    let bytes = std::fs::read(fixture(step).join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    let mut names: Vec<_> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    for name in names {
+        let view = st.tensor(&name).unwrap();
+        let (dtype, payload): (&str, Vec<u8>) = if view.dtype() == safetensors::Dtype::F32 {
+            let converted = view
+                .data()
+                .chunks_exact(4)
+                .flat_map(|b| {
+                    half::bf16::from_f32(f32::from_le_bytes(b.try_into().unwrap())).to_le_bytes()
+                })
+                .collect();
+            ("BF16", converted)
+        } else {
+            // The fixture's only other dtype: the position_ids buffer.
+            ("I64", view.data().to_vec())
+        };
+        let begin = data.len();
+        data.extend_from_slice(&payload);
+        header.insert(
+            name,
+            serde_json::json!({"dtype": dtype, "shape": view.shape(), "data_offsets": [begin, data.len()]}),
+        );
+    }
+    let json = serde_json::to_string(&header).unwrap();
+    let mut file = (json.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(json.as_bytes());
+    file.extend_from_slice(&data);
+    std::fs::write(dir.join("model.safetensors"), file).unwrap();
+    dir
+}
+
+#[test]
+fn bf16_weights_are_reconstructed_in_bf16() {
+    let env = Env::init_with(&["--policy", "balanced"]);
+    for step in [20, 40, 60] {
+        env.commit(&bf16_fixture(&env, step), step);
+    }
+    let out = env.checkout("60", "out");
+    let input = std::fs::read(env.path("bf16-60").join("model.safetensors")).unwrap();
+    let output = std::fs::read(out.join("model.safetensors")).unwrap();
+    assert_eq!(input.len(), output.len());
+    let (a, b) = (
+        SafeTensors::deserialize(&input).unwrap(),
+        SafeTensors::deserialize(&output).unwrap(),
+    );
+    let show = env.json(&["show", "60"]);
+    let to_f32 = |d: &[u8]| -> Vec<f32> {
+        d.chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()
+    };
+    let name = "blocks.0.mlp.0.weight";
+    let (x, y) = (a.tensor(name).unwrap(), b.tensor(name).unwrap());
+    assert_eq!(y.dtype(), safetensors::Dtype::BF16);
+    let err = rel_error(&to_f32(x.data()), &to_f32(y.data()));
+    let entry = show["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["tensor"] == name)
+        .unwrap()
+        .clone();
+    assert_eq!(entry["codecs"][0], "quant-delta");
+    assert!(err > 0.0 && err < 0.05, "{err}");
+    assert!(
+        (entry["rel_error"].as_f64().unwrap() - err).abs() < 1e-4,
+        "{entry} vs {err}"
+    );
+}
