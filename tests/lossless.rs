@@ -127,29 +127,6 @@ fn identical_commit_adds_no_blobs() {
 }
 
 #[test]
-fn encoding_does_not_depend_on_thread_count() {
-    let shows: Vec<_> = ["1", "2"]
-        .into_iter()
-        .map(|threads| {
-            let env = Env::init();
-            for step in [20, 40, 60] {
-                env.cmd()
-                    .env("RAYON_NUM_THREADS", threads)
-                    .args(["commit", "--step", &step.to_string()])
-                    .arg(fixture(step))
-                    .assert()
-                    .success();
-            }
-            (
-                env.json(&["show", "60"])["entries"].clone(),
-                env.json(&["stats"])["blob_bytes"].clone(),
-            )
-        })
-        .collect();
-    assert_eq!(shows[0], shows[1]);
-}
-
-#[test]
 fn unchanged_tensors_add_no_blobs() {
     // Only meta.json changes: exactly one new blob, no tensor bytes stored.
     let env = Env::init();

@@ -123,8 +123,8 @@ fn checkout_equals_the_reference_the_next_commit_used() {
 }
 
 #[test]
-fn lossy_encoding_does_not_depend_on_thread_count() {
-    for policy in ["excp", "balanced"] {
+fn encoding_does_not_depend_on_thread_count() {
+    for policy in ["lossless", "excp", "balanced"] {
         let runs: Vec<_> = ["1", "2"]
             .into_iter()
             .map(|threads| {

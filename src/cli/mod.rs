@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::codec::policy::Policy;
+use crate::codec::policy::{Knobs, Policy};
 use crate::repo::{self, CommitOptions};
 use crate::store::{Store, StoreConfig};
 use output::{bytes, print_json};
@@ -125,78 +125,6 @@ fn parse_preset(name: &str) -> Result<Policy, String> {
     })
 }
 
-/// Knobs that adjust a preset.
-#[derive(Debug, Default, Clone, Copy)]
-struct Knobs {
-    alpha: Option<f32>,
-    beta: Option<f32>,
-    bits: Option<u8>,
-    w_step: Option<f32>,
-    m_step: Option<f32>,
-    v_log_step: Option<f32>,
-}
-
-/// `--policy`, with the knobs applied on top: excp's imply excp, the step
-/// knobs turn a tuned preset (balanced unless named) into `custom`.
-fn commit_policy(policy: &Option<Policy>, knobs: Knobs) -> anyhow::Result<Option<Policy>> {
-    let Knobs {
-        alpha,
-        beta,
-        bits,
-        w_step,
-        m_step,
-        v_log_step,
-    } = knobs;
-    let excp_knobs = alpha.is_some() || beta.is_some() || bits.is_some();
-    let tuned_knobs = w_step.is_some() || m_step.is_some() || v_log_step.is_some();
-    if excp_knobs && tuned_knobs {
-        anyhow::bail!(
-            "--alpha/--beta/--bits (excp) and --w-step/--m-step/--v-log-step (tuned) do not mix"
-        );
-    }
-    if tuned_knobs {
-        let base = policy
-            .clone()
-            .unwrap_or_else(|| Policy::preset("balanced").expect("preset"));
-        let Policy::Tuned {
-            w_step: w,
-            m_step: m,
-            v_log_step: v,
-            ..
-        } = base
-        else {
-            anyhow::bail!(
-                "--w-step, --m-step and --v-log-step apply to compact, balanced and faithful only"
-            );
-        };
-        return Ok(Some(Policy::Tuned {
-            preset: "custom".into(),
-            w_step: w_step.unwrap_or(w),
-            m_step: m_step.unwrap_or(m),
-            v_log_step: v_log_step.unwrap_or(v),
-        }));
-    }
-    if !excp_knobs {
-        return Ok(policy.clone());
-    }
-    let base = policy
-        .clone()
-        .unwrap_or_else(|| Policy::preset("excp").expect("preset"));
-    let Policy::Excp {
-        alpha: a,
-        beta: b,
-        bits: n,
-    } = base
-    else {
-        anyhow::bail!("--alpha, --beta and --bits apply to --policy excp only");
-    };
-    Ok(Some(Policy::Excp {
-        alpha: alpha.unwrap_or(a),
-        beta: beta.unwrap_or(b),
-        bits: bits.unwrap_or(n),
-    }))
-}
-
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
@@ -254,7 +182,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 branch: branch.clone(),
                 message: message.clone(),
                 force_keyframe: *keyframe,
-                policy: commit_policy(policy, knobs)?,
+                policy: knobs.apply(policy.clone()).map_err(anyhow::Error::msg)?,
                 lock_wait: Duration::from_secs_f64(cli.wait.max(0.0)),
             };
             let bar = Bar::new(cli.quiet);

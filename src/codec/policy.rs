@@ -102,6 +102,77 @@ impl Policy {
     }
 }
 
+/// Parameters that adjust a preset (the CLI's `--alpha`, `--w-step`, ...).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Knobs {
+    pub alpha: Option<f32>,
+    pub beta: Option<f32>,
+    pub bits: Option<u8>,
+    pub w_step: Option<f32>,
+    pub m_step: Option<f32>,
+    pub v_log_step: Option<f32>,
+}
+
+impl Knobs {
+    /// `policy` (or none: the store's default) with the knobs applied on
+    /// top: excp's knobs imply excp, the step knobs turn a tuned preset
+    /// (balanced unless one is named) into `custom`.
+    pub fn apply(self, policy: Option<Policy>) -> Result<Option<Policy>, String> {
+        let Knobs {
+            alpha,
+            beta,
+            bits,
+            w_step,
+            m_step,
+            v_log_step,
+        } = self;
+        let excp_knobs = alpha.is_some() || beta.is_some() || bits.is_some();
+        let tuned_knobs = w_step.is_some() || m_step.is_some() || v_log_step.is_some();
+        if excp_knobs && tuned_knobs {
+            return Err(
+            "--alpha/--beta/--bits (excp) and --w-step/--m-step/--v-log-step (tuned) do not mix".into()
+        );
+        }
+        if tuned_knobs {
+            let base = policy.unwrap_or_else(|| Policy::preset("balanced").expect("preset"));
+            let Policy::Tuned {
+                w_step: w,
+                m_step: m,
+                v_log_step: v,
+                ..
+            } = base
+            else {
+                return Err(
+                "--w-step, --m-step and --v-log-step apply to compact, balanced and faithful only".into()
+            );
+            };
+            return Ok(Some(Policy::Tuned {
+                preset: "custom".into(),
+                w_step: w_step.unwrap_or(w),
+                m_step: m_step.unwrap_or(m),
+                v_log_step: v_log_step.unwrap_or(v),
+            }));
+        }
+        if !excp_knobs {
+            return Ok(policy);
+        }
+        let base = policy.unwrap_or_else(|| Policy::preset("excp").expect("preset"));
+        let Policy::Excp {
+            alpha: a,
+            beta: b,
+            bits: n,
+        } = base
+        else {
+            return Err("--alpha, --beta and --bits apply to --policy excp only".into());
+        };
+        Ok(Some(Policy::Excp {
+            alpha: alpha.unwrap_or(a),
+            beta: beta.unwrap_or(b),
+            bits: bits.unwrap_or(n),
+        }))
+    }
+}
+
 /// Largest number of samples per tensor used for medians and k-means.
 const MAX_SAMPLES: u64 = 16_384;
 
@@ -448,6 +519,54 @@ mod tests {
             .collect()
     }
 
+    /// Parent weights, weights that moved a little from them, and a momentum.
+    fn moving_weights(n: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let p = series(n, 1, 0.1);
+        let w = p
+            .iter()
+            .zip(series(n, 2, 0.002))
+            .map(|(a, b)| a + b)
+            .collect();
+        (p, w, series(n, 3, 1e-3))
+    }
+
+    #[test]
+    fn knobs_adjust_presets() {
+        let none = Knobs::default();
+        assert_eq!(none.apply(None), Ok(None));
+        let alpha = Knobs {
+            alpha: Some(1e-4),
+            ..none
+        };
+        assert_eq!(
+            alpha.apply(None),
+            Ok(Some(Policy::Excp {
+                alpha: 1e-4,
+                beta: 2.0,
+                bits: 4
+            }))
+        );
+        let step = Knobs {
+            w_step: Some(0.5),
+            ..none
+        };
+        let Ok(Some(Policy::Tuned { preset, w_step, .. })) = step.apply(Policy::preset("faithful"))
+        else {
+            panic!()
+        };
+        assert_eq!((preset.as_str(), w_step), ("custom", 0.5));
+        assert!(step.apply(Policy::preset("excp")).is_err());
+        assert!(alpha.apply(Policy::preset("balanced")).is_err());
+        assert!(
+            Knobs {
+                w_step: Some(1.0),
+                ..alpha
+            }
+            .apply(None)
+            .is_err()
+        );
+    }
+
     #[test]
     fn extreme_v_ratios_are_stored_exactly() {
         let v = [1e30f32, 1e-30, 2.0];
@@ -490,13 +609,7 @@ mod tests {
     #[test]
     fn tuned_errors_are_bounded_and_v_never_zeroed() {
         let n = 10_000;
-        let p = series(n, 1, 0.1);
-        let w: Vec<f32> = p
-            .iter()
-            .zip(series(n, 2, 0.002))
-            .map(|(a, b)| a + b)
-            .collect();
-        let m = series(n, 3, 1e-3);
+        let (p, w, m) = moving_weights(n);
         let vp: Vec<f32> = series(n, 4, 1.0)
             .iter()
             .map(|x| x * x * 1e-6 + 1e-12)
@@ -529,13 +642,7 @@ mod tests {
     #[test]
     fn excp_drops_small_changes_and_zeroes_v_with_m() {
         let n = 10_000;
-        let p = series(n, 1, 0.1);
-        let w: Vec<f32> = p
-            .iter()
-            .zip(series(n, 2, 0.002))
-            .map(|(a, b)| a + b)
-            .collect();
-        let m = series(n, 3, 1e-3);
+        let (p, w, m) = moving_weights(n);
         let v: Vec<f32> = m.iter().map(|x| x * x + 1e-9).collect();
         let policy = Policy::preset("excp").unwrap();
         let input = chunk(&w, &m, &v, &p, &v);
