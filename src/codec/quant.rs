@@ -129,30 +129,42 @@ pub fn reconstruct(q: &Quantized, base: Option<&[f32]>) -> Result<Vec<f32>, Quan
         return Err(QuantError::Invalid("base missing or of the wrong length"));
     }
     let levels = q.levels.table();
-    let mut escapes = q.escapes.iter();
-    let mut out = Vec::with_capacity(q.symbols.len());
-    for (i, &s) in q.symbols.iter().enumerate() {
-        let x = if s == ESCAPE {
-            *escapes
-                .next()
-                .ok_or(QuantError::Invalid("too few escapes"))?
-        } else {
-            let level = *levels
-                .get(s as usize)
-                .ok_or(QuantError::Invalid("symbol without a level"))?;
-            match (q.domain, base) {
-                (Domain::Value, _) => level,
-                (Domain::Residual, Some(b)) => b[i] + level,
-                (Domain::Ratio, Some(b)) => b[i] * level,
-                _ => unreachable!("checked above"),
-            }
-        };
-        out.push(q.float.round(x));
+    if q.symbols
+        .iter()
+        .any(|&s| s != ESCAPE && s as usize >= levels.len())
+    {
+        return Err(QuantError::Invalid("symbol without a level"));
     }
-    if escapes.next().is_some() {
-        return Err(QuantError::Invalid("unused escapes"));
+    if q.symbols.iter().filter(|&&s| s == ESCAPE).count() != q.escapes.len() {
+        return Err(QuantError::Invalid("escape count does not match"));
+    }
+    let base = base.unwrap_or(&[]);
+    // One monomorphized loop per domain: the per-element work is a table
+    // lookup and at most one add or multiply.
+    let mut out = match q.domain {
+        Domain::Value => decode_loop(q, &levels, |_, level| level),
+        Domain::Residual => decode_loop(q, &levels, |i, level| base[i] + level),
+        Domain::Ratio => decode_loop(q, &levels, |i, level| base[i] * level),
+    };
+    if q.float != FloatType::F32 {
+        out.iter_mut().for_each(|x| *x = q.float.round(*x));
     }
     Ok(out)
+}
+
+fn decode_loop(q: &Quantized, levels: &[f32], value: impl Fn(usize, f32) -> f32) -> Vec<f32> {
+    let mut escapes = q.escapes.iter();
+    q.symbols
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            if s == ESCAPE {
+                *escapes.next().expect("escape count checked")
+            } else {
+                value(i, levels[s as usize])
+            }
+        })
+        .collect()
 }
 
 /// Serializes a quantized chunk into `out` (the payload part of a blob).

@@ -70,6 +70,49 @@ fn cumulative(freqs: &[u32; 256]) -> [u32; 257] {
     cum
 }
 
+/// Per-symbol encoder constants. The state update
+/// `x' = (x / f) · 4096 + x mod f + start` is computed as
+/// `x + bias + q · (4096 − f)` with `q = x / f` from a multiply by a
+/// precomputed reciprocal instead of a division (exact for x < 2^31; the
+/// technique of F. Giesen's rans_byte). Frequency 1 uses the reciprocal
+/// 2^32 − 1, which yields `q = x − 1`, folded into the bias.
+struct EncSymbol {
+    limit: u32,
+    rcp_freq: u32,
+    rcp_shift: u32,
+    bias: u32,
+    cmpl_freq: u32,
+}
+
+impl EncSymbol {
+    fn new(start: u32, freq: u32) -> EncSymbol {
+        let limit = ((LOW >> SCALE_BITS) << 8).wrapping_mul(freq);
+        let cmpl_freq = TOTAL - freq;
+        if freq < 2 {
+            return EncSymbol {
+                limit,
+                rcp_freq: u32::MAX,
+                rcp_shift: 0,
+                bias: start + TOTAL - 1,
+                cmpl_freq,
+            };
+        }
+        let shift = 32 - (freq - 1).leading_zeros(); // ceil(log2(freq))
+        EncSymbol {
+            limit,
+            rcp_freq: (1u64 << (shift + 31)).div_ceil(freq as u64) as u32,
+            rcp_shift: shift - 1,
+            bias: start,
+            cmpl_freq,
+        }
+    }
+
+    fn step(&self, state: u32) -> u32 {
+        let q = (((state as u64 * self.rcp_freq as u64) >> 32) as u32) >> self.rcp_shift;
+        state + self.bias + q * self.cmpl_freq
+    }
+}
+
 /// Encodes `symbols`, appending to `out`.
 pub fn encode(symbols: &[u8], out: &mut Vec<u8>) {
     let freqs = normalized_frequencies(symbols);
@@ -81,17 +124,17 @@ pub fn encode(symbols: &[u8], out: &mut Vec<u8>) {
         out.push(s as u8);
         out.extend_from_slice(&(freqs[s] as u16).to_le_bytes());
     }
+    let coders: Vec<EncSymbol> = (0..256).map(|s| EncSymbol::new(cum[s], freqs[s])).collect();
     // rANS encodes back to front; bytes are collected reversed.
     let mut reversed = Vec::with_capacity(symbols.len() / 2 + 8);
     let mut state = LOW;
     for &s in symbols.iter().rev() {
-        let f = freqs[s as usize];
-        let limit = ((LOW >> SCALE_BITS) << 8) * f;
-        while state >= limit {
+        let coder = &coders[s as usize];
+        while state >= coder.limit {
             reversed.push(state as u8);
             state >>= 8;
         }
-        state = ((state / f) << SCALE_BITS) + (state % f) + cum[s as usize];
+        state = coder.step(state);
     }
     reversed.extend_from_slice(&state.to_le_bytes());
     out.extend(reversed.iter().rev());
@@ -181,6 +224,20 @@ mod tests {
         #[test]
         fn round_trips_skewed(symbols in proptest::collection::vec(prop::sample::select(vec![0u8, 0, 0, 0, 0, 0, 0, 1, 2, 255]), 0..5000)) {
             round_trip(&symbols);
+        }
+    }
+
+    #[test]
+    fn reciprocal_step_equals_division() {
+        for freq in [1u32, 2, 3, 5, 7, 100, 1000, 2047, 4095] {
+            let coder = EncSymbol::new(17.min(TOTAL - freq), freq);
+            let limit = ((LOW >> SCALE_BITS) << 8) * freq;
+            let mut x = LOW;
+            while x < limit {
+                let want = ((x / freq) << SCALE_BITS) + x % freq + 17.min(TOTAL - freq);
+                assert_eq!(coder.step(x), want, "freq {freq} x {x}");
+                x += 1 + x / 97;
+            }
         }
     }
 

@@ -44,11 +44,17 @@ impl Loaded {
     }
 }
 
+/// Loads chunk `index` of `group`. With `for_stats`, parent values the
+/// statistics do not use are not read (they cost a cache read, a checksum
+/// and a conversion each): v̂ never, Ŵ only for the ExCP median, which is
+/// the only user of the dW samples; in their place stand the inputs, whose
+/// difference to themselves is zero where finite, as the statistics need.
 fn load(
     session: &Session<'_>,
     plan: &Plan<'_>,
     group: Group,
     index: usize,
+    for_stats: Option<&Policy>,
 ) -> anyhow::Result<Loaded> {
     let parent = session.parent.context("lossy coding needs a parent")?;
     let float = |s: usize| plan.slots[s].float().expect("groups hold float tensors");
@@ -61,13 +67,20 @@ fn load(
                 .chunk(&parent, plan.slots[s].addr(index))?,
         ))
     };
+    let w = input(group.w, floats[0]);
+    let v = input(group.v, floats[2]);
+    let (parent_w, parent_v) = match for_stats {
+        Some(Policy::Excp { .. }) => (recon(group.w, floats[0])?, v.clone()),
+        Some(_) => (w.clone(), v.clone()),
+        None => (recon(group.w, floats[0])?, recon(group.v, floats[2])?),
+    };
     Ok(Loaded {
-        w: input(group.w, floats[0]),
+        w,
         m: input(group.m, floats[1]),
-        v: input(group.v, floats[2]),
-        parent_w: recon(group.w, floats[0])?,
+        v,
+        parent_w,
         parent_m: recon(group.m, floats[1])?,
-        parent_v: recon(group.v, floats[2])?,
+        parent_v,
         floats,
     })
 }
@@ -76,10 +89,11 @@ fn load(
 pub fn chunk_stats(
     session: &Session<'_>,
     plan: &Plan<'_>,
+    policy: &Policy,
     group: Group,
     index: usize,
 ) -> anyhow::Result<GroupStats> {
-    let x = load(session, plan, group, index)?;
+    let x = load(session, plan, group, index, Some(policy))?;
     let w = &plan.slots[group.w];
     let first = index as u64 * (w.chunk_len * 8 / w.info.dtype.bitsize() as u64);
     Ok(GroupStats::of_chunk(first, w.numel(), &x.chunk()))
@@ -101,7 +115,7 @@ pub fn encode_chunk(
     tensor_plan: &TensorPlan,
     index: usize,
 ) -> anyhow::Result<Vec<Encoded>> {
-    let x = load(session, plan, group, index)?;
+    let x = load(session, plan, group, index, None)?;
     let streams = codec::policy::quantize(tensor_plan, &x.chunk());
     let inputs = [&x.w, &x.m, &x.v];
     let mut out = Vec::with_capacity(3);

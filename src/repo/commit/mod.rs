@@ -211,7 +211,8 @@ fn encode_all(
         .par_iter()
         .filter_map(|work| match *work {
             Work::Group { group, index } => Some(
-                lossy::chunk_stats(session, plan, plan.groups[group], index).map(|s| (group, s)),
+                lossy::chunk_stats(session, plan, policy, plan.groups[group], index)
+                    .map(|s| (group, s)),
             ),
             _ => None,
         })
