@@ -5,6 +5,7 @@
 #   ./bench/bench.sh ratio    keyframe codec vs zstd -3 on the fixture tensors
 #   ./bench/bench.sh big      4 GiB synthetic checkpoint: peak RSS and speed of
 #                             commit / checkout vs `cp` of the same files
+#   ./bench/bench.sh lossy    lossy residual commit of a 4 GiB checkpoint (part of big)
 #   ./bench/bench.sh chain    commit time along a growing delta chain
 #   ./bench/bench.sh all      everything (needs ~20 GB free disk under $BENCH_DIR)
 set -euo pipefail
@@ -75,8 +76,15 @@ big() {
     "$ckptvc" --repo "$work/store-b" log
     "$ckptvc" --repo "$work/store-b" stats
     rm -rf "$work/store-b" "$work/out-b"
+    lossy
+}
 
-    echo "== the same two checkpoints, policy balanced (the second is a lossy residual)"
+lossy() {
+    local size=$((4 * 1024 * 1024 * 1024))
+    [ -f "$work/ck-big/model.safetensors" ] || "$bin/examples/make_synthetic" "$work/ck-big" "$size" 1
+    [ -f "$work/ck-big2/model.safetensors" ] || "$bin/examples/make_synthetic" "$work/ck-big2" "$size" 2
+    rm -rf "$work/store-l" "$work/copy-b"
+    echo "== the 4 GiB checkpoints, policy balanced (the second is a lossy residual)"
     "$ckptvc" --repo "$work/store-l" init --policy balanced
     "$ckptvc" --repo "$work/store-l" --quiet commit "$work/ck-big" --step 100 >/dev/null
     local cp3_s; cp3_s=$(seconds cp -r "$work/ck-big2" "$work/copy-b"); rm -rf "$work/copy-b"
@@ -110,6 +118,7 @@ chain() {
 case "${1:-all}" in
     ratio) ratio ;;
     big) big ;;
+    lossy) lossy ;;
     chain) chain ;;
     all) ratio; chain; big ;;
     *) echo "usage: $0 ratio|big|chain|all" >&2; exit 2 ;;
