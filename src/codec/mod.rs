@@ -23,6 +23,9 @@ use serde::{Deserialize, Serialize};
 /// Version of the blob header layout.
 pub const BLOB_VERSION: u8 = 1;
 const HEADER_LEN: usize = 11;
+/// Chunks are a few MiB; a header claiming more is damaged, and believing it
+/// would mean allocating that much before finding out.
+pub const MAX_RAW_LEN: u64 = 1 << 30;
 /// zstd level for all codecs: level 3 keeps commit well above disk speed on
 /// two cores; higher levels gain little on float bytes (docs/benchmarks.md).
 const ZSTD_LEVEL: i32 = 3;
@@ -107,6 +110,8 @@ pub enum CodecError {
     UnknownCodec(u8),
     #[error("invalid element size {0}")]
     ElementSize(u8),
+    #[error("implausible raw length {0} (chunks are at most {MAX_RAW_LEN} bytes)")]
+    RawLength(u64),
     #[error("{0} blob needs its base chunk, none was given")]
     MissingBase(Codec),
     #[error("base chunk is {base} bytes but the blob encodes {raw} bytes")]
@@ -139,10 +144,14 @@ impl BlobHeader {
         if !matches!(blob[2], 1 | 2 | 4 | 8) {
             return Err(CodecError::ElementSize(blob[2]));
         }
+        let raw_len = u64::from_le_bytes(blob[3..11].try_into().expect("8 bytes"));
+        if raw_len > MAX_RAW_LEN {
+            return Err(CodecError::RawLength(raw_len));
+        }
         Ok(BlobHeader {
             codec,
             elem_size: blob[2] as usize,
-            raw_len: u64::from_le_bytes(blob[3..11].try_into().expect("8 bytes")),
+            raw_len,
         })
     }
 
@@ -232,8 +241,8 @@ fn decode_quant(
     payload: &[u8],
     base: Option<&[u8]>,
 ) -> Result<Vec<u8>, CodecError> {
-    let q = quant::read_payload(payload)?;
     let raw_len = header.raw_len as usize;
+    let q = quant::read_payload(payload, raw_len / header.elem_size)?;
     if q.symbols.len() * q.float.size() != raw_len {
         return Err(CodecError::Length {
             got: q.symbols.len() * q.float.size(),
@@ -372,6 +381,30 @@ mod tests {
             let base: Vec<u8> = base.into_iter().cycle().take(raw.len()).collect();
             if base.len() == raw.len() {
                 prop_assert_eq!(decode(&encode_xor_delta(&raw, &base, 4), Some(&base)).unwrap(), raw);
+            }
+        }
+
+        #[test]
+        fn damaged_blobs_are_errors_not_panics(
+            raw in proptest::collection::vec(any::<f32>(), 1..300),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+            cut in any::<usize>(),
+        ) {
+            let q = quant::Quantized {
+                domain: quant::Domain::Residual,
+                float: float::FloatType::F32,
+                levels: quant::Levels::Linear(0.01),
+                symbols: raw.iter().map(|x| if x.is_finite() { 127 } else { quant::ESCAPE }).collect(),
+                escapes: raw.iter().copied().filter(|x| !x.is_finite()).collect(),
+            };
+            let base: Vec<u8> = raw.iter().flat_map(|x| x.to_le_bytes()).collect();
+            for mut blob in [encode_quant(&q), encode_keyframe(&base, 4), encode_xor_delta(&base, &base, 4)] {
+                for &(at, bits) in &flips {
+                    let n = blob.len();
+                    blob[at % n] ^= bits;
+                }
+                let _ = decode(&blob, Some(&base));
+                let _ = decode(&blob[..cut % blob.len()], Some(&base));
             }
         }
 

@@ -179,7 +179,9 @@ pub fn write_payload(q: &Quantized, out: &mut Vec<u8>) {
     rans::encode(&q.symbols, out);
 }
 
-pub fn read_payload(bytes: &[u8]) -> Result<Quantized, QuantError> {
+/// Parses a payload that must hold `expected` symbols (known from the blob
+/// header), which bounds the work spent on a damaged one.
+pub fn read_payload(bytes: &[u8], expected: usize) -> Result<Quantized, QuantError> {
     let mut pos = 0;
     let mut take = |n: usize| -> Result<&[u8], QuantError> {
         let slice = bytes.get(pos..pos + n).ok_or(QuantError::Truncated)?;
@@ -201,10 +203,13 @@ pub fn read_payload(bytes: &[u8]) -> Result<Quantized, QuantError> {
         _ => return Err(QuantError::Invalid("level kind")),
     };
     let n_escapes = u32::from_le_bytes(take(4)?.try_into().expect("4")) as usize;
+    if n_escapes > expected {
+        return Err(QuantError::Invalid("more escapes than elements"));
+    }
     let escapes = f32s(take(
         n_escapes.checked_mul(4).ok_or(QuantError::Truncated)?,
     )?);
-    let (symbols, used) = rans::decode(&bytes[pos..])?;
+    let (symbols, used) = rans::decode(&bytes[pos..], expected)?;
     if pos + used != bytes.len() {
         return Err(QuantError::Invalid("trailing bytes"));
     }
@@ -239,7 +244,7 @@ mod tests {
         };
         let mut bytes = Vec::new();
         write_payload(&q, &mut bytes);
-        let back = read_payload(&bytes).unwrap();
+        let back = read_payload(&bytes, 5).unwrap();
         assert_eq!(back.symbols, q.symbols);
         assert!(back.escapes[0].is_nan());
         let base = [1.0, 1.0, 1.0, 1.0, 2.0];
@@ -248,8 +253,9 @@ mod tests {
         assert!(x[3].is_nan());
         assert_eq!(x[4], 2.5);
         assert!(reconstruct(&back, None).is_err());
+        assert!(read_payload(&bytes, 6).is_err(), "symbol count is checked");
         assert_eq!(
-            read_payload(&bytes[..bytes.len() - 1]).unwrap_err(),
+            read_payload(&bytes[..bytes.len() - 1], 5).unwrap_err(),
             QuantError::Rans(rans::RansError::Truncated)
         );
     }

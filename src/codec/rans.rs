@@ -23,6 +23,8 @@ pub enum RansError {
     BadTable,
     #[error("rANS stream is corrupt")]
     Corrupt,
+    #[error("rANS stream holds {found} symbols, {expected} expected")]
+    Count { found: usize, expected: usize },
 }
 
 /// Frequencies scaled to sum to `TOTAL`, every present symbol at least 1.
@@ -140,11 +142,14 @@ pub fn encode(symbols: &[u8], out: &mut Vec<u8>) {
     out.extend(reversed.iter().rev());
 }
 
-/// Decodes a stream made by [`encode`]; returns the symbols and the number of
-/// bytes consumed.
-pub fn decode(bytes: &[u8]) -> Result<(Vec<u8>, usize), RansError> {
+/// Decodes a stream made by [`encode`] that must hold `expected` symbols;
+/// returns the symbols and the number of bytes consumed.
+pub fn decode(bytes: &[u8], expected: usize) -> Result<(Vec<u8>, usize), RansError> {
     let take = |at: usize, n: usize| bytes.get(at..at + n).ok_or(RansError::Truncated);
     let n = u32::from_le_bytes(take(0, 4)?.try_into().expect("4")) as usize;
+    if n != expected {
+        return Err(RansError::Count { found: n, expected });
+    }
     let k = u16::from_le_bytes(take(4, 2)?.try_into().expect("2")) as usize;
     let mut pos = 6;
     let mut freqs = [0u32; 256];
@@ -209,7 +214,7 @@ mod tests {
     fn round_trip(symbols: &[u8]) -> usize {
         let mut out = vec![0xee]; // a prefix, to check offsets
         encode(symbols, &mut out);
-        let (decoded, used) = decode(&out[1..]).unwrap();
+        let (decoded, used) = decode(&out[1..], symbols.len()).unwrap();
         assert_eq!(decoded, symbols);
         assert_eq!(used, out.len() - 1);
         out.len() - 1
@@ -268,11 +273,18 @@ mod tests {
         let mut out = Vec::new();
         encode(&[1, 2, 3, 1, 2, 3, 0, 0, 0, 9], &mut out);
         assert_eq!(
-            decode(&out[..out.len() - 1]).unwrap_err(),
+            decode(&out[..out.len() - 1], 10).unwrap_err(),
             RansError::Truncated
         );
         let mut bad = out.clone();
         bad[7] ^= 0xff; // a frequency
-        assert!(decode(&bad).is_err());
+        assert!(decode(&bad, 10).is_err());
+        assert_eq!(
+            decode(&out, 11).unwrap_err(),
+            RansError::Count {
+                found: 10,
+                expected: 11
+            }
+        );
     }
 }
