@@ -217,43 +217,64 @@ fn nan_and_inf_stay_put() {
     }
 }
 
-/// A copy of fixture `step` whose weights (not the optimizer state) are bf16.
-fn bf16_fixture(env: &Env, step: u64) -> std::path::PathBuf {
-    let dir = env.path(&format!("bf16-{step}"));
-    copy_dir(&fixture(step), &dir);
-    let bytes = std::fs::read(fixture(step).join("model.safetensors")).unwrap();
+/// Rewrites the safetensors file at `path`, tensor by tensor (in name order):
+/// `edit` returns the new dtype, shape and bytes of each.
+fn rewrite_safetensors(
+    path: &Path,
+    edit: impl Fn(&str, &safetensors::tensor::TensorView<'_>) -> (&'static str, Vec<usize>, Vec<u8>),
+) {
+    let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
     let mut header = serde_json::Map::new();
     let mut data = Vec::new();
-    let mut names: Vec<_> = st.names().into_iter().map(String::from).collect();
-    names.sort();
     for name in names {
-        let view = st.tensor(&name).unwrap();
-        let (dtype, payload): (&str, Vec<u8>) = if view.dtype() == safetensors::Dtype::F32 {
-            let converted = view
-                .data()
-                .chunks_exact(4)
-                .flat_map(|b| {
-                    half::bf16::from_f32(f32::from_le_bytes(b.try_into().unwrap())).to_le_bytes()
-                })
-                .collect();
-            ("BF16", converted)
-        } else {
-            // The fixture's only other dtype: the position_ids buffer.
-            ("I64", view.data().to_vec())
-        };
+        let (dtype, shape, payload) = edit(&name, &st.tensor(&name).unwrap());
         let begin = data.len();
         data.extend_from_slice(&payload);
         header.insert(
             name,
-            serde_json::json!({"dtype": dtype, "shape": view.shape(), "data_offsets": [begin, data.len()]}),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [begin, data.len()]}),
         );
     }
     let json = serde_json::to_string(&header).unwrap();
-    let mut file = (json.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(json.as_bytes());
-    file.extend_from_slice(&data);
-    std::fs::write(dir.join("model.safetensors"), file).unwrap();
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(&data);
+    std::fs::write(path, out).unwrap();
+}
+
+/// The fixture's dtypes by name: F32 tensors and the I64 position_ids buffer.
+fn dtype_name(view: &safetensors::tensor::TensorView<'_>) -> &'static str {
+    if view.dtype() == safetensors::Dtype::F32 {
+        "F32"
+    } else {
+        "I64"
+    }
+}
+
+/// A copy of fixture `step` whose weights (not the optimizer state) are bf16.
+fn bf16_fixture(env: &Env, step: u64) -> std::path::PathBuf {
+    let dir = env.path(&format!("bf16-{step}"));
+    copy_dir(&fixture(step), &dir);
+    rewrite_safetensors(&dir.join("model.safetensors"), |_, view| {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return (
+                dtype_name(view),
+                view.shape().to_vec(),
+                view.data().to_vec(),
+            );
+        }
+        let bf16 = view
+            .data()
+            .chunks_exact(4)
+            .flat_map(|b| {
+                half::bf16::from_f32(f32::from_le_bytes(b.try_into().unwrap())).to_le_bytes()
+            })
+            .collect();
+        ("BF16", view.shape().to_vec(), bf16)
+    });
     dir
 }
 
@@ -294,4 +315,42 @@ fn bf16_weights_are_reconstructed_in_bf16() {
         (entry["rel_error"].as_f64().unwrap() - err).abs() < 1e-4,
         "{entry} vs {err}"
     );
+}
+
+#[test]
+fn a_tensor_whose_shape_changed_is_stored_losslessly() {
+    let env = Env::init_with(&["--policy", "balanced"]);
+    env.commit(&fixture(20), 20);
+    // Step 40 with head.weight (and its moments) cut to half its rows: the
+    // parent has no tensor of that shape to take a residual against.
+    let dir = env.path("reshaped");
+    copy_dir(&fixture(40), &dir);
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        rewrite_safetensors(&dir.join(file), |name, view| {
+            if name.starts_with("head.weight") {
+                let half = view.data().len() / 2;
+                let shape = vec![view.shape()[0] / 2, view.shape()[1]];
+                (dtype_name(view), shape, view.data()[..half].to_vec())
+            } else {
+                (
+                    dtype_name(view),
+                    view.shape().to_vec(),
+                    view.data().to_vec(),
+                )
+            }
+        });
+    }
+    env.commit(&dir, 40);
+    let show = env.json(&["show", "40"]);
+    for entry in show["entries"].as_array().unwrap() {
+        let name = entry["tensor"].as_str().unwrap_or_default();
+        if name.starts_with("head.weight") {
+            assert_eq!(entry["codecs"][0], "keyframe", "{name}");
+            assert_eq!(entry["rel_error"], 0.0);
+        } else if name == "blocks.0.mlp.0.weight" {
+            assert_eq!(entry["codecs"][0], "quant-delta");
+        }
+    }
+    let out = env.checkout("40", "out");
+    assert_eq!(tensors(&out)["head.weight"], tensors(&dir)["head.weight"]);
 }
