@@ -194,9 +194,8 @@ pub struct GroupStats {
 }
 
 impl GroupStats {
-    /// Statistics of one chunk starting at element `first` of a tensor;
-    /// `numel` is the number of elements the statistics cover in all (it sets
-    /// the sampling stride). Non-finite elements are left out.
+    /// Statistics of one chunk starting at element `first` of a tensor of
+    /// `numel` elements. Non-finite elements are left out.
     pub fn of_chunk(first: u64, numel: u64, chunk: &GroupChunk<'_>) -> GroupStats {
         let stride = numel.div_ceil(MAX_SAMPLES).max(1);
         let mut stats = GroupStats::default();

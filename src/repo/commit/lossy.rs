@@ -85,18 +85,6 @@ fn load(
     })
 }
 
-/// Chunks of a tensor the statistics are taken from. Means and a sample of
-/// a few million elements spread over the tensor plan a quantizer as well as
-/// all of them, and reading every chunk twice cost a third of a commit.
-pub const MAX_STATS_CHUNKS: usize = 4;
-
-/// Whether chunk `index` of a tensor of `count` chunks feeds the statistics:
-/// `MAX_STATS_CHUNKS` evenly spaced ones (all of them for small tensors).
-pub fn is_stats_chunk(index: usize, count: usize) -> bool {
-    count <= MAX_STATS_CHUNKS
-        || (0..MAX_STATS_CHUNKS).any(|k| k * count / MAX_STATS_CHUNKS == index)
-}
-
 /// Statistics of chunk `index` of `group`.
 pub fn chunk_stats(
     session: &Session<'_>,
@@ -107,15 +95,8 @@ pub fn chunk_stats(
 ) -> anyhow::Result<GroupStats> {
     let x = load(session, plan, group, index, Some(policy))?;
     let w = &plan.slots[group.w];
-    // Elements covered by the statistics chunks (approximately, for the
-    // sampling stride).
-    let per_chunk = w.chunk_len * 8 / w.info.dtype.bitsize() as u64;
-    let sampled = w.numel().min(per_chunk * MAX_STATS_CHUNKS as u64);
-    Ok(GroupStats::of_chunk(
-        index as u64 * per_chunk,
-        sampled,
-        &x.chunk(),
-    ))
+    let first = index as u64 * (w.chunk_len * 8 / w.info.dtype.bitsize() as u64);
+    Ok(GroupStats::of_chunk(first, w.numel(), &x.chunk()))
 }
 
 /// Plans a group from the statistics of all its chunks, in chunk order.
@@ -173,21 +154,4 @@ fn squared_error(input: &[f32], recon: &[f32]) -> (f64, f64) {
             let d = (y - x) as f64;
             (e + d * d, n + (x as f64) * (x as f64))
         })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn statistics_chunks_are_spread_over_the_tensor() {
-        let picked = |count| {
-            (0..count)
-                .filter(|&i| is_stats_chunk(i, count))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(picked(3), [0, 1, 2]);
-        assert_eq!(picked(16), [0, 4, 8, 12]);
-        assert_eq!(picked(6), [0, 1, 3, 4]);
-    }
 }

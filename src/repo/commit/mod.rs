@@ -210,14 +210,10 @@ fn encode_all(
         .work
         .par_iter()
         .filter_map(|work| match *work {
-            Work::Group { group, index }
-                if lossy::is_stats_chunk(index, plan.slots[plan.groups[group].w].chunk_count()) =>
-            {
-                Some(
-                    lossy::chunk_stats(session, plan, policy, plan.groups[group], index)
-                        .map(|s| (group, s)),
-                )
-            }
+            Work::Group { group, index } => Some(
+                lossy::chunk_stats(session, plan, policy, plan.groups[group], index)
+                    .map(|s| (group, s)),
+            ),
             _ => None,
         })
         .collect::<anyhow::Result<_>>()?;
