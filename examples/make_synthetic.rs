@@ -34,7 +34,8 @@ impl Rng {
 
 const TENSOR_BYTES: u64 = 64 << 20;
 
-fn write_file(path: &Path, tensors: &[(String, u64)], fill: &dyn Fn(usize, &mut [f32])) {
+/// `fill(tensor, block, buffer)` fills one block of one tensor.
+fn write_file(path: &Path, tensors: &[(String, u64)], fill: &dyn Fn(usize, usize, &mut [f32])) {
     let mut header = serde_json::Map::new();
     let mut offset = 0u64;
     for (name, elements) in tensors {
@@ -57,7 +58,7 @@ fn write_file(path: &Path, tensors: &[(String, u64)], fill: &dyn Fn(usize, &mut 
         let mut block = 0;
         while left > 0 {
             let n = left.min(buf.len());
-            fill(index * 1_000_003 + block, &mut buf[..n]);
+            fill(index, block, &mut buf[..n]);
             let bytes: Vec<u8> = buf[..n].iter().flat_map(|x| x.to_le_bytes()).collect();
             out.write_all(&bytes).unwrap();
             left -= n;
@@ -94,22 +95,33 @@ fn main() {
         })
         .collect();
 
-    write_file(&out.join("model.safetensors"), &names, &|block, buf| {
-        let mut base = Rng(block as u64 * 2 + 1);
-        let mut drift = Rng((block as u64 + 7) * 1_000_033 + version);
-        for x in buf.iter_mut() {
-            let w = base.normal() * 0.02;
-            *x = w + drift.normal() * 1e-4 * version as f32;
-        }
-    });
-    write_file(&out.join("optimizer.safetensors"), &opt, &|block, buf| {
-        let mut rng = Rng((block as u64 + 3) * 7_919 + version * 31);
-        let is_sq = block % 2 == 1;
-        for x in buf.iter_mut() {
-            let m = rng.normal() * 1e-4;
-            *x = if is_sq { m * m + 1e-12 } else { m };
-        }
-    });
+    write_file(
+        &out.join("model.safetensors"),
+        &names,
+        &|tensor, block, buf| {
+            let seed = (tensor * 1_000_003 + block) as u64;
+            let mut base = Rng(seed * 2 + 1);
+            let mut drift = Rng((seed + 7) * 1_000_033 + version);
+            for x in buf.iter_mut() {
+                let w = base.normal() * 0.02;
+                *x = w + drift.normal() * 1e-4 * version as f32;
+            }
+        },
+    );
+    // Tensors alternate exp_avg, exp_avg_sq: v is the square of an m-like draw.
+    write_file(
+        &out.join("optimizer.safetensors"),
+        &opt,
+        &|tensor, block, buf| {
+            let seed = (tensor * 1_000_003 + block) as u64;
+            let mut rng = Rng((seed + 3) * 7_919 + version * 31);
+            let is_sq = tensor % 2 == 1;
+            for x in buf.iter_mut() {
+                let m = rng.normal() * 1e-4;
+                *x = if is_sq { m * m + 1e-12 } else { m };
+            }
+        },
+    );
     std::fs::write(
         out.join("meta.json"),
         format!("{{\"step\": {}, \"synthetic\": true}}\n", version * 100),
