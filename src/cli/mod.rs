@@ -65,6 +65,7 @@ enum Command {
         /// Branch to commit to (default: the current branch).
         #[arg(long)]
         branch: Option<String>,
+        /// A note kept with the commit.
         #[arg(long, short, default_value = "")]
         message: String,
         /// Encode every chunk standalone and losslessly, starting a new chain.
