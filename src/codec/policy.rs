@@ -379,9 +379,10 @@ pub fn quantize(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> [Quantized; 3] {
             m_centres,
             v_centres,
         } => {
-            let mut w = codebook_stream(Domain::Residual, chunk.w_float, w_centres);
-            let mut m = codebook_stream(Domain::Value, chunk.m_float, m_centres);
-            let mut v = codebook_stream(Domain::Value, chunk.v_float, v_centres);
+            let n = chunk.w.len();
+            let mut w = codebook_stream(Domain::Residual, chunk.w_float, w_centres, n);
+            let mut m = codebook_stream(Domain::Value, chunk.m_float, m_centres, n);
+            let mut v = codebook_stream(Domain::Value, chunk.v_float, v_centres, n);
             for i in 0..chunk.w.len() {
                 let dw = chunk.w[i] - chunk.parent_w[i];
                 let keep_w = dw.abs() > *w_threshold;
@@ -398,14 +399,15 @@ pub fn quantize(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> [Quantized; 3] {
             m_residual,
             v_log_step,
         } => {
-            let mut w = uniform_stream(Domain::Residual, chunk.w_float, Levels::Linear(*w_step));
+            let n = chunk.w.len();
+            let mut w = uniform_stream(Domain::Residual, chunk.w_float, Levels::Linear(*w_step), n);
             let m_domain = if *m_residual {
                 Domain::Residual
             } else {
                 Domain::Value
             };
-            let mut m = uniform_stream(m_domain, chunk.m_float, Levels::Linear(*m_step));
-            let mut v = uniform_stream(Domain::Ratio, chunk.v_float, Levels::Exp(*v_log_step));
+            let mut m = uniform_stream(m_domain, chunk.m_float, Levels::Linear(*m_step), n);
+            let mut v = uniform_stream(Domain::Ratio, chunk.v_float, Levels::Exp(*v_log_step), n);
             for i in 0..chunk.w.len() {
                 push_uniform(&mut w, *w_step, chunk.w[i] - chunk.parent_w[i], chunk.w[i]);
                 let coded_m = if *m_residual {
@@ -434,14 +436,14 @@ pub fn quantize(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> [Quantized; 3] {
     }
 }
 
-fn codebook_stream(domain: Domain, float: FloatType, centres: &[f32]) -> Quantized {
+fn codebook_stream(domain: Domain, float: FloatType, centres: &[f32], len: usize) -> Quantized {
     let mut levels = vec![0.0];
     levels.extend_from_slice(centres);
     Quantized {
         domain,
         float,
         levels: Levels::Table(levels),
-        symbols: Vec::new(),
+        symbols: Vec::with_capacity(len),
         escapes: Vec::new(),
     }
 }
@@ -459,12 +461,12 @@ fn push_codebook(q: &mut Quantized, centres: &[f32], coded: f32, exact: f32, kee
     }
 }
 
-fn uniform_stream(domain: Domain, float: FloatType, levels: Levels) -> Quantized {
+fn uniform_stream(domain: Domain, float: FloatType, levels: Levels, len: usize) -> Quantized {
     Quantized {
         domain,
         float,
         levels,
-        symbols: Vec::new(),
+        symbols: Vec::with_capacity(len),
         escapes: Vec::new(),
     }
 }
