@@ -474,12 +474,27 @@ fn uniform_stream(domain: Domain, float: FloatType, levels: Levels, len: usize) 
 /// Quantizes `coded` with `step`, or stores `exact` as an escape when the
 /// level is out of range or not finite.
 fn push_uniform(q: &mut Quantized, step: f32, coded: f32, exact: f32) {
-    let level = (coded / step).round();
-    if step > 0.0 && level.is_finite() && level.abs() <= MAX_LEVEL as f32 {
-        q.symbols.push((level as i32 + MAX_LEVEL) as u8);
+    let t = coded / step;
+    // |round(t)| <= 127 exactly when |t| < 127.5 (false for NaN).
+    if step > 0.0 && t.abs() < MAX_LEVEL as f32 + 0.5 {
+        q.symbols.push((round_half_away(t) + MAX_LEVEL) as u8);
     } else {
         q.symbols.push(ESCAPE);
         q.escapes.push(exact);
+    }
+}
+
+/// `t.round()` for |t| < 2^23 without a libm call (the hot loop of lossy
+/// commits): truncation is one instruction and `t − trunc(t)` is exact there.
+fn round_half_away(t: f32) -> i32 {
+    let whole = t as i32;
+    let fraction = t - whole as f32;
+    if fraction >= 0.5 {
+        whole + 1
+    } else if fraction <= -0.5 {
+        whole - 1
+    } else {
+        whole
     }
 }
 
@@ -487,6 +502,32 @@ fn push_uniform(q: &mut Quantized, step: f32, coded: f32, exact: f32) {
 mod tests {
     use super::*;
     use crate::codec::quant::reconstruct;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn round_half_away_matches_round(t in -200.0f32..200.0) {
+            prop_assert_eq!(round_half_away(t), t.round() as i32);
+        }
+    }
+
+    #[test]
+    fn round_half_away_on_ties() {
+        for t in [
+            0.5f32,
+            -0.5,
+            1.5,
+            -1.5,
+            126.5,
+            -126.5,
+            0.49999997,
+            -0.49999997,
+            0.0,
+            -0.0,
+        ] {
+            assert_eq!(round_half_away(t), t.round() as i32, "{t}");
+        }
+    }
 
     fn chunk<'a>(
         w: &'a [f32],
