@@ -41,19 +41,32 @@ impl InputFile {
         self.len() == 0
     }
 
-    /// Tells the kernel that `[offset, offset+len)` will not be read again, so
-    /// the pages leave this process's resident set: memory then stays bounded by
-    /// the chunks in flight, not by the size of the checkpoint.
-    pub fn release(&self, offset: usize, len: usize) {
-        if let Some(map) = &self.map {
-            release_pages(map, offset, len);
+    /// A private copy of `[offset, offset+len)`, whose pages then leave this
+    /// process's resident set (see [`copy_out`]). Panics if out of range.
+    pub fn copy_out(&self, offset: usize, len: usize) -> Vec<u8> {
+        match &self.map {
+            Some(map) => copy_out(map, offset, len).expect("range inside the file"),
+            None => {
+                assert_eq!(offset + len, 0, "range inside the empty file");
+                Vec::new()
+            }
         }
     }
 }
 
-/// Drops the pages of `map` in `[offset, offset+len)` from this process's
-/// resident set (`MADV_DONTNEED`), start rounded up to a page boundary.
-pub fn release_pages(map: &Mmap, offset: usize, len: usize) {
+/// A private copy of `[offset, offset+len)` of `map` (`None` if out of
+/// range). Each region is read once, so its pages are then dropped from this
+/// process's resident set: memory stays bounded by the chunks in flight, not
+/// by the size of the file.
+pub fn copy_out(map: &Mmap, offset: usize, len: usize) -> Option<Vec<u8>> {
+    let bytes = map.get(offset..offset.checked_add(len)?)?.to_vec();
+    release_pages(map, offset, len);
+    Some(bytes)
+}
+
+/// Drops the pages of `map` in `[offset, offset+len)` (`MADV_DONTNEED`),
+/// start rounded up to a page boundary.
+fn release_pages(map: &Mmap, offset: usize, len: usize) {
     const PAGE: usize = 4096;
     let start = offset.div_ceil(PAGE) * PAGE;
     let end = (offset + len).min(map.len());

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use crate::format::release_pages;
+use crate::format::copy_out;
 use crate::store::{ChunkRef, CommitRecord, ObjectId};
 
 /// Where each tensor's first chunk sits in a cache file, keyed by (file, tensor).
@@ -123,8 +123,7 @@ impl CacheReader {
     ) -> Option<Vec<u8>> {
         let offset = self.layout.chunk_offset(file, tensor, index)? as usize;
         let len = chunk.raw_len as usize;
-        let bytes = self.map.get(offset..offset + len)?.to_vec();
-        release_pages(&self.map, offset, len);
+        let bytes = copy_out(&self.map, offset, len)?;
         (ObjectId::of(&bytes) == chunk.raw_hash).then_some(bytes)
     }
 }

@@ -19,9 +19,7 @@ pub fn encode_opaque(
     offset: u64,
     len: u64,
 ) -> anyhow::Result<Encoded> {
-    let (offset, len) = (offset as usize, len as usize);
-    let raw = file.bytes()[offset..offset + len].to_vec();
-    file.release(offset, len);
+    let raw = file.copy_out(offset as usize, len as usize);
     let blob = codec::encode_zstd(&raw);
     session.finish_chunk((key.0, OPAQUE, key.1), &raw, blob, None, None)
 }

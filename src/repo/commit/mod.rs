@@ -126,7 +126,10 @@ pub fn commit(
     let (store, target) =
         Store::open_write(root, options.lock_wait, |view| check_target(view, options))?;
     let config = store.config()?;
-    let policy = options.policy.clone().unwrap_or(config.policy.clone());
+    let policy = options
+        .policy
+        .clone()
+        .unwrap_or_else(|| config.policy.clone());
     let parent_record = target.parent.as_ref().map(|(_, r)| r);
     let keyframe = options.force_keyframe
         || parent_record.is_none_or(|p| needs_keyframe(p, checkpoint.total_bytes(), &config));
@@ -162,7 +165,8 @@ pub fn commit(
     let (new_blobs, stored_bytes) = new_blob_totals(&encoded);
     store.flush_blobs()?;
 
-    let errors = error_totals(&plan, &encoded);
+    let tensor_errors = tensor_errors(&encoded);
+    let errors = error_totals(&plan, &tensor_errors);
     let record = CommitRecord {
         version: COMMIT_VERSION,
         parents: session.parent.into_iter().collect(),
@@ -182,7 +186,7 @@ pub fn commit(
         input_bytes: checkpoint.total_bytes(),
         stored_bytes,
         errors,
-        files: assemble_manifest(&checkpoint, encoded),
+        files: assemble_manifest(&checkpoint, encoded, &tensor_errors),
     };
     let id = store.publish_commit(&record)?;
 
@@ -338,8 +342,11 @@ fn new_blob_totals(encoded: &[Encoded]) -> (u64, u64) {
         .fold((0, 0), |(n, bytes), e| (n + 1, bytes + e.chunk.stored_len))
 }
 
-/// Relative L2 error per tensor, keyed by (file index, tensor index).
-fn tensor_errors(encoded: &[Encoded]) -> BTreeMap<(usize, usize), (f64, f64)> {
+/// (Σ squared error, Σ squared input) per lossy tensor, keyed by
+/// (file index, tensor index).
+type ErrorSums = BTreeMap<(usize, usize), (f64, f64)>;
+
+fn tensor_errors(encoded: &[Encoded]) -> ErrorSums {
     let mut sums = BTreeMap::new();
     for e in encoded {
         if let Some((err, norm)) = e.error {
@@ -360,8 +367,7 @@ fn relative(err: f64, norm: f64) -> f32 {
 }
 
 /// Relative L2 errors of all lossy-coded W, m and v together.
-fn error_totals(plan: &Plan<'_>, encoded: &[Encoded]) -> ErrorTotals {
-    let sums = tensor_errors(encoded);
+fn error_totals(plan: &Plan<'_>, sums: &ErrorSums) -> ErrorTotals {
     let role_total = |pick: fn(&plan::Group) -> usize| {
         let (err, norm) = plan.groups.iter().fold((0.0, 0.0), |acc, g| {
             let slot = &plan.slots[pick(g)];
@@ -381,8 +387,11 @@ fn error_totals(plan: &Plan<'_>, encoded: &[Encoded]) -> ErrorTotals {
 }
 
 /// Puts the encoded chunks back into files and tensors.
-fn assemble_manifest(checkpoint: &Checkpoint, encoded: Vec<Encoded>) -> Vec<FileEntry> {
-    let errors = tensor_errors(&encoded);
+fn assemble_manifest(
+    checkpoint: &Checkpoint,
+    encoded: Vec<Encoded>,
+    errors: &ErrorSums,
+) -> Vec<FileEntry> {
     let mut chunks: BTreeMap<(usize, usize, usize), ChunkRef> =
         encoded.into_iter().map(|e| (e.key, e.chunk)).collect();
     let mut take = |file: usize, tensor: usize| -> Vec<ChunkRef> {

@@ -72,10 +72,7 @@ impl TensorSlot<'_> {
     /// A private copy of chunk `index` of the input; its pages are released.
     pub fn read(&self, index: usize) -> Vec<u8> {
         let (offset, len) = self.chunk_range(index);
-        let (offset, len) = (offset as usize, len as usize);
-        let bytes = self.file.bytes()[offset..offset + len].to_vec();
-        self.file.release(offset, len);
-        bytes
+        self.file.copy_out(offset as usize, len as usize)
     }
 
     pub fn float(&self) -> Option<FloatType> {
