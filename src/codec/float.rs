@@ -45,33 +45,25 @@ impl FloatType {
     /// Little-endian bytes → f32 (whole elements only).
     pub fn to_f32(self, bytes: &[u8]) -> Vec<f32> {
         match self {
-            FloatType::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            FloatType::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            FloatType::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+            FloatType::F32 => unpack(bytes, |b: [u8; 4]| f32::from_le_bytes(b)),
+            FloatType::BF16 => unpack(bytes, |b| half::bf16::from_le_bytes(b).to_f32()),
+            FloatType::F16 => unpack(bytes, |b| half::f16::from_le_bytes(b).to_f32()),
         }
     }
 
     /// f32 → little-endian bytes, rounding to nearest even.
     pub fn from_f32(self, values: &[f32]) -> Vec<u8> {
         match self {
-            FloatType::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            FloatType::BF16 => values
-                .iter()
-                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-                .collect(),
-            FloatType::F16 => values
-                .iter()
-                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-                .collect(),
+            FloatType::F32 => {
+                // Not `flat_map(..).collect()`: this form compiles to a copy.
+                let mut out = vec![0u8; values.len() * 4];
+                for (o, x) in out.chunks_exact_mut(4).zip(values) {
+                    o.copy_from_slice(&x.to_le_bytes());
+                }
+                out
+            }
+            FloatType::BF16 => pack16(values, |x| half::bf16::from_f32(x).to_le_bytes()),
+            FloatType::F16 => pack16(values, |x| half::f16::from_f32(x).to_le_bytes()),
         }
     }
 
@@ -83,4 +75,22 @@ impl FloatType {
             FloatType::F16 => half::f16::from_f32(x).to_f32(),
         }
     }
+}
+/// Little-endian values of `N` bytes each, converted. An explicit loop into
+/// a sized buffer, not `collect()`: for f32 this compiles to a copy.
+fn unpack<const N: usize>(bytes: &[u8], convert: impl Fn([u8; N]) -> f32) -> Vec<f32> {
+    let mut out = vec![0f32; bytes.len() / N];
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(N)) {
+        *o = convert(b.try_into().expect("chunks of N bytes"));
+    }
+    out
+}
+
+/// 16-bit values packed into little-endian bytes.
+fn pack16(values: &[f32], convert: impl Fn(f32) -> [u8; 2]) -> Vec<u8> {
+    let mut out = vec![0u8; values.len() * 2];
+    for (o, &x) in out.chunks_exact_mut(2).zip(values) {
+        o.copy_from_slice(&convert(x));
+    }
+    out
 }

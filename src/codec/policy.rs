@@ -408,29 +408,29 @@ pub fn quantize(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> [Quantized; 3] {
             };
             let mut m = uniform_stream(m_domain, chunk.m_float, Levels::Linear(*m_step), n);
             let mut v = uniform_stream(Domain::Ratio, chunk.v_float, Levels::Exp(*v_log_step), n);
-            for i in 0..chunk.w.len() {
-                push_uniform(&mut w, *w_step, chunk.w[i] - chunk.parent_w[i], chunk.w[i]);
-                let coded_m = if *m_residual {
-                    chunk.m[i] - chunk.parent_m[i]
-                } else {
-                    chunk.m[i]
-                };
-                push_uniform(&mut m, *m_step, coded_m, chunk.m[i]);
-                let (vi, vp) = (chunk.v[i], chunk.parent_v[i]);
-                // Unchanged (notably v = 0 for rows that never had a
-                // gradient, like unused embeddings) is level 0: exact.
-                let log_ratio = if vi == vp {
-                    0.0
-                } else if vi > 0.0 && vp > 0.0 && vp.is_finite() {
-                    // Beyond e^±80 the f32 level table overflows: exact instead.
-                    Some((vi / vp).ln())
-                        .filter(|r| r.abs() < 80.0)
-                        .unwrap_or(f32::NAN)
-                } else {
-                    f32::NAN
-                };
-                push_uniform(&mut v, *v_log_step, log_ratio, vi);
+            fill_uniform(
+                &mut w,
+                *w_step,
+                chunk.w,
+                differences(chunk.w, chunk.parent_w),
+            );
+            if *m_residual {
+                fill_uniform(
+                    &mut m,
+                    *m_step,
+                    chunk.m,
+                    differences(chunk.m, chunk.parent_m),
+                );
+            } else {
+                fill_uniform(&mut m, *m_step, chunk.m, chunk.m.iter().copied());
             }
+            let log_ratios = chunk.v.iter().zip(chunk.parent_v);
+            fill_uniform(
+                &mut v,
+                *v_log_step,
+                chunk.v,
+                log_ratios.map(|(&v, &p)| log_ratio(v, p)),
+            );
             [w, m, v]
         }
     }
@@ -471,30 +471,73 @@ fn uniform_stream(domain: Domain, float: FloatType, levels: Levels, len: usize) 
     }
 }
 
-/// Quantizes `coded` with `step`, or stores `exact` as an escape when the
-/// level is out of range or not finite.
-fn push_uniform(q: &mut Quantized, step: f32, coded: f32, exact: f32) {
-    let t = coded / step;
-    // |round(t)| <= 127 exactly when |t| < 127.5 (false for NaN).
-    if step > 0.0 && t.abs() < MAX_LEVEL as f32 + 0.5 {
-        q.symbols.push((round_half_away(t) + MAX_LEVEL) as u8);
-    } else {
-        q.symbols.push(ESCAPE);
-        q.escapes.push(exact);
+/// Fills `q.symbols` with the uniform levels of `coded(i)` for every index
+/// of `exact`, and `q.escapes` with `exact[i]` wherever the level is out of
+/// range or not finite. Two passes, because the first (the hot loop of
+/// lossy commits) has no branches and no pushes, so it vectorizes; escapes
+/// are rare.
+fn fill_uniform(q: &mut Quantized, step: f32, exact: &[f32], coded: impl Iterator<Item = f32>) {
+    q.symbols.clear();
+    q.symbols.resize(exact.len(), ESCAPE);
+    let mut escaped = exact.len();
+    if step > 0.0 {
+        escaped = 0;
+        for (symbol, c) in q.symbols.iter_mut().zip(coded) {
+            let t = c / step;
+            // |round(t)| <= 127 exactly when |t| < 127.5 (false for NaN).
+            let in_range = t.abs() < MAX_LEVEL as f32 + 0.5;
+            let level = round_small(if in_range { t } else { 0.0 });
+            *symbol = if in_range {
+                (level + MAX_LEVEL) as u8
+            } else {
+                ESCAPE
+            };
+            escaped += usize::from(!in_range);
+        }
+    }
+    q.escapes.clear();
+    if escaped > 0 {
+        q.escapes.reserve(escaped);
+        q.escapes.extend(
+            q.symbols
+                .iter()
+                .zip(exact)
+                .filter(|(s, _)| **s == ESCAPE)
+                .map(|(_, x)| *x),
+        );
     }
 }
 
-/// `t.round()` for |t| < 2^23 without a libm call (the hot loop of lossy
-/// commits): truncation is one instruction and `t − trunc(t)` is exact there.
-fn round_half_away(t: f32) -> i32 {
-    let whole = t as i32;
+/// `x − parent`, element by element.
+fn differences<'a>(x: &'a [f32], parent: &'a [f32]) -> impl Iterator<Item = f32> + 'a {
+    x.iter().zip(parent).map(|(x, p)| x - p)
+}
+
+/// `t.round()` (half away from zero) for |t| < 127.5, without a libm call
+/// and in a form that vectorizes: truncation is one instruction and
+/// `t − trunc(t)` is exact there.
+fn round_small(t: f32) -> i32 {
+    debug_assert!(t.abs() < MAX_LEVEL as f32 + 0.5);
+    // SAFETY: |t| < 127.5, so its truncation is a representable i32.
+    let whole: i32 = unsafe { t.to_int_unchecked() };
     let fraction = t - whole as f32;
-    if fraction >= 0.5 {
-        whole + 1
-    } else if fraction <= -0.5 {
-        whole - 1
+    whole + i32::from(fraction >= 0.5) - i32::from(fraction <= -0.5)
+}
+
+/// ln(v / v̂_parent), the coded value of v; NaN (an escape) where the ratio
+/// is not representable.
+fn log_ratio(v: f32, parent: f32) -> f32 {
+    // Unchanged (notably v = 0 for rows that never had a gradient, like
+    // unused embeddings) is level 0: exact.
+    if v == parent {
+        0.0
+    } else if v > 0.0 && parent > 0.0 && parent.is_finite() {
+        // Beyond e^±80 the f32 level table overflows: exact instead.
+        Some((v / parent).ln())
+            .filter(|r| r.abs() < 80.0)
+            .unwrap_or(f32::NAN)
     } else {
-        whole
+        f32::NAN
     }
 }
 
@@ -506,13 +549,13 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_half_away_matches_round(t in -200.0f32..200.0) {
-            prop_assert_eq!(round_half_away(t), t.round() as i32);
+        fn round_small_matches_round(t in -127.49f32..127.49) {
+            prop_assert_eq!(round_small(t), t.round() as i32);
         }
     }
 
     #[test]
-    fn round_half_away_on_ties() {
+    fn round_small_on_ties() {
         for t in [
             0.5f32,
             -0.5,
@@ -525,7 +568,7 @@ mod tests {
             0.0,
             -0.0,
         ] {
-            assert_eq!(round_half_away(t), t.round() as i32, "{t}");
+            assert_eq!(round_small(t), t.round() as i32, "{t}");
         }
     }
 

@@ -2,6 +2,7 @@
 //! safetensors ones parsed into tensors, the rest kept as opaque bytes.
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -24,8 +25,10 @@ pub struct InputFile {
     pub name: String,
     pub path: PathBuf,
     pub kind: InputKind,
-    /// `None` for empty files, which cannot be mapped.
+    /// `None` for empty files, which cannot be mapped. Only headers are
+    /// read through the map; tensor data is read with `pread`.
     map: Option<Mmap>,
+    file: File,
 }
 
 impl InputFile {
@@ -41,42 +44,31 @@ impl InputFile {
         self.len() == 0
     }
 
-    /// A private copy of `[offset, offset+len)`, whose pages then leave this
-    /// process's resident set (see [`copy_out`]). Panics if out of range.
+    /// A copy of `[offset, offset+len)`, read with `pread` (see
+    /// [`read_range`]). Panics if out of range or if the file cannot be read
+    /// any more (it was validated when opened).
     pub fn copy_out(&self, offset: usize, len: usize) -> Vec<u8> {
-        match &self.map {
-            Some(map) => copy_out(map, offset, len).expect("range inside the file"),
-            None => {
-                assert_eq!(offset + len, 0, "range inside the empty file");
-                Vec::new()
-            }
+        if len == 0 {
+            return Vec::new();
         }
+        read_range(&self.file, offset as u64, len).unwrap_or_else(|e| {
+            panic!(
+                "cannot read {} bytes at {offset} of {}: {e}",
+                len,
+                self.path.display()
+            )
+        })
     }
 }
 
-/// A private copy of `[offset, offset+len)` of `map` (`None` if out of
-/// range). Each region is read once, so its pages are then dropped from this
-/// process's resident set: memory stays bounded by the chunks in flight, not
-/// by the size of the file.
-pub fn copy_out(map: &Mmap, offset: usize, len: usize) -> Option<Vec<u8>> {
-    let bytes = map.get(offset..offset.checked_add(len)?)?.to_vec();
-    release_pages(map, offset, len);
-    Some(bytes)
-}
-
-/// Drops the pages of `map` in `[offset, offset+len)` (`MADV_DONTNEED`),
-/// start rounded up to a page boundary.
-fn release_pages(map: &Mmap, offset: usize, len: usize) {
-    const PAGE: usize = 4096;
-    let start = offset.div_ceil(PAGE) * PAGE;
-    let end = (offset + len).min(map.len());
-    if end > start {
-        // SAFETY: callers only pass read-only, file-backed maps, for which
-        // dropped pages are simply read from the file again if touched.
-        let _ = unsafe {
-            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
-        };
-    }
+/// A copy of `[offset, offset+len)` of `file`, read with `pread`. Reading
+/// instead of touching a memory map costs one copy out of the page cache and
+/// no page faults, and nothing stays in this process's resident set: memory
+/// is bounded by the chunks in flight, not by the size of the file.
+pub fn read_range(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut bytes = vec![0u8; len];
+    file.read_exact_at(&mut bytes, offset)?;
+    Ok(bytes)
 }
 
 /// All files of one checkpoint directory, sorted by name.
@@ -177,11 +169,11 @@ fn open_file(dir: &Path, name: String) -> Result<InputFile, FormatError> {
     let map = if len == 0 {
         None
     } else {
-        // SAFETY: the map is read-only. Commit copies each chunk out of the map
-        // once and both hashes and encodes that copy, so a file modified while
-        // it is read cannot make a blob disagree with its recorded checksum.
+        // SAFETY: the map is read-only and only used to parse headers. Commit
+        // reads each chunk once (`copy_out`) and both hashes and encodes that
+        // copy, so a file modified while it is read cannot make a blob
+        // disagree with its recorded checksum.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(&path, e))?;
-        let _ = map.advise(memmap2::Advice::Sequential);
         Some(map)
     };
     let is_safetensors = name.ends_with(".safetensors");
@@ -190,6 +182,7 @@ fn open_file(dir: &Path, name: String) -> Result<InputFile, FormatError> {
         path,
         kind: InputKind::Opaque,
         map,
+        file,
     };
     if is_safetensors {
         input.kind = InputKind::Safetensors(parse_header(&input.path, input.bytes())?);

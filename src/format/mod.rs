@@ -6,7 +6,7 @@ pub mod safetensors;
 
 use std::path::PathBuf;
 
-pub use checkpoint::{Checkpoint, InputFile, InputKind, copy_out};
+pub use checkpoint::{Checkpoint, InputFile, InputKind, read_range};
 
 /// A problem with the user's input files.
 #[derive(Debug, thiserror::Error)]

@@ -12,9 +12,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
-
-use crate::format::copy_out;
+use crate::format::read_range;
 use crate::store::{ChunkRef, CommitRecord, ObjectId};
 
 /// Where each tensor's first chunk sits in a cache file, keyed by (file, tensor).
@@ -94,7 +92,7 @@ impl CacheWriter {
 
 /// A published cache file, mapped.
 pub struct CacheReader {
-    map: Mmap,
+    file: File,
     layout: CacheLayout,
 }
 
@@ -106,14 +104,11 @@ impl CacheReader {
         if file.metadata().ok()?.len() != layout.total() || layout.total() == 0 {
             return None;
         }
-        // SAFETY: read-only map; every read is verified against its hash.
-        let map = unsafe { Mmap::map(&file) }.ok()?;
-        Some(CacheReader { map, layout })
+        Some(CacheReader { file, layout })
     }
 
-    /// A copy of the chunk's bytes if the cache has them intact. The pages
-    /// read are then dropped from this process's resident set: each chunk is
-    /// read once, and a multi-GiB cache must not stay mapped in memory.
+    /// A copy of the chunk's bytes if the cache has them intact. Read with
+    /// `pread`: a multi-GiB cache never enters this process's memory.
     pub fn read_chunk(
         &self,
         file: &str,
@@ -121,9 +116,8 @@ impl CacheReader {
         index: usize,
         chunk: &ChunkRef,
     ) -> Option<Vec<u8>> {
-        let offset = self.layout.chunk_offset(file, tensor, index)? as usize;
-        let len = chunk.raw_len as usize;
-        let bytes = copy_out(&self.map, offset, len)?;
+        let offset = self.layout.chunk_offset(file, tensor, index)?;
+        let bytes = read_range(&self.file, offset, chunk.raw_len as usize).ok()?;
         (ObjectId::of(&bytes) == chunk.raw_hash).then_some(bytes)
     }
 }
