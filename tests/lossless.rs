@@ -205,15 +205,18 @@ fn branches_and_revisions() {
         .arg(fixture(40))
         .assert()
         .success();
-    // The current branch is now `restart`: a bare step resolves there.
+    // The current branch is now `restart`: a bare step resolves there, and
+    // the new branch forked from main's tip, so it holds step 20 too.
     let out = env.checkout("40", "a");
     assert_same_files(&fixture(40), &out);
+    let out = env.checkout("20", "b");
+    assert_same_files(&fixture(20), &out);
     env.cmd()
-        .args(["checkout", "20", "-o"])
-        .arg(env.path("b"))
+        .args(["checkout", "main@40", "-o"])
+        .arg(env.path("b2"))
         .assert()
         .failure()
-        .stderr(contains("no commit at step 20"));
+        .stderr(contains("no commit at step 40"));
     let out = env.checkout("main@20", "c");
     assert_same_files(&fixture(20), &out);
     env.cmd()

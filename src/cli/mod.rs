@@ -62,9 +62,13 @@ enum Command {
         /// Training step of this checkpoint.
         #[arg(long)]
         step: u64,
-        /// Branch to commit to (default: the current branch).
+        /// Branch to commit to (default: the current branch). A new branch
+        /// forks from the current branch's tip, or from --parent.
         #[arg(long)]
         branch: Option<String>,
+        /// Where a new --branch starts (REV), e.g. `main@500` for a restart.
+        #[arg(long, requires = "branch")]
+        parent: Option<String>,
         /// A note kept with the commit.
         #[arg(long, short, default_value = "")]
         message: String,
@@ -107,14 +111,148 @@ enum Command {
     Log {
         #[arg(long)]
         branch: Option<String>,
-        /// Every commit of every branch.
+        /// Every commit that a branch or tag reaches.
         #[arg(long, conflicts_with = "branch")]
         all: bool,
+        /// Draw the commit graph (implies --all).
+        #[arg(long, conflicts_with = "branch")]
+        graph: bool,
     },
+    /// List branches, create one at REV (`branch NAME REV`), or delete one.
+    Branch {
+        /// Name of the branch to create.
+        name: Option<String>,
+        /// Where the new branch starts (default: the current branch's tip).
+        rev: Option<String>,
+        /// Delete this branch (its commits stay until `gc`).
+        #[arg(long, short, value_name = "NAME", conflicts_with_all = ["name", "rev"])]
+        delete: Option<String>,
+    },
+    /// Make NAME the current branch (bare steps and `commit` use it).
+    Switch { name: String },
+    /// List tags, tag REV as NAME (`tag NAME REV`), or delete a tag.
+    Tag {
+        name: Option<String>,
+        /// The commit to tag (default: the current branch's tip).
+        rev: Option<String>,
+        #[arg(long, short, value_name = "NAME", conflicts_with_all = ["name", "rev"])]
+        delete: Option<String>,
+    },
+    /// Per-tensor differences between two commits.
+    Diff { rev_a: String, rev_b: String },
+    /// Delete what no branch or tag reaches and give the space back.
+    Gc {
+        /// Report what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Thin out a branch's history, then gc.
+    Prune {
+        /// Keep the N newest commits.
+        #[arg(long, default_value_t = 1)]
+        keep_last: usize,
+        /// Keep every commit whose step is a multiple of K.
+        #[arg(long)]
+        keep_every: Option<u64>,
+        /// The branch to prune (default: the current one).
+        #[arg(long)]
+        branch: Option<String>,
+        /// Report what would be dropped; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Verify every blob, record, chunk and ref; non-zero exit on any problem.
+    Fsck,
     /// Per-file and per-tensor details of a commit.
     Show { rev: String },
     /// Store totals.
     Stats,
+}
+
+fn wait(cli: &Cli) -> Duration {
+    Duration::from_secs_f64(cli.wait.max(0.0))
+}
+
+fn branch(
+    cli: &Cli,
+    name: &Option<String>,
+    rev: &Option<String>,
+    delete: &Option<String>,
+) -> anyhow::Result<()> {
+    let (action, name, id) = match (name, delete) {
+        (_, Some(name)) => (
+            "deleted",
+            name,
+            repo::history::delete_branch(&cli.repo, name, wait(cli))?,
+        ),
+        (Some(name), None) => {
+            let rev = match rev {
+                Some(rev) => rev.clone(),
+                None => Store::open_read(&cli.repo)?.head_branch()?,
+            };
+            let id = repo::history::create_branch(&cli.repo, name, &rev, wait(cli))?;
+            ("created", name, id)
+        }
+        (None, None) => {
+            let store = Store::open_read(&cli.repo)?;
+            let branches = repo::history::branches(&store)?;
+            return if cli.json {
+                print_json(&branches)
+            } else {
+                output::print_branches(&branches);
+                Ok(())
+            };
+        }
+    };
+    if cli.json {
+        print_json(&serde_json::json!({"branch": name, action: true, "tip": id.to_hex()}))
+    } else {
+        if !cli.quiet {
+            eprintln!("{action} branch `{name}` (tip {})", id.short());
+        }
+        Ok(())
+    }
+}
+
+fn tag(
+    cli: &Cli,
+    name: &Option<String>,
+    rev: &Option<String>,
+    delete: &Option<String>,
+) -> anyhow::Result<()> {
+    let (action, name, id) = match (name, delete) {
+        (_, Some(name)) => (
+            "deleted",
+            name,
+            repo::history::delete_tag(&cli.repo, name, wait(cli))?,
+        ),
+        (Some(name), None) => {
+            let rev = match rev {
+                Some(rev) => rev.clone(),
+                None => Store::open_read(&cli.repo)?.head_branch()?,
+            };
+            let id = repo::history::create_tag(&cli.repo, name, &rev, wait(cli))?;
+            ("created", name, id)
+        }
+        (None, None) => {
+            let store = Store::open_read(&cli.repo)?;
+            let tags = repo::history::tags(&store)?;
+            return if cli.json {
+                print_json(&tags)
+            } else {
+                output::print_tags(&tags);
+                Ok(())
+            };
+        }
+    };
+    if cli.json {
+        print_json(&serde_json::json!({"tag": name, action: true, "commit": id.to_hex()}))
+    } else {
+        if !cli.quiet {
+            eprintln!("{action} tag `{name}` ({})", id.short());
+        }
+        Ok(())
+    }
 }
 
 fn parse_preset(name: &str) -> Result<Policy, String> {
@@ -160,6 +298,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             dir,
             step,
             branch,
+            parent,
             message,
             keyframe,
             policy,
@@ -181,6 +320,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let options = CommitOptions {
                 step: *step,
                 branch: branch.clone(),
+                parent: parent.clone(),
                 message: message.clone(),
                 force_keyframe: *keyframe,
                 policy: knobs.apply(policy.clone()).map_err(anyhow::Error::msg)?,
@@ -228,7 +368,24 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Log { branch, all } => {
+        Command::Log { graph: true, .. } => {
+            let store = Store::open_read(&cli.repo)?;
+            let lines = repo::graph::graph(&store)?;
+            if cli.json {
+                let nodes: Vec<_> = lines
+                    .into_iter()
+                    .filter_map(|l| {
+                        l.commit
+                            .map(|c| serde_json::json!({"commit": c, "refs": l.refs}))
+                    })
+                    .collect();
+                print_json(&nodes)
+            } else {
+                output::print_graph(&lines);
+                Ok(())
+            }
+        }
+        Command::Log { branch, all, .. } => {
             let store = Store::open_read(&cli.repo)?;
             let entries = repo::log(&store, branch.as_deref(), *all)?;
             if cli.json {
@@ -247,6 +404,72 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 output::print_show(&report);
                 Ok(())
             }
+        }
+        Command::Branch { name, rev, delete } => branch(cli, name, rev, delete),
+        Command::Switch { name } => {
+            let tip = repo::history::switch(&cli.repo, name, wait(cli))?;
+            if cli.json {
+                print_json(&serde_json::json!({"branch": name, "tip": tip.to_hex()}))
+            } else {
+                if !cli.quiet {
+                    eprintln!("switched to branch `{name}` (tip {})", tip.short());
+                }
+                Ok(())
+            }
+        }
+        Command::Tag { name, rev, delete } => tag(cli, name, rev, delete),
+        Command::Diff { rev_a, rev_b } => {
+            let store = Store::open_read(&cli.repo)?;
+            let report = repo::diff::diff(&store, rev_a, rev_b)?;
+            if cli.json {
+                print_json(&report)
+            } else {
+                output::print_diff(&report);
+                Ok(())
+            }
+        }
+        Command::Gc { dry_run } => {
+            let report = repo::gc::gc(&cli.repo, *dry_run, wait(cli))?;
+            if cli.json {
+                print_json(&report)
+            } else {
+                output::print_gc(&report);
+                Ok(())
+            }
+        }
+        Command::Prune {
+            keep_last,
+            keep_every,
+            branch,
+            dry_run,
+        } => {
+            let options = repo::prune::PruneOptions {
+                branch: branch.clone(),
+                keep_last: *keep_last,
+                keep_every: *keep_every,
+                dry_run: *dry_run,
+                lock_wait: wait(cli),
+            };
+            let report = repo::prune::prune(&cli.repo, &options)?;
+            if cli.json {
+                print_json(&report)
+            } else {
+                output::print_prune(&report);
+                Ok(())
+            }
+        }
+        Command::Fsck => {
+            let store = Store::open_read(&cli.repo)?;
+            let report = repo::fsck::fsck(&store)?;
+            if cli.json {
+                print_json(&report)?;
+            } else {
+                output::print_fsck(&report);
+            }
+            if !report.ok() {
+                anyhow::bail!("fsck found {} problem(s)", report.problems.len());
+            }
+            Ok(())
         }
         Command::Stats => {
             let store = Store::open_read(&cli.repo)?;

@@ -1,6 +1,12 @@
 //! Human-readable tables and JSON.
 
+use crate::repo::diff::{Change, DiffReport};
+use crate::repo::fsck::FsckReport;
+use crate::repo::gc::GcReport;
+use crate::repo::graph::GraphLine;
+use crate::repo::history::{BranchInfo, TagInfo};
 use crate::repo::inspect::ShowReport;
+use crate::repo::prune::PruneReport;
 use crate::repo::{LogEntry, Stats};
 
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
@@ -153,6 +159,143 @@ pub fn print_stats(s: &Stats) {
         bytes(s.cache_bytes)
     );
     println!("ratio           {:.2}x", s.ratio);
+}
+
+pub fn print_graph(lines: &[GraphLine]) {
+    for line in lines {
+        match &line.commit {
+            None => println!("{}", line.graph),
+            Some(c) => {
+                let refs = if line.refs.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", line.refs.join(", "))
+                };
+                let kind = if c.keyframe { " [keyframe]" } else { "" };
+                println!(
+                    "{} {} step {}{refs} {:.1}x {}{kind} {}",
+                    line.graph,
+                    &c.id[..12],
+                    c.step,
+                    c.ratio,
+                    c.policy,
+                    c.message
+                );
+            }
+        }
+    }
+}
+
+pub fn print_branches(branches: &[BranchInfo]) {
+    for b in branches {
+        println!(
+            "{} {:<20} step {:>8}  {}  {} commits",
+            if b.current { "*" } else { " " },
+            b.name,
+            b.tip_step,
+            &b.tip[..12],
+            b.commits
+        );
+    }
+}
+
+pub fn print_tags(tags: &[TagInfo]) {
+    for t in tags {
+        println!(
+            "{:<20} {}  step {} on {}",
+            t.name,
+            &t.commit[..12],
+            t.step,
+            t.branch
+        );
+    }
+}
+
+pub fn print_diff(report: &DiffReport) {
+    println!("diff {} .. {}", &report.a[..12], &report.b[..12]);
+    println!(
+        "{:<10}  {:>10}  {:>10}  {:>9}  tensor",
+        "change", "rel L2", "max |d|", "changed"
+    );
+    let num = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.3e}"));
+    for t in &report.tensors {
+        let change = match t.change {
+            Change::Same => "same",
+            Change::Changed => "changed",
+            Change::Added => "added",
+            Change::Removed => "removed",
+            Change::Reshaped => "reshaped",
+        };
+        let fraction = t
+            .changed_fraction
+            .map_or("-".to_string(), |f| format!("{:.1}%", f * 100.0));
+        let mut name = format!("{}:{}", t.file, t.tensor);
+        if t.change == Change::Reshaped {
+            name += &format!(
+                " ({} {:?} -> {} {:?})",
+                t.dtype_a.as_deref().unwrap_or("?"),
+                t.shape_a.clone().unwrap_or_default(),
+                t.dtype_b.as_deref().unwrap_or("?"),
+                t.shape_b.clone().unwrap_or_default()
+            );
+        }
+        println!(
+            "{change:<10}  {:>10}  {:>10}  {fraction:>9}  {name}",
+            num(t.rel_l2),
+            num(t.max_abs)
+        );
+    }
+}
+
+pub fn print_gc(r: &GcReport) {
+    let verb = if r.dry_run { "would remove" } else { "removed" };
+    println!(
+        "{verb} {} commits and {} blobs ({}); {} commits and {} blobs stay",
+        r.commits_removed,
+        r.blobs_removed,
+        bytes(r.blob_bytes_removed),
+        r.live_commits,
+        r.live_blobs
+    );
+    if !r.dry_run {
+        println!(
+            "store on disk: {} -> {}",
+            bytes(r.disk_bytes_before),
+            bytes(r.disk_bytes_after)
+        );
+    }
+}
+
+pub fn print_prune(r: &PruneReport) {
+    let steps = |s: &[u64]| s.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
+    let verb = if r.dry_run { "would drop" } else { "dropped" };
+    println!("branch {}: keeps steps {}", r.branch, steps(&r.kept));
+    println!("{verb} steps {}", steps(&r.dropped));
+    if !r.dry_run {
+        println!(
+            "rewrote {} commits, re-encoded {} chunks whose base was dropped",
+            r.rewritten, r.rebased_chunks
+        );
+    }
+    if let Some(gc) = &r.gc {
+        print_gc(gc);
+    }
+}
+
+pub fn print_fsck(r: &FsckReport) {
+    println!(
+        "checked {} blobs, {} commits, {} chunks decoded",
+        r.blobs, r.commits, r.chunks_decoded
+    );
+    for p in &r.problems {
+        println!("BROKEN {}: {}", p.object, p.detail);
+        if !p.affects.is_empty() {
+            println!("  affects: {}", p.affects.join(", "));
+        }
+    }
+    if r.ok() {
+        println!("store is intact");
+    }
 }
 
 #[cfg(test)]

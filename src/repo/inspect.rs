@@ -60,17 +60,15 @@ fn ratio(input: u64, stored: u64) -> f64 {
 }
 
 /// History newest first: the first-parent chain from a branch tip (`branch`,
-/// or the current branch), or with `all` every commit in the store.
+/// or the current branch), or with `all` every commit a branch or tag
+/// reaches (children before parents).
 pub fn log(store: &Store, branch: Option<&str>, all: bool) -> anyhow::Result<Vec<LogEntry>> {
     let mut entries = Vec::new();
     if all {
-        for id in store.commit_ids()? {
-            if let Some(record) = store.get_commit(&id)? {
-                entries.push(LogEntry::new(&id, &record));
-            }
-        }
-        entries.sort_by_key(|e| std::cmp::Reverse((e.time_ms, e.step)));
-        return Ok(entries);
+        return Ok(super::graph::reachable_commits(store)?
+            .iter()
+            .map(|(id, record)| LogEntry::new(id, record))
+            .collect());
     }
     let branch = match branch {
         Some(b) => b.to_string(),

@@ -4,8 +4,14 @@
 
 pub mod checkout;
 pub mod commit;
+pub mod diff;
+pub mod fsck;
+pub mod gc;
+pub mod graph;
+pub mod history;
 pub mod inspect;
 pub mod progress;
+pub mod prune;
 pub mod reconstruct;
 pub mod rev;
 pub mod tipcache;

@@ -2,7 +2,7 @@
 //!
 //! - `BRANCH@STEP` — the commit at that step on that branch;
 //! - `STEP` (digits) — that step on the current branch;
-//! - `BRANCH` — the branch's tip;
+//! - `BRANCH` — the branch's tip; `TAG` — the tagged commit;
 //! - a hex prefix of at least 6 digits of a commit id, if unique.
 //!
 //! A string of digits is tried as a step first, then as an id prefix.
@@ -39,6 +39,9 @@ pub fn resolve(store: &Store, rev: &str) -> anyhow::Result<ObjectId> {
     if let Some(id) = store.branch_tip(rev)? {
         return Ok(id);
     }
+    if let Some(id) = store.tag_target(rev)? {
+        return Ok(id);
+    }
     let lower = rev.to_ascii_lowercase();
     if lower.len() >= MIN_PREFIX && lower.bytes().all(|b| b.is_ascii_hexdigit()) {
         let matches: Vec<ObjectId> = store
@@ -48,7 +51,9 @@ pub fn resolve(store: &Store, rev: &str) -> anyhow::Result<ObjectId> {
             .collect();
         return match matches.as_slice() {
             [one] => Ok(*one),
-            [] => Err(anyhow!("`{rev}`: no commit, step, or branch by that name")),
+            [] => Err(anyhow!(
+                "`{rev}`: no commit, step, branch or tag by that name"
+            )),
             many => Err(anyhow!(
                 "`{rev}`: ambiguous, {} commits start with it; give more digits",
                 many.len()
@@ -56,6 +61,6 @@ pub fn resolve(store: &Store, rev: &str) -> anyhow::Result<ObjectId> {
         };
     }
     bail!(
-        "`{rev}`: no commit, step, or branch by that name (ids need at least {MIN_PREFIX} hex digits)"
+        "`{rev}`: no commit, step, branch or tag by that name (ids need at least {MIN_PREFIX} hex digits)"
     )
 }

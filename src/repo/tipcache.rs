@@ -122,6 +122,13 @@ impl CacheReader {
     }
 }
 
+/// Moves the cache of commit `old` to commit `new` (a rewritten commit
+/// whose reconstruction is unchanged). Best effort, like the cache itself.
+pub fn rename(cache_dir: &Path, old: &ObjectId, new: &ObjectId) {
+    let dir = tips_dir(cache_dir);
+    let _ = std::fs::rename(dir.join(old.to_hex()), dir.join(new.to_hex()));
+}
+
 /// Deletes cache files of commits not in `keep` (branch tips), and stale
 /// temporary files of writers that no longer hold the lock.
 pub fn prune(cache_dir: &Path, keep: &[ObjectId]) {

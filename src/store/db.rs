@@ -5,8 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch,
-    WriteOptions,
+    ColumnFamily, ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions,
 };
 use serde::{Deserialize, Serialize};
 
@@ -22,11 +21,11 @@ pub const STORE_VERSION: u32 = 1;
 /// Version of [`StoreConfig`]'s layout.
 pub const CONFIG_VERSION: u32 = 1;
 
-const CF_BLOBS: &str = "blobs";
-const CF_BLOB_SIZES: &str = "blob_sizes";
-const CF_COMMITS: &str = "commits";
-const CF_REFS: &str = "refs";
-const CF_STEPS: &str = "steps";
+pub(super) const CF_BLOBS: &str = "blobs";
+pub(super) const CF_BLOB_SIZES: &str = "blob_sizes";
+pub(super) const CF_COMMITS: &str = "commits";
+pub(super) const CF_REFS: &str = "refs";
+pub(super) const CF_STEPS: &str = "steps";
 const CF_META: &str = "meta";
 const ALL_CFS: [&str; 6] = [
     CF_BLOBS,
@@ -38,8 +37,9 @@ const ALL_CFS: [&str; 6] = [
 ];
 
 const META_CONFIG: &[u8] = b"config";
-const REF_HEAD: &[u8] = b"HEAD";
-const BRANCH_PREFIX: &str = "branch/";
+pub(super) const REF_HEAD: &[u8] = b"HEAD";
+pub(super) const BRANCH_PREFIX: &str = "branch/";
+pub(super) const TAG_PREFIX: &str = "tag/";
 
 /// Settings fixed at `init`, stored under `meta/config`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,13 +216,17 @@ impl Store {
         Ok((store, checked))
     }
 
-    fn cf(&self, name: &str) -> &ColumnFamily {
+    pub(super) fn db(&self) -> &DB {
+        &self.db
+    }
+
+    pub(super) fn cf(&self, name: &str) -> &ColumnFamily {
         self.db
             .cf_handle(name)
             .expect("column family opened with the store")
     }
 
-    fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
+    pub(super) fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         Ok(self.db.write_opt(batch, &opts)?)
@@ -354,21 +358,10 @@ impl Store {
 
     /// All branches with their tips, sorted by name.
     pub fn branches(&self) -> Result<Vec<(String, ObjectId)>, StoreError> {
-        let mut out = Vec::new();
-        let mode = IteratorMode::From(BRANCH_PREFIX.as_bytes(), Direction::Forward);
-        for item in self.db.iterator_cf(self.cf(CF_REFS), mode) {
-            let (key, value) = item?;
-            let Some(name) = key.strip_prefix(BRANCH_PREFIX.as_bytes()) else {
-                break;
-            };
-            if let Some(id) = ObjectId::from_slice(&value) {
-                out.push((String::from_utf8_lossy(name).into_owned(), id));
-            }
-        }
-        Ok(out)
+        self.refs_with_prefix(BRANCH_PREFIX)
     }
 
-    fn step_key(branch: &str, step: u64) -> Vec<u8> {
+    pub(super) fn step_key(branch: &str, step: u64) -> Vec<u8> {
         let mut key = branch.as_bytes().to_vec();
         key.push(0);
         key.extend_from_slice(&step.to_be_bytes());
@@ -384,10 +377,23 @@ impl Store {
 
     /// Makes a commit visible: the record, the branch tip, the step index and
     /// HEAD in one synced write batch. Its blobs must be flushed already.
-    pub fn publish_commit(&self, record: &CommitRecord) -> Result<ObjectId, StoreError> {
+    /// `inherited_steps` are step-index entries a new branch takes over from
+    /// the ancestry it forks from.
+    pub fn publish_commit(
+        &self,
+        record: &CommitRecord,
+        inherited_steps: &[(u64, ObjectId)],
+    ) -> Result<ObjectId, StoreError> {
         let bytes = record.to_bytes();
         let id = ObjectId::of(&bytes);
         let mut batch = WriteBatch::default();
+        for (step, ancestor) in inherited_steps {
+            batch.put_cf(
+                self.cf(CF_STEPS),
+                Self::step_key(&record.branch, *step),
+                ancestor.0,
+            );
+        }
         batch.put_cf(self.cf(CF_COMMITS), id.0, &bytes);
         let branch_key = format!("{BRANCH_PREFIX}{}", record.branch);
         batch.put_cf(self.cf(CF_REFS), branch_key.as_bytes(), id.0);
@@ -399,6 +405,41 @@ impl Store {
         );
         self.write_synced(batch)?;
         Ok(id)
+    }
+
+    /// Gives the space of deleted blobs and records back to the file system:
+    /// flushes every column family, then compacts each one fully, with blob
+    /// garbage collection forced for every blob file, so blob files holding
+    /// only deleted payloads are removed and the live payloads of mixed files
+    /// are moved into new ones. Costs a rewrite of the live blobs that share a
+    /// file with garbage; this is what `gc` pays to make `du` fall.
+    pub fn reclaim_space(&self) -> Result<(), StoreError> {
+        let cfs: Vec<&ColumnFamily> = ALL_CFS.iter().map(|name| self.cf(name)).collect();
+        self.db
+            .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?;
+        let blobs = self.cf(CF_BLOBS);
+        self.db.set_options_cf(
+            blobs,
+            &[
+                ("enable_blob_garbage_collection", "true"),
+                ("blob_garbage_collection_age_cutoff", "1.0"),
+                ("blob_garbage_collection_force_threshold", "0.0"),
+            ],
+        )?;
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        for cf in &cfs {
+            self.db
+                .compact_range_cf_opt(*cf, None::<&[u8]>, None::<&[u8]>, &opts);
+        }
+        self.db.set_options_cf(
+            blobs,
+            &[
+                ("blob_garbage_collection_age_cutoff", "0.25"),
+                ("blob_garbage_collection_force_threshold", "1.0"),
+            ],
+        )?;
+        Ok(())
     }
 
     /// Bytes the store occupies on disk: every file under `db/` except

@@ -13,9 +13,11 @@
 pub mod db;
 pub mod lock;
 pub mod object;
+pub mod refs;
 
 pub use db::{Store, StoreConfig};
 pub use object::{ChunkRef, CommitRecord, FileContent, FileEntry, ObjectId, TensorEntry};
+pub use refs::RefEdit;
 
 use std::path::PathBuf;
 

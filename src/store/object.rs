@@ -201,6 +201,11 @@ impl CommitRecord {
         self.parents.first().copied()
     }
 
+    /// Every chunk of every file.
+    pub fn chunks(&self) -> impl Iterator<Item = &ChunkRef> + '_ {
+        self.files.iter().flat_map(FileEntry::chunks)
+    }
+
     /// Finds a tensor by file and tensor name.
     pub fn tensor(&self, file: &str, tensor: &str) -> Option<&TensorEntry> {
         self.files

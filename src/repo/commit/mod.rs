@@ -22,8 +22,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use rayon::prelude::*;
 
+use super::history::{ancestry_steps, validate_ref_name};
 use super::progress::Progress;
 use super::reconstruct::Reconstructor;
+use super::rev::resolve;
 use super::tipcache::{self, CacheWriter};
 use crate::codec::{self, policy::Policy};
 use crate::format::{Checkpoint, InputKind};
@@ -40,6 +42,9 @@ pub struct CommitOptions {
     pub step: u64,
     /// `None`: the current branch (HEAD).
     pub branch: Option<String>,
+    /// Where a new branch forks from (a revision); `None`: the current
+    /// branch's tip. Refused for a branch that exists.
+    pub parent: Option<String>,
     pub message: String,
     /// Encode every chunk standalone, losslessly.
     pub force_keyframe: bool,
@@ -62,6 +67,8 @@ pub struct CommitOutcome {
 struct Target {
     branch: String,
     parent: Option<(ObjectId, CommitRecord)>,
+    /// Step-index entries a new branch takes over from its fork point.
+    inherited_steps: Vec<(u64, ObjectId)>,
 }
 
 /// What the encoding passes share.
@@ -121,7 +128,9 @@ pub fn commit(
     options: &CommitOptions,
     progress: &dyn Progress,
 ) -> anyhow::Result<CommitOutcome> {
-    validate_branch_name(options.branch.as_deref())?;
+    if let Some(branch) = &options.branch {
+        validate_ref_name("branch", branch)?;
+    }
     let checkpoint = Checkpoint::open_excluding(dir, Some(root))?;
     let (store, target) =
         Store::open_write(root, options.lock_wait, |view| check_target(view, options))?;
@@ -188,7 +197,7 @@ pub fn commit(
         errors,
         files: assemble_manifest(&checkpoint, encoded, &tensor_errors),
     };
-    let id = store.publish_commit(&record)?;
+    let id = store.publish_commit(&record, &target.inherited_steps)?;
 
     // The commit is durable; the cache is a best-effort accelerator.
     if session.cache.finish(&id).is_ok() {
@@ -286,21 +295,6 @@ fn needs_keyframe(parent: &CommitRecord, input_bytes: u64, config: &StoreConfig)
         || (depth >= MIN_CHAIN && replay_ms > config.replay_budget_ms as f64)
 }
 
-fn validate_branch_name(branch: Option<&str>) -> anyhow::Result<()> {
-    let Some(name) = branch else { return Ok(()) };
-    let ok = !name.is_empty()
-        && !name.starts_with('-')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-        && !name.contains("..")
-        && !name.contains('@');
-    if !ok {
-        bail!("invalid branch name `{name}`: use letters, digits, `-`, `_`, `.` and `/`");
-    }
-    Ok(())
-}
-
 fn check_target(view: &Store, options: &CommitOptions) -> anyhow::Result<Target> {
     let branch = match &options.branch {
         Some(b) => b.clone(),
@@ -313,23 +307,59 @@ fn check_target(view: &Store, options: &CommitOptions) -> anyhow::Result<Target>
             existing.short()
         );
     }
-    let parent = match view.branch_tip(&branch)? {
+    let tip = view.branch_tip(&branch)?;
+    if let (Some(tip), Some(rev)) = (tip, &options.parent) {
+        bail!(
+            "branch `{branch}` exists (tip {}); --parent {rev} only says where a new branch starts",
+            tip.short()
+        );
+    }
+    let is_new = tip.is_none();
+    let fork_point = match (tip, &options.parent) {
+        (Some(tip), _) => Some(tip),
+        (None, Some(rev)) => Some(resolve(view, rev)?),
+        (None, None) => {
+            let head = view.head_branch()?;
+            if head == branch {
+                None
+            } else {
+                view.branch_tip(&head)?
+            }
+        }
+    };
+    let parent = match fork_point {
         Some(id) => {
             let record = view
                 .get_commit(&id)?
-                .with_context(|| format!("tip {id} of branch `{branch}` is missing"))?;
+                .with_context(|| format!("commit {id} (parent of the new commit) is missing"))?;
             if options.step < record.step {
                 bail!(
-                    "step {} is lower than the tip of branch `{branch}` (step {}); commit later steps only, or use another --branch for a restart",
+                    "step {} is lower than step {} of its parent {} on branch `{branch}`; commit later steps only, or start a new --branch (with --parent REV) for a restart",
                     options.step,
-                    record.step
+                    record.step,
+                    id.short()
                 );
             }
             Some((id, record))
         }
         None => None,
     };
-    Ok(Target { branch, parent })
+    let inherited_steps = match (&parent, is_new) {
+        (Some((id, _)), true) => ancestry_steps(view, *id)?,
+        _ => Vec::new(),
+    };
+    if let Some((_, ancestor)) = inherited_steps.iter().find(|(s, _)| *s == options.step) {
+        bail!(
+            "step {} already exists on branch `{branch}` (commit {}, inherited from where it forks)",
+            options.step,
+            ancestor.short()
+        );
+    }
+    Ok(Target {
+        branch,
+        parent,
+        inherited_steps,
+    })
 }
 
 /// Number and bytes of the distinct blobs this commit wrote (two identical

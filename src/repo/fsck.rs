@@ -1,0 +1,390 @@
+//! `fsck`: proves the store intact, or names what is broken and what it
+//! affects.
+//!
+//! Checks, in order:
+//! 1. every blob: readable, hashes (blake3) to its key, size index agrees;
+//! 2. every commit record: readable, hashes to its key, parents exist, every
+//!    chunk's blob and residual base exist;
+//! 3. every chunk of every commit decodes, through its chain of bases, to the
+//!    bytes its record's checksum names (never from the reconstruction
+//!    cache: fsck trusts only blobs);
+//! 4. refs: branches, tags and the step index point to existing commits, and
+//!    each step-index entry to a commit at that step.
+//!
+//! Decoding walks one chunk position at a time through the commits in
+//! ancestry order, keeping a decoded chunk only while later commits still
+//! use it as a base, so a chain is decoded once, not once per commit.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::reconstruct::{ChunkAddr, find_chunk};
+use crate::codec;
+use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId, Store};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    /// The broken object: `blob <id>`, `commit <id>`, `branch <name>`, ...
+    pub object: String,
+    pub detail: String,
+    /// Commits that cannot be checked out intact because of it, as
+    /// `<short id> (<branch>@<step>)`.
+    pub affects: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FsckReport {
+    pub blobs: usize,
+    pub commits: usize,
+    pub chunks_decoded: usize,
+    pub problems: Vec<Problem>,
+}
+
+impl FsckReport {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+pub fn fsck(store: &Store) -> anyhow::Result<FsckReport> {
+    let mut problems = Vec::new();
+    let (blob_count, bad_blobs) = check_blobs(store, &mut problems)?;
+    let records = check_commits(store, &bad_blobs, &mut problems)?;
+    let (decoded, decode_problems) = decode_all(store, &records);
+    problems.extend(decode_problems);
+    check_refs(store, &records, &mut problems)?;
+    add_blob_effects(&records, &mut problems);
+    Ok(FsckReport {
+        blobs: blob_count,
+        commits: records.len(),
+        chunks_decoded: decoded,
+        problems,
+    })
+}
+
+fn label(id: &ObjectId, record: &CommitRecord) -> String {
+    format!("{} ({}@{})", id.short(), record.branch, record.step)
+}
+
+fn check_blobs(
+    store: &Store,
+    problems: &mut Vec<Problem>,
+) -> anyhow::Result<(usize, HashSet<ObjectId>)> {
+    let sizes = store.blob_sizes()?;
+    let bad: Vec<Problem> = sizes
+        .par_iter()
+        .filter_map(|(id, size)| {
+            let detail = match store.get_blob(id) {
+                Err(e) => format!("cannot be read: {e}"),
+                Ok(bytes) if ObjectId::of(&bytes) != *id => {
+                    format!("content hashes to {}, not to its key", ObjectId::of(&bytes))
+                }
+                Ok(bytes) if bytes.len() as u64 != *size => {
+                    format!("{} bytes, size index says {size}", bytes.len())
+                }
+                Ok(_) => return None,
+            };
+            Some(Problem {
+                object: format!("blob {id}"),
+                detail,
+                affects: Vec::new(),
+            })
+        })
+        .collect();
+    let bad_ids = bad
+        .iter()
+        .filter_map(|p| p.object.strip_prefix("blob ").and_then(ObjectId::from_hex))
+        .collect();
+    problems.extend(bad);
+    Ok((sizes.len(), bad_ids))
+}
+
+fn check_commits(
+    store: &Store,
+    bad_blobs: &HashSet<ObjectId>,
+    problems: &mut Vec<Problem>,
+) -> anyhow::Result<HashMap<ObjectId, CommitRecord>> {
+    let mut records = HashMap::new();
+    for id in store.commit_ids()? {
+        match store.get_commit(&id) {
+            Ok(Some(record)) => {
+                records.insert(id, record);
+            }
+            Ok(None) => {}
+            Err(e) => problems.push(Problem {
+                object: format!("commit {id}"),
+                detail: e.to_string(),
+                affects: vec![id.short()],
+            }),
+        }
+    }
+    for (id, record) in &records {
+        let mut broken = |detail: String| {
+            problems.push(Problem {
+                object: format!("commit {id}"),
+                detail,
+                affects: vec![label(id, record)],
+            })
+        };
+        for parent in &record.parents {
+            if !records.contains_key(parent) {
+                broken(format!("parent {parent} is missing"));
+            }
+        }
+        for chunk in record.chunks() {
+            if !bad_blobs.contains(&chunk.blob) && !store.has_blob(&chunk.blob)? {
+                broken(format!("blob {} is missing", chunk.blob));
+            }
+            if let Some(base) = chunk.base
+                && !records.contains_key(&base)
+            {
+                broken(format!("residual base commit {base} is missing"));
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// A chunk position, owned: (file, tensor, index).
+type Position = (String, Option<String>, usize);
+
+fn positions(record: &CommitRecord) -> Vec<Position> {
+    let mut out = Vec::new();
+    for file in &record.files {
+        match &file.content {
+            FileContent::Opaque { chunks } => {
+                out.extend((0..chunks.len()).map(|i| (file.name.clone(), None, i)));
+            }
+            FileContent::Safetensors { tensors, .. } => {
+                for t in tensors {
+                    out.extend(
+                        (0..t.chunks.len()).map(|i| (file.name.clone(), Some(t.name.clone()), i)),
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Commits ordered so that every commit comes after its ancestors
+/// (generation number: longest distance from a root).
+fn ancestry_order(records: &HashMap<ObjectId, CommitRecord>) -> Vec<ObjectId> {
+    fn generation(
+        id: ObjectId,
+        records: &HashMap<ObjectId, CommitRecord>,
+        memo: &mut HashMap<ObjectId, u64>,
+    ) -> u64 {
+        // Iterative: chains can be thousands of commits long.
+        let mut stack = vec![id];
+        while let Some(&top) = stack.last() {
+            if memo.contains_key(&top) {
+                stack.pop();
+                continue;
+            }
+            let parents: Vec<ObjectId> = records
+                .get(&top)
+                .map(|r| r.parents.clone())
+                .unwrap_or_default();
+            let pending: Vec<ObjectId> = parents
+                .iter()
+                .copied()
+                .filter(|p| records.contains_key(p) && !memo.contains_key(p))
+                .collect();
+            if pending.is_empty() {
+                let g = parents
+                    .iter()
+                    .filter_map(|p| memo.get(p))
+                    .max()
+                    .map_or(0, |g| g + 1);
+                memo.insert(top, g);
+                stack.pop();
+            } else {
+                stack.extend(pending);
+            }
+        }
+        memo[&id]
+    }
+    let mut memo = HashMap::new();
+    let mut order: Vec<(u64, ObjectId)> = records
+        .keys()
+        .map(|id| (generation(*id, records, &mut memo), *id))
+        .collect();
+    order.sort();
+    order.into_iter().map(|(_, id)| id).collect()
+}
+
+/// Decodes every chunk of every commit. Returns the number decoded and the
+/// problems found.
+fn decode_all(store: &Store, records: &HashMap<ObjectId, CommitRecord>) -> (usize, Vec<Problem>) {
+    let order = ancestry_order(records);
+    let all_positions: BTreeMap<Position, ()> = records
+        .values()
+        .flat_map(positions)
+        .map(|p| (p, ()))
+        .collect();
+    let results: Vec<(usize, Vec<Problem>)> = all_positions
+        .par_iter()
+        .map(|(position, _)| decode_position(store, records, &order, position))
+        .collect();
+    results
+        .into_iter()
+        .fold((0, Vec::new()), |(n, mut all), (k, problems)| {
+            all.extend(problems);
+            (n + k, all)
+        })
+}
+
+fn decode_position(
+    store: &Store,
+    records: &HashMap<ObjectId, CommitRecord>,
+    order: &[ObjectId],
+    (file, tensor, index): &Position,
+) -> (usize, Vec<Problem>) {
+    let addr = ChunkAddr {
+        file,
+        tensor: tensor.as_deref(),
+        index: *index,
+    };
+    let chunks: Vec<(ObjectId, &ChunkRef)> = order
+        .iter()
+        .filter_map(|id| Some((*id, find_chunk(records.get(id)?, addr)?)))
+        .collect();
+    let mut uses: HashMap<ObjectId, usize> = HashMap::new();
+    for (_, chunk) in &chunks {
+        if let Some(base) = chunk.base {
+            *uses.entry(base).or_default() += 1;
+        }
+    }
+    let mut decoded: HashMap<ObjectId, Vec<u8>> = HashMap::new();
+    let mut failed: HashSet<ObjectId> = HashSet::new();
+    let mut problems = Vec::new();
+    let mut count = 0;
+    for (id, chunk) in chunks {
+        let base = match chunk.base.filter(|_| chunk.codec.needs_base()) {
+            Some(base) if failed.contains(&base) => {
+                failed.insert(id);
+                problems.push(Problem {
+                    object: format!("commit {}", id.short()),
+                    detail: format!(
+                        "{addr}: its residual base {} cannot be decoded",
+                        base.short()
+                    ),
+                    affects: vec![label(&id, &records[&id])],
+                });
+                continue;
+            }
+            Some(base) => decoded.get(&base).map(Vec::as_slice),
+            None => None,
+        };
+        match decode_one(store, chunk, base) {
+            Ok(raw) => {
+                count += 1;
+                if uses.get(&id).copied().unwrap_or(0) > 0 {
+                    decoded.insert(id, raw);
+                }
+            }
+            Err(detail) => {
+                failed.insert(id);
+                problems.push(Problem {
+                    object: format!("commit {}", id.short()),
+                    detail: format!("{addr} (blob {}): {detail}", chunk.blob.short()),
+                    affects: vec![label(&id, &records[&id])],
+                });
+            }
+        }
+        if let Some(base) = chunk.base
+            && let Some(n) = uses.get_mut(&base)
+        {
+            *n -= 1;
+            if *n == 0 {
+                decoded.remove(&base);
+            }
+        }
+    }
+    (count, problems)
+}
+
+fn decode_one(store: &Store, chunk: &ChunkRef, base: Option<&[u8]>) -> Result<Vec<u8>, String> {
+    let blob = store.get_blob(&chunk.blob).map_err(|e| e.to_string())?;
+    if ObjectId::of(&blob) != chunk.blob {
+        return Err("blob content does not match its hash".into());
+    }
+    if chunk.codec.needs_base() && base.is_none() {
+        return Err("its residual base is not available".into());
+    }
+    let raw = codec::decode(&blob, base).map_err(|e| e.to_string())?;
+    if ObjectId::of(&raw) != chunk.raw_hash {
+        return Err("decoded bytes do not match the recorded checksum".into());
+    }
+    Ok(raw)
+}
+
+fn check_refs(
+    store: &Store,
+    records: &HashMap<ObjectId, CommitRecord>,
+    problems: &mut Vec<Problem>,
+) -> anyhow::Result<()> {
+    let branches = store.branches()?;
+    let mut pointers: Vec<(String, ObjectId)> = branches
+        .iter()
+        .map(|(name, id)| (format!("branch {name}"), *id))
+        .collect();
+    pointers.extend(
+        store
+            .tags()?
+            .into_iter()
+            .map(|(name, id)| (format!("tag {name}"), id)),
+    );
+    for name in store.step_index_branches()? {
+        if !branches.iter().any(|(b, _)| *b == name) {
+            problems.push(Problem {
+                object: format!("step index of `{name}`"),
+                detail: "no branch has this name".into(),
+                affects: Vec::new(),
+            });
+        }
+        for (step, id) in store.branch_steps(&name)? {
+            match records.get(&id) {
+                Some(r) if r.step != step => problems.push(Problem {
+                    object: format!("step index {name}@{step}"),
+                    detail: format!("points to commit {} at step {}", id.short(), r.step),
+                    affects: Vec::new(),
+                }),
+                _ => pointers.push((format!("step index {name}@{step}"), id)),
+            }
+        }
+    }
+    for (object, id) in pointers {
+        if !records.contains_key(&id) {
+            problems.push(Problem {
+                object,
+                detail: format!("points to commit {id}, which is missing"),
+                affects: Vec::new(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Fills in, for each broken blob, the commits whose chunks name it.
+fn add_blob_effects(records: &HashMap<ObjectId, CommitRecord>, problems: &mut [Problem]) {
+    for problem in problems.iter_mut() {
+        let Some(blob) = problem
+            .object
+            .strip_prefix("blob ")
+            .and_then(ObjectId::from_hex)
+        else {
+            continue;
+        };
+        let mut affects: Vec<String> = records
+            .iter()
+            .filter(|(_, r)| r.chunks().any(|c| c.blob == blob))
+            .map(|(id, r)| label(id, r))
+            .collect();
+        affects.sort();
+        problem.affects = affects;
+    }
+}

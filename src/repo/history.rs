@@ -1,0 +1,203 @@
+//! Branches, tags and the current branch: `branch`, `switch`, `tag`.
+//!
+//! A branch is a tip plus its own step index, which covers the branch's
+//! whole first-parent ancestry: a branch forked at `main@500` resolves
+//! `retry@500` (and every earlier step) to the same commits as `main`, and
+//! its own later steps to its own commits.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use super::rev::resolve;
+use crate::store::{CommitRecord, ObjectId, RefEdit, Store};
+
+/// One line of `branch`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BranchInfo {
+    pub name: String,
+    pub tip: String,
+    pub tip_step: u64,
+    /// Commits in the branch's first-parent ancestry, tip included.
+    pub commits: usize,
+    pub current: bool,
+}
+
+/// One line of `tag`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TagInfo {
+    pub name: String,
+    pub commit: String,
+    pub step: u64,
+    pub branch: String,
+}
+
+/// Checks a branch or tag name (`kind` names which in the message).
+pub fn validate_ref_name(kind: &str, name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && !name.starts_with('-')
+        && !name.starts_with('/')
+        && !name.ends_with('/')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        && !name.contains("..")
+        && !name.contains("//");
+    if !ok {
+        bail!(
+            "invalid {kind} name `{name}`: use letters, digits, `-`, `_`, `.` and `/` (no `..`, no leading `-`)"
+        );
+    }
+    if name.bytes().all(|b| b.is_ascii_digit()) {
+        bail!("invalid {kind} name `{name}`: all digits would read as a step number");
+    }
+    Ok(())
+}
+
+/// The first-parent ancestry of `id`, `id` first.
+pub fn ancestry(store: &Store, id: ObjectId) -> anyhow::Result<Vec<(ObjectId, CommitRecord)>> {
+    let mut out = Vec::new();
+    let mut next = Some(id);
+    while let Some(id) = next {
+        let record = store
+            .get_commit(&id)?
+            .with_context(|| format!("commit {id} is missing from the store"))?;
+        next = record.first_parent();
+        out.push((id, record));
+    }
+    Ok(out)
+}
+
+/// Step-index entries a branch whose tip is `id` holds: its ancestry.
+pub fn ancestry_steps(store: &Store, id: ObjectId) -> anyhow::Result<Vec<(u64, ObjectId)>> {
+    Ok(ancestry(store, id)?
+        .into_iter()
+        .map(|(id, record)| (record.step, id))
+        .collect())
+}
+
+pub fn branches(store: &Store) -> anyhow::Result<Vec<BranchInfo>> {
+    let head = store.head_branch()?;
+    let mut out = Vec::new();
+    for (name, tip) in store.branches()? {
+        let record = store
+            .get_commit(&tip)?
+            .with_context(|| format!("tip {tip} of branch `{name}` is missing"))?;
+        out.push(BranchInfo {
+            current: name == head,
+            commits: store.branch_steps(&name)?.len(),
+            name,
+            tip: tip.to_hex(),
+            tip_step: record.step,
+        });
+    }
+    Ok(out)
+}
+
+/// Creates branch `name` with tip `rev`. Returns the tip.
+pub fn create_branch(
+    root: &Path,
+    name: &str,
+    rev: &str,
+    wait: Duration,
+) -> anyhow::Result<ObjectId> {
+    validate_ref_name("branch", name)?;
+    let (store, edit) = Store::open_write(root, wait, |view| {
+        if let Some(tip) = view.branch_tip(name)? {
+            bail!("branch `{name}` already exists (tip {})", tip.short());
+        }
+        let tip = resolve(view, rev)?;
+        let set_steps = ancestry_steps(view, tip)?
+            .into_iter()
+            .map(|(step, id)| (name.to_string(), step, id))
+            .collect();
+        Ok(RefEdit {
+            set_branches: vec![(name.to_string(), tip)],
+            set_steps,
+            ..RefEdit::default()
+        })
+    })?;
+    store.apply(&edit)?;
+    Ok(edit.set_branches[0].1)
+}
+
+/// Deletes branch `name` (its ref and step index; commits stay until `gc`).
+/// Returns the tip it had.
+pub fn delete_branch(root: &Path, name: &str, wait: Duration) -> anyhow::Result<ObjectId> {
+    let (store, tip) = Store::open_write(root, wait, |view| {
+        let tip = view
+            .branch_tip(name)?
+            .with_context(|| format!("no branch named `{name}`"))?;
+        if view.head_branch()? == name {
+            bail!("`{name}` is the current branch; `ckptvc switch` to another branch first");
+        }
+        Ok(tip)
+    })?;
+    store.apply(&RefEdit {
+        delete_branches: vec![name.to_string()],
+        clear_steps: vec![name.to_string()],
+        ..RefEdit::default()
+    })?;
+    let tips: Vec<ObjectId> = store.branches()?.into_iter().map(|(_, id)| id).collect();
+    super::tipcache::prune(&store.cache_dir(), &tips);
+    Ok(tip)
+}
+
+/// Makes `name` the current branch.
+pub fn switch(root: &Path, name: &str, wait: Duration) -> anyhow::Result<ObjectId> {
+    let (store, tip) = Store::open_write(root, wait, |view| {
+        view.branch_tip(name)?.with_context(|| {
+            format!("no branch named `{name}` (create it with `ckptvc branch {name} REV`)")
+        })
+    })?;
+    store.apply(&RefEdit {
+        head: Some(name.to_string()),
+        ..RefEdit::default()
+    })?;
+    Ok(tip)
+}
+
+pub fn tags(store: &Store) -> anyhow::Result<Vec<TagInfo>> {
+    let mut out = Vec::new();
+    for (name, id) in store.tags()? {
+        let record = store
+            .get_commit(&id)?
+            .with_context(|| format!("commit {id} of tag `{name}` is missing"))?;
+        out.push(TagInfo {
+            name,
+            commit: id.to_hex(),
+            step: record.step,
+            branch: record.branch,
+        });
+    }
+    Ok(out)
+}
+
+pub fn create_tag(root: &Path, name: &str, rev: &str, wait: Duration) -> anyhow::Result<ObjectId> {
+    validate_ref_name("tag", name)?;
+    let (store, id) = Store::open_write(root, wait, |view| {
+        if let Some(id) = view.tag_target(name)? {
+            bail!("tag `{name}` already exists (commit {})", id.short());
+        }
+        resolve(view, rev)
+    })?;
+    store.apply(&RefEdit {
+        set_tags: vec![(name.to_string(), id)],
+        ..RefEdit::default()
+    })?;
+    Ok(id)
+}
+
+pub fn delete_tag(root: &Path, name: &str, wait: Duration) -> anyhow::Result<ObjectId> {
+    let (store, id) = Store::open_write(root, wait, |view| {
+        view.tag_target(name)?
+            .with_context(|| format!("no tag named `{name}`"))
+    })?;
+    store.apply(&RefEdit {
+        delete_tags: vec![name.to_string()],
+        ..RefEdit::default()
+    })?;
+    Ok(id)
+}

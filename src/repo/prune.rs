@@ -1,0 +1,316 @@
+//! `prune`: retention for long runs. Keeps the newest commits of a branch and
+//! every commit at a multiple of a step interval (plus tagged commits and
+//! everything another branch or tag still reaches), drops the rest from the
+//! branch's history, then runs gc.
+//!
+//! The plan:
+//! 1. walk the branch's first-parent ancestry; mark what to keep;
+//! 2. rewrite each kept commit above the first dropped one, oldest first:
+//!    its parent becomes the nearest kept ancestor; a chunk coded against a
+//!    dropped commit is *rebased*: its exact reconstruction (what checkout
+//!    returned before) is re-encoded losslessly, as a keyframe or an
+//!    xor-delta against the new parent's chunk, whichever is smaller. So
+//!    every kept commit checks out bit-identically to before;
+//! 3. publish in one synced batch: new records, the branch tip, its step
+//!    index, and tags moved to the rewritten commits;
+//! 4. gc: the dropped and the superseded records and their blobs go.
+//!
+//! Commits that another branch or a tag reaches are never rewritten: they
+//! are ancestors of every rewritten commit, so their ids stay valid.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::gc::{GcReport, gc_locked};
+use super::history::ancestry;
+use super::reconstruct::{ChunkAddr, Reconstructor};
+use crate::codec;
+use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId, RefEdit, Store};
+
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    /// `None`: the current branch.
+    pub branch: Option<String>,
+    /// Keep this many newest commits of the branch (at least 1: the tip).
+    pub keep_last: usize,
+    /// Keep every commit whose step is a multiple of this.
+    pub keep_every: Option<u64>,
+    pub dry_run: bool,
+    pub lock_wait: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneReport {
+    pub branch: String,
+    pub dry_run: bool,
+    /// Steps kept and dropped, oldest first.
+    pub kept: Vec<u64>,
+    pub dropped: Vec<u64>,
+    /// Kept commits given a new record (new parent or rebased chunks).
+    pub rewritten: usize,
+    /// Chunks re-encoded because their base was dropped.
+    pub rebased_chunks: usize,
+    pub gc: Option<GcReport>,
+}
+
+struct Plan {
+    branch: String,
+    /// The branch's ancestry, oldest first, with keep flags.
+    chain: Vec<(ObjectId, CommitRecord, bool)>,
+    /// Kept because something else reaches them: never rewritten.
+    shared: HashSet<ObjectId>,
+}
+
+fn plan(store: &Store, options: &PruneOptions) -> anyhow::Result<Plan> {
+    if options.keep_last == 0 {
+        bail!("--keep-last must be at least 1 (the branch tip is always kept)");
+    }
+    if options.keep_every == Some(0) {
+        bail!("--keep-every must be at least 1");
+    }
+    let branch = match &options.branch {
+        Some(b) => b.clone(),
+        None => store.head_branch()?,
+    };
+    let tip = store
+        .branch_tip(&branch)?
+        .with_context(|| format!("no branch named `{branch}`"))?;
+    let mut shared = HashSet::new();
+    for (name, id) in store.branches()? {
+        if name != branch {
+            shared.extend(ancestry(store, id)?.into_iter().map(|(id, _)| id));
+        }
+    }
+    let tagged: HashSet<ObjectId> = store.tags()?.into_iter().map(|(_, id)| id).collect();
+    let mut chain: Vec<(ObjectId, CommitRecord, bool)> = ancestry(store, tip)?
+        .into_iter()
+        .enumerate()
+        .map(|(newest_first, (id, record))| {
+            let keep = newest_first < options.keep_last
+                || options.keep_every.is_some_and(|k| record.step % k == 0)
+                || tagged.contains(&id)
+                || shared.contains(&id);
+            (id, record, keep)
+        })
+        .collect();
+    chain.reverse();
+    Ok(Plan {
+        branch,
+        chain,
+        shared,
+    })
+}
+
+pub fn prune(root: &Path, options: &PruneOptions) -> anyhow::Result<PruneReport> {
+    if options.dry_run {
+        let store = Store::open_read(root)?;
+        let plan = plan(&store, options)?;
+        return Ok(report(&plan, true, 0, 0, None));
+    }
+    let (store, plan) = Store::open_write(root, options.lock_wait, |view| plan(view, options))?;
+    if plan.chain.iter().all(|(_, _, keep)| *keep) {
+        return Ok(report(&plan, false, 0, 0, None));
+    }
+    let (edit, rewritten, rebased) = rewrite(&store, &plan)?;
+    store.flush_blobs()?;
+    let old_tip = plan.chain.last().map(|(id, _, _)| *id);
+    store.apply(&edit)?;
+    // The reconstruction of the tip did not change: its cache stays valid.
+    if let (Some(old), Some((_, new))) = (old_tip, edit.set_branches.first()) {
+        super::tipcache::rename(&store.cache_dir(), &old, new);
+    }
+    let gc = gc_locked(&store)?;
+    Ok(report(&plan, false, rewritten, rebased, Some(gc)))
+}
+
+fn report(
+    plan: &Plan,
+    dry_run: bool,
+    rewritten: usize,
+    rebased_chunks: usize,
+    gc: Option<GcReport>,
+) -> PruneReport {
+    let steps = |keep: bool| {
+        plan.chain
+            .iter()
+            .filter(|(_, _, k)| *k == keep)
+            .map(|(_, r, _)| r.step)
+            .collect()
+    };
+    PruneReport {
+        branch: plan.branch.clone(),
+        dry_run,
+        kept: steps(true),
+        dropped: steps(false),
+        rewritten,
+        rebased_chunks,
+        gc,
+    }
+}
+
+/// New records for the kept commits, oldest first, and the ref edit that
+/// publishes them. Returns (edit, commits rewritten, chunks rebased).
+fn rewrite(store: &Store, plan: &Plan) -> anyhow::Result<(RefEdit, usize, usize)> {
+    let reconstructor = Reconstructor::new(store);
+    let dropped: HashSet<ObjectId> = plan
+        .chain
+        .iter()
+        .filter(|(_, _, keep)| !keep)
+        .map(|(id, _, _)| *id)
+        .collect();
+    // old id -> (new id, chain depth) of kept commits
+    let mut renamed: HashMap<ObjectId, ObjectId> = HashMap::new();
+    let mut edit = RefEdit::default();
+    let mut new_parent: Option<(ObjectId, ObjectId, u32)> = None; // (old, new, depth)
+    let (mut rewritten, mut rebased) = (0, 0);
+    for (old_id, record, keep) in &plan.chain {
+        if !keep {
+            continue;
+        }
+        let mut new = record.clone();
+        new.parents = new_parent
+            .map(|(_, new_id, _)| new_id)
+            .into_iter()
+            .collect();
+        let mut rebase_jobs = Vec::new();
+        for_each_chunk_mut(&mut new, |addr, chunk| {
+            if let Some(base) = chunk.base {
+                if let Some(renamed_base) = renamed.get(&base) {
+                    chunk.base = Some(*renamed_base);
+                } else if dropped.contains(&base) {
+                    rebase_jobs.push(addr);
+                }
+            }
+        });
+        let rebuilt: Vec<(Addr, ChunkRef)> = rebase_jobs
+            .par_iter()
+            .map(|addr| {
+                rebase_chunk(store, &reconstructor, *old_id, new_parent, addr)
+                    .map(|chunk| (addr.clone(), chunk))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        rebased += rebuilt.len();
+        let rebuilt: HashMap<Addr, ChunkRef> = rebuilt.into_iter().collect();
+        // stored_bytes counts what this commit added: the re-encoded
+        // chunks replace the residuals they stand for.
+        let mut stored = new.stored_bytes;
+        for_each_chunk_mut(&mut new, |addr, chunk| {
+            if let Some(replacement) = rebuilt.get(&addr) {
+                stored = stored.saturating_sub(chunk.stored_len) + replacement.stored_len;
+                *chunk = replacement.clone();
+            }
+        });
+        new.stored_bytes = stored;
+        let has_base = new.chunks().any(|c| c.base.is_some());
+        new.keyframe = !has_base;
+        new.chain_depth = match (has_base, new_parent) {
+            (true, Some((_, _, depth))) => depth + 1,
+            _ => 0,
+        };
+        let new_id = if new == *record {
+            *old_id
+        } else {
+            if plan.shared.contains(old_id) {
+                bail!(
+                    "internal error: commit {} is shared with another branch and cannot be rewritten",
+                    old_id.short()
+                );
+            }
+            let bytes = new.to_bytes();
+            let id = ObjectId::of(&bytes);
+            edit.put_commits.push((id, bytes));
+            rewritten += 1;
+            renamed.insert(*old_id, id);
+            id
+        };
+        edit.set_steps.push((plan.branch.clone(), new.step, new_id));
+        new_parent = Some((*old_id, new_id, new.chain_depth));
+    }
+    let (_, tip, _) = new_parent.context("the branch tip is always kept")?;
+    edit.set_branches.push((plan.branch.clone(), tip));
+    edit.clear_steps.push(plan.branch.clone());
+    for (name, id) in store.tags()? {
+        if let Some(new_id) = renamed.get(&id) {
+            edit.set_tags.push((name, *new_id));
+        }
+    }
+    Ok((edit, rewritten, rebased))
+}
+
+/// A chunk position, owned: (file, tensor, index).
+type Addr = (String, Option<String>, usize);
+
+fn for_each_chunk_mut(record: &mut CommitRecord, mut f: impl FnMut(Addr, &mut ChunkRef)) {
+    for file in &mut record.files {
+        match &mut file.content {
+            FileContent::Opaque { chunks } => {
+                for (i, chunk) in chunks.iter_mut().enumerate() {
+                    f((file.name.clone(), None, i), chunk);
+                }
+            }
+            FileContent::Safetensors { tensors, .. } => {
+                for tensor in tensors {
+                    for (i, chunk) in tensor.chunks.iter_mut().enumerate() {
+                        f((file.name.clone(), Some(tensor.name.clone()), i), chunk);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Re-encodes chunk `addr` of commit `old_id` losslessly from its exact
+/// reconstruction: a keyframe, or an xor-delta against the new parent's
+/// chunk at the same position if that is smaller.
+fn rebase_chunk(
+    store: &Store,
+    reconstructor: &Reconstructor<'_>,
+    old_id: ObjectId,
+    new_parent: Option<(ObjectId, ObjectId, u32)>,
+    (file, tensor, index): &Addr,
+) -> anyhow::Result<ChunkRef> {
+    let addr = ChunkAddr {
+        file,
+        tensor: tensor.as_deref(),
+        index: *index,
+    };
+    let raw = reconstructor.chunk(&old_id, addr)?;
+    let record = reconstructor.record(&old_id)?;
+    let elem_size = tensor
+        .as_deref()
+        .and_then(|t| record.tensor(file, t))
+        .map_or(1, |t| {
+            let numel: u64 = t.shape.iter().product();
+            (t.raw_bytes().checked_div(numel).unwrap_or(1) as usize).max(1)
+        });
+    let mut blob = codec::encode_keyframe(&raw, elem_size);
+    let mut base = None;
+    if let Some((parent_old, parent_new, _)) = new_parent
+        && let Ok(parent_raw) = reconstructor.chunk(&parent_old, addr)
+        && parent_raw.len() == raw.len()
+    {
+        let delta = codec::encode_xor_delta(&raw, &parent_raw, elem_size);
+        if delta.len() < blob.len() {
+            blob = delta;
+            base = Some(parent_new);
+        }
+    }
+    let header = codec::BlobHeader::parse(&blob).expect("just encoded");
+    let id = ObjectId::of(&blob);
+    if !store.has_blob(&id)? {
+        store.put_blob(&id, &blob)?;
+    }
+    Ok(ChunkRef {
+        blob: id,
+        codec: header.codec,
+        raw_len: raw.len() as u64,
+        stored_len: blob.len() as u64,
+        raw_hash: ObjectId::of(&raw),
+        base,
+    })
+}
