@@ -1,0 +1,388 @@
+//! History operations on the fixture series: forks and step resolution,
+//! branch deletion and gc (with the space coming back), prune (every kept
+//! commit checks out bit-identically), tags, and fsck on a damaged store.
+
+mod common;
+
+use std::path::Path;
+
+use common::{Env, STEPS, assert_same_files, file_digests, fixture};
+use predicates::str::contains;
+use serde_json::Value;
+
+fn commit_on(env: &Env, branch: &str, dir: &Path, step: u64) -> String {
+    let out = env
+        .cmd()
+        .args(["commit", "--branch", branch, "--step", &step.to_string()])
+        .arg(dir)
+        .assert()
+        .success();
+    String::from_utf8(out.get_output().stdout.clone())
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn id_of(env: &Env, rev: &str) -> String {
+    env.json(&["show", rev])["id"].as_str().unwrap().to_string()
+}
+
+/// `du -sb` of the store's database.
+fn disk_bytes(env: &Env) -> u64 {
+    fn walk(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let meta = e.metadata().unwrap();
+                if meta.is_dir() {
+                    walk(&e.path())
+                } else {
+                    meta.len()
+                }
+            })
+            .sum()
+    }
+    walk(&env.repo().join("db"))
+}
+
+/// main: 20, 40, 60; `retry` forked at main@40 with its own 60 and 80
+/// (other checkpoints than main's, as after a restart).
+fn forked(env: &Env) {
+    for step in [20, 40, 60] {
+        env.commit(&fixture(step), step);
+    }
+    env.cmd()
+        .args(["branch", "retry", "main@40"])
+        .assert()
+        .success();
+    commit_on(env, "retry", &fixture(100), 60);
+    commit_on(env, "retry", &fixture(120), 80);
+    env.cmd().args(["switch", "main"]).assert().success();
+}
+
+#[test]
+fn fork_resolves_steps_along_each_branch() {
+    let env = Env::init();
+    forked(&env);
+    // The fork point and what precedes it are shared; later steps are not.
+    assert_eq!(id_of(&env, "retry@40"), id_of(&env, "main@40"));
+    assert_eq!(id_of(&env, "retry@20"), id_of(&env, "main@20"));
+    assert_ne!(id_of(&env, "retry@60"), id_of(&env, "main@60"));
+    assert_same_files(&fixture(60), &env.checkout("main@60", "a"));
+    assert_same_files(&fixture(100), &env.checkout("retry@60", "b"));
+    assert_same_files(&fixture(120), &env.checkout("retry@80", "c"));
+    // A bare step resolves on the current branch (main, after `switch`).
+    assert_same_files(&fixture(60), &env.checkout("60", "d"));
+    env.cmd()
+        .args(["checkout", "main@80", "-o"])
+        .arg(env.path("e"))
+        .assert()
+        .failure()
+        .stderr(contains("no commit at step 80"));
+
+    let branches = env.json(&["branch"]);
+    let retry = branches
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "retry")
+        .unwrap();
+    assert_eq!(retry["commits"], 4);
+    assert_eq!(retry["tip_step"], 80);
+
+    // The graph shows both tips; its JSON gives each node with its parents.
+    let graph = env.cmd().args(["log", "--graph"]).assert().success();
+    let text = String::from_utf8(graph.get_output().stdout.clone()).unwrap();
+    assert!(
+        text.contains("(retry)") && text.contains("(main)"),
+        "{text}"
+    );
+    assert!(text.contains("|/"), "{text}");
+    let nodes = env.json(&["log", "--graph"]);
+    assert_eq!(nodes.as_array().unwrap().len(), 5);
+    let fork_children = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["commit"]["parents"][0] == id_of(&env, "main@40").as_str())
+        .count();
+    assert_eq!(fork_children, 2);
+}
+
+#[test]
+fn commit_forks_from_current_tip_or_parent() {
+    let env = Env::init();
+    for step in [20, 40] {
+        env.commit(&fixture(step), step);
+    }
+    // --parent says where a new branch starts.
+    env.cmd()
+        .args([
+            "commit", "--branch", "r20", "--parent", "main@20", "--step", "30",
+        ])
+        .arg(fixture(60))
+        .assert()
+        .success();
+    let show = env.json(&["show", "r20@30"]);
+    assert_eq!(show["parents"][0], id_of(&env, "main@20").as_str());
+    // --parent on an existing branch is refused, and so is a step below
+    // the fork point.
+    env.cmd()
+        .args([
+            "commit", "--branch", "r20", "--parent", "main@40", "--step", "50",
+        ])
+        .arg(fixture(80))
+        .assert()
+        .failure()
+        .stderr(contains("branch `r20` exists"));
+    env.cmd()
+        .args([
+            "commit", "--branch", "r40", "--parent", "main@40", "--step", "10",
+        ])
+        .arg(fixture(80))
+        .assert()
+        .failure()
+        .stderr(contains("lower than step 40"));
+    env.cmd()
+        .args(["branch", "r20", "main"])
+        .assert()
+        .failure()
+        .stderr(contains("already exists"));
+    env.cmd()
+        .args(["switch", "nosuch"])
+        .assert()
+        .failure()
+        .stderr(contains("no branch named `nosuch`"));
+}
+
+#[test]
+fn deleted_branch_space_comes_back_after_gc() {
+    let env = Env::init();
+    forked(&env);
+    env.cmd()
+        .args(["branch", "--delete", "main"])
+        .assert()
+        .failure()
+        .stderr(contains("current branch"));
+    env.cmd()
+        .args(["branch", "--delete", "retry"])
+        .assert()
+        .success();
+
+    // A dry run reports and changes nothing.
+    let before_files = file_digests(&env.repo().join("db"));
+    let plan = env.json(&["gc", "--dry-run"]);
+    assert_eq!(file_digests(&env.repo().join("db")), before_files);
+    assert_eq!(plan["commits_removed"], 2);
+    let unique_bytes = plan["blob_bytes_removed"].as_u64().unwrap();
+    assert!(unique_bytes > 1_000_000, "{plan}");
+
+    let du_before = disk_bytes(&env);
+    let report = env.json(&["gc"]);
+    assert_eq!(report["blobs_removed"], plan["blobs_removed"]);
+    let du_after = disk_bytes(&env);
+    assert!(
+        du_before - du_after >= unique_bytes * 9 / 10,
+        "du fell by {} bytes, the branch held {unique_bytes} unique blob bytes",
+        du_before.saturating_sub(du_after)
+    );
+    for step in [20, 40, 60] {
+        let out = env.checkout(&format!("main@{step}"), &format!("after-{step}"));
+        assert_same_files(&fixture(step), &out);
+    }
+    env.cmd().arg("fsck").assert().success();
+    // Nothing left to collect.
+    assert_eq!(env.json(&["gc"])["blobs_removed"], 0);
+}
+
+#[test]
+fn gc_keeps_lossy_history_bit_identical() {
+    let env = Env::init_with(&["--policy", "balanced"]);
+    forked(&env);
+    for step in [20, 40, 60] {
+        env.checkout(&format!("main@{step}"), &format!("before-{step}"));
+    }
+    env.cmd()
+        .args(["branch", "--delete", "retry"])
+        .assert()
+        .success();
+    env.cmd().arg("gc").assert().success();
+    for step in [20, 40, 60] {
+        let after = env.checkout(&format!("main@{step}"), &format!("after-{step}"));
+        assert_same_files(&env.path(&format!("before-{step}")), &after);
+    }
+    env.cmd().arg("fsck").assert().success();
+}
+
+/// Commits the whole series with `policy`, tags step 60, prunes with
+/// `prune_args`, and checks every kept commit bit for bit.
+fn prune_case(policy: &str, prune_args: &[&str], expect_kept: &[u64]) {
+    let env = Env::init_with(&["--policy", policy]);
+    for step in STEPS {
+        env.commit(&fixture(step), step);
+    }
+    env.cmd().args(["tag", "t60", "60"]).assert().success();
+    for step in STEPS {
+        env.checkout(&step.to_string(), &format!("before-{step}"));
+    }
+    let dry: Value = env.json(&[&["prune", "--dry-run"], prune_args].concat());
+    let report: Value = env.json(&[&["prune"], prune_args].concat());
+    assert_eq!(dry["kept"], report["kept"]);
+    let kept: Vec<u64> = report["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
+    assert_eq!(kept, expect_kept, "{prune_args:?}");
+    for step in STEPS {
+        if kept.contains(&step) {
+            let after = env.checkout(&step.to_string(), &format!("after-{step}"));
+            assert_same_files(&env.path(&format!("before-{step}")), &after);
+        } else {
+            env.cmd()
+                .args(["checkout", &step.to_string(), "-o"])
+                .arg(env.path(&format!("gone-{step}")))
+                .assert()
+                .failure();
+        }
+    }
+    // The tag follows its rewritten commit.
+    let tag = env.checkout("t60", "tag");
+    assert_same_files(&env.path("before-60"), &tag);
+    assert_eq!(
+        env.json(&["log"]).as_array().unwrap().len(),
+        kept.len(),
+        "{prune_args:?}"
+    );
+    env.cmd().arg("fsck").assert().success();
+}
+
+#[test]
+fn prune_keeps_checkouts_bit_identical() {
+    prune_case(
+        "balanced",
+        &["--keep-last", "1", "--keep-every", "40"],
+        &[40, 60, 80, 120],
+    );
+    prune_case("balanced", &["--keep-last", "2"], &[60, 100, 120]);
+    prune_case(
+        "lossless",
+        &["--keep-last", "1", "--keep-every", "100"],
+        &[60, 100, 120],
+    );
+    prune_case(
+        "compact",
+        &["--keep-last", "3", "--keep-every", "1000"],
+        &[60, 80, 100, 120],
+    );
+}
+
+#[test]
+fn prune_keeps_what_other_branches_reach() {
+    let env = Env::init_with(&["--policy", "balanced"]);
+    forked(&env);
+    let fork_point = id_of(&env, "main@40");
+    let retry_80 = env.checkout("retry@80", "retry-before");
+    env.cmd()
+        .args(["prune", "--branch", "main", "--keep-last", "1"])
+        .assert()
+        .success();
+    // main@20 and main@40 are retry's history: kept, not rewritten.
+    assert_eq!(id_of(&env, "main@40"), fork_point);
+    assert_eq!(id_of(&env, "retry@40"), fork_point);
+    let after = env.checkout("retry@80", "retry-after");
+    assert_same_files(&retry_80, &after);
+    env.cmd().arg("fsck").assert().success();
+}
+
+#[test]
+fn tags_list_resolve_and_delete() {
+    let env = Env::init();
+    env.commit(&fixture(20), 20);
+    env.commit(&fixture(40), 40);
+    env.cmd().args(["tag", "best", "20"]).assert().success();
+    env.cmd()
+        .args(["tag", "best", "40"])
+        .assert()
+        .failure()
+        .stderr(contains("already exists"));
+    assert_eq!(env.json(&["tag"])[0]["step"], 20);
+    assert_same_files(&fixture(20), &env.checkout("best", "a"));
+    env.cmd()
+        .args(["tag", "--delete", "best"])
+        .assert()
+        .success();
+    assert_eq!(env.json(&["tag"]).as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn diff_reports_per_tensor_changes() {
+    let env = Env::init();
+    env.commit(&fixture(20), 20);
+    env.commit(&fixture(40), 40);
+    let report = env.json(&["diff", "20", "40"]);
+    let tensors = report["tensors"].as_array().unwrap();
+    let weight = tensors
+        .iter()
+        .find(|t| t["tensor"] == "tok.weight")
+        .expect("tok.weight");
+    assert_eq!(weight["change"], "changed");
+    assert!(weight["rel_l2"].as_f64().unwrap() > 0.0);
+    assert!(weight["max_abs"].as_f64().unwrap() > 0.0);
+    let same = env.json(&["diff", "40", "40"]);
+    assert!(
+        same["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            // rel_l2 is null for integer tensors.
+            .all(|t| t["change"] == "same" && (t["rel_l2"] == 0.0 || t["rel_l2"].is_null()))
+    );
+}
+
+#[test]
+fn fsck_and_checkout_report_a_damaged_blob() {
+    let env = Env::init();
+    env.commit(&fixture(20), 20);
+    env.commit(&fixture(40), 40);
+    env.cmd().arg("fsck").assert().success();
+    // Flip one byte in the middle of the largest RocksDB blob file.
+    let db = env.repo().join("db");
+    let blob_file = std::fs::read_dir(&db)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "blob"))
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .expect("a blob file");
+    let mut bytes = std::fs::read(&blob_file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&blob_file, &bytes).unwrap();
+
+    let out = env.cmd().args(["--json", "fsck"]).assert().failure();
+    let report: Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    let problems = report["problems"].as_array().unwrap();
+    let broken_blob = problems
+        .iter()
+        .find(|p| p["object"].as_str().unwrap().starts_with("blob "))
+        .unwrap_or_else(|| panic!("no broken blob named: {report}"));
+    let affected = broken_blob["affects"][0]
+        .as_str()
+        .expect("an affected commit");
+    // "<short id> (main@<step>)": checking that commit out must fail.
+    let rev = affected.split(['(', ')']).nth(1).unwrap().to_string();
+    env.cmd()
+        .args(["fsck"])
+        .assert()
+        .failure()
+        .stdout(contains("BROKEN blob"))
+        .stdout(contains("affects"));
+    env.cmd()
+        .args(["checkout", &rev, "-o"])
+        .arg(env.path("out"))
+        .assert()
+        .failure()
+        .stderr(contains("blob"));
+}
