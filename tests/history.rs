@@ -386,3 +386,42 @@ fn fsck_and_checkout_report_a_damaged_blob() {
         .failure()
         .stderr(contains("blob"));
 }
+
+#[test]
+fn history_writers_take_the_lock_and_readers_do_not() {
+    let env = Env::init();
+    forked(&env);
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(env.repo().join("lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    for args in [
+        &["gc"][..],
+        &["prune", "--keep-last", "1"],
+        &["branch", "x", "main"],
+        &["branch", "--delete", "retry"],
+        &["tag", "t", "main"],
+        &["switch", "retry"],
+    ] {
+        env.cmd()
+            .args(args)
+            .assert()
+            .failure()
+            .stderr(contains("store is locked"));
+    }
+    // Readers work alongside a writer.
+    for args in [
+        &["log", "--graph"][..],
+        &["branch"],
+        &["diff", "main@60", "retry@60"],
+        &["fsck"],
+        &["gc", "--dry-run"],
+        &["prune", "--keep-last", "1", "--dry-run"],
+    ] {
+        env.cmd().args(args).assert().success();
+    }
+    assert_same_files(&fixture(60), &env.checkout("main@60", "out"));
+    lock.unlock().unwrap();
+    env.cmd().arg("gc").assert().success();
+}
