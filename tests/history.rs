@@ -385,6 +385,14 @@ fn fsck_and_checkout_report_a_damaged_blob() {
         .assert()
         .failure()
         .stderr(contains("blob"));
+    // The file with the failed blob is not written, not even partially.
+    let left: Vec<_> = std::fs::read_dir(env.path("out"))
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        !left.iter().any(|n| n.to_string_lossy().contains("partial")),
+        "{left:?}"
+    );
 }
 
 #[test]

@@ -118,7 +118,7 @@ fn write_file(
             entry.size
         );
     }
-    pieces.par_iter().try_for_each(|&(at, tensor, index)| {
+    let written = pieces.par_iter().try_for_each(|&(at, tensor, index)| {
         let addr = ChunkAddr {
             file: &entry.name,
             tensor,
@@ -129,7 +129,14 @@ fn write_file(
             .with_context(|| format!("{}: write failed", partial.display()))?;
         progress.advance(bytes.len() as u64);
         anyhow::Ok(())
-    })?;
+    });
+    if let Err(e) = written {
+        // A chunk that fails verification leaves no file behind, not even
+        // the partial one.
+        drop(file);
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
     file.sync_all()?;
     std::fs::rename(&partial, path)
         .with_context(|| format!("{}: cannot rename into place", path.display()))?;
