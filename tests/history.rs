@@ -226,6 +226,7 @@ fn prune_case(policy: &str, prune_args: &[&str], expect_kept: &[u64]) {
     for step in STEPS {
         env.checkout(&step.to_string(), &format!("before-{step}"));
     }
+    let blob_bytes_before = env.json(&["stats"])["blob_bytes"].as_u64().unwrap();
     let dry: Value = env.json(&[&["prune", "--dry-run"], prune_args].concat());
     let report: Value = env.json(&[&["prune"], prune_args].concat());
     assert_eq!(dry["kept"], report["kept"]);
@@ -248,6 +249,12 @@ fn prune_case(policy: &str, prune_args: &[&str], expect_kept: &[u64]) {
                 .failure();
         }
     }
+    // Rebasing happens only where it is cheaper than keeping the bases.
+    let blob_bytes_after = env.json(&["stats"])["blob_bytes"].as_u64().unwrap();
+    assert!(
+        blob_bytes_after <= blob_bytes_before,
+        "{prune_args:?}: {blob_bytes_before} -> {blob_bytes_after}"
+    );
     // The tag follows its rewritten commit.
     let tag = env.checkout("t60", "tag");
     assert_same_files(&env.path("before-60"), &tag);

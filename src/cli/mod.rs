@@ -335,13 +335,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 println!("{}", outcome.id);
                 if !cli.quiet {
                     eprintln!(
-                        "step {} on {}: {} in, {} stored ({} new blobs, {:.1}x){}",
+                        "step {} on {}: {} in, {} stored ({} new blobs, {}){}",
                         entry.step,
                         entry.branch,
                         bytes(entry.input_bytes),
                         bytes(entry.stored_bytes),
                         outcome.new_blobs,
-                        entry.ratio,
+                        output::ratio(entry.ratio),
                         if entry.keyframe { ", keyframe" } else { "" }
                     );
                 }

@@ -30,6 +30,16 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// A size ratio, e.g. `23.4x`; a commit that added no bytes (every chunk
+/// already stored) is `dedup`.
+pub fn ratio(r: f64) -> String {
+    if r.is_finite() {
+        format!("{r:.1}x")
+    } else {
+        "dedup".to_string()
+    }
+}
+
 fn date(time_ms: u64) -> String {
     let secs = time_ms / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
@@ -72,14 +82,14 @@ pub fn print_log(entries: &[LogEntry]) {
     );
     for e in entries {
         println!(
-            "{:<12}  {:>8}  {:<12}  {:<19}  {:>10}  {:>10}  {:>6.1}x  {:<9}  {:>8.2e}  {:>8.2e}  {:>8.2e}  {}{}",
+            "{:<12}  {:>8}  {:<12}  {:<19}  {:>10}  {:>10}  {:>7}  {:<9}  {:>8.2e}  {:>8.2e}  {:>8.2e}  {}{}",
             &e.id[..12],
             e.step,
             e.branch,
             date(e.time_ms),
             bytes(e.input_bytes),
             bytes(e.stored_bytes),
-            e.ratio,
+            ratio(e.ratio),
             e.policy.split('(').next().unwrap_or_default(),
             e.error_w,
             e.error_m,
@@ -99,10 +109,10 @@ pub fn print_show(report: &ShowReport) {
     }
     println!("date     {} UTC", date(c.time_ms));
     println!(
-        "size     {} in, {} stored ({:.1}x){}",
+        "size     {} in, {} stored ({}){}",
         bytes(c.input_bytes),
         bytes(c.stored_bytes),
-        c.ratio,
+        ratio(c.ratio),
         if c.keyframe { ", keyframe" } else { "" }
     );
     println!("policy   {}", c.policy);
@@ -173,11 +183,11 @@ pub fn print_graph(lines: &[GraphLine]) {
                 };
                 let kind = if c.keyframe { " [keyframe]" } else { "" };
                 println!(
-                    "{} {} step {}{refs} {:.1}x {}{kind} {}",
+                    "{} {} step {}{refs} {} {}{kind} {}",
                     line.graph,
                     &c.id[..12],
                     c.step,
-                    c.ratio,
+                    ratio(c.ratio),
                     c.policy,
                     c.message
                 );

@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use super::gc::{Position, positioned_chunks, reachable};
 use super::reconstruct::{ChunkAddr, find_chunk};
 use crate::codec;
 use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId, Store};
@@ -51,8 +52,23 @@ impl FsckReport {
 pub fn fsck(store: &Store) -> anyhow::Result<FsckReport> {
     let mut problems = Vec::new();
     let (blob_count, bad_blobs) = check_blobs(store, &mut problems)?;
-    let records = check_commits(store, &bad_blobs, &mut problems)?;
-    let (decoded, decode_problems) = decode_all(store, &records);
+    let live = match reachable(store) {
+        Ok(live) => Some(live),
+        Err(e) => {
+            problems.push(Problem {
+                object: "history".into(),
+                detail: format!("cannot be walked from the refs: {e:#}"),
+                affects: Vec::new(),
+            });
+            None
+        }
+    };
+    let needed = |id: &ObjectId, position: &Position| {
+        live.as_ref()
+            .is_none_or(|l| !l.keeps_commit(id) || l.needs_chunk(id, position))
+    };
+    let records = check_commits(store, &bad_blobs, &needed, &mut problems)?;
+    let (decoded, decode_problems) = decode_all(store, &records, &needed);
     problems.extend(decode_problems);
     check_refs(store, &records, &mut problems)?;
     add_blob_effects(&records, &mut problems);
@@ -101,9 +117,15 @@ fn check_blobs(
     Ok((sizes.len(), bad_ids))
 }
 
+/// Whether chunk `position` of a commit must be intact: every chunk of a
+/// commit in some history, only the chunks still used as bases of a commit
+/// that `prune` dropped from history.
+type Needed<'a> = dyn Fn(&ObjectId, &Position) -> bool + Sync + 'a;
+
 fn check_commits(
     store: &Store,
     bad_blobs: &HashSet<ObjectId>,
+    needed: &Needed<'_>,
     problems: &mut Vec<Problem>,
 ) -> anyhow::Result<HashMap<ObjectId, CommitRecord>> {
     let mut records = HashMap::new();
@@ -128,12 +150,22 @@ fn check_commits(
                 affects: vec![label(id, record)],
             })
         };
-        for parent in &record.parents {
-            if !records.contains_key(parent) {
-                broken(format!("parent {parent} is missing"));
+        let full = record
+            .chunks()
+            .next()
+            .is_none_or(|_| positions(record).iter().all(|p| needed(id, p)));
+        // A commit kept only as a residual base has no history to check.
+        if full {
+            for parent in &record.parents {
+                if !records.contains_key(parent) {
+                    broken(format!("parent {parent} is missing"));
+                }
             }
         }
-        for chunk in record.chunks() {
+        for (position, chunk) in positioned_chunks(record) {
+            if !needed(id, &position) {
+                continue;
+            }
             if !bad_blobs.contains(&chunk.blob) && !store.has_blob(&chunk.blob)? {
                 broken(format!("blob {} is missing", chunk.blob));
             }
@@ -146,9 +178,6 @@ fn check_commits(
     }
     Ok(records)
 }
-
-/// A chunk position, owned: (file, tensor, index).
-type Position = (String, Option<String>, usize);
 
 fn positions(record: &CommitRecord) -> Vec<Position> {
     let mut out = Vec::new();
@@ -169,8 +198,9 @@ fn positions(record: &CommitRecord) -> Vec<Position> {
     out
 }
 
-/// Commits ordered so that every commit comes after its ancestors
-/// (generation number: longest distance from a root).
+/// Commits ordered so that every commit comes after its ancestors and the
+/// commits its chunks are coded against (generation number: longest
+/// distance from a root along those edges).
 fn ancestry_order(records: &HashMap<ObjectId, CommitRecord>) -> Vec<ObjectId> {
     fn generation(
         id: ObjectId,
@@ -184,9 +214,17 @@ fn ancestry_order(records: &HashMap<ObjectId, CommitRecord>) -> Vec<ObjectId> {
                 stack.pop();
                 continue;
             }
+            // Dependencies: parents and residual bases (after a prune, a
+            // base may sit outside the commit's new ancestry).
             let parents: Vec<ObjectId> = records
                 .get(&top)
-                .map(|r| r.parents.clone())
+                .map(|r| {
+                    let mut deps = r.parents.clone();
+                    deps.extend(r.chunks().filter_map(|c| c.base));
+                    deps.sort();
+                    deps.dedup();
+                    deps
+                })
                 .unwrap_or_default();
             let pending: Vec<ObjectId> = parents
                 .iter()
@@ -218,7 +256,11 @@ fn ancestry_order(records: &HashMap<ObjectId, CommitRecord>) -> Vec<ObjectId> {
 
 /// Decodes every chunk of every commit. Returns the number decoded and the
 /// problems found.
-fn decode_all(store: &Store, records: &HashMap<ObjectId, CommitRecord>) -> (usize, Vec<Problem>) {
+fn decode_all(
+    store: &Store,
+    records: &HashMap<ObjectId, CommitRecord>,
+    needed: &Needed<'_>,
+) -> (usize, Vec<Problem>) {
     let order = ancestry_order(records);
     let all_positions: BTreeMap<Position, ()> = records
         .values()
@@ -227,7 +269,7 @@ fn decode_all(store: &Store, records: &HashMap<ObjectId, CommitRecord>) -> (usiz
         .collect();
     let results: Vec<(usize, Vec<Problem>)> = all_positions
         .par_iter()
-        .map(|(position, _)| decode_position(store, records, &order, position))
+        .map(|(position, _)| decode_position(store, records, &order, needed, position))
         .collect();
     results
         .into_iter()
@@ -241,8 +283,10 @@ fn decode_position(
     store: &Store,
     records: &HashMap<ObjectId, CommitRecord>,
     order: &[ObjectId],
-    (file, tensor, index): &Position,
+    needed: &Needed<'_>,
+    position: &Position,
 ) -> (usize, Vec<Problem>) {
+    let (file, tensor, index) = position;
     let addr = ChunkAddr {
         file,
         tensor: tensor.as_deref(),
@@ -250,6 +294,7 @@ fn decode_position(
     };
     let chunks: Vec<(ObjectId, &ChunkRef)> = order
         .iter()
+        .filter(|id| needed(id, position))
         .filter_map(|id| Some((*id, find_chunk(records.get(id)?, addr)?)))
         .collect();
     let mut uses: HashMap<ObjectId, usize> = HashMap::new();

@@ -2,9 +2,10 @@
 //!
 //! The plan is computed first and is all `--dry-run` shows:
 //! 1. **mark** — from every branch tip and every tag, walk parents; every
-//!    commit reached is live, and so is every blob its chunks name and every
-//!    commit its chunks are coded against (a residual's `base`), since those
-//!    are needed to decode it;
+//!    commit reached is live with all its blobs. A chunk coded against a
+//!    commit outside that history (a base `prune` left behind) keeps that
+//!    commit's record and only the chunk at the same position, and so on
+//!    down its chain of bases;
 //! 2. **sweep** — delete every commit record and blob not marked (records
 //!    first, in one batch; then blobs, in one batch: a crash in between only
 //!    leaves blobs that the next gc removes);
@@ -17,14 +18,14 @@
 //! never see the blobs of a commit in progress, so it cannot sweep them.
 //! Blobs of a commit that crashed are unreferenced and are swept.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::store::{ObjectId, RefEdit, Store};
+use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId, RefEdit, Store};
 
 /// What a gc removes (or would, with `--dry-run`).
 #[derive(Debug, Clone, Serialize)]
@@ -42,15 +43,69 @@ pub struct GcReport {
     pub disk_bytes_after: u64,
 }
 
-/// The commits and blobs reachable from branches and tags.
+/// A chunk position, owned: (file, tensor or `None` for an opaque file,
+/// chunk index).
+pub type Position = (String, Option<String>, usize);
+
+/// What branches and tags keep alive.
 pub struct Reachable {
-    pub commits: HashSet<ObjectId>,
+    /// Commits in the history of a branch or tag (through parents): every
+    /// chunk of these is live.
+    pub history: HashSet<ObjectId>,
+    /// Commits outside that history that a live chunk is coded against
+    /// (left behind by `prune`), with the only positions still needed.
+    pub base_only: HashMap<ObjectId, HashSet<Position>>,
     pub blobs: HashSet<ObjectId>,
 }
 
-/// Marks everything reachable from every branch and tag. Fails if a
-/// reachable commit is missing or unreadable: sweeping on a damaged graph
-/// could delete what a lost record would have kept (run `fsck`).
+impl Reachable {
+    pub fn keeps_commit(&self, id: &ObjectId) -> bool {
+        self.history.contains(id) || self.base_only.contains_key(id)
+    }
+
+    /// Whether chunk `position` of commit `id` must stay decodable.
+    pub fn needs_chunk(&self, id: &ObjectId, position: &Position) -> bool {
+        self.history.contains(id)
+            || self
+                .base_only
+                .get(id)
+                .is_some_and(|positions| positions.contains(position))
+    }
+}
+
+/// Every chunk of `record` with its position.
+pub fn positioned_chunks(record: &CommitRecord) -> Vec<(Position, &ChunkRef)> {
+    let mut out = Vec::new();
+    for file in &record.files {
+        match &file.content {
+            FileContent::Opaque { chunks } => {
+                out.extend(
+                    chunks
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| ((file.name.clone(), None, i), c)),
+                );
+            }
+            FileContent::Safetensors { tensors, .. } => {
+                for t in tensors {
+                    out.extend(
+                        t.chunks
+                            .iter()
+                            .enumerate()
+                            .map(|(i, c)| ((file.name.clone(), Some(t.name.clone()), i), c)),
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Marks everything reachable from every branch and tag: their history in
+/// full, and, chunk by chunk, the residual bases those chunks are coded
+/// against. Fails if a reachable commit is missing or unreadable: sweeping
+/// on a damaged graph could delete what a lost record would have kept (run
+/// `fsck`).
 pub fn reachable(store: &Store) -> anyhow::Result<Reachable> {
     let mut stack: Vec<ObjectId> = store
         .branches()?
@@ -58,22 +113,56 @@ pub fn reachable(store: &Store) -> anyhow::Result<Reachable> {
         .chain(store.tags()?)
         .map(|(_, id)| id)
         .collect();
-    let mut commits = HashSet::new();
-    let mut blobs = HashSet::new();
+    let mut history = HashSet::new();
+    let mut records: HashMap<ObjectId, CommitRecord> = HashMap::new();
+    let load = |id: &ObjectId| -> anyhow::Result<CommitRecord> {
+        store
+            .get_commit(id)?
+            .with_context(|| format!("reachable commit {id} is missing; run `ckptvc fsck`"))
+    };
     while let Some(id) = stack.pop() {
-        if !commits.insert(id) {
+        if !history.insert(id) {
             continue;
         }
-        let record = store
-            .get_commit(&id)?
-            .with_context(|| format!("reachable commit {id} is missing; run `ckptvc fsck`"))?;
+        let record = load(&id)?;
         stack.extend(record.parents.iter().copied());
-        for chunk in record.chunks() {
+        records.insert(id, record);
+    }
+    let mut blobs = HashSet::new();
+    let mut bases: Vec<(ObjectId, Position)> = Vec::new();
+    for record in records.values() {
+        for (position, chunk) in positioned_chunks(record) {
             blobs.insert(chunk.blob);
-            stack.extend(chunk.base);
+            if let Some(base) = chunk.base.filter(|b| !history.contains(b)) {
+                bases.push((base, position));
+            }
         }
     }
-    Ok(Reachable { commits, blobs })
+    let mut base_only: HashMap<ObjectId, HashSet<Position>> = HashMap::new();
+    while let Some((id, position)) = bases.pop() {
+        if !base_only.entry(id).or_default().insert(position.clone()) {
+            continue;
+        }
+        if let std::collections::hash_map::Entry::Vacant(slot) = records.entry(id) {
+            slot.insert(load(&id)?);
+        }
+        let chunk = positioned_chunks(&records[&id])
+            .into_iter()
+            .find(|(p, _)| *p == position)
+            .map(|(_, c)| c.clone())
+            .with_context(|| {
+                format!("commit {id}, a residual base, lacks the chunk coded against it; run `ckptvc fsck`")
+            })?;
+        blobs.insert(chunk.blob);
+        if let Some(base) = chunk.base.filter(|b| !history.contains(b)) {
+            bases.push((base, position));
+        }
+    }
+    Ok(Reachable {
+        history,
+        base_only,
+        blobs,
+    })
 }
 
 struct Sweep {
@@ -89,7 +178,7 @@ fn plan(store: &Store) -> anyhow::Result<Sweep> {
     let commits: Vec<ObjectId> = store
         .commit_ids()?
         .into_iter()
-        .filter(|id| !live.commits.contains(id))
+        .filter(|id| !live.keeps_commit(id))
         .collect();
     let mut blobs = Vec::new();
     let mut blob_bytes = 0;
@@ -103,7 +192,7 @@ fn plan(store: &Store) -> anyhow::Result<Sweep> {
         commits,
         blobs,
         blob_bytes,
-        live_commits: live.commits.len(),
+        live_commits: live.history.len() + live.base_only.len(),
         live_blobs: live.blobs.len(),
     })
 }

@@ -6,11 +6,13 @@
 //! The plan:
 //! 1. walk the branch's first-parent ancestry; mark what to keep;
 //! 2. rewrite each kept commit above the first dropped one, oldest first:
-//!    its parent becomes the nearest kept ancestor; a chunk coded against a
-//!    dropped commit is *rebased*: its exact reconstruction (what checkout
-//!    returned before) is re-encoded losslessly, as a keyframe or an
-//!    xor-delta against the new parent's chunk, whichever is smaller. So
-//!    every kept commit checks out bit-identically to before;
+//!    its parent becomes the nearest kept ancestor. A chunk coded against a
+//!    dropped commit is *rebased* when that is cheaper than keeping the
+//!    chain of dropped chunks it decodes through: its exact reconstruction
+//!    (what checkout returned before) is re-encoded losslessly, as a
+//!    keyframe or an xor-delta against the new parent's chunk. Otherwise it
+//!    keeps its base, and gc keeps just the dropped chunks it needs (see
+//!    `gc`). Either way every kept commit checks out bit-identically;
 //! 3. publish in one synced batch: new records, the branch tip, its step
 //!    index, and tags moved to the rewritten commits;
 //! 4. gc: the dropped and the superseded records and their blobs go.
@@ -28,7 +30,7 @@ use serde::Serialize;
 
 use super::gc::{GcReport, gc_locked};
 use super::history::ancestry;
-use super::reconstruct::{ChunkAddr, Reconstructor};
+use super::reconstruct::{ChunkAddr, Reconstructor, find_chunk};
 use crate::codec;
 use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId, RefEdit, Store};
 
@@ -163,7 +165,9 @@ fn rewrite(store: &Store, plan: &Plan) -> anyhow::Result<(RefEdit, usize, usize)
         .filter(|(_, _, keep)| !keep)
         .map(|(id, _, _)| *id)
         .collect();
-    // old id -> (new id, chain depth) of kept commits
+    let by_id: HashMap<ObjectId, &CommitRecord> =
+        plan.chain.iter().map(|(id, r, _)| (*id, r)).collect();
+    // old id -> new id of rewritten commits
     let mut renamed: HashMap<ObjectId, ObjectId> = HashMap::new();
     let mut edit = RefEdit::default();
     let mut new_parent: Option<(ObjectId, ObjectId, u32)> = None; // (old, new, depth)
@@ -187,15 +191,30 @@ fn rewrite(store: &Store, plan: &Plan) -> anyhow::Result<(RefEdit, usize, usize)
                 }
             }
         });
-        let rebuilt: Vec<(Addr, ChunkRef)> = rebase_jobs
+        let candidates: Vec<(Addr, ChunkRef, Vec<u8>)> = rebase_jobs
             .par_iter()
             .map(|addr| {
-                rebase_chunk(store, &reconstructor, *old_id, new_parent, addr)
-                    .map(|chunk| (addr.clone(), chunk))
+                rebase_chunk(&reconstructor, *old_id, new_parent, addr)
+                    .map(|(chunk, blob)| (addr.clone(), chunk, blob))
             })
             .collect::<anyhow::Result<_>>()?;
+        // Rebase only where it is clearly cheaper (by a tenth) than keeping
+        // the dropped chain of bases the chunk decodes through; gc then keeps
+        // just those chunks. The margin covers what the estimate misses: a
+        // dropped chunk may stay anyway because another chunk needs it.
+        let mut rebuilt: HashMap<Addr, ChunkRef> = HashMap::new();
+        for (addr, chunk, blob) in candidates {
+            let original = find_position(record, &addr).expect("position of this record");
+            let keep_cost = dropped_chain_cost(&by_id, &dropped, original, &addr);
+            if blob.len() as u64 * 10 >= keep_cost * 9 {
+                continue;
+            }
+            if !store.has_blob(&chunk.blob)? {
+                store.put_blob(&chunk.blob, &blob)?;
+            }
+            rebuilt.insert(addr, chunk);
+        }
         rebased += rebuilt.len();
-        let rebuilt: HashMap<Addr, ChunkRef> = rebuilt.into_iter().collect();
         // stored_bytes counts what this commit added: the re-encoded
         // chunks replace the residuals they stand for.
         let mut stored = new.stored_bytes;
@@ -268,12 +287,11 @@ fn for_each_chunk_mut(record: &mut CommitRecord, mut f: impl FnMut(Addr, &mut Ch
 /// reconstruction: a keyframe, or an xor-delta against the new parent's
 /// chunk at the same position if that is smaller.
 fn rebase_chunk(
-    store: &Store,
     reconstructor: &Reconstructor<'_>,
     old_id: ObjectId,
     new_parent: Option<(ObjectId, ObjectId, u32)>,
     (file, tensor, index): &Addr,
-) -> anyhow::Result<ChunkRef> {
+) -> anyhow::Result<(ChunkRef, Vec<u8>)> {
     let addr = ChunkAddr {
         file,
         tensor: tensor.as_deref(),
@@ -301,16 +319,45 @@ fn rebase_chunk(
         }
     }
     let header = codec::BlobHeader::parse(&blob).expect("just encoded");
-    let id = ObjectId::of(&blob);
-    if !store.has_blob(&id)? {
-        store.put_blob(&id, &blob)?;
-    }
-    Ok(ChunkRef {
-        blob: id,
+    let chunk = ChunkRef {
+        blob: ObjectId::of(&blob),
         codec: header.codec,
         raw_len: raw.len() as u64,
         stored_len: blob.len() as u64,
         raw_hash: ObjectId::of(&raw),
         base,
-    })
+    };
+    Ok((chunk, blob))
+}
+
+fn find_position<'r>(record: &'r CommitRecord, addr: &Addr) -> Option<&'r ChunkRef> {
+    let (file, tensor, index) = addr;
+    find_chunk(
+        record,
+        ChunkAddr {
+            file,
+            tensor: tensor.as_deref(),
+            index: *index,
+        },
+    )
+}
+
+/// Stored bytes of the chunks at `addr` of the dropped commits that `chunk`
+/// decodes through, down to the first kept base.
+fn dropped_chain_cost(
+    records: &HashMap<ObjectId, &CommitRecord>,
+    dropped: &HashSet<ObjectId>,
+    chunk: &ChunkRef,
+    addr: &Addr,
+) -> u64 {
+    let mut cost = 0;
+    let mut base = chunk.base;
+    while let Some(id) = base.filter(|b| dropped.contains(b)) {
+        let Some(base_chunk) = records.get(&id).and_then(|r| find_position(r, addr)) else {
+            break;
+        };
+        cost += base_chunk.stored_len;
+        base = base_chunk.base;
+    }
+    cost
 }
