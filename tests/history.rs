@@ -440,3 +440,44 @@ fn history_writers_take_the_lock_and_readers_do_not() {
     lock.unlock().unwrap();
     env.cmd().arg("gc").assert().success();
 }
+
+#[test]
+fn diff_names_added_removed_and_reshaped_tensors() {
+    let env = Env::init();
+    let write = |name: &str, header: &str, len: usize| {
+        let dir = env.path(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("model.safetensors"),
+            common::safetensors_bytes(header, len),
+        )
+        .unwrap();
+        dir
+    };
+    let a = write(
+        "a",
+        r#"{"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"y":{"dtype":"F32","shape":[2],"data_offsets":[16,24]}}"#,
+        24,
+    );
+    let b = write(
+        "b",
+        r#"{"x":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"z":{"dtype":"F32","shape":[3],"data_offsets":[16,28]}}"#,
+        28,
+    );
+    env.commit(&a, 1);
+    env.commit(&b, 2);
+    let report = env.json(&["diff", "1", "2"]);
+    let change = |name: &str| {
+        report["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tensor"] == name)
+            .unwrap()["change"]
+            .clone()
+    };
+    assert_eq!(change("x"), "reshaped");
+    assert_eq!(change("y"), "removed");
+    assert_eq!(change("z"), "added");
+    assert_same_files(&b, &env.checkout("2", "out"));
+}
