@@ -32,8 +32,9 @@ struct Cli {
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
-    /// Seconds to wait for another writer to release the store.
-    #[arg(long, global = true, default_value_t = 0.0)]
+    /// Seconds to wait for another writer to release the store (default:
+    /// fail at once with "store is locked by another writer (pid N)").
+    #[arg(long, global = true, default_value_t = 0.0, alias = "lock-timeout")]
     wait: f64,
     #[command(subcommand)]
     command: Command,

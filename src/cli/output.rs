@@ -297,6 +297,12 @@ pub fn print_fsck(r: &FsckReport) {
         "checked {} blobs, {} commits, {} chunks decoded",
         r.blobs, r.commits, r.chunks_decoded
     );
+    if r.unreachable_commits > 0 {
+        println!(
+            "{} commits no branch or tag reaches await `ckptvc gc` (not checked)",
+            r.unreachable_commits
+        );
+    }
     for p in &r.problems {
         println!("BROKEN {}: {}", p.object, p.detail);
         if !p.affects.is_empty() {

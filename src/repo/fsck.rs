@@ -11,6 +11,10 @@
 //! 4. refs: branches, tags and the step index point to existing commits, and
 //!    each step-index entry to a commit at that step.
 //!
+//! Only what a branch or tag reaches is checked: the history in full, and
+//! of commits kept only as residual bases the chunks still needed. Records
+//! nothing reaches are garbage awaiting gc and are only counted.
+//!
 //! Decoding walks one chunk position at a time through the commits in
 //! ancestry order, keeping a decoded chunk only while later commits still
 //! use it as a base, so a chain is decoded once, not once per commit.
@@ -20,7 +24,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::gc::{Position, positioned_chunks, reachable};
+use super::gc::{Position, Reachable, positioned_chunks, reachable};
 use super::reconstruct::{ChunkAddr, find_chunk};
 use crate::codec;
 use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId, Store};
@@ -39,6 +43,8 @@ pub struct Problem {
 pub struct FsckReport {
     pub blobs: usize,
     pub commits: usize,
+    /// Records no branch or tag reaches, awaiting gc (not checked).
+    pub unreachable_commits: usize,
     pub chunks_decoded: usize,
     pub problems: Vec<Problem>,
 }
@@ -63,11 +69,20 @@ pub fn fsck(store: &Store) -> anyhow::Result<FsckReport> {
             None
         }
     };
+    // Records no ref reaches (left for gc, e.g. by an interrupted prune)
+    // are garbage: counted, not checked, as their bases may be gone.
     let needed = |id: &ObjectId, position: &Position| {
-        live.as_ref()
-            .is_none_or(|l| !l.keeps_commit(id) || l.needs_chunk(id, position))
+        live.as_ref().is_none_or(|l| l.needs_chunk(id, position))
     };
-    let records = check_commits(store, &bad_blobs, &needed, &mut problems)?;
+    let mut records = check_commits(store, &bad_blobs, live.as_ref(), &mut problems)?;
+    let unreachable = match &live {
+        Some(l) => {
+            let before = records.len();
+            records.retain(|id, _| l.keeps_commit(id));
+            before - records.len()
+        }
+        None => 0,
+    };
     let (decoded, decode_problems) = decode_all(store, &records, &needed);
     problems.extend(decode_problems);
     check_refs(store, &records, &mut problems)?;
@@ -75,6 +90,7 @@ pub fn fsck(store: &Store) -> anyhow::Result<FsckReport> {
     Ok(FsckReport {
         blobs: blob_count,
         commits: records.len(),
+        unreachable_commits: unreachable,
         chunks_decoded: decoded,
         problems,
     })
@@ -125,9 +141,10 @@ type Needed<'a> = dyn Fn(&ObjectId, &Position) -> bool + Sync + 'a;
 fn check_commits(
     store: &Store,
     bad_blobs: &HashSet<ObjectId>,
-    needed: &Needed<'_>,
+    live: Option<&Reachable>,
     problems: &mut Vec<Problem>,
 ) -> anyhow::Result<HashMap<ObjectId, CommitRecord>> {
+    let needed = |id: &ObjectId, p: &Position| live.is_none_or(|l| l.needs_chunk(id, p));
     let mut records = HashMap::new();
     for id in store.commit_ids()? {
         match store.get_commit(&id) {
@@ -143,6 +160,9 @@ fn check_commits(
         }
     }
     for (id, record) in &records {
+        if live.is_some_and(|l| !l.keeps_commit(id)) {
+            continue;
+        }
         let mut broken = |detail: String| {
             problems.push(Problem {
                 object: format!("commit {id}"),
@@ -150,12 +170,8 @@ fn check_commits(
                 affects: vec![label(id, record)],
             })
         };
-        let full = record
-            .chunks()
-            .next()
-            .is_none_or(|_| positions(record).iter().all(|p| needed(id, p)));
         // A commit kept only as a residual base has no history to check.
-        if full {
+        if live.is_none_or(|l| l.history.contains(id)) {
             for parent in &record.parents {
                 if !records.contains_key(parent) {
                     broken(format!("parent {parent} is missing"));
