@@ -220,6 +220,9 @@ pub fn gc_locked(store: &Store) -> anyhow::Result<GcReport> {
 }
 
 fn sweep_and_reclaim(store: &Store, sweep: &Sweep) -> anyhow::Result<()> {
+    // Readers opening meanwhile would find files gone; those already open
+    // may fail on a blob file gc deletes (an error, never wrong data).
+    let _view = store.hold_readers()?;
     if !sweep.commits.is_empty() {
         store.apply(&RefEdit {
             delete_commits: sweep.commits.clone(),

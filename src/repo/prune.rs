@@ -119,9 +119,11 @@ pub fn prune(root: &Path, options: &PruneOptions) -> anyhow::Result<PruneReport>
         return Ok(report(&plan, false, 0, 0, None));
     }
     let (edit, rewritten, rebased) = rewrite(&store, &plan)?;
+    let view = store.hold_readers()?;
     store.flush_blobs()?;
     let old_tip = plan.chain.last().map(|(id, _, _)| *id);
     store.apply(&edit)?;
+    drop(view);
     // The reconstruction of the tip did not change: its cache stays valid.
     if let (Some(old), Some((_, new))) = (old_tip, edit.set_branches.first()) {
         super::tipcache::rename(&store.cache_dir(), &old, new);

@@ -10,7 +10,7 @@ use rocksdb::{
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
-use super::lock::WriterLock;
+use super::lock::{ViewLock, WriterLock};
 use super::object::{CommitRecord, ObjectId};
 use crate::codec::policy::Policy;
 
@@ -104,7 +104,11 @@ fn cf_options(name: &str) -> Options {
         opts.set_min_blob_size(1024);
         opts.set_blob_file_size(256 << 20);
         opts.set_blob_compression_type(rocksdb::DBCompressionType::None);
-        opts.set_enable_blob_gc(true);
+        // Only `gc` deletes blobs, and it runs blob garbage collection itself
+        // (`reclaim_space`). Off otherwise: background compactions then never
+        // delete a blob file, so readers running beside a commit never find
+        // a blob file gone.
+        opts.set_enable_blob_gc(false);
         opts.set_write_buffer_size(64 << 20);
     }
     opts
@@ -182,12 +186,25 @@ impl Store {
     /// Opens for reading. Touches no file of the store.
     pub fn open_read(root: &Path) -> Result<Store, StoreError> {
         Self::check_format(root)?;
-        let db = DB::open_cf_descriptors_read_only(
-            &db_options(),
-            Self::db_dir(root),
-            descriptors(),
-            false,
-        )?;
+        let mut opts = db_options();
+        // Every table file is opened (and so kept readable) at open time:
+        // a writer compacting meanwhile may unlink files, not take them away.
+        opts.set_max_open_files(-1);
+        let mut attempt = 0;
+        let _view = ViewLock::shared(root);
+        let db = loop {
+            match DB::open_cf_descriptors_read_only(&opts, Self::db_dir(root), descriptors(), false)
+            {
+                Ok(db) => break db,
+                // A writer replaced a file between our reading the manifest
+                // and opening the file: the next attempt sees the new state.
+                Err(e) if attempt < OPEN_RETRIES && is_concurrent_change(&e) => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(20 * attempt as u64));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         Ok(Store {
             root: root.to_path_buf(),
             db,
@@ -281,6 +298,12 @@ impl Store {
         let mut opts = WriteOptions::default();
         opts.disable_wal(true);
         Ok(self.db.write_opt(batch, &opts)?)
+    }
+
+    /// Holds readers' opens off while a change is made visible (see
+    /// [`ViewLock`]); keep it from flushing blobs until publishing.
+    pub fn hold_readers(&self) -> Result<ViewLock, StoreError> {
+        ViewLock::exclusive(&self.root)
     }
 
     pub fn flush_blobs(&self) -> Result<(), StoreError> {
@@ -449,6 +472,7 @@ impl Store {
         self.db.set_options_cf(
             blobs,
             &[
+                ("enable_blob_garbage_collection", "false"),
                 ("blob_garbage_collection_age_cutoff", "0.25"),
                 ("blob_garbage_collection_force_threshold", "1.0"),
             ],
@@ -461,6 +485,16 @@ impl Store {
     pub fn physical_bytes(&self) -> Result<u64, StoreError> {
         dir_size(&Self::db_dir(&self.root), &|name| !name.starts_with("LOG"))
     }
+}
+
+/// How often a reader retries opening while a writer changes the files.
+const OPEN_RETRIES: u32 = 20;
+
+/// Whether `e` is what a reader sees when a concurrent writer deleted a file
+/// it was about to open (not damage: the file was replaced, not lost).
+pub fn is_concurrent_change(e: &rocksdb::Error) -> bool {
+    let text = e.to_string();
+    text.contains("No such file or directory")
 }
 
 impl Drop for Store {

@@ -53,3 +53,46 @@ impl WriterLock {
         Ok(WriterLock { _file: file })
     }
 }
+
+/// Orders readers' opens against the moments a writer makes a change
+/// visible. A read-only RocksDB open reads the manifest, then the write-ahead
+/// log; a writer that flushed blobs and then logged a commit in between
+/// would let the reader see the commit without its blobs. So readers hold
+/// `<repo>/view.lock` shared while they open, and writers hold it
+/// exclusively from flushing blobs to publishing (and while gc deletes
+/// files). A reader that is already open is not affected by publishing.
+#[derive(Debug)]
+pub struct ViewLock {
+    _file: File,
+}
+
+impl ViewLock {
+    fn open(root: &Path, create: bool) -> Option<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(create)
+            .create(create)
+            .truncate(false)
+            .open(root.join("view.lock"))
+            .ok()
+    }
+
+    /// Shared, for a reader's open. `None` for stores made before this lock
+    /// existed (nothing to order against until a writer creates it).
+    pub fn shared(root: &Path) -> Option<ViewLock> {
+        let file = Self::open(root, false)?;
+        file.lock_shared().ok()?;
+        Some(ViewLock { _file: file })
+    }
+
+    /// Exclusive, for a writer's publish; waits for readers still opening.
+    pub fn exclusive(root: &Path) -> Result<ViewLock, StoreError> {
+        let path = root.join("view.lock");
+        let file = Self::open(root, true).ok_or_else(|| StoreError::Io {
+            path: path.clone(),
+            source: std::io::Error::other("cannot open"),
+        })?;
+        file.lock().map_err(|e| StoreError::io(&path, e))?;
+        Ok(ViewLock { _file: file })
+    }
+}

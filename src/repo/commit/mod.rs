@@ -172,6 +172,7 @@ pub fn commit(
         }
     };
     let (new_blobs, stored_bytes) = new_blob_totals(&encoded);
+    let view = store.hold_readers()?;
     store.flush_blobs()?;
 
     let tensor_errors = tensor_errors(&encoded);
@@ -198,6 +199,7 @@ pub fn commit(
         files: assemble_manifest(&checkpoint, encoded, &tensor_errors),
     };
     let id = store.publish_commit(&record, &target.inherited_steps)?;
+    drop(view);
 
     // The commit is durable; the cache is a best-effort accelerator.
     if session.cache.finish(&id).is_ok() {
