@@ -82,6 +82,10 @@ fn db_options() -> Options {
     let mut opts = Options::default();
     opts.create_if_missing(false);
     opts.set_keep_log_file_num(2);
+    // A torn last record (power loss mid-write) is dropped; damage anywhere
+    // else in the write-ahead log fails the open instead of silently
+    // ending the history early.
+    opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
     opts.set_max_log_file_size(1 << 20);
     opts.set_log_level(rocksdb::LogLevel::Warn);
     // Blobs and their size index are flushed together, so after a crash a size
@@ -498,12 +502,18 @@ pub fn is_concurrent_change(e: &rocksdb::Error) -> bool {
 }
 
 impl Drop for Store {
-    /// A writer lets RocksDB's background flushes and compactions finish
-    /// before closing: one cut short at exit left its partial output blob
+    /// A writer flushes everything, then lets RocksDB's background flushes
+    /// and compactions finish before closing: one cut short at exit left its partial output blob
     /// file behind, which no later open deleted (seen as `gc` not giving all
     /// space back).
     fn drop(&mut self) {
         if self._lock.is_some() {
+            // Records and refs move from the write-ahead log into checksummed
+            // table files, so the log holds nothing between writers.
+            let cfs: Vec<&ColumnFamily> = ALL_CFS.iter().map(|name| self.cf(name)).collect();
+            let _ = self
+                .db
+                .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default());
             let _ = self
                 .db
                 .wait_for_compact(&rocksdb::WaitForCompactOptions::default());
