@@ -10,19 +10,6 @@ use common::{Env, STEPS, assert_same_files, file_digests, fixture};
 use predicates::str::contains;
 use serde_json::Value;
 
-fn commit_on(env: &Env, branch: &str, dir: &Path, step: u64) -> String {
-    let out = env
-        .cmd()
-        .args(["commit", "--branch", branch, "--step", &step.to_string()])
-        .arg(dir)
-        .assert()
-        .success();
-    String::from_utf8(out.get_output().stdout.clone())
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
 fn id_of(env: &Env, rev: &str) -> String {
     env.json(&["show", rev])["id"].as_str().unwrap().to_string()
 }
@@ -56,8 +43,8 @@ fn forked(env: &Env) {
         .args(["branch", "retry", "main@40"])
         .assert()
         .success();
-    commit_on(env, "retry", &fixture(100), 60);
-    commit_on(env, "retry", &fixture(120), 80);
+    env.commit_on("retry", &fixture(100), 60);
+    env.commit_on("retry", &fixture(120), 80);
     env.cmd().args(["switch", "main"]).assert().success();
 }
 

@@ -174,83 +174,61 @@ fn wait(cli: &Cli) -> Duration {
     Duration::from_secs_f64(cli.wait.max(0.0))
 }
 
-fn branch(
-    cli: &Cli,
-    name: &Option<String>,
-    rev: &Option<String>,
-    delete: &Option<String>,
-) -> anyhow::Result<()> {
-    let (action, name, id) = match (name, delete) {
-        (_, Some(name)) => (
-            "deleted",
-            name,
-            repo::history::delete_branch(&cli.repo, name, wait(cli))?,
-        ),
-        (Some(name), None) => {
-            let rev = match rev {
-                Some(rev) => rev.clone(),
-                None => Store::open_read(&cli.repo)?.head_branch()?,
-            };
-            let id = repo::history::create_branch(&cli.repo, name, &rev, wait(cli))?;
-            ("created", name, id)
-        }
-        (None, None) => {
-            let store = Store::open_read(&cli.repo)?;
-            let branches = repo::history::branches(&store)?;
-            return if cli.json {
-                print_json(&branches)
-            } else {
-                output::print_branches(&branches);
-                Ok(())
-            };
-        }
-    };
-    if cli.json {
-        print_json(&serde_json::json!({"branch": name, action: true, "tip": id.to_hex()}))
-    } else {
-        if !cli.quiet {
-            eprintln!("{action} branch `{name}` (tip {})", id.short());
-        }
-        Ok(())
-    }
+/// `branch` and `tag`: list, create at REV (default: the current branch's
+/// tip), or delete.
+#[derive(Clone, Copy)]
+enum RefKind {
+    Branch,
+    Tag,
 }
 
-fn tag(
+fn ref_command(
     cli: &Cli,
+    kind: RefKind,
     name: &Option<String>,
     rev: &Option<String>,
     delete: &Option<String>,
 ) -> anyhow::Result<()> {
+    use repo::history;
     let (action, name, id) = match (name, delete) {
-        (_, Some(name)) => (
-            "deleted",
-            name,
-            repo::history::delete_tag(&cli.repo, name, wait(cli))?,
-        ),
+        (_, Some(name)) => {
+            let id = match kind {
+                RefKind::Branch => history::delete_branch(&cli.repo, name, wait(cli))?,
+                RefKind::Tag => history::delete_tag(&cli.repo, name, wait(cli))?,
+            };
+            ("deleted", name, id)
+        }
         (Some(name), None) => {
             let rev = match rev {
                 Some(rev) => rev.clone(),
                 None => Store::open_read(&cli.repo)?.head_branch()?,
             };
-            let id = repo::history::create_tag(&cli.repo, name, &rev, wait(cli))?;
+            let id = match kind {
+                RefKind::Branch => history::create_branch(&cli.repo, name, &rev, wait(cli))?,
+                RefKind::Tag => history::create_tag(&cli.repo, name, &rev, wait(cli))?,
+            };
             ("created", name, id)
         }
         (None, None) => {
             let store = Store::open_read(&cli.repo)?;
-            let tags = repo::history::tags(&store)?;
-            return if cli.json {
-                print_json(&tags)
-            } else {
-                output::print_tags(&tags);
-                Ok(())
-            };
+            match (kind, cli.json) {
+                (RefKind::Branch, true) => print_json(&history::branches(&store)?)?,
+                (RefKind::Branch, false) => output::print_branches(&history::branches(&store)?),
+                (RefKind::Tag, true) => print_json(&history::tags(&store)?)?,
+                (RefKind::Tag, false) => output::print_tags(&history::tags(&store)?),
+            }
+            return Ok(());
         }
     };
+    let noun = match kind {
+        RefKind::Branch => "branch",
+        RefKind::Tag => "tag",
+    };
     if cli.json {
-        print_json(&serde_json::json!({"tag": name, action: true, "commit": id.to_hex()}))
+        print_json(&serde_json::json!({noun: name, action: true, "commit": id.to_hex()}))
     } else {
         if !cli.quiet {
-            eprintln!("{action} tag `{name}` ({})", id.short());
+            eprintln!("{action} {noun} `{name}` ({})", id.short());
         }
         Ok(())
     }
@@ -406,7 +384,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         }
-        Command::Branch { name, rev, delete } => branch(cli, name, rev, delete),
+        Command::Branch { name, rev, delete } => {
+            ref_command(cli, RefKind::Branch, name, rev, delete)
+        }
         Command::Switch { name } => {
             let tip = repo::history::switch(&cli.repo, name, wait(cli))?;
             if cli.json {
@@ -418,7 +398,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         }
-        Command::Tag { name, rev, delete } => tag(cli, name, rev, delete),
+        Command::Tag { name, rev, delete } => ref_command(cli, RefKind::Tag, name, rev, delete),
         Command::Diff { rev_a, rev_b } => {
             let store = Store::open_read(&cli.repo)?;
             let report = repo::diff::diff(&store, rev_a, rev_b)?;

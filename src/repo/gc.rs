@@ -107,12 +107,7 @@ pub fn positioned_chunks(record: &CommitRecord) -> Vec<(Position, &ChunkRef)> {
 /// on a damaged graph could delete what a lost record would have kept (run
 /// `fsck`).
 pub fn reachable(store: &Store) -> anyhow::Result<Reachable> {
-    let mut stack: Vec<ObjectId> = store
-        .branches()?
-        .into_iter()
-        .chain(store.tags()?)
-        .map(|(_, id)| id)
-        .collect();
+    let mut stack = store.root_commits()?;
     let mut history = HashSet::new();
     let mut records: HashMap<ObjectId, CommitRecord> = HashMap::new();
     let load = |id: &ObjectId| -> anyhow::Result<CommitRecord> {

@@ -21,12 +21,7 @@ pub struct GraphLine {
 /// Every commit reachable from a branch or tag, children before parents.
 pub fn reachable_commits(store: &Store) -> anyhow::Result<Vec<(ObjectId, CommitRecord)>> {
     let mut records: HashMap<ObjectId, CommitRecord> = HashMap::new();
-    let mut stack: Vec<ObjectId> = store
-        .branches()?
-        .into_iter()
-        .chain(store.tags()?)
-        .map(|(_, id)| id)
-        .collect();
+    let mut stack = store.root_commits()?;
     while let Some(id) = stack.pop() {
         if records.contains_key(&id) {
             continue;

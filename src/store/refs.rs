@@ -87,6 +87,16 @@ impl Store {
         Ok(value.and_then(|v| ObjectId::from_slice(&v)))
     }
 
+    /// Every commit a branch or tag points at: the roots of the history.
+    pub fn root_commits(&self) -> Result<Vec<ObjectId>, StoreError> {
+        Ok(self
+            .branches()?
+            .into_iter()
+            .chain(self.tags()?)
+            .map(|(_, id)| id)
+            .collect())
+    }
+
     /// All tags with their commits, sorted by name.
     pub fn tags(&self) -> Result<Vec<(String, ObjectId)>, StoreError> {
         self.refs_with_prefix(TAG_PREFIX)

@@ -54,9 +54,19 @@ impl Env {
     }
 
     pub fn commit(&self, dir: &Path, step: u64) -> String {
+        self.commit_args(&["--step", &step.to_string()], dir)
+    }
+
+    /// Commits `dir` to `branch` at `step`; returns the commit id.
+    pub fn commit_on(&self, branch: &str, dir: &Path, step: u64) -> String {
+        self.commit_args(&["--branch", branch, "--step", &step.to_string()], dir)
+    }
+
+    fn commit_args(&self, args: &[&str], dir: &Path) -> String {
         let out = self
             .cmd()
-            .args(["commit", "--step", &step.to_string()])
+            .arg("commit")
+            .args(args)
             .arg(dir)
             .assert()
             .success();
