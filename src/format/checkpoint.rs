@@ -154,6 +154,13 @@ fn collect_files(
             }
         } else if meta.is_file() {
             out.push(name);
+        } else {
+            // A FIFO, socket or device: reading it could block or never end,
+            // and skipping it would silently leave part of the checkpoint out.
+            return Err(FormatError::Directory {
+                path: entry.path(),
+                what: "not a regular file or directory (FIFO, socket or device?)".into(),
+            });
         }
     }
     Ok(())

@@ -7,7 +7,6 @@
 //! trailing bytes. That strictness is what lets checkout rebuild the file
 //! byte-for-byte from the original header bytes plus the tensors in offset order.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use safetensors::Dtype;
@@ -90,8 +89,14 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header, FormatError> {
     let json_bytes = &bytes[8..(8 + header_len) as usize];
     let json = std::str::from_utf8(json_bytes)
         .map_err(|e| bad(format!("header is not valid UTF-8: {e}")))?;
-    let entries: BTreeMap<String, serde_json::Value> = serde_json::from_str(json)
+    let Entries(entries) = serde_json::from_str(json)
         .map_err(|e| bad(format!("header is not a valid JSON object: {e}")))?;
+    let mut seen = std::collections::HashSet::new();
+    if let Some((name, _)) = entries.iter().find(|(name, _)| !seen.insert(name.as_str())) {
+        return Err(bad(format!(
+            "tensor name `{name}` appears twice in the header"
+        )));
+    }
 
     let mut tensors = Vec::with_capacity(entries.len());
     for (name, value) in entries {
@@ -109,6 +114,33 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header, FormatError> {
         raw: bytes[..(8 + header_len) as usize].to_vec(),
         tensors,
     })
+}
+
+/// The header's top-level entries in file order, duplicates kept (a map
+/// type would silently keep only the last of two equal names).
+struct Entries(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Entries, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    out.push(entry);
+                }
+                Ok(Entries(out))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
 }
 
 fn check_metadata(value: &serde_json::Value) -> Result<(), String> {

@@ -1,5 +1,7 @@
 //! `diff`: how two commits' tensors differ, tensor by tensor.
 
+use std::collections::HashMap;
+
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -61,15 +63,19 @@ pub fn diff(store: &Store, rev_a: &str, rev_b: &str) -> anyhow::Result<DiffRepor
         .collect();
     names.sort();
     names.dedup();
-    let find = |set: &[(String, TensorEntry)], file: &str, name: &str| {
+    let index = |set: &[(String, TensorEntry)]| -> HashMap<(String, String), TensorEntry> {
         set.iter()
-            .find(|(f, t)| f == file && t.name == name)
-            .map(|(_, t)| t.clone())
+            .map(|(f, t)| ((f.clone(), t.name.clone()), t.clone()))
+            .collect()
+    };
+    let (index_a, index_b) = (index(&a), index(&b));
+    let find = |set: &HashMap<(String, String), TensorEntry>, file: &str, name: &str| {
+        set.get(&(file.to_string(), name.to_string())).cloned()
     };
     let tensors = names
         .par_iter()
         .map(|(file, name)| {
-            let (ta, tb) = (find(&a, file, name), find(&b, file, name));
+            let (ta, tb) = (find(&index_a, file, name), find(&index_b, file, name));
             compare(&reconstructor, (&id_a, &id_b), file, name, ta, tb)
         })
         .collect::<anyhow::Result<_>>()?;

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::gc::{Position, Reachable, positioned_chunks, reachable};
-use super::reconstruct::{ChunkAddr, find_chunk};
+use super::reconstruct::ChunkAddr;
 use crate::codec;
 use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId, Store};
 
@@ -278,6 +278,10 @@ fn decode_all(
     needed: &Needed<'_>,
 ) -> (usize, Vec<Problem>) {
     let order = ancestry_order(records);
+    let by_position: ByPosition<'_> = records
+        .iter()
+        .map(|(id, r)| (*id, positioned_chunks(r).into_iter().collect()))
+        .collect();
     let all_positions: BTreeMap<Position, ()> = records
         .values()
         .flat_map(positions)
@@ -285,7 +289,9 @@ fn decode_all(
         .collect();
     let results: Vec<(usize, Vec<Problem>)> = all_positions
         .par_iter()
-        .map(|(position, _)| decode_position(store, records, &order, needed, position))
+        .map(|(position, _)| {
+            decode_position(store, records, &by_position, &order, needed, position)
+        })
         .collect();
     results
         .into_iter()
@@ -295,9 +301,14 @@ fn decode_all(
         })
 }
 
+/// Each commit's chunks by position, built once (looking them up by name
+/// per position would be quadratic in the number of tensors).
+type ByPosition<'r> = HashMap<ObjectId, HashMap<Position, &'r ChunkRef>>;
+
 fn decode_position(
     store: &Store,
     records: &HashMap<ObjectId, CommitRecord>,
+    by_position: &ByPosition<'_>,
     order: &[ObjectId],
     needed: &Needed<'_>,
     position: &Position,
@@ -311,7 +322,7 @@ fn decode_position(
     let chunks: Vec<(ObjectId, &ChunkRef)> = order
         .iter()
         .filter(|id| needed(id, position))
-        .filter_map(|id| Some((*id, find_chunk(records.get(id)?, addr)?)))
+        .filter_map(|id| Some((*id, *by_position.get(id)?.get(position)?)))
         .collect();
     let mut uses: HashMap<ObjectId, usize> = HashMap::new();
     for (_, chunk) in &chunks {

@@ -31,10 +31,16 @@ impl std::fmt::Display for ChunkAddr<'_> {
     }
 }
 
+/// Where each (file, tensor) of a record is: (file index, tensor index).
+/// Looking chunks up by name would cost a scan per chunk, quadratic for
+/// checkpoints with 100k small tensors.
+type TensorIndex = HashMap<(String, String), (usize, usize)>;
+
 pub struct Reconstructor<'s> {
     store: &'s Store,
     cache_dir: PathBuf,
     records: Mutex<HashMap<ObjectId, Arc<CommitRecord>>>,
+    indexes: Mutex<HashMap<ObjectId, Arc<TensorIndex>>>,
     caches: Mutex<HashMap<ObjectId, Option<Arc<CacheReader>>>>,
 }
 
@@ -44,6 +50,7 @@ impl<'s> Reconstructor<'s> {
             store,
             cache_dir: store.cache_dir(),
             records: Mutex::default(),
+            indexes: Mutex::default(),
             caches: Mutex::default(),
         }
     }
@@ -72,10 +79,44 @@ impl<'s> Reconstructor<'s> {
             .clone()
     }
 
+    fn index(&self, id: &ObjectId, record: &CommitRecord) -> Arc<TensorIndex> {
+        let mut indexes = self.indexes.lock().expect("lock");
+        indexes
+            .entry(*id)
+            .or_insert_with(|| {
+                let mut index = TensorIndex::new();
+                for (fi, file) in record.files.iter().enumerate() {
+                    for (ti, tensor) in file.tensors().iter().enumerate() {
+                        index.insert((file.name.clone(), tensor.name.clone()), (fi, ti));
+                    }
+                }
+                Arc::new(index)
+            })
+            .clone()
+    }
+
+    /// The chunk reference at `addr` of a record, through its index.
+    fn locate<'r>(
+        &self,
+        id: &ObjectId,
+        record: &'r CommitRecord,
+        addr: ChunkAddr<'_>,
+    ) -> Option<&'r ChunkRef> {
+        match addr.tensor {
+            None => find_chunk(record, addr),
+            Some(tensor) => {
+                let index = self.index(id, record);
+                let &(fi, ti) = index.get(&(addr.file.to_string(), tensor.to_string()))?;
+                record.files[fi].tensors()[ti].chunks.get(addr.index)
+            }
+        }
+    }
+
     /// The decoded bytes of one chunk of commit `id`.
     pub fn chunk(&self, id: &ObjectId, addr: ChunkAddr<'_>) -> anyhow::Result<Vec<u8>> {
         let record = self.record(id)?;
-        let chunk = find_chunk(&record, addr)
+        let chunk = self
+            .locate(id, &record, addr)
             .ok_or_else(|| anyhow!("commit {} has no {addr}", id.short()))?;
         if let Some(tensor) = addr.tensor
             && let Some(cache) = self.cache(id, &record)

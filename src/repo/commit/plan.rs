@@ -152,6 +152,20 @@ pub fn plan<'c>(
         work: Vec::new(),
         layout: CacheLayout::default(),
     };
+    // By name, once: a scan per tensor is quadratic with 100k tensors.
+    let parent_tensors: std::collections::HashMap<(&str, &str), &crate::store::TensorEntry> =
+        parent
+            .map(|p| {
+                p.files
+                    .iter()
+                    .flat_map(|f| {
+                        f.tensors()
+                            .iter()
+                            .map(move |t| ((f.name.as_str(), t.name.as_str()), t))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
     for (file_index, file) in checkpoint.files.iter().enumerate() {
         let InputKind::Safetensors(header) = &file.kind else {
             for (index, start) in (0..file.len()).step_by(chunk_bytes as usize).enumerate() {
@@ -170,8 +184,9 @@ pub fn plan<'c>(
             let cache_start = plan.layout.total();
             plan.layout
                 .push(&file.name, &info.name, info.byte_len(), chunk_len);
-            let parent = parent
-                .and_then(|p| p.tensor(&file.name, &info.name))
+            let parent = parent_tensors
+                .get(&(file.name.as_str(), info.name.as_str()))
+                .copied()
                 .filter(|t| t.dtype == info.dtype.to_string() && t.shape == info.shape);
             plan.slots.push(TensorSlot {
                 file,
