@@ -27,7 +27,7 @@ use serde::Serialize;
 use super::gc::{Position, Reachable, positioned_chunks, reachable};
 use super::reconstruct::ChunkAddr;
 use crate::codec;
-use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId, Store};
+use crate::store::{ChunkRef, CommitRecord, ObjectId, Store};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Problem {
@@ -196,22 +196,10 @@ fn check_commits(
 }
 
 fn positions(record: &CommitRecord) -> Vec<Position> {
-    let mut out = Vec::new();
-    for file in &record.files {
-        match &file.content {
-            FileContent::Opaque { chunks } => {
-                out.extend((0..chunks.len()).map(|i| (file.name.clone(), None, i)));
-            }
-            FileContent::Safetensors { tensors, .. } => {
-                for t in tensors {
-                    out.extend(
-                        (0..t.chunks.len()).map(|i| (file.name.clone(), Some(t.name.clone()), i)),
-                    );
-                }
-            }
-        }
-    }
-    out
+    positioned_chunks(record)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect()
 }
 
 /// Commits ordered so that every commit comes after its ancestors and the

@@ -28,7 +28,7 @@ use anyhow::{Context, bail};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::gc::{GcReport, gc_locked};
+use super::gc::{GcReport, Position as Addr, gc_locked};
 use super::history::ancestry;
 use super::reconstruct::{ChunkAddr, Reconstructor, find_chunk};
 use crate::codec;
@@ -262,9 +262,6 @@ fn rewrite(store: &Store, plan: &Plan) -> anyhow::Result<(RefEdit, usize, usize)
     }
     Ok((edit, rewritten, rebased))
 }
-
-/// A chunk position, owned: (file, tensor, index).
-type Addr = (String, Option<String>, usize);
 
 fn for_each_chunk_mut(record: &mut CommitRecord, mut f: impl FnMut(Addr, &mut ChunkRef)) {
     for file in &mut record.files {
