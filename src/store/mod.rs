@@ -6,6 +6,7 @@
 //! ```text
 //! <repo>/FORMAT      magic line and store format version
 //! <repo>/lock        advisory lock file, held exclusively by the one writer
+//! <repo>/view.lock   orders readers' opens against a writer's publishing
 //! <repo>/db/         RocksDB: column families blobs, blob_sizes, commits, refs, steps, meta
 //! <repo>/cache/      reconstruction cache of branch tips (safe to delete)
 //! ```
