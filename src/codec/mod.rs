@@ -217,6 +217,24 @@ pub fn encode_xor_delta(raw: &[u8], base: &[u8], elem_size: usize) -> Vec<u8> {
     )
 }
 
+/// A chunk coded losslessly the cheaper way: standalone (keyframe), or as
+/// an xor-delta when `base` is given and that is smaller. Returns the blob
+/// and whether it is coded against `base`.
+pub fn encode_lossless(raw: &[u8], base: Option<&[u8]>, elem_size: usize) -> (Vec<u8>, bool) {
+    let keyframe = encode_keyframe(raw, elem_size);
+    match base.filter(|b| b.len() == raw.len()) {
+        Some(base) => {
+            let delta = encode_xor_delta(raw, base, elem_size);
+            if delta.len() < keyframe.len() {
+                (delta, true)
+            } else {
+                (keyframe, false)
+            }
+        }
+        None => (keyframe, false),
+    }
+}
+
 /// A lossy chunk: the quantized stream, decoded by [`decode`] to the stored
 /// float type. Its codec is `quant-delta` when it is coded against a base.
 pub fn encode_quant(q: &quant::Quantized) -> Vec<u8> {

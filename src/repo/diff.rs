@@ -127,8 +127,7 @@ fn compare(
         }
         (Some(a), Some(b)) => (a, b),
     };
-    let numel: u64 = a.shape.iter().product();
-    let element = (a.raw_bytes().checked_div(numel).unwrap_or(1) as usize).max(1);
+    let element = a.element_size();
     let float = FloatType::from_dtype(&a.dtype);
     let mut sums = Sums::default();
     for index in 0..a.chunks.len().max(b.chunks.len()) {

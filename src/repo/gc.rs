@@ -228,8 +228,7 @@ fn sweep_and_reclaim(store: &Store, sweep: &Sweep) -> anyhow::Result<()> {
         store.delete_blobs(&sweep.blobs)?;
     }
     store.reclaim_space()?;
-    let tips: Vec<ObjectId> = store.branches()?.into_iter().map(|(_, id)| id).collect();
-    super::tipcache::prune(&store.cache_dir(), &tips);
+    super::tipcache::prune_to_branch_tips(store);
     Ok(())
 }
 

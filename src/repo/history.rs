@@ -140,8 +140,7 @@ pub fn delete_branch(root: &Path, name: &str, wait: Duration) -> anyhow::Result<
         clear_steps: vec![name.to_string()],
         ..RefEdit::default()
     })?;
-    let tips: Vec<ObjectId> = store.branches()?.into_iter().map(|(_, id)| id).collect();
-    super::tipcache::prune(&store.cache_dir(), &tips);
+    super::tipcache::prune_to_branch_tips(&store);
     Ok(tip)
 }
 

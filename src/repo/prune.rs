@@ -32,7 +32,7 @@ use super::gc::{GcReport, Position as Addr, gc_locked};
 use super::history::ancestry;
 use super::reconstruct::{ChunkAddr, Reconstructor, find_chunk};
 use crate::codec;
-use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId, RefEdit, Store};
+use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId, RefEdit, Store, TensorEntry};
 
 #[derive(Debug, Clone)]
 pub struct PruneOptions {
@@ -301,22 +301,11 @@ fn rebase_chunk(
     let elem_size = tensor
         .as_deref()
         .and_then(|t| record.tensor(file, t))
-        .map_or(1, |t| {
-            let numel: u64 = t.shape.iter().product();
-            (t.raw_bytes().checked_div(numel).unwrap_or(1) as usize).max(1)
-        });
-    let mut blob = codec::encode_keyframe(&raw, elem_size);
-    let mut base = None;
-    if let Some((parent_old, parent_new, _)) = new_parent
-        && let Ok(parent_raw) = reconstructor.chunk(&parent_old, addr)
-        && parent_raw.len() == raw.len()
-    {
-        let delta = codec::encode_xor_delta(&raw, &parent_raw, elem_size);
-        if delta.len() < blob.len() {
-            blob = delta;
-            base = Some(parent_new);
-        }
-    }
+        .map_or(1, TensorEntry::element_size);
+    // The new parent's chunk here reconstructs exactly as the old one did.
+    let parent_raw = new_parent.and_then(|(old, _, _)| reconstructor.chunk(&old, addr).ok());
+    let (blob, is_delta) = codec::encode_lossless(&raw, parent_raw.as_deref(), elem_size);
+    let base = new_parent.map(|(_, new, _)| new).filter(|_| is_delta);
     let header = codec::BlobHeader::parse(&blob).expect("just encoded");
     let chunk = ChunkRef {
         blob: ObjectId::of(&blob),

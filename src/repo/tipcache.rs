@@ -129,6 +129,15 @@ pub fn rename(cache_dir: &Path, old: &ObjectId, new: &ObjectId) {
     let _ = std::fs::rename(dir.join(old.to_hex()), dir.join(new.to_hex()));
 }
 
+/// Keeps the caches of the current branch tips only (after a commit, a
+/// branch deletion, a prune or a gc). Best effort, like the cache itself.
+pub fn prune_to_branch_tips(store: &crate::store::Store) {
+    if let Ok(branches) = store.branches() {
+        let tips: Vec<ObjectId> = branches.into_iter().map(|(_, id)| id).collect();
+        prune(&store.cache_dir(), &tips);
+    }
+}
+
 /// Deletes cache files of commits not in `keep` (branch tips), and stale
 /// temporary files of writers that no longer hold the lock.
 pub fn prune(cache_dir: &Path, keep: &[ObjectId]) {

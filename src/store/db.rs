@@ -438,6 +438,14 @@ impl Store {
         Ok(id)
     }
 
+    /// Flushes every column family's memtable to table files.
+    fn flush_all(&self) -> Result<(), StoreError> {
+        let cfs: Vec<&ColumnFamily> = ALL_CFS.iter().map(|name| self.cf(name)).collect();
+        Ok(self
+            .db
+            .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?)
+    }
+
     /// Gives the space of deleted blobs and records back to the file system:
     /// flushes every column family, then compacts each one fully, with blob
     /// garbage collection forced for every blob file, so blob files holding
@@ -445,9 +453,8 @@ impl Store {
     /// are moved into new ones. Costs a rewrite of the live blobs that share a
     /// file with garbage; this is what `gc` pays to make `du` fall.
     pub fn reclaim_space(&self) -> Result<(), StoreError> {
+        self.flush_all()?;
         let cfs: Vec<&ColumnFamily> = ALL_CFS.iter().map(|name| self.cf(name)).collect();
-        self.db
-            .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?;
         let blobs = self.cf(CF_BLOBS);
         self.db.set_options_cf(
             blobs,
@@ -510,10 +517,7 @@ impl Drop for Store {
         if self._lock.is_some() {
             // Records and refs move from the write-ahead log into checksummed
             // table files, so the log holds nothing between writers.
-            let cfs: Vec<&ColumnFamily> = ALL_CFS.iter().map(|name| self.cf(name)).collect();
-            let _ = self
-                .db
-                .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default());
+            let _ = self.flush_all();
             let _ = self
                 .db
                 .wait_for_compact(&rocksdb::WaitForCompactOptions::default());

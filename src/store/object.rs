@@ -100,6 +100,13 @@ impl TensorEntry {
     pub fn stored_bytes(&self) -> u64 {
         self.chunks.iter().map(|c| c.stored_len).sum()
     }
+
+    /// Bytes per element, from the stored bytes and the shape (1 for an
+    /// empty tensor, whose size says nothing).
+    pub fn element_size(&self) -> usize {
+        let numel: u64 = self.shape.iter().product();
+        (self.raw_bytes().checked_div(numel).unwrap_or(1) as usize).max(1)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

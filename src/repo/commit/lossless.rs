@@ -54,16 +54,15 @@ pub fn encode_tensor(
             error: None,
         });
     }
-    let elem_size = element_size(slot.info.dtype);
-    let mut blob = codec::encode_keyframe(&raw, elem_size);
-    let mut base = None;
-    if let (Some(parent), Some(_), true) = (session.parent, parent_chunk, session.allow_delta) {
-        let parent_raw = session.reconstructor.chunk(&parent, slot.addr(index))?;
-        let delta = codec::encode_xor_delta(&raw, &parent_raw, elem_size);
-        if delta.len() < blob.len() {
-            blob = delta;
-            base = Some(parent);
-        }
-    }
+    let parent = session
+        .parent
+        .filter(|_| parent_chunk.is_some() && session.allow_delta);
+    let parent_raw = match parent {
+        Some(parent) => Some(session.reconstructor.chunk(&parent, slot.addr(index))?),
+        None => None,
+    };
+    let (blob, is_delta) =
+        codec::encode_lossless(&raw, parent_raw.as_deref(), element_size(slot.info.dtype));
+    let base = parent.filter(|_| is_delta);
     session.finish_chunk(key, &raw, blob, base, Some(raw_hash))
 }

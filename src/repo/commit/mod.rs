@@ -203,8 +203,7 @@ pub fn commit(
 
     // The commit is durable; the cache is a best-effort accelerator.
     if session.cache.finish(&id).is_ok() {
-        let tips: Vec<ObjectId> = store.branches()?.into_iter().map(|(_, id)| id).collect();
-        tipcache::prune(&store.cache_dir(), &tips);
+        tipcache::prune_to_branch_tips(&store);
     }
     Ok(CommitOutcome {
         id,
