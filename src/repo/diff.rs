@@ -1,6 +1,6 @@
 //! `diff`: how two commits' tensors differ, tensor by tensor.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use rayon::prelude::*;
 use serde::Serialize;
@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::reconstruct::{ChunkAddr, Reconstructor};
 use super::rev::resolve;
 use crate::codec::float::FloatType;
-use crate::store::{ObjectId, Store, TensorEntry};
+use crate::store::{CommitRecord, ObjectId, Store, TensorEntry};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,34 +49,31 @@ pub fn diff(store: &Store, rev_a: &str, rev_b: &str) -> anyhow::Result<DiffRepor
     let (id_a, id_b) = (resolve(store, rev_a)?, resolve(store, rev_b)?);
     let reconstructor = Reconstructor::new(store);
     let (rec_a, rec_b) = (reconstructor.record(&id_a)?, reconstructor.record(&id_b)?);
-    let tensors_of = |r: &crate::store::CommitRecord| -> Vec<(String, TensorEntry)> {
+    // Tensors by (file, name): one lookup each, in name order.
+    let index = |r: &'_ CommitRecord| -> BTreeMap<(String, String), TensorEntry> {
         r.files
             .iter()
-            .flat_map(|f| f.tensors().iter().map(|t| (f.name.clone(), t.clone())))
+            .flat_map(|f| {
+                f.tensors()
+                    .iter()
+                    .map(|t| ((f.name.clone(), t.name.clone()), t.clone()))
+            })
             .collect()
     };
-    let (a, b) = (tensors_of(&rec_a), tensors_of(&rec_b));
-    let mut names: Vec<(String, String)> = a
-        .iter()
-        .chain(&b)
-        .map(|(f, t)| (f.clone(), t.name.clone()))
-        .collect();
-    names.sort();
-    names.dedup();
-    let index = |set: &[(String, TensorEntry)]| -> HashMap<(String, String), TensorEntry> {
-        set.iter()
-            .map(|(f, t)| ((f.clone(), t.name.clone()), t.clone()))
-            .collect()
-    };
-    let (index_a, index_b) = (index(&a), index(&b));
-    let find = |set: &HashMap<(String, String), TensorEntry>, file: &str, name: &str| {
-        set.get(&(file.to_string(), name.to_string())).cloned()
-    };
+    let (a, b) = (index(&rec_a), index(&rec_b));
+    let names: BTreeSet<&(String, String)> = a.keys().chain(b.keys()).collect();
     let tensors = names
-        .par_iter()
-        .map(|(file, name)| {
-            let (ta, tb) = (find(&index_a, file, name), find(&index_b, file, name));
-            compare(&reconstructor, (&id_a, &id_b), file, name, ta, tb)
+        .into_par_iter()
+        .map(|key| {
+            let (file, name) = key;
+            compare(
+                &reconstructor,
+                (&id_a, &id_b),
+                file,
+                name,
+                a.get(key).cloned(),
+                b.get(key).cloned(),
+            )
         })
         .collect::<anyhow::Result<_>>()?;
     Ok(DiffReport {
