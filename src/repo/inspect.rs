@@ -74,17 +74,13 @@ pub fn log(store: &Store, branch: Option<&str>, all: bool) -> anyhow::Result<Vec
         Some(b) => b.to_string(),
         None => store.head_branch()?,
     };
-    let mut next = match store.branch_tip(&branch)? {
-        Some(id) => Some(id),
-        None if store.branches()?.is_empty() => None,
+    let tip = match store.branch_tip(&branch)? {
+        Some(id) => id,
+        None if store.branches()?.is_empty() => return Ok(entries),
         None => anyhow::bail!("no branch named `{branch}`"),
     };
-    while let Some(id) = next {
-        let record = store
-            .get_commit(&id)?
-            .ok_or_else(|| anyhow::anyhow!("commit {id} is missing from the store"))?;
+    for (id, record) in super::history::ancestry(store, tip)? {
         entries.push(LogEntry::new(&id, &record));
-        next = record.first_parent();
     }
     Ok(entries)
 }
