@@ -7,8 +7,12 @@
 //! - [`repo`]: the operations (commit, checkout, log, show, stats);
 //! - `cli` (in the binary): argument parsing, output, progress bars.
 
-pub mod cli;
 pub mod codec;
 pub mod format;
+
+#[cfg(feature = "store")]
+pub mod cli;
+#[cfg(feature = "store")]
 pub mod repo;
+#[cfg(feature = "store")]
 pub mod store;

@@ -23,9 +23,12 @@ use serde::{Deserialize, Serialize};
 /// Version of the blob header layout.
 pub const BLOB_VERSION: u8 = 1;
 const HEADER_LEN: usize = 11;
-/// Chunks are a few MiB; a header claiming more is damaged, and believing it
-/// would mean allocating that much before finding out.
-pub const MAX_RAW_LEN: u64 = 1 << 30;
+/// Chunks are a few MiB (the store cuts them at `chunk_bytes / 4` elements,
+/// 4 MiB of f32 by default, 8 MiB of f64); a header claiming more than this is
+/// damaged, and believing it would mean allocating that much before finding
+/// out. This bounds the memory any decoder spends on one blob, whatever its
+/// bytes (the fuzz targets in `fuzz/` hold it to this).
+pub const MAX_RAW_LEN: u64 = 64 << 20;
 /// zstd level for all codecs: level 3 keeps commit well above disk speed on
 /// two cores; higher levels gain little on float bytes (docs/benchmarks.md).
 const ZSTD_LEVEL: i32 = 3;
@@ -267,25 +270,38 @@ fn decode_quant(
             want: raw_len,
         });
     }
-    let base = match (q.domain.needs_base(), base) {
-        (false, _) => None,
-        (true, None) => return Err(CodecError::MissingBase(header.codec)),
-        (true, Some(b)) if b.len() != raw_len => {
-            return Err(CodecError::BaseLength {
-                base: b.len(),
-                raw: raw_len,
-            });
-        }
-        (true, Some(b)) => Some(q.float.to_f32(b)),
-    };
+    if q.domain.needs_base() != header.codec.needs_base() {
+        return Err(quant::QuantError::Invalid("domain does not match the blob's codec").into());
+    }
+    let base = base.map(|b| q.float.to_f32(b));
     let values = quant::reconstruct(&q, base.as_deref())?;
     Ok(q.float.from_f32(&values))
+}
+
+/// The base chunk a blob needs, checked against its header before any payload
+/// is decoded, so a missing or mismatched base fails fast.
+fn checked_base<'a>(
+    header: &BlobHeader,
+    base: Option<&'a [u8]>,
+) -> Result<Option<&'a [u8]>, CodecError> {
+    if !header.codec.needs_base() {
+        return Ok(None);
+    }
+    let base = base.ok_or(CodecError::MissingBase(header.codec))?;
+    if base.len() as u64 != header.raw_len {
+        return Err(CodecError::BaseLength {
+            base: base.len(),
+            raw: header.raw_len as usize,
+        });
+    }
+    Ok(Some(base))
 }
 
 /// Decodes a blob back to the raw chunk. `base` is the decoded parent chunk for
 /// codecs that need one.
 pub fn decode(blob: &[u8], base: Option<&[u8]>) -> Result<Vec<u8>, CodecError> {
     let header = BlobHeader::parse(blob)?;
+    let base = checked_base(&header, base)?;
     if !header.codec.is_lossless() {
         return decode_quant(&header, &blob[HEADER_LEN..], base);
     }
@@ -298,21 +314,16 @@ pub fn decode(blob: &[u8], base: Option<&[u8]>) -> Result<Vec<u8>, CodecError> {
             want: raw_len,
         });
     }
-    match header.codec {
-        Codec::Zstd => Ok(payload),
-        Codec::Quant | Codec::QuantDelta => unreachable!("handled above"),
-        Codec::Keyframe => Ok(shuffle::join(&payload, header.elem_size)),
-        Codec::XorDelta => {
-            let base = base.ok_or(CodecError::MissingBase(Codec::XorDelta))?;
-            if base.len() != raw_len {
-                return Err(CodecError::BaseLength {
-                    base: base.len(),
-                    raw: raw_len,
-                });
-            }
+    match (header.codec, base) {
+        (Codec::Zstd, _) => Ok(payload),
+        (Codec::Keyframe, _) => Ok(shuffle::join(&payload, header.elem_size)),
+        (Codec::XorDelta, Some(base)) => {
             let mut out = shuffle::join(&payload, header.elem_size);
             out.iter_mut().zip(base).for_each(|(o, b)| *o ^= b);
             Ok(out)
+        }
+        (Codec::XorDelta, None) | (Codec::Quant | Codec::QuantDelta, _) => {
+            unreachable!("checked_base and the lossy branch above")
         }
     }
 }
@@ -451,6 +462,36 @@ mod tests {
         let n = blob.len();
         blob.truncate(n - 3);
         assert!(matches!(decode(&blob, None), Err(CodecError::Payload(_))));
+    }
+
+    /// Found while writing the fuzz targets: a quant blob whose payload
+    /// domain contradicts its codec id must be refused (a `quant` blob with a
+    /// residual payload used to be decoded against whatever base came along),
+    /// and a declared length over the limit is refused before any allocation.
+    #[test]
+    fn contradictory_or_oversized_headers_are_refused() {
+        let q = quant::Quantized {
+            domain: quant::Domain::Residual,
+            float: float::FloatType::F32,
+            levels: quant::Levels::Linear(0.5),
+            symbols: vec![127; 16],
+            escapes: vec![],
+        };
+        let mut blob = encode_quant(&q);
+        assert_eq!(blob[1], Codec::QuantDelta as u8);
+        let base = vec![0u8; 64];
+        assert!(decode(&blob, Some(&base)).is_ok());
+        blob[1] = Codec::Quant as u8;
+        assert!(matches!(
+            decode(&blob, Some(&base)),
+            Err(CodecError::Quant(quant::QuantError::Invalid(_)))
+        ));
+        let mut blob = encode_keyframe(&[0; 64], 4);
+        blob[3..11].copy_from_slice(&(MAX_RAW_LEN + 1).to_le_bytes());
+        assert_eq!(
+            decode(&blob, None),
+            Err(CodecError::RawLength(MAX_RAW_LEN + 1))
+        );
     }
 
     #[test]

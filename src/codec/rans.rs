@@ -159,7 +159,15 @@ pub fn decode(bytes: &[u8], expected: usize) -> Result<(Vec<u8>, usize), RansErr
         pos += 3;
     }
     if n == 0 {
-        return Ok((Vec::new(), pos + 4));
+        // The encoder still writes its initial state; it must be there and
+        // untouched (found by the rans_decode fuzz target: a stream cut
+        // right after the table used to report 4 bytes it did not have).
+        let state = u32::from_be_bytes(take(pos, 4)?.try_into().expect("4"));
+        return if state == LOW {
+            Ok((Vec::new(), pos + 4))
+        } else {
+            Err(RansError::Corrupt)
+        };
     }
     let cum = cumulative(&freqs);
     if cum[256] != TOTAL {
@@ -210,6 +218,20 @@ pub fn entropy_bits(symbols: &[u8]) -> f64 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Regression (fuzz/artifacts rans_decode crash-2ee9def9): an empty
+    /// stream cut inside its final state.
+    #[test]
+    fn empty_stream_needs_its_state() {
+        let crash = [0, 0, 0, 0, 0, 0, 0, 128, 0];
+        assert_eq!(decode(&crash, 0), Err(RansError::Truncated));
+        let mut ok = Vec::new();
+        encode(&[], &mut ok);
+        assert_eq!(decode(&ok, 0), Ok((Vec::new(), ok.len())));
+        let last = ok.len() - 1;
+        ok[last] ^= 1;
+        assert_eq!(decode(&ok, 0), Err(RansError::Corrupt));
+    }
 
     fn round_trip(symbols: &[u8]) -> usize {
         let mut out = vec![0xee]; // a prefix, to check offsets

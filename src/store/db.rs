@@ -276,6 +276,19 @@ impl Store {
                 detail: format!("version {} is not supported", config.version),
             });
         }
+        // A chunk holds `chunk_bytes / 4` elements of up to 8 bytes; decoders
+        // refuse blobs over MAX_RAW_LEN, so a larger setting would store
+        // chunks that could never be read back.
+        if config.chunk_bytes == 0 || config.chunk_bytes as u64 * 2 > crate::codec::MAX_RAW_LEN {
+            return Err(StoreError::Corrupt {
+                what: "store config".into(),
+                detail: format!(
+                    "chunk_bytes {} is outside 1..={}",
+                    config.chunk_bytes,
+                    crate::codec::MAX_RAW_LEN / 2
+                ),
+            });
+        }
         Ok(config)
     }
 
