@@ -63,7 +63,28 @@ fn with_count(n: usize, stream: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The hostile-input corpus of the integration tests (tests/data/corpus),
+/// small files only: libFuzzer works on inputs of a few KiB.
+fn safetensors_seeds() {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/corpus");
+    for entry in std::fs::read_dir(corpus)
+        .expect("tests/data/corpus")
+        .flatten()
+    {
+        let path = entry.path();
+        if path.is_file() && entry.metadata().is_ok_and(|m| m.len() < 64 << 10) {
+            let name = path.file_name().expect("file name").to_string_lossy();
+            write(
+                "safetensors_header",
+                &name,
+                &std::fs::read(&path).expect("read seed"),
+            );
+        }
+    }
+}
+
 fn main() {
+    safetensors_seeds();
     let raw = f32_bytes(&floats(300, 0.01));
     let base = f32_bytes(&floats(300, 0.0101));
     write(
