@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use common::*;
@@ -106,20 +107,71 @@ fn checkout_equals_the_reference_the_next_commit_used() {
     let cached = std::fs::read(env.repo().join("cache/tips").join(&id)).unwrap();
     env.commit(&fixture(80), 80);
     std::fs::remove_dir_all(env.repo().join("cache")).unwrap();
-    let out = env.checkout("60", "out");
-    // The cache holds every tensor's bytes in record order: files by name,
-    // tensors in data-offset order, which is the data section of each file.
+    let data = data_sections(&env.checkout("60", "out"));
+    assert_eq!(data.len(), cached.len());
+    assert!(
+        data == cached,
+        "checkout differs from the reconstruction step 80 was coded against"
+    );
+}
+
+/// What the reconstruction cache of a checkout of the fixture holds: every
+/// tensor's bytes in record order (files by name, tensors in data-offset
+/// order), which is the data section of each safetensors file.
+fn data_sections(out: &Path) -> Vec<u8> {
     let mut data = Vec::new();
     for file in ["model.safetensors", "optimizer.safetensors"] {
         let bytes = std::fs::read(out.join(file)).unwrap();
         let header_len = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         data.extend_from_slice(&bytes[header_len..]);
     }
-    assert_eq!(data.len(), cached.len());
-    assert!(
-        data == cached,
-        "checkout differs from the reconstruction step 80 was coded against"
+    data
+}
+
+/// A commit along a branch overwrites its parent's cache in place (the
+/// parent stops being a tip); a fork leaves the other branch's tip cache
+/// alone. Either way each tip's cache equals a checkout decoded from blobs.
+#[test]
+fn caches_are_reused_along_a_branch_and_kept_for_other_tips() {
+    let env = Env::init_with(&["--policy", "balanced"]);
+    let tips = env.repo().join("cache/tips");
+    env.commit(&fixture(20), 20);
+    let main_40 = env.commit(&fixture(40), 40);
+    let inode = |id: &str| std::fs::metadata(tips.join(id)).unwrap().ino();
+    let main_40_file = inode(&main_40);
+    let fork_60 = env.commit_on("fork", &fixture(60), 60);
+    assert_eq!(
+        inode(&main_40),
+        main_40_file,
+        "a fork leaves main's tip cache"
     );
+    assert_ne!(inode(&fork_60), main_40_file);
+    let main_60 = env.commit_on("main", &fixture(60), 60);
+    assert!(!tips.join(&main_40).exists(), "main@40 is no tip any more");
+    assert_eq!(
+        inode(&main_60),
+        main_40_file,
+        "main@60 overwrote main@40's cache"
+    );
+    let mut caches: Vec<(String, Vec<u8>)> = [&fork_60, &main_60]
+        .iter()
+        .map(|id| (id.to_string(), std::fs::read(tips.join(id)).unwrap()))
+        .collect();
+    caches.sort();
+    let mut names: Vec<String> = std::fs::read_dir(&tips)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        caches.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>()
+    );
+    std::fs::remove_dir_all(env.repo().join("cache")).unwrap();
+    for (id, cached) in caches {
+        let decoded = data_sections(&env.checkout(&id, &format!("out-{id}")));
+        assert!(decoded == cached, "cache of {id} differs from its checkout");
+    }
 }
 
 #[test]

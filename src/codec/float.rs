@@ -67,6 +67,16 @@ impl FloatType {
         }
     }
 
+    /// `values` as stored bytes: borrowed for f32 on little-endian machines
+    /// (the values already are the bytes), converted otherwise.
+    pub fn bytes_of(self, values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+        if self == FloatType::F32 && cfg!(target_endian = "little") {
+            std::borrow::Cow::Borrowed(crate::format::as_bytes(values))
+        } else {
+            std::borrow::Cow::Owned(self.from_f32(values))
+        }
+    }
+
     /// Rounds an f32 to what this type can hold.
     pub fn round(self, x: f32) -> f32 {
         match self {

@@ -2,12 +2,12 @@
 //! safetensors ones parsed into tensors, the rest kept as opaque bytes.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
 use super::FormatError;
+use super::plain::{Plain, read_range};
 use super::safetensors::{Header, parse_header};
 
 /// What kind of file an input is, decided by its name.
@@ -48,27 +48,22 @@ impl InputFile {
     /// [`read_range`]). Panics if out of range or if the file cannot be read
     /// any more (it was validated when opened).
     pub fn copy_out(&self, offset: usize, len: usize) -> Vec<u8> {
-        if len == 0 {
+        self.read_values(offset, len)
+    }
+
+    /// `count` elements of `T` at byte `offset` (as [`InputFile::copy_out`]).
+    pub fn read_values<T: Plain>(&self, offset: usize, count: usize) -> Vec<T> {
+        if count == 0 {
             return Vec::new();
         }
-        read_range(&self.file, offset as u64, len).unwrap_or_else(|e| {
+        read_range(&self.file, offset as u64, count).unwrap_or_else(|e| {
             panic!(
                 "cannot read {} bytes at {offset} of {}: {e}",
-                len,
+                count * size_of::<T>(),
                 self.path.display()
             )
         })
     }
-}
-
-/// A copy of `[offset, offset+len)` of `file`, read with `pread`. Reading
-/// instead of touching a memory map costs one copy out of the page cache and
-/// no page faults, and nothing stays in this process's resident set: memory
-/// is bounded by the chunks in flight, not by the size of the file.
-pub fn read_range(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    let mut bytes = vec![0u8; len];
-    file.read_exact_at(&mut bytes, offset)?;
-    Ok(bytes)
 }
 
 /// All files of one checkpoint directory, sorted by name.

@@ -2,11 +2,13 @@
 //! Nothing here knows about codecs or the store.
 
 pub mod checkpoint;
+pub mod plain;
 pub mod safetensors;
 
 use std::path::PathBuf;
 
-pub use checkpoint::{Checkpoint, InputFile, InputKind, read_range};
+pub use checkpoint::{Checkpoint, InputFile, InputKind};
+pub use plain::{Plain, as_bytes, read_range};
 
 /// A problem with the user's input files.
 #[derive(Debug, thiserror::Error)]

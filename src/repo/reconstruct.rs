@@ -11,6 +11,8 @@ use anyhow::{Context, anyhow, bail};
 
 use super::tipcache::CacheReader;
 use crate::codec;
+use crate::codec::float::FloatType;
+use crate::format::Plain;
 use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId, Store};
 
 /// Identifies one chunk of one commit.
@@ -118,13 +120,43 @@ impl<'s> Reconstructor<'s> {
         let chunk = self
             .locate(id, &record, addr)
             .ok_or_else(|| anyhow!("commit {} has no {addr}", id.short()))?;
-        if let Some(tensor) = addr.tensor
-            && let Some(cache) = self.cache(id, &record)
-            && let Some(bytes) = cache.read_chunk(addr.file, tensor, addr.index, chunk)
-        {
+        if let Some(bytes) = self.cached::<u8>(id, &record, addr, chunk) {
             return Ok(bytes);
         }
         self.decode(id, addr, chunk)
+    }
+
+    /// The decoded values of one chunk of a float tensor stored as `float`,
+    /// as f32: for f32 tensors read from the cache straight into the result,
+    /// without a byte buffer and a conversion copy.
+    pub fn chunk_values(
+        &self,
+        id: &ObjectId,
+        addr: ChunkAddr<'_>,
+        float: FloatType,
+    ) -> anyhow::Result<Vec<f32>> {
+        if float == FloatType::F32 && cfg!(target_endian = "little") {
+            let record = self.record(id)?;
+            let chunk = self
+                .locate(id, &record, addr)
+                .ok_or_else(|| anyhow!("commit {} has no {addr}", id.short()))?;
+            if let Some(values) = self.cached::<f32>(id, &record, addr, chunk) {
+                return Ok(values);
+            }
+        }
+        Ok(float.to_f32(&self.chunk(id, addr)?))
+    }
+
+    fn cached<T: Plain>(
+        &self,
+        id: &ObjectId,
+        record: &CommitRecord,
+        addr: ChunkAddr<'_>,
+        chunk: &ChunkRef,
+    ) -> Option<Vec<T>> {
+        let tensor = addr.tensor?;
+        self.cache(id, record)?
+            .read_chunk(addr.file, tensor, addr.index, chunk)
     }
 
     fn decode(

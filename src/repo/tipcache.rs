@@ -12,13 +12,13 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::format::read_range;
+use crate::format::{Plain, as_bytes, read_range};
 use crate::store::{ChunkRef, CommitRecord, ObjectId};
 
 /// Where each tensor's first chunk sits in a cache file, keyed by (file, tensor).
 /// Every chunk of a tensor but the last has the tensor's chunk length, so a
 /// chunk's offset is `start + index * chunk_len`.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CacheLayout {
     tensors: HashMap<(String, String), (u64, u64)>,
     total: u64,
@@ -27,9 +27,11 @@ pub struct CacheLayout {
 impl CacheLayout {
     /// Appends a tensor of `len` bytes cut into chunks of `chunk_len`.
     pub fn push(&mut self, file: &str, tensor: &str, len: u64, chunk_len: u64) {
+        // A tensor of one chunk records its own length, as a record's first
+        // chunk does, so that equal layouts compare equal (CacheWriter::reuse).
         self.tensors.insert(
             (file.to_string(), tensor.to_string()),
-            (self.total, chunk_len),
+            (self.total, chunk_len.min(len)),
         );
         self.total += len;
     }
@@ -62,18 +64,38 @@ pub fn tips_dir(cache_dir: &Path) -> PathBuf {
 /// A cache file being written during a commit.
 pub struct CacheWriter {
     file: File,
-    tmp: PathBuf,
+    path: PathBuf,
     dir: PathBuf,
 }
 
 impl CacheWriter {
+    /// A new, empty cache file of `len` bytes.
     pub fn create(cache_dir: &Path, len: u64) -> std::io::Result<CacheWriter> {
         let dir = tips_dir(cache_dir);
         std::fs::create_dir_all(&dir)?;
-        let tmp = dir.join(format!("tmp-{}", std::process::id()));
-        let file = File::create(&tmp)?;
+        let path = dir.join(format!("tmp-{}", std::process::id()));
+        let file = File::create(&path)?;
         file.set_len(len)?;
-        Ok(CacheWriter { file, tmp, dir })
+        Ok(CacheWriter { file, path, dir })
+    }
+
+    /// The cache file of `parent` (whose layout the new commit shares),
+    /// overwritten in place. Writing a multi-GiB cache into new page-cache
+    /// pages costs the kernel an allocation (and, on a machine whose memory
+    /// is full of page cache, a reclaim) per page, about 1 s of system time
+    /// per GiB here; overwriting pages that are already cached costs a copy.
+    ///
+    /// Safe because every chunk read from a cache is checked against its
+    /// commit's raw hash: a reader of `parent` that meets an overwritten
+    /// chunk decodes it from the store instead. Each chunk's bytes are read
+    /// (as the delta base) before the same work item overwrites them. Only
+    /// for a parent whose cache would be dropped after the commit anyway
+    /// (the tip of the branch being committed to and of no other).
+    pub fn reuse(cache_dir: &Path, parent: &ObjectId, layout: &CacheLayout) -> Option<CacheWriter> {
+        let dir = tips_dir(cache_dir);
+        let path = dir.join(parent.to_hex());
+        let file = std::fs::OpenOptions::new().write(true).open(&path).ok()?;
+        (file.metadata().ok()?.len() == layout.total()).then_some(CacheWriter { file, path, dir })
     }
 
     pub fn write_at(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
@@ -82,11 +104,11 @@ impl CacheWriter {
 
     /// Publishes the file under the commit's id.
     pub fn finish(self, id: &ObjectId) -> std::io::Result<()> {
-        std::fs::rename(&self.tmp, self.dir.join(id.to_hex()))
+        std::fs::rename(&self.path, self.dir.join(id.to_hex()))
     }
 
     pub fn abandon(self) {
-        let _ = std::fs::remove_file(&self.tmp);
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -107,18 +129,23 @@ impl CacheReader {
         Some(CacheReader { file, layout })
     }
 
-    /// A copy of the chunk's bytes if the cache has them intact. Read with
-    /// `pread`: a multi-GiB cache never enters this process's memory.
-    pub fn read_chunk(
+    /// A copy of the chunk if the cache has it intact, as bytes or (for f32
+    /// tensors) as values. Read with `pread`: a multi-GiB cache never enters
+    /// this process's memory.
+    pub fn read_chunk<T: Plain>(
         &self,
         file: &str,
         tensor: &str,
         index: usize,
         chunk: &ChunkRef,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<Vec<T>> {
         let offset = self.layout.chunk_offset(file, tensor, index)?;
-        let bytes = read_range(&self.file, offset, chunk.raw_len as usize).ok()?;
-        (ObjectId::of(&bytes) == chunk.raw_hash).then_some(bytes)
+        let size = size_of::<T>() as u64;
+        if !chunk.raw_len.is_multiple_of(size) {
+            return None;
+        }
+        let values = read_range::<T>(&self.file, offset, (chunk.raw_len / size) as usize).ok()?;
+        (ObjectId::of(as_bytes(&values)) == chunk.raw_hash).then_some(values)
     }
 }
 

@@ -33,12 +33,24 @@ pub fn encode_tensor(
     // One private copy: the hash and the encoding see the same bytes even if
     // the input file is modified while we read it.
     let raw = slot.read(index);
-    let key = (slot.file_index, slot.tensor_index, index);
+    let encoded = encode_read_chunk(session, slot, index, &raw)?;
+    // Only after the parent's chunk was read: the cache may be the parent's
+    // file, overwritten in place (tipcache::CacheWriter::reuse).
     session
         .cache
         .write_at(slot.cache_offset(index), &raw)
         .context("cannot write the reconstruction cache")?;
-    let raw_hash = ObjectId::of(&raw);
+    Ok(encoded)
+}
+
+fn encode_read_chunk(
+    session: &Session<'_>,
+    slot: &TensorSlot<'_>,
+    index: usize,
+    raw: &[u8],
+) -> anyhow::Result<Encoded> {
+    let key = (slot.file_index, slot.tensor_index, index);
+    let raw_hash = ObjectId::of(raw);
     let parent_chunk = slot.parent_chunk(index);
     // An unchanged chunk (a frozen layer, a repeated commit) reuses the
     // parent's reference verbatim: no new blob. A keyframe commit may only
@@ -62,7 +74,7 @@ pub fn encode_tensor(
         None => None,
     };
     let (blob, is_delta) =
-        codec::encode_lossless(&raw, parent_raw.as_deref(), element_size(slot.info.dtype));
+        codec::encode_lossless(raw, parent_raw.as_deref(), element_size(slot.info.dtype));
     let base = parent.filter(|_| is_delta);
-    session.finish_chunk(key, &raw, blob, base, Some(raw_hash))
+    session.finish_chunk(key, raw, blob, base, Some(raw_hash))
 }

@@ -1,6 +1,6 @@
-//! Lossy coding of a weight group (W, m, v): statistics over the whole
-//! tensors first, then each chunk quantized against the parent's
-//! reconstruction. What goes into the cache, and what the record's checksum
+//! Lossy coding of a weight group (W, m, v): each chunk planned (from its
+//! own statistics, or for ExCP from the whole tensor's) and quantized
+//! against the parent's reconstruction. What goes into the cache, and what the record's checksum
 //! covers, is the reconstruction: exactly what checkout returns and what the
 //! next commit takes its residuals against (closed loop).
 
@@ -59,13 +59,11 @@ fn load(
     let parent = session.parent.context("lossy coding needs a parent")?;
     let float = |s: usize| plan.slots[s].float().expect("groups hold float tensors");
     let floats = [float(group.w), float(group.m), float(group.v)];
-    let input = |s: usize, f: FloatType| f.to_f32(&plan.slots[s].read(index));
-    let recon = |s: usize, f: FloatType| -> anyhow::Result<Vec<f32>> {
-        Ok(f.to_f32(
-            &session
-                .reconstructor
-                .chunk(&parent, plan.slots[s].addr(index))?,
-        ))
+    let input = |s: usize, f: FloatType| plan.slots[s].read_values(index, f);
+    let recon = |s: usize, f: FloatType| {
+        session
+            .reconstructor
+            .chunk_values(&parent, plan.slots[s].addr(index), f)
     };
     let w = input(group.w, floats[0]);
     let v = input(group.v, floats[2]);
@@ -108,14 +106,27 @@ pub fn plan_group(policy: &Policy, stats: Vec<GroupStats>) -> Option<TensorPlan>
 }
 
 /// Quantizes chunk `index` of `group`: three encoded chunks, W, m, v.
+/// `tensor_plan` is the whole tensor's plan for policies that make one;
+/// otherwise the chunk is planned from its own statistics.
 pub fn encode_chunk(
     session: &Session<'_>,
     plan: &Plan<'_>,
+    policy: &Policy,
     group: Group,
-    tensor_plan: &TensorPlan,
+    tensor_plan: Option<&TensorPlan>,
     index: usize,
 ) -> anyhow::Result<Vec<Encoded>> {
     let x = load(session, plan, group, index, None)?;
+    let chunk_plan;
+    let tensor_plan = match tensor_plan {
+        Some(p) => p,
+        None => {
+            let stats = GroupStats::sums_of_chunk(&x.chunk());
+            chunk_plan = codec::policy::plan(policy, &stats)
+                .context("lossy group without a lossy policy")?;
+            &chunk_plan
+        }
+    };
     let streams = codec::policy::quantize(tensor_plan, &x.chunk());
     let inputs = [&x.w, &x.m, &x.v];
     let mut out = Vec::with_capacity(3);
@@ -125,7 +136,7 @@ pub fn encode_chunk(
         let base_values = q.domain.needs_base().then(|| x.base(role));
         let recon = codec::quant::reconstruct(q, base_values)
             .context("quantizer produced an invalid stream")?;
-        let raw = q.float.from_f32(&recon);
+        let raw = q.float.bytes_of(&recon);
         session
             .cache
             .write_at(slot.cache_offset(index), &raw)

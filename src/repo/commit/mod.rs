@@ -8,8 +8,10 @@
 //! 4. the commit record, branch tip, step index and HEAD go in one synced
 //!    batch: the commit becomes visible all at once or not at all.
 //!
-//! Lossy policies code each weight with its Adam moments as a group, in two
-//! parallel passes: statistics over whole tensors, then quantization.
+//! Lossy policies code each weight with its Adam moments as a group. The
+//! tuned policies plan each chunk from its own statistics, in the one pass
+//! that codes it; ExCP plans from whole tensors, so it first makes a parallel
+//! statistics pass over every group chunk.
 
 mod lossless;
 mod lossy;
@@ -149,13 +151,7 @@ pub fn commit(
         parent_record,
         !keyframe && !policy.is_lossless(),
     );
-    let cache =
-        CacheWriter::create(&store.cache_dir(), plan.layout.total()).with_context(|| {
-            format!(
-                "cannot create the reconstruction cache in {}",
-                store.cache_dir().display()
-            )
-        })?;
+    let cache = cache_writer(&store, &target, &plan.layout)?;
     let session = Session {
         store: &store,
         reconstructor: Reconstructor::new(&store),
@@ -212,6 +208,33 @@ pub fn commit(
     })
 }
 
+/// Where this commit's reconstruction cache goes: over the parent's, when
+/// the parent is the tip of this branch and of no other (so its cache would
+/// be dropped after the commit) and the layouts match; else a new file.
+fn cache_writer(
+    store: &Store,
+    target: &Target,
+    layout: &tipcache::CacheLayout,
+) -> anyhow::Result<CacheWriter> {
+    if let Some((parent, record)) = &target.parent
+        && target.inherited_steps.is_empty()
+        && store
+            .branches()?
+            .iter()
+            .all(|(branch, tip)| tip != parent || *branch == target.branch)
+        && tipcache::CacheLayout::of_record(record) == *layout
+        && let Some(writer) = CacheWriter::reuse(&store.cache_dir(), parent, layout)
+    {
+        return Ok(writer);
+    }
+    CacheWriter::create(&store.cache_dir(), layout.total()).with_context(|| {
+        format!(
+            "cannot create the reconstruction cache in {}",
+            store.cache_dir().display()
+        )
+    })
+}
+
 /// Both passes: group statistics and plans, then every chunk.
 fn encode_all(
     session: &Session<'_>,
@@ -220,25 +243,11 @@ fn encode_all(
     progress: &dyn Progress,
 ) -> anyhow::Result<Vec<Encoded>> {
     let total: u64 = plan.work.iter().map(|w| w.input_bytes(plan)).sum();
-    let group_stats: Vec<_> = plan
-        .work
-        .par_iter()
-        .filter_map(|work| match *work {
-            Work::Group { group, index } => Some(
-                lossy::chunk_stats(session, plan, policy, plan.groups[group], index)
-                    .map(|s| (group, s)),
-            ),
-            _ => None,
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let mut per_group: Vec<Vec<_>> = vec![Vec::new(); plan.groups.len()];
-    for (group, stats) in group_stats {
-        per_group[group].push(stats);
-    }
-    let tensor_plans: Vec<_> = per_group
-        .into_iter()
-        .map(|stats| lossy::plan_group(policy, stats).context("lossy group without a lossy policy"))
-        .collect::<anyhow::Result<_>>()?;
+    let tensor_plans = if policy.plans_per_tensor() {
+        whole_tensor_plans(session, plan, policy)?
+    } else {
+        vec![None; plan.groups.len()]
+    };
 
     progress.begin("commit", total);
     let encoded: anyhow::Result<Vec<Vec<Encoded>>> = plan
@@ -260,8 +269,9 @@ fn encode_all(
                 Work::Group { group, index } => lossy::encode_chunk(
                     session,
                     plan,
+                    policy,
                     plan.groups[group],
-                    &tensor_plans[group],
+                    tensor_plans[group].as_ref(),
                     index,
                 ),
             };
@@ -271,6 +281,39 @@ fn encode_all(
         .collect();
     progress.finish();
     Ok(encoded?.into_iter().flatten().collect())
+}
+
+/// The statistics pass of policies that plan from whole tensors (ExCP's
+/// median and codebooks): every group chunk read once more before any is
+/// coded.
+fn whole_tensor_plans(
+    session: &Session<'_>,
+    plan: &Plan<'_>,
+    policy: &Policy,
+) -> anyhow::Result<Vec<Option<codec::policy::TensorPlan>>> {
+    let group_stats: Vec<_> = plan
+        .work
+        .par_iter()
+        .filter_map(|work| match *work {
+            Work::Group { group, index } => Some(
+                lossy::chunk_stats(session, plan, policy, plan.groups[group], index)
+                    .map(|s| (group, s)),
+            ),
+            _ => None,
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut per_group: Vec<Vec<_>> = vec![Vec::new(); plan.groups.len()];
+    for (group, stats) in group_stats {
+        per_group[group].push(stats);
+    }
+    per_group
+        .into_iter()
+        .map(|stats| {
+            lossy::plan_group(policy, stats)
+                .context("lossy group without a lossy policy")
+                .map(Some)
+        })
+        .collect()
 }
 
 /// Decoding speed assumed for the replay estimate, per core: measured

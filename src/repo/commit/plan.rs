@@ -75,6 +75,16 @@ impl TensorSlot<'_> {
         self.file.copy_out(offset as usize, len as usize)
     }
 
+    /// Chunk `index` of a float tensor stored as `float`, as f32: read
+    /// straight into the values for f32 on little-endian machines.
+    pub fn read_values(&self, index: usize, float: FloatType) -> Vec<f32> {
+        if float == FloatType::F32 && cfg!(target_endian = "little") {
+            let (offset, len) = self.chunk_range(index);
+            return self.file.read_values(offset as usize, len as usize / 4);
+        }
+        float.to_f32(&self.read(index))
+    }
+
     pub fn float(&self) -> Option<FloatType> {
         FloatType::from_dtype(&self.info.dtype.to_string())
     }

@@ -1,0 +1,91 @@
+//! Reading file bytes straight into typed buffers.
+//!
+//! Commit reads every tensor chunk (several GiB per checkpoint) and the
+//! reconstruction cache; a zero-filled buffer per read and a second copy to
+//! turn bytes into f32 cost as much as the read itself. These helpers read
+//! with `pread` into uninitialized capacity of a `Vec<T>` for element types
+//! that every bit pattern is a valid value of.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for u8 {}
+    impl Sealed for f32 {}
+}
+
+/// Element types without padding or invalid bit patterns (`u8`, `f32`), so
+/// any bytes a file holds are a valid value. Sealed: the `unsafe` code below
+/// relies on it.
+pub trait Plain: Copy + sealed::Sealed {}
+impl Plain for u8 {}
+impl Plain for f32 {}
+
+/// The bytes of `values` in memory order (for f32: little-endian on the
+/// little-endian machines ckptvc runs on; callers that need the file order
+/// check `cfg!(target_endian = "little")`).
+pub fn as_bytes<T: Plain>(values: &[T]) -> &[u8] {
+    // SAFETY: `T: Plain` has no padding, so every byte of the slice is
+    // initialized; u8 has no alignment requirement; the length is the
+    // slice's size in bytes.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), size_of_val(values)) }
+}
+
+/// `count` elements of `T` from `file` at byte `offset`, read with `pread`
+/// (no shared file position, so threads can read one file at once). Reading
+/// instead of touching a memory map costs one copy out of the page cache and
+/// no page faults, and nothing stays in this process's resident set: memory
+/// is bounded by the chunks in flight, not by the size of the file.
+pub fn read_range<T: Plain>(file: &File, offset: u64, count: usize) -> std::io::Result<Vec<T>> {
+    let mut out: Vec<T> = Vec::with_capacity(count);
+    let len = size_of::<T>() * count;
+    let dst = out.as_mut_ptr().cast::<u8>();
+    let mut done = 0;
+    while done < len {
+        let at = offset + done as u64;
+        let at = libc::off_t::try_from(at).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "offset beyond off_t")
+        })?;
+        // SAFETY: `dst + done .. dst + len` lies inside the allocation's
+        // capacity, and pread writes at most `len - done` bytes there.
+        let n = unsafe { libc::pread(file.as_raw_fd(), dst.add(done).cast(), len - done, at) };
+        match n {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => done += n as usize,
+        }
+    }
+    // SAFETY: all `len` bytes of the first `count` elements were written
+    // above, and `T: Plain` accepts any bytes.
+    unsafe { out.set_len(count) };
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn reads_bytes_and_floats_at_offsets() {
+        let mut file = tempfile::tempfile().unwrap();
+        let values: Vec<f32> = (0..1000).map(|i| i as f32 * 0.25 - 3.0).collect();
+        file.write_all(b"head").unwrap();
+        file.write_all(as_bytes(&values)).unwrap();
+        let floats: Vec<f32> = read_range(&file, 4, 1000).unwrap();
+        if cfg!(target_endian = "little") {
+            assert_eq!(floats, values);
+        }
+        let bytes: Vec<u8> = read_range(&file, 1, 3).unwrap();
+        assert_eq!(bytes, b"ead");
+        assert_eq!(read_range::<u8>(&file, 0, 0).unwrap(), Vec::<u8>::new());
+        let past_end = read_range::<f32>(&file, 8, 1000).unwrap_err();
+        assert_eq!(past_end.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+}
