@@ -121,7 +121,7 @@ pub fn encode_chunk(
     let tensor_plan = match tensor_plan {
         Some(p) => p,
         None => {
-            let stats = GroupStats::sums_of_chunk(&x.chunk());
+            let stats = GroupStats::tuned_sums_of_chunk(&x.chunk());
             chunk_plan = codec::policy::plan(policy, &stats)
                 .context("lossy group without a lossy policy")?;
             &chunk_plan
