@@ -17,6 +17,7 @@ pub mod policy;
 pub mod quant;
 pub mod rans;
 pub mod shuffle;
+pub mod simd;
 
 use serde::{Deserialize, Serialize};
 

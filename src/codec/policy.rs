@@ -233,41 +233,7 @@ impl GroupStats {
     /// independent lanes over zipped slices, no branches and no bounds
     /// checks, so the loop vectorizes.
     pub fn tuned_sums_of_chunk(chunk: &GroupChunk<'_>) -> GroupStats {
-        const LANES: usize = 8;
-        let n = chunk.w.len();
-        let (w, m, v) = (&chunk.w[..n], &chunk.m[..n], &chunk.v[..n]);
-        let (pw, pm) = (&chunk.parent_w[..n], &chunk.parent_m[..n]);
-        let mut count = [0u32; LANES];
-        let [mut w2, mut m2, mut dm2] = [[0f64; LANES]; 3];
-        let mut add = |lane: usize, wi: f32, mi: f32, vi: f32, pwi: f32, pmi: f32| {
-            let (dw, dm) = (wi - pwi, mi - pmi);
-            let finite = dw.is_finite() && dm.is_finite() && vi.is_finite();
-            let keep = |x: f32| if finite { x as f64 } else { 0.0 };
-            count[lane] += u32::from(finite);
-            w2[lane] += keep(wi) * keep(wi);
-            m2[lane] += keep(mi) * keep(mi);
-            dm2[lane] += keep(dm) * keep(dm);
-        };
-        let groups = w
-            .chunks_exact(LANES)
-            .zip(m.chunks_exact(LANES))
-            .zip(v.chunks_exact(LANES))
-            .zip(pw.chunks_exact(LANES).zip(pm.chunks_exact(LANES)));
-        for (((w, m), v), (pw, pm)) in groups {
-            for lane in 0..LANES {
-                add(lane, w[lane], m[lane], v[lane], pw[lane], pm[lane]);
-            }
-        }
-        for i in n - n % LANES..n {
-            add(i % LANES, w[i], m[i], v[i], pw[i], pm[i]);
-        }
-        GroupStats {
-            count: count.iter().map(|&c| c as u64).sum(),
-            sum_w2: w2.iter().sum(),
-            sum_m2: m2.iter().sum(),
-            sum_dm2: dm2.iter().sum(),
-            ..GroupStats::default()
-        }
+        crate::with_avx2!(tuned_sums(chunk: &GroupChunk<'_>) -> GroupStats)
     }
 
     pub fn merge(mut self, other: GroupStats) -> GroupStats {
@@ -287,6 +253,45 @@ impl GroupStats {
         } else {
             sum / self.count as f64
         }
+    }
+}
+
+#[inline(always)]
+fn tuned_sums(chunk: &GroupChunk<'_>) -> GroupStats {
+    const LANES: usize = 8;
+    let n = chunk.w.len();
+    let (w, m, v) = (&chunk.w[..n], &chunk.m[..n], &chunk.v[..n]);
+    let (pw, pm) = (&chunk.parent_w[..n], &chunk.parent_m[..n]);
+    let mut count = [0u32; LANES];
+    let [mut w2, mut m2, mut dm2] = [[0f64; LANES]; 3];
+    let mut add = |lane: usize, wi: f32, mi: f32, vi: f32, pwi: f32, pmi: f32| {
+        let (dw, dm) = (wi - pwi, mi - pmi);
+        let finite = dw.is_finite() && dm.is_finite() && vi.is_finite();
+        let keep = |x: f32| if finite { x as f64 } else { 0.0 };
+        count[lane] += u32::from(finite);
+        w2[lane] += keep(wi) * keep(wi);
+        m2[lane] += keep(mi) * keep(mi);
+        dm2[lane] += keep(dm) * keep(dm);
+    };
+    let groups = w
+        .chunks_exact(LANES)
+        .zip(m.chunks_exact(LANES))
+        .zip(v.chunks_exact(LANES))
+        .zip(pw.chunks_exact(LANES).zip(pm.chunks_exact(LANES)));
+    for (((w, m), v), (pw, pm)) in groups {
+        for lane in 0..LANES {
+            add(lane, w[lane], m[lane], v[lane], pw[lane], pm[lane]);
+        }
+    }
+    for i in n - n % LANES..n {
+        add(i % LANES, w[i], m[i], v[i], pw[i], pm[i]);
+    }
+    GroupStats {
+        count: count.iter().map(|&c| c as u64).sum(),
+        sum_w2: w2.iter().sum(),
+        sum_m2: m2.iter().sum(),
+        sum_dm2: dm2.iter().sum(),
+        ..GroupStats::default()
     }
 }
 
@@ -422,6 +427,11 @@ pub struct GroupChunk<'a> {
 
 /// Quantizes one chunk: (W, m, v).
 pub fn quantize(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> [Quantized; 3] {
+    crate::with_avx2!(quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> [Quantized; 3])
+}
+
+#[inline(always)]
+fn quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> [Quantized; 3] {
     match plan {
         TensorPlan::Excp {
             w_threshold,
@@ -501,6 +511,7 @@ fn codebook_stream(domain: Domain, float: FloatType, centres: &[f32], len: usize
 
 /// Symbol 0 (dropped: zero, or no change for residuals) or the nearest
 /// centre; a non-finite input is kept exactly rather than spread.
+#[inline(always)]
 fn push_codebook(q: &mut Quantized, centres: &[f32], coded: f32, exact: f32, keep: bool) {
     if !exact.is_finite() || !coded.is_finite() {
         q.symbols.push(ESCAPE);
@@ -527,6 +538,7 @@ fn uniform_stream(domain: Domain, float: FloatType, levels: Levels, len: usize) 
 /// range or not finite. Two passes, because the first (the hot loop of
 /// lossy commits) has no branches and no pushes, so it vectorizes; escapes
 /// are rare.
+#[inline(always)]
 fn fill_uniform(q: &mut Quantized, step: f32, exact: &[f32], coded: impl Iterator<Item = f32>) {
     q.symbols.clear();
     q.symbols.resize(exact.len(), ESCAPE);
@@ -560,6 +572,7 @@ fn fill_uniform(q: &mut Quantized, step: f32, exact: &[f32], coded: impl Iterato
 }
 
 /// `x − parent`, element by element.
+#[inline(always)]
 fn differences<'a>(x: &'a [f32], parent: &'a [f32]) -> impl Iterator<Item = f32> + 'a {
     x.iter().zip(parent).map(|(x, p)| x - p)
 }
@@ -567,6 +580,7 @@ fn differences<'a>(x: &'a [f32], parent: &'a [f32]) -> impl Iterator<Item = f32>
 /// `t.round()` (half away from zero) for |t| < 127.5, without a libm call
 /// and in a form that vectorizes: truncation is one instruction and
 /// `t − trunc(t)` is exact there.
+#[inline(always)]
 fn round_small(t: f32) -> i32 {
     debug_assert!(t.abs() < MAX_LEVEL as f32 + 0.5);
     // SAFETY: |t| < 127.5, so its truncation is a representable i32.
@@ -578,6 +592,7 @@ fn round_small(t: f32) -> i32 {
 /// ln(v / v̂_parent), the coded value of v; NaN (an escape) where the ratio
 /// is not representable. Written with selects rather than early returns so
 /// the quantizer's v loop vectorizes.
+#[inline(always)]
 fn log_ratio(v: f32, parent: f32) -> f32 {
     let ratio = v / parent;
     let ln = fast_ln(ratio);
@@ -608,6 +623,7 @@ fn log_ratio(v: f32, parent: f32) -> f32 {
 /// of the result) over the whole normal range (tested); the result only picks a
 /// quantizer level, and the level table is what both encoder and decoder use,
 /// so the closed loop does not depend on it being exact.
+#[inline(always)]
 fn fast_ln(x: f32) -> f32 {
     const SQRT_2: f32 = std::f32::consts::SQRT_2;
     let bits = x.to_bits();

@@ -125,6 +125,11 @@ pub enum QuantError {
 /// The reconstructed values of a quantized chunk, in f32 rounded to the
 /// stored type. `base` (f32) is required for the Residual and Ratio domains.
 pub fn reconstruct(q: &Quantized, base: Option<&[f32]>) -> Result<Vec<f32>, QuantError> {
+    crate::with_avx2!(reconstruct_values(q: &Quantized, base: Option<&[f32]>) -> Result<Vec<f32>, QuantError>)
+}
+
+#[inline(always)]
+fn reconstruct_values(q: &Quantized, base: Option<&[f32]>) -> Result<Vec<f32>, QuantError> {
     if q.domain.needs_base() && base.is_none_or(|b| b.len() != q.symbols.len()) {
         return Err(QuantError::Invalid("base missing or of the wrong length"));
     }
@@ -152,6 +157,7 @@ pub fn reconstruct(q: &Quantized, base: Option<&[f32]>) -> Result<Vec<f32>, Quan
     Ok(out)
 }
 
+#[inline(always)]
 fn decode_loop(q: &Quantized, levels: &[f32], value: impl Fn(usize, f32) -> f32) -> Vec<f32> {
     let mut escapes = q.escapes.iter();
     q.symbols

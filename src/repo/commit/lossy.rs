@@ -157,6 +157,11 @@ pub fn encode_chunk(
 
 /// (Σ (x̂ − x)², Σ x²) over the finite elements.
 fn squared_error(input: &[f32], recon: &[f32]) -> (f64, f64) {
+    crate::with_avx2!(squared_error_sums(input: &[f32], recon: &[f32]) -> (f64, f64))
+}
+
+#[inline(always)]
+fn squared_error_sums(input: &[f32], recon: &[f32]) -> (f64, f64) {
     // Eight independent f64 sums, so the loop is not one long dependency
     // chain; non-finite inputs contribute zero to both.
     const LANES: usize = 8;
