@@ -36,8 +36,6 @@ macro_rules! with_avx2 {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[inline(always)]
     fn sum_of_squares(x: &[f32]) -> [f32; 8] {
         let mut lanes = [0f32; 8];
