@@ -11,6 +11,21 @@
 //! an add into an FMA or reassociates float sums on its own, so a wider
 //! vector computes each element, and each lane of a sum, in the same order.
 
+/// Whether the AVX2 copies run: the CPU has AVX2 and the environment does
+/// not say `CKPTVC_SIMD=baseline` (which the tests use to check that both
+/// paths store the same bytes). Decided once per process.
+pub fn avx2_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        let baseline = std::env::var_os("CKPTVC_SIMD").is_some_and(|v| v == "baseline");
+        #[cfg(target_arch = "x86_64")]
+        let available = std::is_x86_feature_detected!("avx2");
+        #[cfg(not(target_arch = "x86_64"))]
+        let available = false;
+        available && !baseline
+    })
+}
+
 /// The body of a function: calls `$f($args)` (an `#[inline(always)]`
 /// function) through a copy compiled for AVX2 when this CPU has it, else
 /// directly. A macro rather than a function taking a closure: the compiler
@@ -25,8 +40,8 @@ macro_rules! with_avx2 {
             fn avx2($($arg: $ty),*) -> $ret {
                 $f($($arg),*)
             }
-            if std::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2, checked just above.
+            if $crate::codec::simd::avx2_enabled() {
+                // SAFETY: avx2_enabled() checked that the CPU supports AVX2.
                 return unsafe { avx2($($arg),*) };
             }
         }

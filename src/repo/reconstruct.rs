@@ -117,9 +117,7 @@ impl<'s> Reconstructor<'s> {
     /// The decoded bytes of one chunk of commit `id`.
     pub fn chunk(&self, id: &ObjectId, addr: ChunkAddr<'_>) -> anyhow::Result<Vec<u8>> {
         let record = self.record(id)?;
-        let chunk = self
-            .locate(id, &record, addr)
-            .ok_or_else(|| anyhow!("commit {} has no {addr}", id.short()))?;
+        let chunk = self.require(id, &record, addr)?;
         if let Some(bytes) = self.cached::<u8>(id, &record, addr, chunk) {
             return Ok(bytes);
         }
@@ -137,14 +135,23 @@ impl<'s> Reconstructor<'s> {
     ) -> anyhow::Result<Vec<f32>> {
         if float == FloatType::F32 && cfg!(target_endian = "little") {
             let record = self.record(id)?;
-            let chunk = self
-                .locate(id, &record, addr)
-                .ok_or_else(|| anyhow!("commit {} has no {addr}", id.short()))?;
+            let chunk = self.require(id, &record, addr)?;
             if let Some(values) = self.cached::<f32>(id, &record, addr, chunk) {
                 return Ok(values);
             }
         }
         Ok(float.to_f32(&self.chunk(id, addr)?))
+    }
+
+    /// The chunk reference at `addr`, or an error naming what is missing.
+    fn require<'r>(
+        &self,
+        id: &ObjectId,
+        record: &'r CommitRecord,
+        addr: ChunkAddr<'_>,
+    ) -> anyhow::Result<&'r ChunkRef> {
+        self.locate(id, record, addr)
+            .ok_or_else(|| anyhow!("commit {} has no {addr}", id.short()))
     }
 
     fn cached<T: Plain>(
