@@ -44,17 +44,17 @@ impl Loaded {
     }
 }
 
-/// Loads chunk `index` of `group`. With `for_stats`, parent values the
-/// statistics do not use are not read (they cost a cache read, a checksum
-/// and a conversion each): v̂ never, Ŵ only for the ExCP median, which is
-/// the only user of the dW samples; in their place stand the inputs, whose
-/// difference to themselves is zero where finite, as the statistics need.
+/// Loads chunk `index` of `group`. With `for_stats` (ExCP's whole-tensor
+/// statistics pass), the parent values those statistics do not use are not
+/// read (each costs a cache read, a checksum and a conversion): only Ŵ is,
+/// for the median of |dW|; in place of m̂ and v̂ stand the inputs, whose
+/// difference to themselves is zero where finite.
 fn load(
     session: &Session<'_>,
     plan: &Plan<'_>,
     group: Group,
     index: usize,
-    for_stats: Option<&Policy>,
+    for_stats: bool,
 ) -> anyhow::Result<Loaded> {
     let parent = session.parent.context("lossy coding needs a parent")?;
     let float = |s: usize| plan.slots[s].float().expect("groups hold float tensors");
@@ -65,33 +65,35 @@ fn load(
             .reconstructor
             .chunk_values(&parent, plan.slots[s].addr(index), f)
     };
-    let w = input(group.w, floats[0]);
-    let v = input(group.v, floats[2]);
-    let (parent_w, parent_v) = match for_stats {
-        Some(Policy::Excp { .. }) => (recon(group.w, floats[0])?, v.clone()),
-        Some(_) => (w.clone(), v.clone()),
-        None => (recon(group.w, floats[0])?, recon(group.v, floats[2])?),
+    let (w, m, v) = (
+        input(group.w, floats[0]),
+        input(group.m, floats[1]),
+        input(group.v, floats[2]),
+    );
+    let (parent_m, parent_v) = if for_stats {
+        (m.clone(), v.clone())
+    } else {
+        (recon(group.m, floats[1])?, recon(group.v, floats[2])?)
     };
     Ok(Loaded {
+        parent_w: recon(group.w, floats[0])?,
         w,
-        m: input(group.m, floats[1]),
+        m,
         v,
-        parent_w,
-        parent_m: recon(group.m, floats[1])?,
+        parent_m,
         parent_v,
         floats,
     })
 }
 
-/// Statistics of chunk `index` of `group`.
+/// Statistics of chunk `index` of `group`, for ExCP's whole-tensor plan.
 pub fn chunk_stats(
     session: &Session<'_>,
     plan: &Plan<'_>,
-    policy: &Policy,
     group: Group,
     index: usize,
 ) -> anyhow::Result<GroupStats> {
-    let x = load(session, plan, group, index, Some(policy))?;
+    let x = load(session, plan, group, index, true)?;
     let w = &plan.slots[group.w];
     let first = index as u64 * (w.chunk_len * 8 / w.info.dtype.bitsize() as u64);
     Ok(GroupStats::of_chunk(first, w.numel(), &x.chunk()))
@@ -116,7 +118,7 @@ pub fn encode_chunk(
     tensor_plan: Option<&TensorPlan>,
     index: usize,
 ) -> anyhow::Result<Vec<Encoded>> {
-    let x = load(session, plan, group, index, None)?;
+    let x = load(session, plan, group, index, false)?;
     let chunk_plan;
     let tensor_plan = match tensor_plan {
         Some(p) => p,

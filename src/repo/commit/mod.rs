@@ -235,7 +235,7 @@ fn cache_writer(
     })
 }
 
-/// Both passes: group statistics and plans, then every chunk.
+/// Every chunk, after the whole-tensor plans of the policies that need them.
 fn encode_all(
     session: &Session<'_>,
     plan: &Plan<'_>,
@@ -296,8 +296,7 @@ fn whole_tensor_plans(
         .par_iter()
         .filter_map(|work| match *work {
             Work::Group { group, index } => Some(
-                lossy::chunk_stats(session, plan, policy, plan.groups[group], index)
-                    .map(|s| (group, s)),
+                lossy::chunk_stats(session, plan, plan.groups[group], index).map(|s| (group, s)),
             ),
             _ => None,
         })
