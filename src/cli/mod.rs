@@ -309,7 +309,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let outcome = repo::commit(&cli.repo, dir, &options, &bar)?;
             let entry = repo::LogEntry::new(&outcome.id, &outcome.record);
             if cli.json {
-                print_json(&entry)?;
+                // The log entry, plus what this run did.
+                let mut json = serde_json::to_value(&entry)?;
+                json["new_blobs"] = outcome.new_blobs.into();
+                json["bases_from_cache"] = outcome.bases_from_cache.into();
+                json["bases_decoded"] = outcome.bases_decoded.into();
+                print_json(&json)?;
             } else {
                 println!("{}", outcome.id);
                 if !cli.quiet {
@@ -323,6 +328,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                         output::ratio(entry.ratio),
                         if entry.keyframe { ", keyframe" } else { "" }
                     );
+                    if outcome.bases_decoded > 0 {
+                        eprintln!(
+                            "{} delta base chunks were decoded from blobs (no usable \
+                             reconstruction cache for the parent)",
+                            outcome.bases_decoded
+                        );
+                    }
                 }
             }
             Ok(())

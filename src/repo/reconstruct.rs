@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, anyhow, bail};
@@ -44,6 +45,9 @@ pub struct Reconstructor<'s> {
     records: Mutex<HashMap<ObjectId, Arc<CommitRecord>>>,
     indexes: Mutex<HashMap<ObjectId, Arc<TensorIndex>>>,
     caches: Mutex<HashMap<ObjectId, Option<Arc<CacheReader>>>>,
+    /// Chunks served from a reconstruction cache, and decoded from blobs.
+    from_cache: AtomicU64,
+    decoded: AtomicU64,
 }
 
 impl<'s> Reconstructor<'s> {
@@ -54,6 +58,8 @@ impl<'s> Reconstructor<'s> {
             records: Mutex::default(),
             indexes: Mutex::default(),
             caches: Mutex::default(),
+            from_cache: AtomicU64::new(0),
+            decoded: AtomicU64::new(0),
         }
     }
 
@@ -154,6 +160,15 @@ impl<'s> Reconstructor<'s> {
             .ok_or_else(|| anyhow!("commit {} has no {addr}", id.short()))
     }
 
+    /// (chunks served from a reconstruction cache, chunks decoded from
+    /// blobs) so far, delta bases of decoded chunks included.
+    pub fn sources(&self) -> (u64, u64) {
+        (
+            self.from_cache.load(Ordering::Relaxed),
+            self.decoded.load(Ordering::Relaxed),
+        )
+    }
+
     fn cached<T: Plain>(
         &self,
         id: &ObjectId,
@@ -162,8 +177,11 @@ impl<'s> Reconstructor<'s> {
         chunk: &ChunkRef,
     ) -> Option<Vec<T>> {
         let tensor = addr.tensor?;
-        self.cache(id, record)?
-            .read_chunk(addr.file, tensor, addr.index, chunk)
+        let values = self
+            .cache(id, record)?
+            .read_chunk(addr.file, tensor, addr.index, chunk)?;
+        self.from_cache.fetch_add(1, Ordering::Relaxed);
+        Some(values)
     }
 
     fn decode(
@@ -179,6 +197,7 @@ impl<'s> Reconstructor<'s> {
                 id.short()
             )
         };
+        self.decoded.fetch_add(1, Ordering::Relaxed);
         let blob = self.store.get_blob(&chunk.blob).with_context(context)?;
         if ObjectId::of(&blob) != chunk.blob {
             bail!("{}: blob content does not match its hash", context());

@@ -63,6 +63,11 @@ pub struct CommitOutcome {
     pub record: CommitRecord,
     /// Blobs written (not already in the store).
     pub new_blobs: u64,
+    /// Parent chunks (delta bases) read from the reconstruction cache, and
+    /// decoded from blobs because the cache did not have them: a commit
+    /// along a branch with an intact cache decodes none.
+    pub bases_from_cache: u64,
+    pub bases_decoded: u64,
 }
 
 /// The branch tip a commit builds on, checked before any write.
@@ -201,10 +206,13 @@ pub fn commit(
     if session.cache.finish(&id).is_ok() {
         tipcache::prune_to_branch_tips(&store);
     }
+    let (bases_from_cache, bases_decoded) = session.reconstructor.sources();
     Ok(CommitOutcome {
         id,
         record,
         new_blobs,
+        bases_from_cache,
+        bases_decoded,
     })
 }
 
