@@ -459,6 +459,33 @@ impl Store {
             .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?)
     }
 
+    /// Compacts each column family that holds more than
+    /// [`MAX_TABLE_FILES`] small table files into as few as it takes. Every
+    /// writer's close flushes every column family, a table file each, mostly
+    /// tiny (a commit record, a ref). RocksDB moves files whose key ranges do
+    /// not overlap (the step index grows in key order) down the levels
+    /// without merging them: a store of 441 commits held 885 table files of
+    /// ~1.5 KB, every open (`max_open_files` -1) opened them all, and commit
+    /// time grew with history (57 ms at 50 commits, 147 ms at 400).
+    fn compact_crowded(&self) -> Result<(), StoreError> {
+        let files = self.db.live_files()?;
+        for name in ALL_CFS {
+            let count = files
+                .iter()
+                .filter(|f| f.column_family_name == *name && f.size < SMALL_TABLE_FILE)
+                .count();
+            if count > MAX_TABLE_FILES {
+                // Forced: a plain compaction would move the files down
+                // again without merging them.
+                let mut opts = rocksdb::CompactOptions::default();
+                opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+                self.db
+                    .compact_range_cf_opt(self.cf(name), None::<&[u8]>, None::<&[u8]>, &opts);
+            }
+        }
+        Ok(())
+    }
+
     /// Gives the space of deleted blobs and records back to the file system:
     /// flushes every column family, then compacts each one fully, with blob
     /// garbage collection forced for every blob file, so blob files holding
@@ -511,6 +538,13 @@ impl Store {
     }
 }
 
+/// Small table files a column family may hold before a closing writer
+/// compacts it. Only small ones count: a large index compacts into several
+/// files of the target size, which must not trigger a full rewrite at every
+/// close.
+const MAX_TABLE_FILES: usize = 8;
+const SMALL_TABLE_FILE: usize = 1 << 20;
+
 /// How often a reader retries opening while a writer changes the files.
 const OPEN_RETRIES: u32 = 20;
 
@@ -531,6 +565,7 @@ impl Drop for Store {
             // Records and refs move from the write-ahead log into checksummed
             // table files, so the log holds nothing between writers.
             let _ = self.flush_all();
+            let _ = self.compact_crowded();
             let _ = self
                 .db
                 .wait_for_compact(&rocksdb::WaitForCompactOptions::default());

@@ -1,8 +1,9 @@
 //! Lossy coding of a weight group (W, m, v): each chunk planned (from its
 //! own statistics, or for ExCP from the whole tensor's) and quantized
-//! against the parent's reconstruction. What goes into the cache, and what the record's checksum
-//! covers, is the reconstruction: exactly what checkout returns and what the
-//! next commit takes its residuals against (closed loop).
+//! against the parent's reconstruction. What goes into the cache, and what
+//! the record's checksum covers, is the reconstruction: exactly what
+//! checkout returns and what the next commit takes its residuals against
+//! (closed loop).
 
 use anyhow::Context;
 
