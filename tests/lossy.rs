@@ -238,13 +238,11 @@ fn caches_are_reused_along_a_branch_and_kept_for_other_tips() {
 
 #[test]
 fn encoding_does_not_depend_on_thread_count() {
-    for policy in ["lossless", "excp", "balanced"] {
-        let runs: Vec<_> = [("1", "native"), ("2", "native")]
-            .into_iter()
-            .map(|setting| encode_fixture(policy, setting))
-            .collect();
-        assert_eq!(runs[0], runs[1], "{policy}");
-    }
+    assert_same_encoding(
+        &["lossless", "excp", "balanced"],
+        ("1", "native"),
+        ("2", "native"),
+    );
 }
 
 /// The AVX2 copies of the hot loops (codec::simd) store exactly what the
@@ -252,12 +250,21 @@ fn encoding_does_not_depend_on_thread_count() {
 /// baseline path and the test shows nothing, but still passes.
 #[test]
 fn encoding_does_not_depend_on_vector_width() {
-    for policy in ["excp", "balanced", "faithful"] {
-        let runs: Vec<_> = [("2", "native"), ("2", "baseline")]
-            .into_iter()
-            .map(|setting| encode_fixture(policy, setting))
-            .collect();
-        assert_eq!(runs[0], runs[1], "{policy}");
+    assert_same_encoding(
+        &["excp", "balanced", "faithful"],
+        ("2", "native"),
+        ("2", "baseline"),
+    );
+}
+
+/// Each policy encodes the fixture identically under settings `a` and `b`.
+fn assert_same_encoding(policies: &[&str], a: (&str, &str), b: (&str, &str)) {
+    for policy in policies {
+        assert_eq!(
+            encode_fixture(policy, a),
+            encode_fixture(policy, b),
+            "{policy}"
+        );
     }
 }
 
