@@ -382,7 +382,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             if cli.json {
                 print_json(&entries)
             } else {
-                output::print_log(&entries);
+                output::print_log(&entries)?;
                 Ok(())
             }
         }
