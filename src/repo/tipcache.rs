@@ -210,13 +210,7 @@ impl CacheReader {
 /// The entries of a cache file whose chunk bytes end at `total`, if its
 /// footer is intact and names commit `id`.
 fn read_entries(file: &File, total: u64, id: &ObjectId) -> Option<HashMap<u64, (u64, u64)>> {
-    let len = file.metadata().ok()?.len();
-    let footer: Vec<u8> =
-        read_range(file, len.checked_sub(FOOTER_LEN)?, FOOTER_LEN as usize).ok()?;
-    let count = u64::from_le_bytes(footer[..8].try_into().expect("8 bytes"));
-    if footer[8..40] != id.0 || footer[40..] != MAGIC[..] {
-        return None;
-    }
+    let (len, count) = footer(file, id)?;
     if count
         .checked_mul(ENTRY_LEN)?
         .checked_add(total + FOOTER_LEN)?
@@ -234,6 +228,16 @@ fn read_entries(file: &File, total: u64, id: &ObjectId) -> Option<HashMap<u64, (
     )
 }
 
+/// (file length, entry count) of a cache file whose footer is intact and
+/// names commit `id`.
+fn footer(file: &File, id: &ObjectId) -> Option<(u64, u64)> {
+    let len = file.metadata().ok()?.len();
+    let footer: Vec<u8> =
+        read_range(file, len.checked_sub(FOOTER_LEN)?, FOOTER_LEN as usize).ok()?;
+    let count = u64::from_le_bytes(footer[..8].try_into().expect("8 bytes"));
+    (footer[8..40] == id.0 && footer[40..] == MAGIC[..]).then_some((len, count))
+}
+
 /// Moves the cache of commit `old` to commit `new` (a rewritten commit
 /// whose reconstruction is unchanged): the footer is made to name `new`.
 /// Best effort, like the cache itself.
@@ -245,13 +249,7 @@ pub fn rename(cache_dir: &Path, old: &ObjectId, new: &ObjectId) {
             .read(true)
             .write(true)
             .open(&from)?;
-        let len = file.metadata()?.len();
-        let footer: Vec<u8> =
-            read_range(&file, len.saturating_sub(FOOTER_LEN), FOOTER_LEN as usize)?;
-        if footer.len() as u64 != FOOTER_LEN || footer[8..40] != old.0 || footer[40..] != MAGIC[..]
-        {
-            return Err(std::io::ErrorKind::InvalidData.into());
-        }
+        let (len, _) = footer(&file, old).ok_or(std::io::ErrorKind::InvalidData)?;
         file.write_all_at(&new.0, len - FOOTER_LEN + 8)?;
         std::fs::rename(&from, &to)
     };
