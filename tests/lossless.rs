@@ -30,6 +30,23 @@ fn every_step_checks_out_byte_identical() {
 }
 
 #[test]
+fn checkout_without_sync_writes_the_same_files() {
+    let env = Env::init();
+    for step in [20, 40] {
+        env.commit(&fixture(step), step);
+    }
+    for step in [20, 40] {
+        let out = env.path(&format!("nosync{step}"));
+        env.cmd()
+            .args(["checkout", &step.to_string(), "--no-sync", "-o"])
+            .arg(&out)
+            .assert()
+            .success();
+        assert_same_files(&fixture(step), &out);
+    }
+}
+
+#[test]
 fn checkout_without_the_cache_decodes_from_blobs() {
     let env = Env::init();
     for step in STEPS {

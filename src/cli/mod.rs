@@ -107,6 +107,10 @@ enum Command {
         /// Write into a non-empty directory.
         #[arg(long)]
         force: bool,
+        /// Do not wait for the files to reach the disk (by default each file
+        /// is fsync'ed before it takes its name).
+        #[arg(long)]
+        no_sync: bool,
     },
     /// List commits, newest first.
     Log {
@@ -307,7 +311,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             };
             let bar = Bar::new(cli.quiet);
             let outcome = repo::commit(&cli.repo, dir, &options, &bar)?;
-            let entry = repo::LogEntry::new(&outcome.id, &outcome.record);
+            let entry = repo::LogEntry::new(&outcome.id, &(&outcome.record).into());
             if cli.json {
                 // The log entry, plus what this run did.
                 let mut json = serde_json::to_value(&entry)?;
@@ -339,9 +343,18 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Checkout { rev, output, force } => {
+        Command::Checkout {
+            rev,
+            output,
+            force,
+            no_sync,
+        } => {
             let bar = Bar::new(cli.quiet);
-            let outcome = repo::checkout(&cli.repo, rev, output, *force, &bar)?;
+            let options = repo::CheckoutOptions {
+                force: *force,
+                no_sync: *no_sync,
+            };
+            let outcome = repo::checkout(&cli.repo, rev, output, options, &bar)?;
             if cli.json {
                 print_json(&serde_json::json!({
                     "id": outcome.id.to_hex(),

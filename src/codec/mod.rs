@@ -10,9 +10,10 @@
 //! | 1     | codec id ([`Codec`]) |
 //! | 2     | element size used for byte-plane splitting (1, 2, 4 or 8) |
 //! | 3..11 | raw (decoded) length, u64 little-endian |
-//! | 11..  | codec payload (a zstd frame for every codec so far) |
+//! | 11..  | codec payload: a zstd frame, byte planes ([`planes`]) or a quantized stream ([`quant`]) |
 
 pub mod float;
+pub mod planes;
 pub mod policy;
 pub mod quant;
 pub mod rans;
@@ -41,20 +42,28 @@ const ZSTD_LEVEL: i32 = 3;
 pub enum Codec {
     /// Opaque bytes, plain zstd.
     Zstd = 1,
-    /// Byte-plane split, then zstd. Decodes on its own.
-    Keyframe = 2,
-    /// XOR against the same chunk of the parent commit, byte-plane split, zstd.
-    XorDelta = 3,
+    /// Byte-plane split, then zstd. Decodes on its own. Written by builds
+    /// before [`Codec::Keyframe`]; still read.
+    KeyframeZstd = 2,
+    /// XOR against the same chunk of the parent commit, byte-plane split,
+    /// zstd. Written by builds before [`Codec::XorDelta`]; still read.
+    XorDeltaZstd = 3,
     /// Lossy: quantized values, rANS-coded (see [`quant`]). Decodes on its own.
     Quant = 4,
     /// Lossy: quantized residuals or ratios against the base chunk.
     QuantDelta = 5,
+    /// Byte planes, each raw or rANS-coded ([`planes`]). Decodes on its own.
+    Keyframe = 6,
+    /// XOR against the same chunk of the parent commit, as byte planes.
+    XorDelta = 7,
 }
 
 impl Codec {
     pub fn name(self) -> &'static str {
         match self {
             Codec::Zstd => "zstd",
+            Codec::KeyframeZstd => "keyframe-zstd",
+            Codec::XorDeltaZstd => "xor-delta-zstd",
             Codec::Keyframe => "keyframe",
             Codec::XorDelta => "xor-delta",
             Codec::Quant => "quant",
@@ -64,7 +73,10 @@ impl Codec {
 
     /// Whether decoding needs the parent's version of the chunk.
     pub fn needs_base(self) -> bool {
-        matches!(self, Codec::XorDelta | Codec::QuantDelta)
+        matches!(
+            self,
+            Codec::XorDeltaZstd | Codec::XorDelta | Codec::QuantDelta
+        )
     }
 
     /// Whether decoding gives back exactly the bytes that were encoded.
@@ -75,10 +87,12 @@ impl Codec {
     fn from_id(id: u8) -> Option<Codec> {
         [
             Codec::Zstd,
-            Codec::Keyframe,
-            Codec::XorDelta,
+            Codec::KeyframeZstd,
+            Codec::XorDeltaZstd,
             Codec::Quant,
             Codec::QuantDelta,
+            Codec::Keyframe,
+            Codec::XorDelta,
         ]
         .into_iter()
         .find(|c| *c as u8 == id)
@@ -126,6 +140,8 @@ pub enum CodecError {
     Length { got: usize, want: usize },
     #[error(transparent)]
     Quant(#[from] quant::QuantError),
+    #[error(transparent)]
+    Planes(#[from] planes::PlanesError),
 }
 
 /// The parsed fixed header of a blob.
@@ -195,16 +211,33 @@ pub fn encode_zstd(raw: &[u8]) -> Vec<u8> {
     seal(Codec::Zstd, 1, raw.len(), raw)
 }
 
-/// A chunk on its own: byte-plane split so that sign/exponent bytes sit
-/// together, then zstd.
+/// A blob of `codec` around a planes payload.
+fn seal_planes(
+    codec: Codec,
+    elem_size: usize,
+    raw_len: usize,
+    planes: planes::Analysis,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + planes.estimated_len() + 1024);
+    BlobHeader {
+        codec,
+        elem_size,
+        raw_len: raw_len as u64,
+    }
+    .write(&mut out);
+    planes.write(&mut out);
+    out
+}
+
+/// A chunk on its own, as byte planes (sign and exponent bytes together).
 pub fn encode_keyframe(raw: &[u8], elem_size: usize) -> Vec<u8> {
     let elem_size = normalized_elem_size(elem_size);
-    seal(
-        Codec::Keyframe,
-        elem_size,
-        raw.len(),
-        &shuffle::split(raw, elem_size),
-    )
+    let planes = planes::Analysis::of(raw, elem_size);
+    seal_planes(Codec::Keyframe, elem_size, raw.len(), planes)
+}
+
+fn xor(raw: &[u8], base: &[u8]) -> Vec<u8> {
+    raw.iter().zip(base).map(|(a, b)| a ^ b).collect()
 }
 
 /// A chunk against the parent's chunk of the same length: the XOR of the bit
@@ -212,31 +245,32 @@ pub fn encode_keyframe(raw: &[u8], elem_size: usize) -> Vec<u8> {
 pub fn encode_xor_delta(raw: &[u8], base: &[u8], elem_size: usize) -> Vec<u8> {
     assert_eq!(raw.len(), base.len(), "xor-delta needs equal lengths");
     let elem_size = normalized_elem_size(elem_size);
-    let xored: Vec<u8> = raw.iter().zip(base).map(|(a, b)| a ^ b).collect();
-    seal(
-        Codec::XorDelta,
-        elem_size,
-        raw.len(),
-        &shuffle::split(&xored, elem_size),
-    )
+    let xored = xor(raw, base);
+    let planes = planes::Analysis::of(&xored, elem_size);
+    seal_planes(Codec::XorDelta, elem_size, raw.len(), planes)
 }
 
 /// A chunk coded losslessly the cheaper way: standalone (keyframe), or as
-/// an xor-delta when `base` is given and that is smaller. Returns the blob
-/// and whether it is coded against `base`.
+/// an xor-delta when `base` is given and that is smaller. Both forms are
+/// analysed (their sizes estimated from plane entropies) and only the
+/// smaller is coded. Returns the blob and whether it is coded against `base`.
 pub fn encode_lossless(raw: &[u8], base: Option<&[u8]>, elem_size: usize) -> (Vec<u8>, bool) {
-    let keyframe = encode_keyframe(raw, elem_size);
-    match base.filter(|b| b.len() == raw.len()) {
-        Some(base) => {
-            let delta = encode_xor_delta(raw, base, elem_size);
-            if delta.len() < keyframe.len() {
-                (delta, true)
-            } else {
-                (keyframe, false)
-            }
+    let elem_size = normalized_elem_size(elem_size);
+    let keyframe = planes::Analysis::of(raw, elem_size);
+    if let Some(base) = base.filter(|b| b.len() == raw.len()) {
+        let xored = xor(raw, base);
+        let delta = planes::Analysis::of(&xored, elem_size);
+        if delta.estimated_len() < keyframe.estimated_len() {
+            return (
+                seal_planes(Codec::XorDelta, elem_size, raw.len(), delta),
+                true,
+            );
         }
-        None => (keyframe, false),
     }
+    (
+        seal_planes(Codec::Keyframe, elem_size, raw.len(), keyframe),
+        false,
+    )
 }
 
 /// A lossy chunk: the quantized stream, decoded by [`decode`] to the stored
@@ -307,6 +341,21 @@ pub fn decode(blob: &[u8], base: Option<&[u8]>) -> Result<Vec<u8>, CodecError> {
         return decode_quant(&header, &blob[HEADER_LEN..], base);
     }
     let raw_len = header.raw_len as usize;
+    match (header.codec, base) {
+        (Codec::Keyframe, _) => {
+            return Ok(planes::decode(
+                &blob[HEADER_LEN..],
+                raw_len,
+                header.elem_size,
+            )?);
+        }
+        (Codec::XorDelta, Some(base)) => {
+            let mut out = planes::decode(&blob[HEADER_LEN..], raw_len, header.elem_size)?;
+            out.iter_mut().zip(base).for_each(|(o, b)| *o ^= b);
+            return Ok(out);
+        }
+        _ => {}
+    }
     let payload = zstd::bulk::decompress(&blob[HEADER_LEN..], raw_len)
         .map_err(|e| CodecError::Payload(e.to_string()))?;
     if payload.len() != raw_len {
@@ -317,14 +366,15 @@ pub fn decode(blob: &[u8], base: Option<&[u8]>) -> Result<Vec<u8>, CodecError> {
     }
     match (header.codec, base) {
         (Codec::Zstd, _) => Ok(payload),
-        (Codec::Keyframe, _) => Ok(shuffle::join(&payload, header.elem_size)),
-        (Codec::XorDelta, Some(base)) => {
+        (Codec::KeyframeZstd, _) => Ok(shuffle::join(&payload, header.elem_size)),
+        (Codec::XorDeltaZstd, Some(base)) => {
             let mut out = shuffle::join(&payload, header.elem_size);
             out.iter_mut().zip(base).for_each(|(o, b)| *o ^= b);
             Ok(out)
         }
-        (Codec::XorDelta, None) | (Codec::Quant | Codec::QuantDelta, _) => {
-            unreachable!("checked_base and the lossy branch above")
+        (Codec::XorDeltaZstd | Codec::XorDelta, None)
+        | (Codec::Quant | Codec::QuantDelta | Codec::Keyframe | Codec::XorDelta, _) => {
+            unreachable!("checked_base and the branches above")
         }
     }
 }
@@ -333,6 +383,34 @@ pub fn decode(blob: &[u8], base: Option<&[u8]>) -> Result<Vec<u8>, CodecError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The zstd codecs as earlier builds wrote them: stores hold such blobs.
+    fn legacy_blob(codec: Codec, data: &[u8], elem_size: usize) -> Vec<u8> {
+        seal(
+            codec,
+            elem_size,
+            data.len(),
+            &shuffle::split(data, elem_size),
+        )
+    }
+
+    #[test]
+    fn legacy_zstd_blobs_still_decode() {
+        let raw: Vec<u8> = (0..4000u32)
+            .flat_map(|i| (i as f32 * 0.01).to_le_bytes())
+            .collect();
+        let base: Vec<u8> = (0..4000u32)
+            .flat_map(|i| (i as f32 * 0.0101).to_le_bytes())
+            .collect();
+        let keyframe = legacy_blob(Codec::KeyframeZstd, &raw, 4);
+        assert_eq!(decode(&keyframe, None).unwrap(), raw);
+        let delta = legacy_blob(Codec::XorDeltaZstd, &xor(&raw, &base), 4);
+        assert_eq!(decode(&delta, Some(&base)).unwrap(), raw);
+        assert_eq!(
+            decode(&delta, None),
+            Err(CodecError::MissingBase(Codec::XorDeltaZstd))
+        );
+    }
 
     /// Every dtype safetensors defines, with the element size the commit
     /// path gives the codec (bits / 8, or 1 for sub-byte dtypes).
@@ -462,7 +540,7 @@ mod tests {
         let mut blob = encode_keyframe(&[7; 100], 4);
         let n = blob.len();
         blob.truncate(n - 3);
-        assert!(matches!(decode(&blob, None), Err(CodecError::Payload(_))));
+        assert!(matches!(decode(&blob, None), Err(CodecError::Planes(_))));
     }
 
     /// Found while writing the fuzz targets: a quant blob whose payload

@@ -36,15 +36,14 @@ pub enum RansError {
     Count { found: usize, expected: usize },
 }
 
-/// Frequencies scaled to sum to `TOTAL`, every present symbol at least 1.
-fn normalized_frequencies(symbols: &[u8]) -> [u32; 256] {
-    let counts = histogram(symbols);
-    let total = symbols.len() as u64;
+/// Frequencies scaled to sum to `TOTAL`, every present symbol at least 1,
+/// from the symbol counts of a stream of `total` symbols.
+fn normalized_frequencies(counts: &[u64; 256], total: u64) -> [u32; 256] {
     let mut freqs = [0u32; 256];
     if total == 0 {
         return freqs;
     }
-    for (f, &c) in freqs.iter_mut().zip(&counts) {
+    for (f, &c) in freqs.iter_mut().zip(counts) {
         if c > 0 {
             *f = ((c * TOTAL as u64 / total) as u32).max(1);
         }
@@ -73,7 +72,7 @@ fn normalized_frequencies(symbols: &[u8]) -> [u32; 256] {
 /// Symbol counts. Four tables, summed at the end: the streams are dominated
 /// by one symbol, and with one table every increment would wait for the
 /// previous one to the same counter.
-fn histogram(symbols: &[u8]) -> [u64; 256] {
+pub fn histogram(symbols: &[u8]) -> [u64; 256] {
     let mut tables = [[0u32; 256]; 4];
     let quads = symbols.chunks_exact(4);
     let tail = quads.remainder();
@@ -150,7 +149,13 @@ const TWO_STATES: u16 = 1 << 15;
 
 /// Encodes `symbols`, appending to `out` (two interleaved states).
 pub fn encode(symbols: &[u8], out: &mut Vec<u8>) {
-    let freqs = normalized_frequencies(symbols);
+    encode_counted(symbols, &histogram(symbols), out);
+}
+
+/// [`encode`] for a caller that already has the [`histogram`] of `symbols`.
+pub fn encode_counted(symbols: &[u8], counts: &[u64; 256], out: &mut Vec<u8>) {
+    debug_assert_eq!(counts.iter().sum::<u64>(), symbols.len() as u64);
+    let freqs = normalized_frequencies(counts, symbols.len() as u64);
     let cum = cumulative(&freqs);
     out.extend_from_slice(&(symbols.len() as u32).to_le_bytes());
     let present: Vec<usize> = (0..256).filter(|&s| freqs[s] > 0).collect();
@@ -237,11 +242,19 @@ pub fn decode(bytes: &[u8], expected: usize) -> Result<(Vec<u8>, usize), RansErr
     }
 }
 
-/// The decoding tables of a frequency table.
+/// The decoding table of a frequency table: for each of the 4096 slots,
+/// its symbol and the two constants of the state update, packed so that a
+/// symbol costs one table load.
 struct Model {
-    freqs: [u32; 256],
-    cum: [u32; 257],
-    slot_symbol: Vec<u8>,
+    slots: Vec<Slot>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    symbol: u8,
+    freq: u16,
+    /// `slot − cum[symbol]`: the state update is `freq · (x >> 12) + offset`.
+    offset: u16,
 }
 
 impl Model {
@@ -251,18 +264,20 @@ impl Model {
         if n > 0 && cum[256] != TOTAL {
             return Err(RansError::BadTable);
         }
-        let mut slot_symbol = Vec::new();
+        let mut slots = Vec::new();
         if n > 0 {
-            slot_symbol.resize(TOTAL as usize, 0);
+            slots.resize(TOTAL as usize, Slot::default());
             for s in 0..256 {
-                slot_symbol[cum[s] as usize..cum[s + 1] as usize].fill(s as u8);
+                for slot in cum[s]..cum[s + 1] {
+                    slots[slot as usize] = Slot {
+                        symbol: s as u8,
+                        freq: freqs[s] as u16,
+                        offset: (slot - cum[s]) as u16,
+                    };
+                }
             }
         }
-        Ok(Model {
-            freqs: *freqs,
-            cum,
-            slot_symbol,
-        })
+        Ok(Model { slots })
     }
 }
 
@@ -288,15 +303,35 @@ impl Decoder<'_> {
     }
 
     fn symbol(&mut self, model: &Model, state: &mut u32) -> Result<u8, RansError> {
-        let slot = *state & (TOTAL - 1);
-        let s = model.slot_symbol[slot as usize];
-        *state = model.freqs[s as usize] * (*state >> SCALE_BITS) + slot - model.cum[s as usize];
-        while *state < LOW {
+        let slot = model.slots[(*state & (TOTAL - 1)) as usize];
+        let x = u32::from(slot.freq) * (*state >> SCALE_BITS) + u32::from(slot.offset);
+        // x ≥ 2^11 (freq ≥ 1, state ≥ 2^23), so 0, 1 or 2 bytes come in.
+        // Without a loop or a branch on x, which is random: read two
+        // bytes and keep as many as needed (the decoding twin of `put`).
+        let needed = u32::from(x < LOW) + u32::from(x < LOW >> 8);
+        *state = match self.bytes.get(self.pos..self.pos + 2) {
+            Some(two) => {
+                let two = u32::from(u16::from_be_bytes([two[0], two[1]]));
+                (x << (8 * needed)) | (two >> (16 - 8 * needed))
+            }
+            None => self.renormalize_at_end(x)?,
+        };
+        self.pos += needed as usize;
+        Ok(slot.symbol)
+    }
+
+    /// Renormalization within the last two bytes of the stream, byte by
+    /// byte; advances `pos` by less than the caller adds back.
+    fn renormalize_at_end(&mut self, mut x: u32) -> Result<u32, RansError> {
+        let start = self.pos;
+        while x < LOW {
             let byte = *self.bytes.get(self.pos).ok_or(RansError::Truncated)?;
-            *state = (*state << 8) | byte as u32;
+            x = (x << 8) | u32::from(byte);
             self.pos += 1;
         }
-        Ok(s)
+        // `symbol` adds the count of bytes taken; undo the byte-wise advance.
+        self.pos = start;
+        Ok(x)
     }
 
     /// `n` symbols through `L` interleaved states (symbol `i` in state
@@ -332,11 +367,12 @@ impl Decoder<'_> {
 
 /// Empirical order-0 entropy of `symbols`, in bits per symbol.
 pub fn entropy_bits(symbols: &[u8]) -> f64 {
-    let mut counts = [0u64; 256];
-    for &s in symbols {
-        counts[s as usize] += 1;
-    }
-    let n = symbols.len() as f64;
+    entropy_bits_of(&histogram(symbols))
+}
+
+/// Order-0 entropy, in bits per symbol, of a stream with these counts.
+pub fn entropy_bits_of(counts: &[u64; 256]) -> f64 {
+    let n = counts.iter().sum::<u64>() as f64;
     counts
         .iter()
         .filter(|&&c| c > 0)
@@ -369,7 +405,7 @@ mod tests {
     /// The one-state encoder of earlier builds (their streams are in
     /// existing stores): kept here to prove they still decode.
     fn encode_one_state(symbols: &[u8], out: &mut Vec<u8>) {
-        let freqs = normalized_frequencies(symbols);
+        let freqs = normalized_frequencies(&histogram(symbols), symbols.len() as u64);
         let cum = cumulative(&freqs);
         out.extend_from_slice(&(symbols.len() as u32).to_le_bytes());
         let present: Vec<usize> = (0..256).filter(|&s| freqs[s] > 0).collect();

@@ -99,7 +99,7 @@ pub fn graph(store: &Store) -> anyhow::Result<Vec<GraphLine>> {
             .collect();
         lines.push(GraphLine {
             graph: glyphs.join(" "),
-            commit: Some(LogEntry::new(&id, &record)),
+            commit: Some(LogEntry::new(&id, &(&record).into())),
             refs: labels.remove(&id).unwrap_or_default(),
         });
         // Lanes of other children of this commit end here: join them.

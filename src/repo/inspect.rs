@@ -4,7 +4,9 @@
 use serde::Serialize;
 
 use super::rev::resolve;
-use crate::store::{CommitRecord, FileContent, ObjectId, Store};
+use anyhow::Context;
+
+use crate::store::{CommitSummary, FileContent, ObjectId, Store};
 
 /// One line of `log`.
 #[derive(Debug, Clone, Serialize)]
@@ -30,7 +32,7 @@ pub struct LogEntry {
 }
 
 impl LogEntry {
-    pub fn new(id: &ObjectId, record: &CommitRecord) -> LogEntry {
+    pub fn new(id: &ObjectId, record: &CommitSummary) -> LogEntry {
         LogEntry {
             id: id.to_hex(),
             step: record.step,
@@ -67,7 +69,7 @@ pub fn log(store: &Store, branch: Option<&str>, all: bool) -> anyhow::Result<Vec
     if all {
         return Ok(super::graph::reachable_commits(store)?
             .iter()
-            .map(|(id, record)| LogEntry::new(id, record))
+            .map(|(id, record)| LogEntry::new(id, &CommitSummary::from(record)))
             .collect());
     }
     let branch = match branch {
@@ -79,8 +81,15 @@ pub fn log(store: &Store, branch: Option<&str>, all: bool) -> anyhow::Result<Vec
         None if store.branches()?.is_empty() => return Ok(entries),
         None => anyhow::bail!("no branch named `{branch}`"),
     };
-    for (id, record) in super::history::ancestry(store, tip)? {
-        entries.push(LogEntry::new(&id, &record));
+    // Summaries only: a record's file list can be tens of kilobytes, and
+    // a long run has thousands of commits.
+    let mut next = Some(tip);
+    while let Some(id) = next {
+        let summary = store
+            .get_commit_summary(&id)?
+            .with_context(|| format!("commit {id} is missing from the store"))?;
+        next = summary.first_parent();
+        entries.push(LogEntry::new(&id, &summary));
     }
     Ok(entries)
 }
@@ -144,7 +153,7 @@ pub fn show(store: &Store, rev: &str) -> anyhow::Result<ShowReport> {
         }
     }
     Ok(ShowReport {
-        commit: LogEntry::new(&id, &record),
+        commit: LogEntry::new(&id, &CommitSummary::from(&record)),
         entries,
     })
 }

@@ -18,7 +18,7 @@ pub mod tipcache;
 
 use std::path::Path;
 
-pub use checkout::{CheckoutOutcome, checkout};
+pub use checkout::{CheckoutOptions, CheckoutOutcome, checkout};
 pub use commit::{CommitOptions, commit};
 pub use inspect::{LogEntry, Stats, TensorReport, log, show, stats};
 pub use progress::{NoProgress, Progress};

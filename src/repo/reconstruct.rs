@@ -120,14 +120,24 @@ impl<'s> Reconstructor<'s> {
         }
     }
 
-    /// The decoded bytes of one chunk of commit `id`.
+    /// The decoded bytes of one chunk of commit `id`, checked against the
+    /// raw hash its commit recorded.
     pub fn chunk(&self, id: &ObjectId, addr: ChunkAddr<'_>) -> anyhow::Result<Vec<u8>> {
         let record = self.record(id)?;
         let chunk = self.require(id, &record, addr)?;
         if let Some(bytes) = self.cached::<u8>(id, &record, addr, chunk) {
             return Ok(bytes);
         }
-        self.decode(id, addr, chunk)
+        // The links of a delta chain are not checked one by one: the hash
+        // of the result covers them (any wrong link changes it), and
+        // hashing every intermediate chunk cost more than decoding it.
+        let raw = self.decode_chain(id, addr, chunk)?;
+        if ObjectId::of(&raw) == chunk.raw_hash {
+            return Ok(raw);
+        }
+        // Something in the chain is damaged: decode again checking every
+        // blob and link, so that the error names the damaged one.
+        self.decode_checked(id, addr, chunk)
     }
 
     /// The decoded values of one chunk of a float tensor stored as `float`,
@@ -184,19 +194,40 @@ impl<'s> Reconstructor<'s> {
         Some(values)
     }
 
-    fn decode(
+    /// Decodes `chunk` through its chain of bases (from a cache where one
+    /// has them) without checking any hash.
+    fn decode_chain(
         &self,
         id: &ObjectId,
         addr: ChunkAddr<'_>,
         chunk: &ChunkRef,
     ) -> anyhow::Result<Vec<u8>> {
-        let context = || {
-            format!(
-                "{addr} (blob {}) in commit {}",
-                chunk.blob.short(),
-                id.short()
-            )
+        let context = || context(id, addr, chunk);
+        self.decoded.fetch_add(1, Ordering::Relaxed);
+        let blob = self.store.get_blob(&chunk.blob).with_context(context)?;
+        let base = match chunk.base.filter(|_| chunk.codec.needs_base()) {
+            Some(base) => {
+                let record = self.record(&base)?;
+                let base_chunk = self.require(&base, &record, addr)?;
+                match self.cached::<u8>(&base, &record, addr, base_chunk) {
+                    Some(bytes) => Some(bytes),
+                    None => Some(self.decode_chain(&base, addr, base_chunk)?),
+                }
+            }
+            None => None,
         };
+        codec::decode(&blob, base.as_deref()).with_context(context)
+    }
+
+    /// Decodes `chunk` checking its blob's hash and every base, and the
+    /// result against its raw hash.
+    fn decode_checked(
+        &self,
+        id: &ObjectId,
+        addr: ChunkAddr<'_>,
+        chunk: &ChunkRef,
+    ) -> anyhow::Result<Vec<u8>> {
+        let context = || context(id, addr, chunk);
         self.decoded.fetch_add(1, Ordering::Relaxed);
         let blob = self.store.get_blob(&chunk.blob).with_context(context)?;
         if ObjectId::of(&blob) != chunk.blob {
@@ -219,6 +250,14 @@ impl<'s> Reconstructor<'s> {
         }
         Ok(raw)
     }
+}
+
+fn context(id: &ObjectId, addr: ChunkAddr<'_>, chunk: &ChunkRef) -> String {
+    format!(
+        "{addr} (blob {}) in commit {}",
+        chunk.blob.short(),
+        id.short()
+    )
 }
 
 pub fn find_chunk<'r>(record: &'r CommitRecord, addr: ChunkAddr<'_>) -> Option<&'r ChunkRef> {

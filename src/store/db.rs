@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::StoreError;
 use super::lock::{ViewLock, WriterLock};
-use super::object::{CommitRecord, ObjectId};
+use super::object::{CommitRecord, CommitSummary, ObjectId};
 use crate::codec::policy::Policy;
 
 /// First line of `<repo>/FORMAT`.
@@ -367,6 +367,23 @@ impl Store {
             });
         }
         CommitRecord::from_bytes(&bytes)
+            .map(Some)
+            .map_err(|detail| StoreError::Corrupt {
+                what: format!("commit {id}"),
+                detail,
+            })
+    }
+
+    /// A commit's summary (everything but its file list), for `log`. Unlike
+    /// [`Store::get_commit`] it does not re-hash the record against its id:
+    /// RocksDB checksums every block it reads, so damage is still reported,
+    /// and the id check (which needs the whole, possibly large, record) is
+    /// left to the operations that use the content and to `fsck`.
+    pub fn get_commit_summary(&self, id: &ObjectId) -> Result<Option<CommitSummary>, StoreError> {
+        let Some(bytes) = self.db.get_pinned_cf(self.cf(CF_COMMITS), id.0)? else {
+            return Ok(None);
+        };
+        CommitSummary::from_record_bytes(&bytes)
             .map(Some)
             .map_err(|detail| StoreError::Corrupt {
                 what: format!("commit {id}"),

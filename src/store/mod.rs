@@ -17,7 +17,9 @@ pub mod object;
 pub mod refs;
 
 pub use db::{Store, StoreConfig};
-pub use object::{ChunkRef, CommitRecord, FileContent, FileEntry, ObjectId, TensorEntry};
+pub use object::{
+    ChunkRef, CommitRecord, CommitSummary, FileContent, FileEntry, ObjectId, TensorEntry,
+};
 pub use refs::RefEdit;
 
 use std::path::PathBuf;

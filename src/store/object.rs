@@ -23,7 +23,14 @@ impl ObjectId {
     }
 
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        // `log` prints thousands of ids: a table lookup, not `format!` per byte.
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = String::with_capacity(64);
+        for &b in &self.0 {
+            hex.push(DIGITS[usize::from(b >> 4)] as char);
+            hex.push(DIGITS[usize::from(b & 15)] as char);
+        }
+        hex
     }
 
     /// The first 12 hex digits, as `log` prints them.
@@ -189,14 +196,7 @@ impl CommitRecord {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<CommitRecord, String> {
-        // The version is the first field: read it alone first so that a newer
-        // layout gets a clear message rather than a confusing decode error.
-        let (version, _) = postcard::take_from_bytes::<u32>(bytes).map_err(|e| e.to_string())?;
-        if version != COMMIT_VERSION {
-            return Err(format!(
-                "commit record version {version} is not supported (this build reads {COMMIT_VERSION})"
-            ));
-        }
+        check_version(bytes)?;
         postcard::from_bytes(bytes).map_err(|e| e.to_string())
     }
 
@@ -222,6 +222,72 @@ impl CommitRecord {
             .iter()
             .find(|t| t.name == tensor)
     }
+}
+
+/// The leading fields of a [`CommitRecord`], everything but the file list:
+/// what `log` prints. Postcard writes a struct as its fields in order with
+/// no framing, so a summary decodes from the front of a record's bytes and
+/// the (large) file list is never parsed. Keep the fields identical to
+/// `CommitRecord`'s, in the same order; a test checks it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommitSummary {
+    pub version: u32,
+    pub parents: Vec<ObjectId>,
+    pub branch: String,
+    pub step: u64,
+    pub time_ms: u64,
+    pub message: String,
+    pub keyframe: bool,
+    pub chain_depth: u32,
+    pub policy: Policy,
+    pub input_bytes: u64,
+    pub stored_bytes: u64,
+    pub errors: ErrorTotals,
+}
+
+impl CommitSummary {
+    pub fn from_record_bytes(bytes: &[u8]) -> Result<CommitSummary, String> {
+        check_version(bytes)?;
+        postcard::take_from_bytes(bytes)
+            .map(|(summary, _files)| summary)
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn first_parent(&self) -> Option<ObjectId> {
+        self.parents.first().copied()
+    }
+}
+
+impl From<&CommitRecord> for CommitSummary {
+    fn from(r: &CommitRecord) -> CommitSummary {
+        CommitSummary {
+            version: r.version,
+            parents: r.parents.clone(),
+            branch: r.branch.clone(),
+            step: r.step,
+            time_ms: r.time_ms,
+            message: r.message.clone(),
+            keyframe: r.keyframe,
+            chain_depth: r.chain_depth,
+            policy: r.policy.clone(),
+            input_bytes: r.input_bytes,
+            stored_bytes: r.stored_bytes,
+            errors: r.errors,
+        }
+    }
+}
+
+/// The version is the first field of every commit record: read it alone
+/// first so that a newer layout gets a clear message rather than a confusing
+/// decode error.
+fn check_version(bytes: &[u8]) -> Result<(), String> {
+    let (version, _) = postcard::take_from_bytes::<u32>(bytes).map_err(|e| e.to_string())?;
+    if version != COMMIT_VERSION {
+        return Err(format!(
+            "commit record version {version} is not supported (this build reads {COMMIT_VERSION})"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -265,6 +331,23 @@ mod tests {
         let bytes = record.to_bytes();
         assert_eq!(CommitRecord::from_bytes(&bytes).unwrap(), record);
         assert_eq!(record.id(), ObjectId::of(&bytes));
+    }
+
+    #[test]
+    fn summary_is_a_prefix_of_the_record() {
+        let mut record = sample();
+        record.policy = Policy::preset("balanced").unwrap();
+        record.errors = ErrorTotals {
+            w: 1e-3,
+            m: 2e-3,
+            v: 3e-3,
+        };
+        record.message = "a message".into();
+        let summary = CommitSummary::from_record_bytes(&record.to_bytes()).unwrap();
+        assert_eq!(summary, CommitSummary::from(&record));
+        // The summary alone serializes to exactly the record's leading bytes.
+        let prefix = postcard::to_stdvec(&summary).unwrap();
+        assert!(record.to_bytes().starts_with(&prefix));
     }
 
     #[test]

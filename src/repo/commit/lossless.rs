@@ -1,8 +1,6 @@
 //! Lossless coding of one chunk: keyframe, xor-delta, or a verbatim reuse of
 //! the parent's reference when the chunk did not change.
 
-use anyhow::Context;
-
 use super::Encoded;
 use super::Session;
 use super::plan::{OPAQUE, TensorSlot};
@@ -36,10 +34,7 @@ pub fn encode_tensor(
     let encoded = encode_read_chunk(session, slot, index, &raw)?;
     // Only after the parent's chunk was read: the cache may be the parent's
     // file, overwritten in place (tipcache::CacheWriter::reuse).
-    session
-        .cache
-        .write_at(slot.cache_offset(index), &raw)
-        .context("cannot write the reconstruction cache")?;
+    session.cache_chunk(slot.cache_offset(index), &raw)?;
     Ok(encoded)
 }
 

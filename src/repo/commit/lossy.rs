@@ -140,10 +140,7 @@ pub fn encode_chunk(
         let recon = codec::quant::reconstruct(q, base_values)
             .context("quantizer produced an invalid stream")?;
         let raw = q.float.bytes_of(&recon);
-        session
-            .cache
-            .write_at(slot.cache_offset(index), &raw)
-            .context("cannot write the reconstruction cache")?;
+        session.cache_chunk(slot.cache_offset(index), &raw)?;
         let base = q.domain.needs_base().then_some(session.parent).flatten();
         let mut encoded = session.finish_chunk(
             (slot.file_index, slot.tensor_index, index),

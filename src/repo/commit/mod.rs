@@ -83,7 +83,8 @@ pub(crate) struct Session<'s> {
     store: &'s Store,
     reconstructor: Reconstructor<'s>,
     parent: Option<ObjectId>,
-    cache: CacheWriter,
+    /// `None` for a keyframe commit (see [`commit`]).
+    cache: Option<CacheWriter>,
     allow_delta: bool,
 }
 
@@ -97,6 +98,18 @@ pub(crate) struct Encoded {
 }
 
 impl Session<'_> {
+    /// Writes a chunk's reconstruction into this commit's cache, if it has
+    /// one. Call only after the parent's chunk was read: the cache may be the
+    /// parent's file, overwritten in place ([`CacheWriter::reuse`]).
+    fn cache_chunk(&self, offset: u64, reconstruction: &[u8]) -> anyhow::Result<()> {
+        match &self.cache {
+            Some(cache) => cache
+                .write_at(offset, reconstruction)
+                .context("cannot write the reconstruction cache"),
+            None => Ok(()),
+        }
+    }
+
     /// Stores `blob` if new and describes the chunk whose decoded bytes are
     /// `raw` (for lossy chunks: the reconstruction).
     fn finish_chunk(
@@ -156,7 +169,16 @@ pub fn commit(
         parent_record,
         !keyframe && !policy.is_lossless(),
     );
-    let cache = cache_writer(&store, &target, &plan.layout)?;
+    // A keyframe writes no cache: its chunks decode on their own, about as
+    // fast as the cache is read (byte planes, one of four entropy-coded), so
+    // a cache would save the next commit little and cost this one a second
+    // copy of the checkpoint on disk (docs/benchmarks.md). Residual commits
+    // keep one, since decoding them means replaying the chain.
+    let cache = if keyframe {
+        None
+    } else {
+        Some(cache_writer(&store, &target, &plan.layout)?)
+    };
     let session = Session {
         store: &store,
         reconstructor: Reconstructor::new(&store),
@@ -168,7 +190,9 @@ pub fn commit(
     let encoded = match encode_all(&session, &plan, &policy, progress) {
         Ok(encoded) => encoded,
         Err(e) => {
-            session.cache.abandon();
+            if let Some(cache) = session.cache {
+                cache.abandon();
+            }
             return Err(e);
         }
     };
@@ -203,7 +227,7 @@ pub fn commit(
     drop(view);
 
     // The commit is durable; the cache is a best-effort accelerator.
-    if session.cache.finish(&id).is_ok() {
+    if session.cache.is_none_or(|cache| cache.finish(&id).is_ok()) {
         tipcache::prune_to_branch_tips(&store);
     }
     let (bases_from_cache, bases_decoded) = session.reconstructor.sources();

@@ -1,0 +1,260 @@
+//! The lossless payload of keyframes and xor-deltas: byte planes, each
+//! stored raw or rANS-coded, whichever is smaller by the plane's entropy.
+//!
+//! In trained fp32 tensors the two low mantissa bytes are close to random (8
+//! bits of entropy per byte), the third byte nearly so, and only the byte with
+//! the sign and exponent is compressible (about 3–4 bits). zstd spends most
+//! of its time searching the random planes for matches that are not there;
+//! an order-0 coder on the one plane that has redundancy gets as close to its
+//! entropy as zstd's Huffman stage (closer: it is not limited to whole bits),
+//! and copying the others costs a memcpy. On the benchmark series this is
+//! both faster than `zstd -3` and smaller (docs/benchmarks.md).
+//!
+//! Payload layout, for `elem_size` planes of `n = raw_len / elem_size` bytes:
+//! per plane a mode byte (0 = raw: `n` bytes follow; 1 = rANS: a
+//! [`super::rans`] stream of `n` symbols follows), then the `raw_len mod
+//! elem_size` trailing bytes as they are (never produced by valid tensors).
+
+use super::rans;
+
+const RAW: u8 = 0;
+const RANS: u8 = 1;
+
+/// A plane is entropy-coded only when that saves at least this fraction:
+/// a nearly random plane would cost coding and decoding time for nothing.
+const MIN_SAVING: f64 = 0.02;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanesError {
+    #[error("plane payload is truncated")]
+    Truncated,
+    #[error("unknown plane mode {0}")]
+    Mode(u8),
+    #[error("plane {plane}: {source}")]
+    Rans {
+        plane: usize,
+        source: rans::RansError,
+    },
+    #[error("plane payload has {0} bytes after its end")]
+    Trailing(usize),
+}
+
+/// Byte planes of `data`: plane `p` holds byte `p` of every element.
+fn split(data: &[u8], elem_size: usize) -> Vec<Vec<u8>> {
+    let n = data.len() / elem_size;
+    let mut planes: Vec<Vec<u8>> = vec![vec![0u8; n]; elem_size];
+    if let [p0, p1, p2, p3] = planes.as_mut_slice() {
+        // The common case (fp32) unrolled, without bounds checks.
+        let elements = data.chunks_exact(4);
+        let outputs = p0.iter_mut().zip(p1.iter_mut()).zip(p2.iter_mut().zip(p3));
+        for (e, ((b0, b1), (b2, b3))) in elements.zip(outputs) {
+            (*b0, *b1, *b2, *b3) = (e[0], e[1], e[2], e[3]);
+        }
+    } else {
+        for (i, e) in data.chunks_exact(elem_size).enumerate() {
+            for (plane, &byte) in planes.iter_mut().zip(e) {
+                plane[i] = byte;
+            }
+        }
+    }
+    planes
+}
+
+/// `data` cut into planes, with each plane's coding decided: what an
+/// encoder needs, and what it will cost, before any coding is done. Commit
+/// analyses a chunk both as it is and xor'ed with its parent, and codes only
+/// the smaller.
+pub struct Analysis<'a> {
+    /// Each plane, and its symbol counts and estimated coded size when it
+    /// is worth coding.
+    planes: Vec<(Vec<u8>, Option<Coded>)>,
+    tail: &'a [u8],
+}
+
+struct Coded {
+    counts: [u64; 256],
+    bytes: usize,
+}
+
+impl<'a> Analysis<'a> {
+    pub fn of(data: &'a [u8], elem_size: usize) -> Analysis<'a> {
+        let elem_size = elem_size.max(1);
+        let planes = split(data, elem_size)
+            .into_iter()
+            .map(|plane| {
+                let counts = rans::histogram(&plane);
+                // Bytes an order-0 coder would need: the plane's entropy.
+                let bytes = rans::entropy_bits_of(&counts) * plane.len() as f64 / 8.0;
+                let worth = bytes < plane.len() as f64 * (1.0 - MIN_SAVING);
+                let coded = worth.then_some(Coded {
+                    counts,
+                    bytes: bytes as usize,
+                });
+                (plane, coded)
+            })
+            .collect();
+        Analysis {
+            planes,
+            tail: &data[data.len() - data.len() % elem_size..],
+        }
+    }
+
+    /// Payload bytes [`Analysis::write`] will produce, within the coder's
+    /// overhead (its table and a fraction of a percent).
+    pub fn estimated_len(&self) -> usize {
+        let planes: usize = self
+            .planes
+            .iter()
+            .map(|(plane, coded)| 1 + coded.as_ref().map_or(plane.len(), |c| c.bytes))
+            .sum();
+        planes + self.tail.len()
+    }
+
+    /// Appends the payload to `out`.
+    pub fn write(self, out: &mut Vec<u8>) {
+        for (plane, coded) in self.planes {
+            if let Some(coded) = coded {
+                out.push(RANS);
+                rans::encode_counted(&plane, &coded.counts, out);
+            } else {
+                out.push(RAW);
+                out.extend_from_slice(&plane);
+            }
+        }
+        out.extend_from_slice(self.tail);
+    }
+}
+
+/// Appends the planes payload of `data` to `out`.
+pub fn encode(data: &[u8], elem_size: usize, out: &mut Vec<u8>) {
+    Analysis::of(data, elem_size).write(out);
+}
+
+/// Decodes a payload made by [`encode`] of `raw_len` bytes.
+pub fn decode(payload: &[u8], raw_len: usize, elem_size: usize) -> Result<Vec<u8>, PlanesError> {
+    let elem_size = elem_size.max(1);
+    let n = raw_len / elem_size;
+    let mut out = vec![0u8; raw_len];
+    let mut pos = 0;
+    for p in 0..elem_size {
+        let mode = *payload.get(pos).ok_or(PlanesError::Truncated)?;
+        pos += 1;
+        let decoded;
+        let plane: &[u8] = match mode {
+            RAW => {
+                let plane = payload.get(pos..pos + n).ok_or(PlanesError::Truncated)?;
+                pos += n;
+                plane
+            }
+            RANS => {
+                let (symbols, used) = rans::decode(&payload[pos..], n)
+                    .map_err(|source| PlanesError::Rans { plane: p, source })?;
+                pos += used;
+                decoded = symbols;
+                &decoded
+            }
+            other => return Err(PlanesError::Mode(other)),
+        };
+        scatter(plane, p, elem_size, &mut out[..n * elem_size]);
+    }
+    let tail = payload
+        .get(pos..pos + raw_len % elem_size)
+        .ok_or(PlanesError::Truncated)?;
+    out[n * elem_size..].copy_from_slice(tail);
+    pos += tail.len();
+    if pos != payload.len() {
+        return Err(PlanesError::Trailing(payload.len() - pos));
+    }
+    Ok(out)
+}
+
+/// Writes `plane` as byte `p` of every element of `out`.
+fn scatter(plane: &[u8], p: usize, elem_size: usize, out: &mut [u8]) {
+    for (element, &byte) in out.chunks_exact_mut(elem_size).zip(plane) {
+        element[p] = byte;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn floats(n: usize) -> Vec<u8> {
+        let mut x = 0x1234_5678u32;
+        (0..n)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let v = (f64::from(x) / f64::from(u32::MAX) - 0.5) * 0.04;
+                (v as f32).to_le_bytes()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn float_planes_code_only_what_pays() {
+        let data = floats(100_000);
+        let mut out = Vec::new();
+        encode(&data, 4, &mut out);
+        // The two low mantissa planes are stored raw, the exponent plane coded.
+        assert_eq!(out[0], RAW);
+        assert_eq!(out[1 + 100_000], RAW);
+        assert!(out.len() < data.len() * 95 / 100, "{}", out.len());
+        assert_eq!(decode(&out, data.len(), 4).unwrap(), data);
+        let estimate = Analysis::of(&data, 4).estimated_len();
+        assert!(
+            estimate.abs_diff(out.len()) < out.len() / 100,
+            "{estimate} vs {}",
+            out.len()
+        );
+    }
+
+    #[test]
+    fn constant_data_is_tiny() {
+        let data: Vec<u8> = std::iter::repeat_n(1.0f32.to_le_bytes(), 1 << 16)
+            .flatten()
+            .collect();
+        let mut out = Vec::new();
+        encode(&data, 4, &mut out);
+        assert!(out.len() < 200, "{}", out.len());
+        assert_eq!(decode(&out, data.len(), 4).unwrap(), data);
+    }
+
+    #[test]
+    fn damage_is_reported() {
+        let data = floats(1000);
+        let mut out = Vec::new();
+        encode(&data, 4, &mut out);
+        assert!(matches!(
+            decode(&out[..out.len() - 1], data.len(), 4),
+            Err(PlanesError::Rans { plane: 3, .. })
+        ));
+        assert_eq!(decode(&[], data.len(), 4), Err(PlanesError::Truncated));
+        assert_eq!(
+            decode(&[RAW, 1, 2], data.len(), 4),
+            Err(PlanesError::Truncated)
+        );
+        let mut longer = out.clone();
+        longer.push(0);
+        assert_eq!(
+            decode(&longer, data.len(), 4),
+            Err(PlanesError::Trailing(1))
+        );
+        let mut bad_mode = out.clone();
+        bad_mode[0] = 9;
+        assert_eq!(decode(&bad_mode, data.len(), 4), Err(PlanesError::Mode(9)));
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips(data in proptest::collection::vec(any::<u8>(), 0..5000), k in 1usize..9, skew in 0u8..4) {
+            // Skewed bytes exercise the rANS planes, uniform ones the raw.
+            let data: Vec<u8> = data.iter().map(|b| b >> (2 * skew)).collect();
+            let mut out = Vec::new();
+            encode(&data, k, &mut out);
+            prop_assert_eq!(decode(&out, data.len(), k).unwrap(), data);
+        }
+    }
+}
