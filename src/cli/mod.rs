@@ -48,7 +48,7 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         keyframe_interval: u32,
         /// Also take a keyframe when checking out a commit would replay more
-        /// than this many seconds of decoding (estimated at 100 MB/s), once a
+        /// than this many seconds of decoding (estimated at 500 MB/s), once a
         /// chain has at least 4 commits.
         #[arg(long, default_value_t = 60.0)]
         replay_budget: f64,

@@ -580,6 +580,11 @@ mod tests {
             .collect();
         assert_eq!(encode_keyframe(&raw, 4), encode_keyframe(&raw, 4));
         let zeros = encode_xor_delta(&raw, &raw, 4);
-        assert!(zeros.len() < 100, "xor of equal chunks is all zeros");
+        // Four constant planes: a mode byte and a 25-byte rANS stream each.
+        assert!(
+            zeros.len() < 120,
+            "xor of equal chunks is all zeros: {}",
+            zeros.len()
+        );
     }
 }
