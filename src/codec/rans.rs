@@ -279,12 +279,28 @@ struct Model {
     slots: Vec<Slot>,
 }
 
+/// A slot's symbol and state-update constants in one word: bits 0–7 the
+/// symbol, 8–19 `freq − 1`, 20–31 `slot − cum[symbol]` (the update is
+/// `freq · (x >> 12) + offset`). One 4-byte load per symbol, from a 16 KiB
+/// table that stays in L1.
 #[derive(Clone, Copy, Default)]
-struct Slot {
-    symbol: u8,
-    freq: u16,
-    /// `slot − cum[symbol]`: the state update is `freq · (x >> 12) + offset`.
-    offset: u16,
+struct Slot(u32);
+
+impl Slot {
+    fn new(symbol: u8, freq: u32, offset: u32) -> Slot {
+        Slot(u32::from(symbol) | ((freq - 1) << 8) | (offset << 20))
+    }
+
+    #[inline(always)]
+    fn symbol(self) -> u8 {
+        self.0 as u8
+    }
+
+    #[inline(always)]
+    fn update(self, state: u32) -> u32 {
+        let freq = ((self.0 >> 8) & 0xFFF) + 1;
+        freq * (state >> SCALE_BITS) + (self.0 >> 20)
+    }
 }
 
 impl Model {
@@ -299,15 +315,28 @@ impl Model {
             slots.resize(TOTAL as usize, Slot::default());
             for s in 0..256 {
                 for slot in cum[s]..cum[s + 1] {
-                    slots[slot as usize] = Slot {
-                        symbol: s as u8,
-                        freq: freqs[s] as u16,
-                        offset: (slot - cum[s]) as u16,
-                    };
+                    slots[slot as usize] = Slot::new(s as u8, freqs[s], slot - cum[s]);
                 }
             }
         }
         Ok(Model { slots })
+    }
+}
+
+/// The state after taking in as many of the next two stream bytes as `x`
+/// needs: x ≥ 2^11 (freq ≥ 1, state ≥ 2^23), so 0, 1 or 2. Selected, not
+/// branched on (x is random) and not shifted by a variable amount (which
+/// would serialize on the shift-count register): the decoding twin of `put`.
+#[inline(always)]
+fn renormalized(x: u32, b0: u8, b1: u8) -> u32 {
+    let one = (x << 8) | u32::from(b0);
+    let two = (x << 16) | (u32::from(b0) << 8) | u32::from(b1);
+    if x < LOW >> 8 {
+        two
+    } else if x < LOW {
+        one
+    } else {
+        x
     }
 }
 
@@ -334,20 +363,14 @@ impl Decoder<'_> {
 
     fn symbol(&mut self, model: &Model, state: &mut u32) -> Result<u8, RansError> {
         let slot = model.slots[(*state & (TOTAL - 1)) as usize];
-        let x = u32::from(slot.freq) * (*state >> SCALE_BITS) + u32::from(slot.offset);
-        // x ≥ 2^11 (freq ≥ 1, state ≥ 2^23), so 0, 1 or 2 bytes come in.
-        // Without a loop or a branch on x, which is random: read two
-        // bytes and keep as many as needed (the decoding twin of `put`).
+        let x = slot.update(*state);
         let needed = u32::from(x < LOW) + u32::from(x < LOW >> 8);
         *state = match self.bytes.get(self.pos..self.pos + 2) {
-            Some(two) => {
-                let two = u32::from(u16::from_be_bytes([two[0], two[1]]));
-                (x << (8 * needed)) | (two >> (16 - 8 * needed))
-            }
+            Some(two) => renormalized(x, two[0], two[1]),
             None => self.renormalize_at_end(x)?,
         };
         self.pos += needed as usize;
-        Ok(slot.symbol)
+        Ok(slot.symbol())
     }
 
     /// Renormalization within the last two bytes of the stream, byte by
@@ -386,21 +409,27 @@ impl Decoder<'_> {
                 model.slots.as_slice().try_into().expect("a table per slot");
             // While every state can take its two bytes, no symbol needs a
             // bounds check or an error path: L independent chains per group.
-            while i < full && self.pos + 2 * L <= self.bytes.len() {
-                for (j, state) in states.iter_mut().enumerate() {
-                    let slot = slots[(*state & (TOTAL - 1)) as usize];
-                    let x = u32::from(slot.freq) * (*state >> SCALE_BITS) + u32::from(slot.offset);
-                    let needed = u32::from(x < LOW) + u32::from(x < LOW >> 8);
-                    let two = u32::from(u16::from_be_bytes([
-                        self.bytes[self.pos],
-                        self.bytes[self.pos + 1],
-                    ]));
-                    *state = (x << (8 * needed)) | (two >> (16 - 8 * needed));
-                    self.pos += needed as usize;
-                    out[i + j] = slot.symbol;
+            let bytes = self.bytes;
+            let mut pos = self.pos;
+            let mut local = states;
+            for group in out[..full].chunks_exact_mut(L) {
+                if pos + 2 * L > bytes.len() {
+                    break;
                 }
+                let window = &bytes[pos..pos + 2 * L];
+                let mut at = 0;
+                for (symbol, state) in group.iter_mut().zip(local.iter_mut()) {
+                    let slot = slots[(*state & (TOTAL - 1)) as usize];
+                    let x = slot.update(*state);
+                    *state = renormalized(x, window[at], window[at + 1]);
+                    at += usize::from(x < LOW) + usize::from(x < LOW >> 8);
+                    *symbol = slot.symbol();
+                }
+                pos += at;
                 i += L;
             }
+            states = local;
+            self.pos = pos;
         }
         // The last bytes of the stream, and the symbols after the last
         // whole group: one at a time, with every check.
