@@ -82,12 +82,16 @@ pub fn log(store: &Store, branch: Option<&str>, all: bool) -> anyhow::Result<Vec
         None => anyhow::bail!("no branch named `{branch}`"),
     };
     // Summaries only: a record's file list can be tens of kilobytes, and
-    // a long run has thousands of commits.
+    // a long run has thousands of commits. All of them in one scan when the
+    // records are small, else parent by parent.
+    let mut all = store.all_commit_summaries()?;
     let mut next = Some(tip);
     while let Some(id) = next {
-        let summary = store
-            .get_commit_summary(&id)?
-            .with_context(|| format!("commit {id} is missing from the store"))?;
+        let summary = match all.as_mut() {
+            Some(all) => all.remove(&id),
+            None => store.get_commit_summary(&id)?,
+        }
+        .with_context(|| format!("commit {id} is missing from the store"))?;
         next = summary.first_parent();
         entries.push(LogEntry::new(&id, &summary));
     }

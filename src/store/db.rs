@@ -391,6 +391,39 @@ impl Store {
             })
     }
 
+    /// Every commit's summary, in one sequential pass over the commit
+    /// records, or `None` when the records are too large for that to beat
+    /// following parents with point reads (a scan reads every record in full,
+    /// including the file lists). At 10,000 small commits, 10,000 point reads
+    /// were half of `log`'s time; the scan reads them in ~10 ms.
+    pub fn all_commit_summaries(
+        &self,
+    ) -> Result<Option<std::collections::HashMap<ObjectId, CommitSummary>>, StoreError> {
+        const SCAN_LIMIT: u64 = 64 << 20;
+        let commits = self.cf(CF_COMMITS);
+        let size = self
+            .db
+            .property_int_value_cf(commits, "rocksdb.total-sst-files-size")?
+            .unwrap_or(u64::MAX);
+        if size > SCAN_LIMIT {
+            return Ok(None);
+        }
+        let mut out = std::collections::HashMap::new();
+        for item in self.db.iterator_cf(commits, IteratorMode::Start) {
+            let (key, bytes) = item?;
+            let Some(id) = ObjectId::from_slice(&key) else {
+                continue;
+            };
+            let summary =
+                CommitSummary::from_record_bytes(&bytes).map_err(|detail| StoreError::Corrupt {
+                    what: format!("commit {id}"),
+                    detail,
+                })?;
+            out.insert(id, summary);
+        }
+        Ok(Some(out))
+    }
+
     pub fn commit_ids(&self) -> Result<Vec<ObjectId>, StoreError> {
         let mut ids = Vec::new();
         for item in self
