@@ -134,33 +134,47 @@ pub fn encode(data: &[u8], elem_size: usize, out: &mut Vec<u8>) {
 pub fn decode(payload: &[u8], raw_len: usize, elem_size: usize) -> Result<Vec<u8>, PlanesError> {
     let elem_size = elem_size.max(1);
     let n = raw_len / elem_size;
-    let mut out = vec![0u8; raw_len];
+    // Every plane first (raw ones borrowed from the payload), then one
+    // interleaving pass: writing plane by plane touched the output
+    // `elem_size` times.
+    let mut decoded: Vec<Vec<u8>> = Vec::new();
+    let mut sources: Vec<(bool, usize)> = Vec::with_capacity(elem_size);
     let mut pos = 0;
     for p in 0..elem_size {
         let mode = *payload.get(pos).ok_or(PlanesError::Truncated)?;
         pos += 1;
-        let decoded;
-        let plane: &[u8] = match mode {
+        match mode {
             RAW => {
-                let plane = payload.get(pos..pos + n).ok_or(PlanesError::Truncated)?;
+                payload.get(pos..pos + n).ok_or(PlanesError::Truncated)?;
+                sources.push((false, pos));
                 pos += n;
-                plane
             }
             RANS => {
                 let (symbols, used) = rans::decode(&payload[pos..], n)
                     .map_err(|source| PlanesError::Rans { plane: p, source })?;
                 pos += used;
-                decoded = symbols;
-                &decoded
+                sources.push((true, decoded.len()));
+                decoded.push(symbols);
             }
             other => return Err(PlanesError::Mode(other)),
-        };
-        scatter(plane, p, elem_size, &mut out[..n * elem_size]);
+        }
     }
+    let planes: Vec<&[u8]> = sources
+        .iter()
+        .map(|&(is_decoded, at)| {
+            if is_decoded {
+                decoded[at].as_slice()
+            } else {
+                &payload[at..at + n]
+            }
+        })
+        .collect();
+    let mut out = Vec::with_capacity(raw_len);
+    interleave(&planes, n, &mut out);
     let tail = payload
         .get(pos..pos + raw_len % elem_size)
         .ok_or(PlanesError::Truncated)?;
-    out[n * elem_size..].copy_from_slice(tail);
+    out.extend_from_slice(tail);
     pos += tail.len();
     if pos != payload.len() {
         return Err(PlanesError::Trailing(payload.len() - pos));
@@ -168,10 +182,17 @@ pub fn decode(payload: &[u8], raw_len: usize, elem_size: usize) -> Result<Vec<u8
     Ok(out)
 }
 
-/// Writes `plane` as byte `p` of every element of `out`.
-fn scatter(plane: &[u8], p: usize, elem_size: usize, out: &mut [u8]) {
-    for (element, &byte) in out.chunks_exact_mut(elem_size).zip(plane) {
-        element[p] = byte;
+/// Appends the `n` elements whose byte `p` is `planes[p][i]`.
+fn interleave(planes: &[&[u8]], n: usize, out: &mut Vec<u8>) {
+    if let [p0, p1, p2, p3] = planes {
+        let start = out.len();
+        out.resize(start + 4 * n, 0);
+        let sources = p0.iter().zip(p1.iter()).zip(p2.iter().zip(p3.iter()));
+        for (element, ((&b0, &b1), (&b2, &b3))) in out[start..].chunks_exact_mut(4).zip(sources) {
+            element.copy_from_slice(&[b0, b1, b2, b3]);
+        }
+    } else {
+        out.extend((0..n).flat_map(|i| planes.iter().map(move |plane| plane[i])));
     }
 }
 
