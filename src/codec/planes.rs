@@ -12,13 +12,23 @@
 //!
 //! Payload layout, for `elem_size` planes of `n = raw_len / elem_size` bytes:
 //! per plane a mode byte (0 = raw: `n` bytes follow; 1 = rANS: a
-//! [`super::rans`] stream of `n` symbols follows), then the `raw_len mod
-//! elem_size` trailing bytes as they are (never produced by valid tensors).
+//! [`super::rans`] stream of `n` symbols follows; 2 = zstd: a u32 LE length
+//! and a zstd frame of that many bytes holding the `n` bytes), then the
+//! `raw_len mod elem_size` trailing bytes as they are (never produced by
+//! valid tensors).
 
 use super::rans;
 
 const RAW: u8 = 0;
 const RANS: u8 = 1;
+const ZSTD: u8 = 2;
+
+/// A plane with at least this fraction of zero bytes is also tried with
+/// zstd: runs of zeros (never-updated rows of an embedding's m and v, zero
+/// biases) cost an order-0 coder a fraction of a bit per byte each, and
+/// zstd almost nothing. Dense planes skip the try, which would cost time.
+const ZERO_SHARE_FOR_ZSTD: u64 = 8;
+const PLANE_ZSTD_LEVEL: i32 = 1;
 
 /// A plane is entropy-coded only when that saves at least this fraction:
 /// a nearly random plane would cost coding and decoding time for nothing.
@@ -37,6 +47,8 @@ pub enum PlanesError {
     },
     #[error("plane payload has {0} bytes after its end")]
     Trailing(usize),
+    #[error("plane {plane}: zstd frame does not decode to the plane: {detail}")]
+    Zstd { plane: usize, detail: String },
 }
 
 /// Byte planes of `data`: plane `p` holds byte `p` of every element.
@@ -71,9 +83,42 @@ pub struct Analysis<'a> {
     tail: &'a [u8],
 }
 
-struct Coded {
-    counts: [u64; 256],
-    bytes: usize,
+enum Coded {
+    /// rANS, with the plane's counts and its order-0 size.
+    Rans {
+        counts: Box<[u64; 256]>,
+        bytes: usize,
+    },
+    /// A zstd frame, already made.
+    Zstd(Vec<u8>),
+}
+
+impl Coded {
+    fn len(&self) -> usize {
+        match self {
+            Coded::Rans { bytes, .. } => *bytes,
+            Coded::Zstd(frame) => 4 + frame.len(),
+        }
+    }
+}
+
+/// How a plane is best stored: `None` for raw.
+fn choose(plane: &[u8]) -> Option<Coded> {
+    let counts = rans::histogram(plane);
+    let n = plane.len();
+    // Bytes an order-0 coder would need: the plane's entropy.
+    let bytes = (rans::entropy_bits_of(&counts) * n as f64 / 8.0) as usize;
+    let mut best = Coded::Rans {
+        counts: Box::new(counts),
+        bytes,
+    };
+    if counts[0] * ZERO_SHARE_FOR_ZSTD >= n as u64 {
+        let frame = zstd::bulk::compress(plane, PLANE_ZSTD_LEVEL).expect("zstd into a Vec");
+        if 4 + frame.len() < best.len() {
+            best = Coded::Zstd(frame);
+        }
+    }
+    (best.len() < (n as f64 * (1.0 - MIN_SAVING)) as usize).then_some(best)
 }
 
 impl<'a> Analysis<'a> {
@@ -82,14 +127,7 @@ impl<'a> Analysis<'a> {
         let planes = split(data, elem_size)
             .into_iter()
             .map(|plane| {
-                let counts = rans::histogram(&plane);
-                // Bytes an order-0 coder would need: the plane's entropy.
-                let bytes = rans::entropy_bits_of(&counts) * plane.len() as f64 / 8.0;
-                let worth = bytes < plane.len() as f64 * (1.0 - MIN_SAVING);
-                let coded = worth.then_some(Coded {
-                    counts,
-                    bytes: bytes as usize,
-                });
+                let coded = choose(&plane);
                 (plane, coded)
             })
             .collect();
@@ -105,7 +143,7 @@ impl<'a> Analysis<'a> {
         let planes: usize = self
             .planes
             .iter()
-            .map(|(plane, coded)| 1 + coded.as_ref().map_or(plane.len(), |c| c.bytes))
+            .map(|(plane, coded)| 1 + coded.as_ref().map_or(plane.len(), Coded::len))
             .sum();
         planes + self.tail.len()
     }
@@ -113,12 +151,20 @@ impl<'a> Analysis<'a> {
     /// Appends the payload to `out`.
     pub fn write(self, out: &mut Vec<u8>) {
         for (plane, coded) in self.planes {
-            if let Some(coded) = coded {
-                out.push(RANS);
-                rans::encode_counted(&plane, &coded.counts, out);
-            } else {
-                out.push(RAW);
-                out.extend_from_slice(&plane);
+            match coded {
+                Some(Coded::Rans { counts, .. }) => {
+                    out.push(RANS);
+                    rans::encode_counted(&plane, &counts, out);
+                }
+                Some(Coded::Zstd(frame)) => {
+                    out.push(ZSTD);
+                    out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&frame);
+                }
+                None => {
+                    out.push(RAW);
+                    out.extend_from_slice(&plane);
+                }
             }
         }
         out.extend_from_slice(self.tail);
@@ -155,6 +201,22 @@ pub fn decode(payload: &[u8], raw_len: usize, elem_size: usize) -> Result<Vec<u8
                 pos += used;
                 sources.push((true, decoded.len()));
                 decoded.push(symbols);
+            }
+            ZSTD => {
+                let len = payload.get(pos..pos + 4).ok_or(PlanesError::Truncated)?;
+                let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+                pos += 4;
+                let frame = payload.get(pos..pos + len).ok_or(PlanesError::Truncated)?;
+                pos += len;
+                let zstd_error = |detail: String| PlanesError::Zstd { plane: p, detail };
+                // `n` bounds what the frame may claim (fuzzed).
+                let plane =
+                    zstd::bulk::decompress(frame, n).map_err(|e| zstd_error(e.to_string()))?;
+                if plane.len() != n {
+                    return Err(zstd_error(format!("{} bytes, {n} expected", plane.len())));
+                }
+                sources.push((true, decoded.len()));
+                decoded.push(plane);
             }
             other => return Err(PlanesError::Mode(other)),
         }
@@ -241,6 +303,22 @@ mod tests {
         encode(&data, 4, &mut out);
         assert!(out.len() < 200, "{}", out.len());
         assert_eq!(decode(&out, data.len(), 4).unwrap(), data);
+    }
+
+    #[test]
+    fn planes_with_zero_runs_go_to_zstd() {
+        // Half the elements zero (rows an optimizer never touched), half random.
+        let mut data = floats(50_000);
+        data.extend(std::iter::repeat_n(0u8, 200_000));
+        let mut out = Vec::new();
+        encode(&data, 4, &mut out);
+        assert_eq!(out[0], ZSTD, "the low mantissa plane: zero runs and noise");
+        assert_eq!(decode(&out, data.len(), 4).unwrap(), data);
+        // Cheaper than order-0 coding could be (≥ 1 bit per zero byte saved).
+        assert!(out.len() < 50_000 * 4 * 95 / 100, "{}", out.len());
+        let mut bad = out.clone();
+        bad[5] ^= 0xff; // inside the first plane's zstd frame
+        assert!(decode(&bad, data.len(), 4).is_err());
     }
 
     #[test]
