@@ -18,26 +18,13 @@ work="${BENCH_DIR:-$(mktemp -d)}"
 mkdir -p "$work"
 trap 'rm -rf "$work"/store* "$work"/out* "$work"/copy*' EXIT
 
-# Wall seconds of a command.
-seconds() {
-    local start end
-    start=$(date +%s.%N)
-    "$@" >/dev/null
-    end=$(date +%s.%N)
-    calc "$end - $start"
-}
+source scripts/bench_lib.sh
 
 # "peak_rss_kib seconds" of a command, from GNU time.
 measure() {
-    local log="$work/time.log"
-    /usr/bin/time -v -o "$log" "$@" >/dev/null
-    local rss wall
-    rss=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$log")
-    wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$log" | awk -F: '{ if (NF==3) print $1*3600+$2*60+$3; else print $1*60+$2 }')
-    echo "$rss $wall"
+    timed "$@"
+    echo "$rss_kib $wall"
 }
-
-calc() { awk "BEGIN { print $1 }"; }
 
 ratio() {
     echo "== keyframe codec vs zstd -3 (fixtures/series, all tensors)"

@@ -30,30 +30,18 @@ model_bytes="${MODEL_BYTES:-$((1 << 30))}"
 series="$work/series-$model_bytes"
 mkdir -p "$work"
 
-calc() { awk "BEGIN { print $1 }"; }
+source scripts/bench_lib.sh
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 max() { printf '%s\n' "$@" | sort -g | tail -1; }
 warm() { cat "$1"/* >/dev/null; }
 bytes_of() { du -sb "$@" | awk '{ s += $1 } END { print s }'; }
 mb_s() { calc "$1 / $2 / 1e6"; }
 
-# Wall seconds of a command.
-seconds() {
-    local start end
-    start=$(date +%s.%N)
-    "$@" >/dev/null
-    end=$(date +%s.%N)
-    calc "$end - $start"
-}
-
 # Sets $wall (seconds) and $rss (MiB) of a command, from GNU time; its
 # output goes to $work/out.txt.
 measure() {
-    local log="$work/time.log"
-    /usr/bin/time -v -o "$log" "$@" >"$work/out.txt"
-    rss=$(awk -F': ' '/Maximum resident set size/ { print int($2 / 1024) }' "$log")
-    wall=$(awk -F': ' '/Elapsed \(wall clock\)/ { print $2 }' "$log" |
-        awk -F: '{ if (NF == 3) print $1 * 3600 + $2 * 60 + $3; else print $1 * 60 + $2 }')
+    timed "$@"
+    rss=$((rss_kib / 1024))
 }
 
 json_field() { python3 -c "import json, sys; print(json.load(sys.stdin)$1)"; }

@@ -131,13 +131,13 @@ impl<'s> Reconstructor<'s> {
         // The links of a delta chain are not checked one by one: the hash
         // of the result covers them (any wrong link changes it), and
         // hashing every intermediate chunk cost more than decoding it.
-        let raw = self.decode_chain(id, addr, chunk)?;
+        let raw = self.decode_blob(id, addr, chunk, false)?;
         if ObjectId::of(&raw) == chunk.raw_hash {
             return Ok(raw);
         }
         // Something in the chain is damaged: decode again checking every
         // blob and link, so that the error names the damaged one.
-        self.decode_checked(id, addr, chunk)
+        self.decode_blob(id, addr, chunk, true)
     }
 
     /// The decoded values of one chunk of a float tensor stored as `float`,
@@ -195,27 +195,9 @@ impl<'s> Reconstructor<'s> {
     }
 
     /// Decodes `chunk` through its chain of bases (from a cache where one
-    /// has them) without checking any hash.
-    fn decode_chain(
-        &self,
-        id: &ObjectId,
-        addr: ChunkAddr<'_>,
-        chunk: &ChunkRef,
-    ) -> anyhow::Result<Vec<u8>> {
-        self.decode_blob(id, addr, chunk, false)
-    }
-
-    /// Decodes `chunk` checking its blob's hash and every base, and the
-    /// result against its raw hash.
-    fn decode_checked(
-        &self,
-        id: &ObjectId,
-        addr: ChunkAddr<'_>,
-        chunk: &ChunkRef,
-    ) -> anyhow::Result<Vec<u8>> {
-        self.decode_blob(id, addr, chunk, true)
-    }
-
+    /// has them). With `checked`, also checks its blob's hash, every base
+    /// (through [`Reconstructor::chunk`]) and the result against its raw
+    /// hash; without, checks no hash at all.
     fn decode_blob(
         &self,
         id: &ObjectId,
@@ -240,7 +222,7 @@ impl<'s> Reconstructor<'s> {
                 let base_chunk = self.require(&base, &record, addr)?;
                 match self.cached::<u8>(&base, &record, addr, base_chunk) {
                     Some(bytes) => bytes,
-                    None => self.decode_chain(&base, addr, base_chunk)?,
+                    None => self.decode_blob(&base, addr, base_chunk, false)?,
                 }
             })
         } else {
