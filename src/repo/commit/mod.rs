@@ -169,11 +169,13 @@ pub fn commit(
         parent_record,
         !keyframe && !policy.is_lossless(),
     );
-    // A keyframe writes no cache: its chunks decode on their own, about as
-    // fast as the cache is read (byte planes, one of four entropy-coded), so
-    // a cache would save the next commit little and cost this one a second
-    // copy of the checkpoint on disk (docs/benchmarks.md). Residual commits
-    // keep one, since decoding them means replaying the chain.
+    // A keyframe writes no cache: its chunks decode on their own, without a
+    // chain, so the next commit can take its bases from the blobs. That
+    // moves the cost of a fresh cache file (a second copy of the checkpoint
+    // through the page cache) from the keyframe to the next commit, which
+    // also decodes; the sum over the two is about the same, and keyframe
+    // commits are the slow ones (docs/benchmarks.md). Residual commits keep
+    // a cache, since decoding them means replaying the chain.
     let cache = if keyframe {
         None
     } else {
