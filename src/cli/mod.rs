@@ -172,6 +172,14 @@ enum Command {
     Show { rev: String },
     /// Store totals.
     Stats,
+    /// Print a shell completion script, e.g.
+    /// `ckptvc completions bash > ~/.local/share/bash-completion/completions/ckptvc`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `ckptvc man > ~/.local/share/man/man1/ckptvc.1`.
+    Man,
 }
 
 fn wait(cli: &Cli) -> Duration {
@@ -486,6 +494,16 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 output::print_stats(&stats);
                 Ok(())
             }
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "ckptvc", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+            Ok(())
         }
     }
 }
