@@ -1,5 +1,5 @@
 //! The lossless payload of keyframes and xor-deltas: byte planes, each
-//! stored raw or rANS-coded, whichever is smaller by the plane's entropy.
+//! stored raw, rANS-coded or zstd-coded, whichever is smallest.
 //!
 //! In trained fp32 tensors the two low mantissa bytes are close to random (8
 //! bits of entropy per byte), the third byte nearly so, and only the byte with
@@ -17,7 +17,7 @@
 //! `raw_len mod elem_size` trailing bytes as they are (never produced by
 //! valid tensors).
 
-use super::rans;
+use super::{rans, shuffle};
 
 const RAW: u8 = 0;
 const RANS: u8 = 1;
@@ -51,35 +51,15 @@ pub enum PlanesError {
     Zstd { plane: usize, detail: String },
 }
 
-/// Byte planes of `data`: plane `p` holds byte `p` of every element.
-fn split(data: &[u8], elem_size: usize) -> Vec<Vec<u8>> {
-    let n = data.len() / elem_size;
-    let mut planes: Vec<Vec<u8>> = vec![vec![0u8; n]; elem_size];
-    if let [p0, p1, p2, p3] = planes.as_mut_slice() {
-        // The common case (fp32) unrolled, without bounds checks.
-        let elements = data.chunks_exact(4);
-        let outputs = p0.iter_mut().zip(p1.iter_mut()).zip(p2.iter_mut().zip(p3));
-        for (e, ((b0, b1), (b2, b3))) in elements.zip(outputs) {
-            (*b0, *b1, *b2, *b3) = (e[0], e[1], e[2], e[3]);
-        }
-    } else {
-        for (i, e) in data.chunks_exact(elem_size).enumerate() {
-            for (plane, &byte) in planes.iter_mut().zip(e) {
-                plane[i] = byte;
-            }
-        }
-    }
-    planes
-}
-
 /// `data` cut into planes, with each plane's coding decided: what an
 /// encoder needs, and what it will cost, before any coding is done. Commit
 /// analyses a chunk both as it is and xor'ed with its parent, and codes only
 /// the smaller.
 pub struct Analysis<'a> {
-    /// Each plane, and its symbol counts and estimated coded size when it
-    /// is worth coding.
-    planes: Vec<(Vec<u8>, Option<Coded>)>,
+    /// The planes one after the other ([`shuffle::split`]), without the tail.
+    planes: Vec<u8>,
+    /// How each plane is coded: `None` for raw.
+    coded: Vec<Option<Coded>>,
     tail: &'a [u8],
 }
 
@@ -124,46 +104,51 @@ fn choose(plane: &[u8]) -> Option<Coded> {
 impl<'a> Analysis<'a> {
     pub fn of(data: &'a [u8], elem_size: usize) -> Analysis<'a> {
         let elem_size = elem_size.max(1);
-        let planes = split(data, elem_size)
-            .into_iter()
-            .map(|plane| {
-                let coded = choose(&plane);
-                (plane, coded)
-            })
+        let whole = data.len() - data.len() % elem_size;
+        let mut planes = shuffle::split(data, elem_size);
+        planes.truncate(whole);
+        let n = whole / elem_size;
+        let coded = (0..elem_size)
+            .map(|p| choose(&planes[p * n..(p + 1) * n]))
             .collect();
         Analysis {
             planes,
-            tail: &data[data.len() - data.len() % elem_size..],
+            coded,
+            tail: &data[whole..],
         }
+    }
+
+    fn plane(&self, p: usize) -> &[u8] {
+        let n = self.planes.len() / self.coded.len();
+        &self.planes[p * n..(p + 1) * n]
     }
 
     /// Payload bytes [`Analysis::write`] will produce, within the coder's
     /// overhead (its table and a fraction of a percent).
     pub fn estimated_len(&self) -> usize {
-        let planes: usize = self
-            .planes
-            .iter()
-            .map(|(plane, coded)| 1 + coded.as_ref().map_or(plane.len(), Coded::len))
+        let planes: usize = (self.coded.iter().enumerate())
+            .map(|(p, coded)| 1 + coded.as_ref().map_or(self.plane(p).len(), Coded::len))
             .sum();
         planes + self.tail.len()
     }
 
     /// Appends the payload to `out`.
-    pub fn write(self, out: &mut Vec<u8>) {
-        for (plane, coded) in self.planes {
+    pub fn write(&self, out: &mut Vec<u8>) {
+        for (p, coded) in self.coded.iter().enumerate() {
+            let plane = self.plane(p);
             match coded {
                 Some(Coded::Rans { counts, .. }) => {
                     out.push(RANS);
-                    rans::encode_counted(&plane, &counts, out);
+                    rans::encode_counted(plane, counts, out);
                 }
                 Some(Coded::Zstd(frame)) => {
                     out.push(ZSTD);
                     out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
-                    out.extend_from_slice(&frame);
+                    out.extend_from_slice(frame);
                 }
                 None => {
                     out.push(RAW);
-                    out.extend_from_slice(&plane);
+                    out.extend_from_slice(plane);
                 }
             }
         }
@@ -232,7 +217,7 @@ pub fn decode(payload: &[u8], raw_len: usize, elem_size: usize) -> Result<Vec<u8
         })
         .collect();
     let mut out = Vec::with_capacity(raw_len);
-    interleave(&planes, n, &mut out);
+    shuffle::interleave(&planes, &mut out);
     let tail = payload
         .get(pos..pos + raw_len % elem_size)
         .ok_or(PlanesError::Truncated)?;
@@ -242,20 +227,6 @@ pub fn decode(payload: &[u8], raw_len: usize, elem_size: usize) -> Result<Vec<u8
         return Err(PlanesError::Trailing(payload.len() - pos));
     }
     Ok(out)
-}
-
-/// Appends the `n` elements whose byte `p` is `planes[p][i]`.
-fn interleave(planes: &[&[u8]], n: usize, out: &mut Vec<u8>) {
-    if let [p0, p1, p2, p3] = planes {
-        let start = out.len();
-        out.resize(start + 4 * n, 0);
-        let sources = p0.iter().zip(p1.iter()).zip(p2.iter().zip(p3.iter()));
-        for (element, ((&b0, &b1), (&b2, &b3))) in out[start..].chunks_exact_mut(4).zip(sources) {
-            element.copy_from_slice(&[b0, b1, b2, b3]);
-        }
-    } else {
-        out.extend((0..n).flat_map(|i| planes.iter().map(move |plane| plane[i])));
-    }
 }
 
 #[cfg(test)]

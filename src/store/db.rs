@@ -383,12 +383,7 @@ impl Store {
         let Some(bytes) = self.db.get_pinned_cf(self.cf(CF_COMMITS), id.0)? else {
             return Ok(None);
         };
-        CommitSummary::from_record_bytes(&bytes)
-            .map(Some)
-            .map_err(|detail| StoreError::Corrupt {
-                what: format!("commit {id}"),
-                detail,
-            })
+        decode_summary(id, &bytes).map(Some)
     }
 
     /// Every commit's summary, in one sequential pass over the commit
@@ -414,12 +409,7 @@ impl Store {
             let Some(id) = ObjectId::from_slice(&key) else {
                 continue;
             };
-            let summary =
-                CommitSummary::from_record_bytes(&bytes).map_err(|detail| StoreError::Corrupt {
-                    what: format!("commit {id}"),
-                    detail,
-                })?;
-            out.insert(id, summary);
+            out.insert(id, decode_summary(&id, &bytes)?);
         }
         Ok(Some(out))
     }
@@ -586,6 +576,13 @@ impl Store {
     pub fn physical_bytes(&self) -> Result<u64, StoreError> {
         dir_size(&Self::db_dir(&self.root), &|name| !name.starts_with("LOG"))
     }
+}
+
+fn decode_summary(id: &ObjectId, bytes: &[u8]) -> Result<CommitSummary, StoreError> {
+    CommitSummary::from_record_bytes(bytes).map_err(|detail| StoreError::Corrupt {
+        what: format!("commit {id}"),
+        detail,
+    })
 }
 
 /// Small table files a column family may hold before a closing writer
