@@ -173,6 +173,141 @@ fn decode_loop(q: &Quantized, levels: &[f32], value: impl Fn(usize, f32) -> f32)
         .collect()
 }
 
+/// A quantized chunk as read back, its symbols left as the stream held
+/// them (runs, for a sparse residual), for [`reconstruct_f32_onto`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    pub domain: Domain,
+    pub float: FloatType,
+    pub levels: Levels,
+    pub symbols: rans::Symbols,
+    pub escapes: Vec<f32>,
+}
+
+/// [`reconstruct`] of f32 residuals or ratios, computed where the base is:
+/// `values` holds the base as little-endian f32 and receives the result,
+/// bit for bit what [`reconstruct`] returns. Decoding a chain of residuals
+/// this way allocates nothing per link, and a run of "no change" symbols
+/// costs one vectorized add or multiply per element instead of a table
+/// lookup and a branch.
+pub fn reconstruct_f32_onto(q: &Decoded, values: &mut [u8]) -> Result<(), QuantError> {
+    if q.float != FloatType::F32 || !q.domain.needs_base() {
+        return Err(QuantError::Invalid(
+            "in place: only f32 residuals and ratios",
+        ));
+    }
+    if values.len() != q.symbols.len() * 4 {
+        return Err(QuantError::Invalid("base missing or of the wrong length"));
+    }
+    let levels = padded_levels(&q.levels)?;
+    let mut escapes = q.escapes.iter().copied();
+    let result = match q.domain {
+        Domain::Residual => apply_onto(q, &levels, &mut escapes, values, |b, l| b + l),
+        Domain::Ratio => apply_onto(q, &levels, &mut escapes, values, |b, l| b * l),
+        Domain::Value => unreachable!("checked above"),
+    };
+    result?;
+    if escapes.next().is_some() {
+        return Err(QuantError::Invalid("escape count does not match"));
+    }
+    Ok(())
+}
+
+/// The level of every symbol, NaN for symbols without one (and `ESCAPE`),
+/// so that a symbol indexes without a bounds check.
+fn padded_levels(levels: &Levels) -> Result<[f32; 256], QuantError> {
+    let table = levels.table();
+    if table.len() > ESCAPE as usize {
+        return Err(QuantError::Invalid("more than 255 levels"));
+    }
+    let mut padded = [f32::NAN; 256];
+    padded[..table.len()].copy_from_slice(&table);
+    Ok(padded)
+}
+
+fn apply_onto(
+    q: &Decoded,
+    levels: &[f32; 256],
+    escapes: &mut impl Iterator<Item = f32>,
+    values: &mut [u8],
+    op: impl Fn(f32, f32) -> f32 + Copy,
+) -> Result<(), QuantError> {
+    let count = q.levels.table().len();
+    let invalid = |s: u8| s != ESCAPE && s as usize >= count;
+    let mut escape = |value: &mut [u8]| -> Result<(), QuantError> {
+        let x = escapes
+            .next()
+            .ok_or(QuantError::Invalid("escape count does not match"))?;
+        value.copy_from_slice(&x.to_le_bytes());
+        Ok(())
+    };
+    match &q.symbols {
+        rans::Symbols::Runs {
+            dominant,
+            positions,
+            literals,
+            ..
+        } if *dominant != ESCAPE => {
+            if invalid(*dominant) || literals.iter().any(|&s| invalid(s)) {
+                return Err(QuantError::Invalid("symbol without a level"));
+            }
+            let level = levels[*dominant as usize];
+            let mut start = 0;
+            for (&at, &s) in positions.iter().zip(literals) {
+                let at = at as usize * 4;
+                map_f32(&mut values[start..at], |b| op(b, level));
+                let value = &mut values[at..at + 4];
+                if s == ESCAPE {
+                    escape(value)?;
+                } else {
+                    value.copy_from_slice(&op(f32_at(value), levels[s as usize]).to_le_bytes());
+                }
+                start = at + 4;
+            }
+            map_f32(&mut values[start..], |b| op(b, level));
+        }
+        symbols => {
+            let expanded;
+            let dense = match symbols {
+                rans::Symbols::Dense(dense) => dense,
+                runs => {
+                    expanded = runs.clone().expand();
+                    &expanded
+                }
+            };
+            // One pass that folds (no early exit, so it vectorizes), then a
+            // branch-free one; escapes are few and patched after it.
+            if dense.iter().fold(false, |bad, &s| bad | invalid(s)) {
+                return Err(QuantError::Invalid("symbol without a level"));
+            }
+            for (value, &s) in values.chunks_exact_mut(4).zip(dense) {
+                let x = op(f32_at(value), levels[s as usize]);
+                value.copy_from_slice(&x.to_le_bytes());
+            }
+            if q.escapes.is_empty() {
+                return Ok(());
+            }
+            for (i, _) in dense.iter().enumerate().filter(|(_, s)| **s == ESCAPE) {
+                escape(&mut values[4 * i..4 * i + 4])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn f32_at(bytes: &[u8]) -> f32 {
+    f32::from_le_bytes(bytes.try_into().expect("4 bytes"))
+}
+
+/// `f` applied to each little-endian f32 of `bytes`, in place.
+#[inline(always)]
+fn map_f32(bytes: &mut [u8], f: impl Fn(f32) -> f32) {
+    for value in bytes.chunks_exact_mut(4) {
+        let x = f(f32_at(value));
+        value.copy_from_slice(&x.to_le_bytes());
+    }
+}
+
 /// Serializes a quantized chunk into `out` (the payload part of a blob).
 pub fn write_payload(q: &Quantized, out: &mut Vec<u8>) {
     out.push(q.domain.id());
@@ -188,6 +323,18 @@ pub fn write_payload(q: &Quantized, out: &mut Vec<u8>) {
 /// Parses a payload that must hold `expected` symbols (known from the blob
 /// header), which bounds the work spent on a damaged one.
 pub fn read_payload(bytes: &[u8], expected: usize) -> Result<Quantized, QuantError> {
+    let q = read_payload_runs(bytes, expected)?;
+    Ok(Quantized {
+        domain: q.domain,
+        float: q.float,
+        levels: q.levels,
+        symbols: q.symbols.expand(),
+        escapes: q.escapes,
+    })
+}
+
+/// [`read_payload`], leaving the symbols as runs where the stream has them.
+pub fn read_payload_runs(bytes: &[u8], expected: usize) -> Result<Decoded, QuantError> {
     let mut pos = 0;
     let mut take = |n: usize| -> Result<&[u8], QuantError> {
         let slice = bytes.get(pos..pos + n).ok_or(QuantError::Truncated)?;
@@ -215,11 +362,11 @@ pub fn read_payload(bytes: &[u8], expected: usize) -> Result<Quantized, QuantErr
     let escapes = f32s(take(
         n_escapes.checked_mul(4).ok_or(QuantError::Truncated)?,
     )?);
-    let (symbols, used) = rans::decode(&bytes[pos..], expected)?;
+    let (symbols, used) = rans::decode_symbols(&bytes[pos..], expected)?;
     if pos + used != bytes.len() {
         return Err(QuantError::Invalid("trailing bytes"));
     }
-    Ok(Quantized {
+    Ok(Decoded {
         domain,
         float,
         levels,

@@ -228,7 +228,11 @@ impl<'s> Reconstructor<'s> {
         } else {
             None
         };
-        let raw = codec::decode(&blob, base.as_deref()).with_context(context)?;
+        let raw = match base {
+            Some(base) => codec::decode_onto(&blob, base),
+            None => codec::decode(&blob, None),
+        }
+        .with_context(context)?;
         if checked && ObjectId::of(&raw) != chunk.raw_hash {
             bail!(
                 "{}: decoded bytes do not match the recorded checksum",

@@ -22,6 +22,8 @@
 //! builds, still decode; builds before the four-state streams refuse them
 //! with "rANS frequency table is invalid".
 
+mod runs;
+
 const SCALE_BITS: u32 = 12;
 const TOTAL: u32 = 1 << SCALE_BITS;
 /// Lower bound of the normalized state interval [L, 256·L).
@@ -148,7 +150,7 @@ impl EncSymbol {
 }
 
 /// Bits 14–15 of the `k` field: how many interleaved states the stream
-/// has (0 = one, 2 = two, 3 = four; 1 is unused).
+/// has (0 = one, 2 = two, 3 = four; 1 marks a run-coded stream, [`runs`]).
 const STATES_SHIFT: u16 = 14;
 /// The symbol-count bits of the `k` field.
 const K_MASK: u16 = (1 << STATES_SHIFT) - 1;
@@ -165,8 +167,21 @@ pub fn encode(symbols: &[u8], out: &mut Vec<u8>) {
 }
 
 /// [`encode`] for a caller that already has the [`histogram`] of `symbols`.
+/// A stream dominated by one symbol is run-coded ([`runs`]) when that is
+/// about as small: it decodes several times faster.
 pub fn encode_counted(symbols: &[u8], counts: &[u64; 256], out: &mut Vec<u8>) {
-    encode_interleaved::<STATES>(symbols, counts, out);
+    match runs::Runs::worth_it(symbols, counts) {
+        Some(runs) => {
+            out.extend_from_slice(&(symbols.len() as u32).to_le_bytes());
+            runs.write(out);
+        }
+        None => encode_interleaved::<STATES>(symbols, counts, out),
+    }
+}
+
+/// A stream that is never run-coded: the parts of a run-coded one.
+fn encode_plain(symbols: &[u8], out: &mut Vec<u8>) {
+    encode_interleaved::<STATES>(symbols, &histogram(symbols), out);
 }
 
 /// The `k` field's state bits for `L` states.
@@ -241,16 +256,86 @@ fn put(state: &mut u32, coder: &EncSymbol, reversed: &mut [u8], len: &mut usize)
     *state = coder.step(x >> (8 * bytes));
 }
 
+/// Decoded symbols, as the stream held them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Symbols {
+    /// One byte per symbol.
+    Dense(Vec<u8>),
+    /// `len` symbols, all `dominant` except `literals[j]` at `positions[j]`
+    /// (increasing, each below `len`, no literal equal to `dominant`).
+    Runs {
+        len: usize,
+        dominant: u8,
+        positions: Vec<u32>,
+        literals: Vec<u8>,
+    },
+}
+
+impl Symbols {
+    pub fn len(&self) -> usize {
+        match self {
+            Symbols::Dense(s) => s.len(),
+            Symbols::Runs { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One byte per symbol.
+    pub fn expand(self) -> Vec<u8> {
+        match self {
+            Symbols::Dense(s) => s,
+            Symbols::Runs {
+                len,
+                dominant,
+                positions,
+                literals,
+            } => {
+                let mut out = vec![dominant; len];
+                for (&at, &s) in positions.iter().zip(&literals) {
+                    out[at as usize] = s;
+                }
+                out
+            }
+        }
+    }
+}
+
 /// Decodes a stream made by [`encode`] (or by an earlier build's one-state
 /// encoder) that must hold `expected` symbols; returns the symbols and the
 /// number of bytes consumed.
 pub fn decode(bytes: &[u8], expected: usize) -> Result<(Vec<u8>, usize), RansError> {
+    let (symbols, used) = decode_symbols(bytes, expected)?;
+    Ok((symbols.expand(), used))
+}
+
+/// [`decode`], leaving a run-coded stream as runs.
+pub fn decode_symbols(bytes: &[u8], expected: usize) -> Result<(Symbols, usize), RansError> {
+    decode_stream(bytes, expected, true)
+}
+
+/// [`decode`] of a stream that may not be run-coded (the parts of one).
+fn decode_plain(bytes: &[u8], expected: usize) -> Result<(Vec<u8>, usize), RansError> {
+    let (symbols, used) = decode_stream(bytes, expected, false)?;
+    Ok((symbols.expand(), used))
+}
+
+fn decode_stream(
+    bytes: &[u8],
+    expected: usize,
+    runs_allowed: bool,
+) -> Result<(Symbols, usize), RansError> {
     let take = |at: usize, n: usize| bytes.get(at..at + n).ok_or(RansError::Truncated);
     let n = u32::from_le_bytes(take(0, 4)?.try_into().expect("4")) as usize;
     if n != expected {
         return Err(RansError::Count { found: n, expected });
     }
     let k_field = u16::from_le_bytes(take(4, 2)?.try_into().expect("2"));
+    if runs_allowed && k_field >> STATES_SHIFT == runs::RUNS_CODE {
+        return runs::decode(bytes, 6, n, k_field);
+    }
     let k = (k_field & K_MASK) as usize;
     if k > 256 {
         return Err(RansError::BadTable);
@@ -264,12 +349,13 @@ pub fn decode(bytes: &[u8], expected: usize) -> Result<(Vec<u8>, usize), RansErr
     }
     let model = Model::new(&freqs, n)?;
     let decoder = Decoder { bytes, pos };
-    match k_field >> STATES_SHIFT {
+    let (symbols, used) = match k_field >> STATES_SHIFT {
         0 => decoder.run::<1>(&model, n),
         2 => decoder.run::<2>(&model, n),
         3 => decoder.run::<4>(&model, n),
         _ => Err(RansError::BadTable),
-    }
+    }?;
+    Ok((Symbols::Dense(symbols), used))
 }
 
 /// The decoding table of a frequency table: for each of the 4096 slots,
@@ -442,6 +528,23 @@ impl Decoder<'_> {
         }
         Ok((out, self.pos))
     }
+}
+
+/// The size in bits of a plain stream with these symbol counts: what its
+/// quantized frequencies cost the symbols, plus the table and the states.
+/// (Within a few bytes of what [`encode`] writes; unlike the entropy, it
+/// sees that a symbol rarer than 1/4096 still costs 12 bits.)
+fn coded_bits(counts: &[u64; 256]) -> f64 {
+    let n: u64 = counts.iter().sum();
+    let freqs = normalized_frequencies(counts, n);
+    let symbols: f64 = counts
+        .iter()
+        .zip(&freqs)
+        .filter(|(c, _)| **c > 0)
+        .map(|(&c, &f)| c as f64 * (SCALE_BITS as f64 - f64::from(f).log2()))
+        .sum();
+    let present = freqs.iter().filter(|&&f| f > 0).count();
+    symbols + 8.0 * (6.0 + 3.0 * present as f64 + 4.0 * STATES as f64)
 }
 
 /// Empirical order-0 entropy of `symbols`, in bits per symbol.
