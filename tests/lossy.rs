@@ -177,6 +177,56 @@ fn commit_reads_bases_from_the_cache_and_survives_its_damage() {
     assert_eq!(file_digests(&outs[0]), file_digests(&outs[1]));
 }
 
+/// A keyframe keeps no copy of its reconstruction, only a map of where its
+/// chunks are in its input files: the next commit takes every base from
+/// there. If an input file changed after the keyframe, its chunks are
+/// decoded from blobs instead, with the same result.
+#[test]
+fn keyframe_bases_come_from_its_input_files_while_they_are_unchanged() {
+    let commit = |env: &Env, dir: &Path, step: u64| {
+        let out = env
+            .cmd()
+            .args(["--json", "commit", "--step", &step.to_string()])
+            .arg(dir)
+            .assert()
+            .success();
+        serde_json::from_slice::<serde_json::Value>(&out.get_output().stdout).unwrap()
+    };
+    let envs = [
+        Env::init_with(&["--policy", "balanced"]),
+        Env::init_with(&["--policy", "balanced"]),
+    ];
+    for env in &envs {
+        copy_dir(&fixture(20), &env.path("ck20"));
+        let keyframe = commit(env, &env.path("ck20"), 20);
+        let id = keyframe["id"].as_str().unwrap();
+        let tips = env.repo().join("cache/tips");
+        assert!(tips.join(format!("{id}.sources")).is_file());
+        assert!(!tips.join(id).exists(), "no copy of the checkpoint");
+    }
+    // The second run's model file is rewritten after its commit (same size,
+    // other bytes at the end, where the last tensor is).
+    let model = envs[1].path("ck20/model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last - 100..].iter_mut().for_each(|b| *b ^= 0x10);
+    std::fs::write(&model, bytes).unwrap();
+
+    let kept = commit(&envs[0], &fixture(40), 40);
+    assert_eq!(kept["bases_decoded"], 0, "{kept}");
+    let from_sources = kept["bases_from_cache"].as_u64().unwrap();
+    assert!(from_sources > 0, "{kept}");
+    let changed = commit(&envs[1], &fixture(40), 40);
+    let decoded = changed["bases_decoded"].as_u64().unwrap();
+    assert!((1..from_sources).contains(&decoded), "{changed}");
+    assert_eq!(
+        envs[0].json(&["show", "40"])["entries"],
+        envs[1].json(&["show", "40"])["entries"]
+    );
+    let outs = [envs[0].checkout("40", "out"), envs[1].checkout("40", "out")];
+    assert_eq!(file_digests(&outs[0]), file_digests(&outs[1]));
+}
+
 /// What the reconstruction cache of a checkout of the fixture holds: every
 /// tensor's bytes in record order (files by name, tensors in data-offset
 /// order), which is the data section of each safetensors file.
@@ -234,6 +284,33 @@ fn caches_are_reused_along_a_branch_and_kept_for_other_tips() {
         let decoded = data_sections(&env.checkout(&id, &format!("out-{id}")));
         assert!(decoded == cached, "cache of {id} differs from its checkout");
     }
+}
+
+/// A keyframe ends a chain: the old tip's cache file is kept as the spare,
+/// and the next commit writes its cache over it (overwriting cached pages
+/// instead of allocating new ones), with the right content.
+#[test]
+fn a_keyframe_leaves_the_old_cache_as_the_spare_for_the_next_commit() {
+    let env = Env::init_with(&["--policy", "balanced"]);
+    let tips = env.repo().join("cache/tips");
+    env.commit(&fixture(20), 20);
+    let main_40 = env.commit(&fixture(40), 40);
+    let old_file = std::fs::metadata(tips.join(&main_40)).unwrap().ino();
+    let keyframe = env.commit_args(&["--step", "60", "--keyframe"], &fixture(60));
+    assert_eq!(
+        std::fs::metadata(tips.join("spare")).unwrap().ino(),
+        old_file
+    );
+    assert!(tips.join(format!("{keyframe}.sources")).is_file());
+    let main_80 = env.commit(&fixture(80), 80);
+    assert_eq!(
+        std::fs::metadata(tips.join(&main_80)).unwrap().ino(),
+        old_file
+    );
+    assert!(!tips.join("spare").exists());
+    let cached = cached_chunks(&tips.join(&main_80), &main_80);
+    std::fs::remove_dir_all(env.repo().join("cache")).unwrap();
+    assert!(data_sections(&env.checkout(&main_80, "out")) == cached);
 }
 
 #[test]

@@ -6,6 +6,14 @@
 //! It is only a cache: a missing, short or damaged file just means the store
 //! decodes the chunk instead. Deleting `cache/` is always safe.
 //!
+//! A keyframe's reconstruction is its input, byte for byte, so a keyframe
+//! commit writes no copy: a *source map* `cache/tips/<id>.sources` says
+//! where each chunk is in the checkpoint files it was committed from (see
+//! [`SourceMapWriter`]). While those files are unchanged (training loops
+//! keep the last few checkpoints), the next commit reads its bases there
+//! instead of decoding the keyframe; a chunk whose xxh3 no longer matches is
+//! decoded from blobs, as with a damaged cache.
+//!
 //! Layout: the chunk bytes (`CacheLayout::total` of them), then one entry per
 //! written chunk (offset u64 LE, length u64 LE, xxh3-64 of the bytes u64 LE)
 //! in offset order, then a footer: entry count u64 LE, the id of the commit
@@ -22,6 +30,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::format::{Plain, as_bytes, read_range};
@@ -91,12 +100,19 @@ pub struct CacheWriter {
 }
 
 impl CacheWriter {
-    /// A new, empty cache file for `len` bytes of chunks.
+    /// A new, empty cache file for `len` bytes of chunks: the spare (the
+    /// cache of a former tip, see [`prune`]) when there is one, so that its
+    /// pages are overwritten rather than allocated ([`CacheWriter::reuse`]
+    /// says why that matters); the first commit after a keyframe would
+    /// otherwise pay for a fresh file.
     pub fn create(cache_dir: &Path, len: u64) -> std::io::Result<CacheWriter> {
         let dir = tips_dir(cache_dir);
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(format!("tmp-{}", std::process::id()));
-        let file = File::create(&path)?;
+        let file = match std::fs::rename(dir.join(SPARE), &path) {
+            Ok(()) => std::fs::OpenOptions::new().write(true).open(&path)?,
+            Err(_) => File::create(&path)?,
+        };
         file.set_len(len)?;
         Ok(CacheWriter::new(file, path, dir, len))
     }
@@ -164,26 +180,146 @@ impl CacheWriter {
     }
 }
 
-/// A published cache file.
+/// Version of the [`SourceMap`] record.
+const SOURCE_MAP_VERSION: u8 = 1;
+
+/// The file name of commit `id`'s source map.
+fn source_map_path(cache_dir: &Path, id: &ObjectId) -> PathBuf {
+    tips_dir(cache_dir).join(format!("{}.sources", id.to_hex()))
+}
+
+/// Where a keyframe's chunks are in its input files (postcard, versioned).
+#[derive(Debug, Serialize, Deserialize)]
+struct SourceMap {
+    version: u8,
+    /// The commit whose reconstruction this is.
+    commit: [u8; 32],
+    /// Absolute paths of the input files.
+    files: Vec<PathBuf>,
+    chunks: Vec<SourceChunk>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SourceChunk {
+    /// The chunk's offset in the cache layout, which identifies it.
+    cache_offset: u64,
+    len: u64,
+    xxh3: u64,
+    /// Index into `files`, and the chunk's offset in that file.
+    file: u32,
+    file_offset: u64,
+}
+
+/// The source map of a keyframe commit, being collected: one entry per
+/// tensor chunk, with the xxh3 of the bytes whose blake3 went into the
+/// record (the same check a cache file gives). Costs an xxh3 of the input
+/// instead of a second multi-GiB file through the page cache.
+pub struct SourceMapWriter {
+    cache_dir: PathBuf,
+    /// Absolute path of each input file, by file index.
+    files: Vec<PathBuf>,
+    chunks: Mutex<Vec<SourceChunk>>,
+}
+
+impl SourceMapWriter {
+    /// A writer for input files at `paths` (in file-index order).
+    pub fn new(cache_dir: &Path, paths: &[&Path]) -> std::io::Result<SourceMapWriter> {
+        let files = paths
+            .iter()
+            .map(std::fs::canonicalize)
+            .collect::<std::io::Result<_>>()?;
+        Ok(SourceMapWriter {
+            cache_dir: cache_dir.to_path_buf(),
+            files,
+            chunks: Mutex::default(),
+        })
+    }
+
+    /// Notes that the chunk at `cache_offset` is `bytes`, found at
+    /// `file_offset` of input file `file_index`.
+    pub fn note(&self, cache_offset: u64, bytes: &[u8], file_index: usize, file_offset: u64) {
+        let chunk = SourceChunk {
+            cache_offset,
+            len: bytes.len() as u64,
+            xxh3: xxh3_64(bytes),
+            file: file_index as u32,
+            file_offset,
+        };
+        self.chunks.lock().expect("lock").push(chunk);
+    }
+
+    /// Publishes the map under commit `id` (write to a temporary name,
+    /// rename: a reader never sees half a map).
+    pub fn finish(self, id: &ObjectId) -> std::io::Result<()> {
+        let map = SourceMap {
+            version: SOURCE_MAP_VERSION,
+            commit: id.0,
+            files: self.files,
+            chunks: self.chunks.into_inner().expect("lock"),
+        };
+        write_source_map(&self.cache_dir, id, &map)
+    }
+}
+
+fn write_source_map(cache_dir: &Path, id: &ObjectId, map: &SourceMap) -> std::io::Result<()> {
+    let dir = tips_dir(cache_dir);
+    std::fs::create_dir_all(&dir)?;
+    let tmp = dir.join(format!("tmp-{}.sources", std::process::id()));
+    let bytes = postcard::to_stdvec(map).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, source_map_path(cache_dir, id))
+}
+
+fn read_source_map(cache_dir: &Path, id: &ObjectId) -> Option<SourceMap> {
+    let bytes = std::fs::read(source_map_path(cache_dir, id)).ok()?;
+    let map: SourceMap = postcard::from_bytes(&bytes).ok()?;
+    (map.version == SOURCE_MAP_VERSION && map.commit == id.0).then_some(map)
+}
+
+/// Where a reader finds chunk bytes.
+enum Backing {
+    /// A cache file of its own: chunk offset → (length, xxh3).
+    Copy {
+        file: File,
+        entries: HashMap<u64, (u64, u64)>,
+    },
+    /// The input files of a keyframe: chunk offset → (file, offset in it,
+    /// length, xxh3). A file that cannot be opened has no chunks.
+    Sources {
+        files: Vec<Option<File>>,
+        chunks: HashMap<u64, SourceChunk>,
+    },
+}
+
+/// A published cache file or source map.
 pub struct CacheReader {
-    file: File,
     layout: CacheLayout,
-    /// Chunk offset → (length, xxh3).
-    entries: HashMap<u64, (u64, u64)>,
+    backing: Backing,
 }
 
 impl CacheReader {
     /// Opens the cache of `record` (whose id is `id`) if there is a
     /// complete one for it.
     pub fn open(cache_dir: &Path, id: &ObjectId, record: &CommitRecord) -> Option<CacheReader> {
-        let file = File::open(tips_dir(cache_dir).join(id.to_hex())).ok()?;
         let layout = CacheLayout::of_record(record);
-        let entries = read_entries(&file, layout.total(), id)?;
-        Some(CacheReader {
-            file,
-            layout,
-            entries,
-        })
+        let backing = match File::open(tips_dir(cache_dir).join(id.to_hex())) {
+            Ok(file) => Backing::Copy {
+                entries: read_entries(&file, layout.total(), id)?,
+                file,
+            },
+            Err(_) => {
+                let map = read_source_map(cache_dir, id)?;
+                Backing::Sources {
+                    files: map.files.iter().map(|p| File::open(p).ok()).collect(),
+                    chunks: map
+                        .chunks
+                        .into_iter()
+                        .map(|c| (c.cache_offset, c))
+                        .collect(),
+                }
+            }
+        };
+        Some(CacheReader { layout, backing })
     }
 
     /// A copy of the chunk if the cache has it intact, as bytes or (for f32
@@ -197,12 +333,22 @@ impl CacheReader {
         chunk: &ChunkRef,
     ) -> Option<Vec<T>> {
         let offset = self.layout.chunk_offset(file, tensor, index)?;
-        let &(len, hash) = self.entries.get(&offset)?;
+        let (file, at, len, hash) = match &self.backing {
+            Backing::Copy { file, entries } => {
+                let &(len, hash) = entries.get(&offset)?;
+                (file, offset, len, hash)
+            }
+            Backing::Sources { files, chunks } => {
+                let c = chunks.get(&offset)?;
+                let file = files.get(c.file as usize)?.as_ref()?;
+                (file, c.file_offset, c.len, c.xxh3)
+            }
+        };
         let size = size_of::<T>() as u64;
         if len != chunk.raw_len || !len.is_multiple_of(size) {
             return None;
         }
-        let values = read_range::<T>(&self.file, offset, (len / size) as usize).ok()?;
+        let values = read_range::<T>(file, at, (len / size) as usize).ok()?;
         (xxh3_64(as_bytes(&values)) == hash).then_some(values)
     }
 }
@@ -256,6 +402,11 @@ pub fn rename(cache_dir: &Path, old: &ObjectId, new: &ObjectId) {
     if renamed().is_err() {
         let _ = std::fs::remove_file(&from);
     }
+    if let Some(mut map) = read_source_map(cache_dir, old) {
+        map.commit = new.0;
+        let _ = write_source_map(cache_dir, new, &map);
+    }
+    let _ = std::fs::remove_file(source_map_path(cache_dir, old));
 }
 
 /// Keeps the caches of the current branch tips only (after a commit, a
@@ -267,16 +418,30 @@ pub fn prune_to_branch_tips(store: &crate::store::Store) {
     }
 }
 
-/// Deletes cache files of commits not in `keep` (branch tips), and stale
-/// temporary files of writers that no longer hold the lock.
+/// The name under which one former tip's cache file is kept for the next
+/// [`CacheWriter::create`].
+const SPARE: &str = "spare";
+
+/// Deletes cache files and source maps of commits not in `keep` (branch
+/// tips), and stale temporary files of writers that no longer hold the
+/// lock; one dropped cache file is kept as the spare, if there is none.
 pub fn prune(cache_dir: &Path, keep: &[ObjectId]) {
     let keep: Vec<String> = keep.iter().map(ObjectId::to_hex).collect();
-    let Ok(entries) = std::fs::read_dir(tips_dir(cache_dir)) else {
+    let dir = tips_dir(cache_dir);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
         return;
     };
+    let mut have_spare = dir.join(SPARE).is_file();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !keep.contains(&name) {
+        let commit = name.strip_suffix(".sources").unwrap_or(&name);
+        if name == SPARE || keep.iter().any(|k| k == commit) {
+            continue;
+        }
+        let is_cache_file = commit == name && !name.starts_with("tmp-");
+        if is_cache_file && !have_spare && std::fs::rename(entry.path(), dir.join(SPARE)).is_ok() {
+            have_spare = true;
+        } else {
             let _ = std::fs::remove_file(entry.path());
         }
     }

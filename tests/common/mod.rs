@@ -62,7 +62,7 @@ impl Env {
         self.commit_args(&["--branch", branch, "--step", &step.to_string()], dir)
     }
 
-    fn commit_args(&self, args: &[&str], dir: &Path) -> String {
+    pub fn commit_args(&self, args: &[&str], dir: &Path) -> String {
         let out = self
             .cmd()
             .arg("commit")

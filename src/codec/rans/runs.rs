@@ -17,16 +17,13 @@
 //! - the dominant symbols after the last literal are implied by `n`.
 //!
 //! Layout (after the common `n` u32 and `k` u16 fields, whose state bits are
-//! [`RUNS_CODE`] and whose low byte is the dominant symbol): extra-bit bytes
+//! [`super::EXTENDED_CODE`], bit 8 clear, and whose low byte is the dominant
+//! symbol): extra-bit bytes
 //! `b` (u32 LE), the bucket stream and the literal stream (each a plain
 //! stream of the same literal count, see the parent module), then `b` bytes
 //! of extra bits, least significant bit first.
 
 use super::{RansError, Symbols, coded_bits, decode_plain, encode_plain, histogram};
-
-/// The `k` field's state bits that mark a run-coded stream (the value the
-/// plain streams never used).
-pub(super) const RUNS_CODE: u16 = 1;
 
 /// Streams shorter than this are coded plainly: the second table and the
 /// second set of states would cost more than runs save.
@@ -37,7 +34,7 @@ const MIN_DOMINANT_SHARE: f64 = 0.8;
 /// Run coding is taken when its estimated size is within this factor of the
 /// plain stream's: it decodes several times faster, and that is worth a
 /// little size.
-const SIZE_TOLERANCE: f64 = 1.01;
+pub(super) const SIZE_TOLERANCE: f64 = 1.01;
 
 /// A stream split into runs, ready to write.
 pub(super) struct Runs {
@@ -84,7 +81,7 @@ impl Runs {
 
     /// Appends the stream, from its `k` field on (the caller wrote `n`).
     pub(super) fn write(self, out: &mut Vec<u8>) {
-        let k_field = u16::from(self.dominant) | (RUNS_CODE << super::STATES_SHIFT);
+        let k_field = u16::from(self.dominant) | (super::EXTENDED_CODE << super::STATES_SHIFT);
         out.extend_from_slice(&k_field.to_le_bytes());
         let extra = self.extra.finish();
         out.extend_from_slice(&(extra.len() as u32).to_le_bytes());
@@ -310,7 +307,11 @@ mod tests {
             let mut out = Vec::new();
             encode(&symbols, &mut out);
             let k_field = u16::from_le_bytes([out[4], out[5]]);
-            assert_eq!(k_field >> 14, RUNS_CODE, "1 in {every} is run-coded");
+            assert_eq!(
+                k_field >> 14,
+                super::super::EXTENDED_CODE,
+                "1 in {every} is run-coded"
+            );
             assert_eq!(
                 decode(&out, symbols.len()).unwrap(),
                 (symbols.clone(), out.len())
@@ -329,7 +330,10 @@ mod tests {
         for symbols in [sparse(1 << 16, 2, 1), sparse(1000, 100, 2)] {
             let mut out = Vec::new();
             encode(&symbols, &mut out);
-            assert_ne!(u16::from_le_bytes([out[4], out[5]]) >> 14, RUNS_CODE);
+            assert_ne!(
+                u16::from_le_bytes([out[4], out[5]]) >> 14,
+                super::super::EXTENDED_CODE
+            );
         }
     }
 

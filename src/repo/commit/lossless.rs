@@ -35,6 +35,7 @@ pub fn encode_tensor(
     // Only after the parent's chunk was read: the cache may be the parent's
     // file, overwritten in place (tipcache::CacheWriter::reuse).
     session.cache_chunk(slot.cache_offset(index), &raw)?;
+    session.note_source(slot, index, &raw);
     Ok(encoded)
 }
 

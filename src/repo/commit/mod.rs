@@ -28,7 +28,7 @@ use super::history::{ancestry_steps, validate_ref_name};
 use super::progress::Progress;
 use super::reconstruct::Reconstructor;
 use super::rev::resolve;
-use super::tipcache::{self, CacheWriter};
+use super::tipcache::{self, CacheWriter, SourceMapWriter};
 use crate::codec::{self, policy::Policy};
 use crate::format::{Checkpoint, InputKind};
 use crate::store::object::{COMMIT_VERSION, ErrorTotals};
@@ -85,6 +85,8 @@ pub(crate) struct Session<'s> {
     parent: Option<ObjectId>,
     /// `None` for a keyframe commit (see [`commit`]).
     cache: Option<CacheWriter>,
+    /// For a keyframe commit: where its chunks are in the input files.
+    sources: Option<SourceMapWriter>,
     allow_delta: bool,
 }
 
@@ -107,6 +109,15 @@ impl Session<'_> {
                 .write_at(offset, reconstruction)
                 .context("cannot write the reconstruction cache"),
             None => Ok(()),
+        }
+    }
+
+    /// Notes where a keyframe's chunk is in its input file, if this commit
+    /// keeps a source map; `raw` is what the record's raw hash covers.
+    fn note_source(&self, slot: &plan::TensorSlot<'_>, index: usize, raw: &[u8]) {
+        if let Some(sources) = &self.sources {
+            let (file_offset, _) = slot.chunk_range(index);
+            sources.note(slot.cache_offset(index), raw, slot.file_index, file_offset);
         }
     }
 
@@ -169,23 +180,25 @@ pub fn commit(
         parent_record,
         !keyframe && !policy.is_lossless(),
     );
-    // A keyframe writes no cache: its chunks decode on their own, without a
-    // chain, so the next commit can take its bases from the blobs. That
-    // moves the cost of a fresh cache file (a second copy of the checkpoint
-    // through the page cache) from the keyframe to the next commit, which
-    // also decodes; the sum over the two is about the same, and keyframe
-    // commits are the slow ones (docs/benchmarks.md). Residual commits keep
-    // a cache, since decoding them means replaying the chain.
-    let cache = if keyframe {
-        None
+    // A keyframe writes no cache file: its reconstruction is its input, so
+    // a source map (where each chunk is in the input files) serves the next
+    // commit while those files are unchanged, and its chunks decode on
+    // their own from blobs when they are not. A copy would be a second pass
+    // of the checkpoint through the page cache (docs/benchmarks.md).
+    // Residual commits keep a cache, since decoding them means replaying
+    // the chain. The source map is best effort, like the cache.
+    let (cache, sources) = if keyframe {
+        let paths: Vec<&Path> = checkpoint.files.iter().map(|f| f.path.as_path()).collect();
+        (None, SourceMapWriter::new(&store.cache_dir(), &paths).ok())
     } else {
-        Some(cache_writer(&store, &target, &plan.layout)?)
+        (Some(cache_writer(&store, &target, &plan.layout)?), None)
     };
     let session = Session {
         store: &store,
         reconstructor: Reconstructor::new(&store),
         parent: target.parent.as_ref().map(|(id, _)| *id),
         cache,
+        sources,
         allow_delta: !keyframe,
     };
 
@@ -229,7 +242,8 @@ pub fn commit(
     drop(view);
 
     // The commit is durable; the cache is a best-effort accelerator.
-    if session.cache.is_none_or(|cache| cache.finish(&id).is_ok()) {
+    let sources_written = session.sources.is_none_or(|map| map.finish(&id).is_ok());
+    if sources_written && session.cache.is_none_or(|cache| cache.finish(&id).is_ok()) {
         tipcache::prune_to_branch_tips(&store);
     }
     let (bases_from_cache, bases_decoded) = session.reconstructor.sources();
