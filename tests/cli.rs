@@ -1,6 +1,13 @@
-//! Output for shells and manuals: completion scripts and the man page.
+//! Output for shells, scripts and people: completion scripts, the man page,
+//! the `--json` schemas of docs/cli.md, and colour.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use assert_cmd::Command;
+use common::*;
+use serde_json::Value;
 
 fn ckptvc(args: &[&str]) -> String {
     let out = Command::cargo_bin("ckptvc")
@@ -54,4 +61,169 @@ fn unknown_shell_is_refused() {
         .assert()
         .failure()
         .stderr(predicates::str::contains("invalid value 'tcsh'"));
+}
+
+/// The schema tables of docs/cli.md: name → documented field paths.
+fn documented_schemas() -> BTreeMap<String, BTreeSet<String>> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/cli.md")).unwrap();
+    let mut schemas = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in doc.lines() {
+        if let Some(name) = line
+            .strip_prefix("<!-- schema: ")
+            .and_then(|rest| rest.strip_suffix(" -->"))
+        {
+            current = Some(name.to_string());
+            schemas.insert(name.to_string(), BTreeSet::new());
+        } else if let Some(name) = &current {
+            match line.strip_prefix("| `") {
+                Some(row) => {
+                    let field = row.split('`').next().unwrap().to_string();
+                    schemas.get_mut(name).unwrap().insert(field);
+                }
+                None if line.starts_with('|') || line.is_empty() => {}
+                None => current = None,
+            }
+        }
+    }
+    schemas
+}
+
+/// Every field path of a JSON value, in the notation of docs/cli.md.
+fn field_paths(value: &Value, prefix: &str, out: &mut BTreeSet<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                out.insert(path.clone());
+                field_paths(v, &path, out);
+            }
+        }
+        Value::Array(items) => {
+            for item in items.iter().filter(|i| i.is_object()) {
+                let path = format!("{prefix}[]");
+                let mut inner = BTreeSet::new();
+                field_paths(item, "", &mut inner);
+                out.extend(inner.into_iter().map(|p| format!("{path}.{p}")));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Every field printed is documented, and every documented field is
+/// printed wherever its parent object is.
+fn assert_matches_schema(name: &str, output: &Value, schemas: &BTreeMap<String, BTreeSet<String>>) {
+    let documented = schemas
+        .get(name)
+        .unwrap_or_else(|| panic!("docs/cli.md has no schema `{name}`"));
+    let mut printed = BTreeSet::new();
+    field_paths(output, "", &mut printed);
+    let undocumented: Vec<_> = printed.difference(documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "`{name}` prints undocumented fields {undocumented:?}"
+    );
+    for field in documented {
+        let parent = field.rsplit_once('.').map(|(p, _)| p);
+        let parent_printed = match parent {
+            None => true,
+            Some(p) => printed.iter().any(|f| f.starts_with(&format!("{p}."))),
+        };
+        assert!(
+            !parent_printed || printed.contains(field),
+            "`{name}` documents `{field}`, which it does not print: {output:#}"
+        );
+    }
+}
+
+#[test]
+fn json_output_matches_the_documented_schemas() {
+    let schemas = documented_schemas();
+    let env = Env::init_with(&["--policy", "balanced"]);
+    let json = |args: &[&str]| env.json(args);
+    let commit = |step: u64| {
+        let out = env
+            .cmd()
+            .args(["--json", "commit", "--step", &step.to_string()])
+            .arg(fixture(step))
+            .assert()
+            .success();
+        serde_json::from_slice::<Value>(&out.get_output().stdout).unwrap()
+    };
+    let mut checked = BTreeSet::new();
+    let mut check = |name: &str, output: Value| {
+        assert_matches_schema(name, &output, &schemas);
+        checked.insert(name.to_string());
+    };
+    check("commit", commit(20));
+    check("commit", commit(40));
+    commit(60);
+    let out = env.path("out");
+    check(
+        "checkout",
+        json(&["checkout", "40", "--output", out.to_str().unwrap()]),
+    );
+    check("log", json(&["log"]));
+    check("log-graph", json(&["log", "--graph"]));
+    check("show", json(&["show", "40"]));
+    check("branch-create", json(&["branch", "exp", "20"]));
+    check("branch-list", json(&["branch"]));
+    check("switch", json(&["switch", "exp"]));
+    check("switch", json(&["switch", "main"]));
+    check("tag-create", json(&["tag", "v1", "40"]));
+    check("tag-list", json(&["tag"]));
+    check("diff", json(&["diff", "20", "60"]));
+    check("fsck", json(&["fsck"]));
+    check("stats", json(&["stats"]));
+    check("tag-delete", json(&["tag", "-d", "v1"]));
+    check("branch-delete", json(&["branch", "-d", "exp"]));
+    check("gc", json(&["gc", "--dry-run"]));
+    check("prune", json(&["prune", "--keep-last", "1", "--dry-run"]));
+    check("prune", json(&["prune", "--keep-last", "1"]));
+    check("gc", json(&["gc"]));
+    let unchecked: Vec<_> = schemas.keys().filter(|k| !checked.contains(*k)).collect();
+    assert!(
+        unchecked.is_empty(),
+        "schemas no test output was checked against: {unchecked:?}"
+    );
+}
+
+#[test]
+fn colour_only_when_asked_or_on_a_terminal() {
+    let env = Env::init();
+    env.commit(&fixture(20), 20);
+    let log = |args: &[&str], no_color: Option<&str>| {
+        let mut cmd = env.cmd();
+        if let Some(v) = no_color {
+            cmd.env("NO_COLOR", v);
+        } else {
+            cmd.env_remove("NO_COLOR");
+        }
+        let out = cmd.args(args).assert().success();
+        String::from_utf8(out.get_output().stdout.clone()).unwrap()
+    };
+    // Piped (as here): no escapes unless forced.
+    assert!(!log(&["log"], None).contains('\x1b'));
+    assert!(log(&["--color", "always", "log"], None).contains("\x1b[33m"));
+    assert!(log(&["--color", "always", "branch"], Some("1")).contains("\x1b[32m"));
+    assert!(!log(&["--color", "never", "log"], None).contains('\x1b'));
+    assert!(!log(&["--json", "--color", "always", "log"], None).contains('\x1b'));
+    // The columns line up with and without colour.
+    let plain = log(&["log"], None);
+    let coloured = log(&["--color", "always", "log"], None);
+    let stripped: String = {
+        let mut out = String::new();
+        let mut rest = coloured.as_str();
+        while let Some(at) = rest.find('\x1b') {
+            out.push_str(&rest[..at]);
+            rest = &rest[at + rest[at..].find('m').unwrap() + 1..];
+        }
+        out + rest
+    };
+    assert_eq!(stripped, plain);
 }

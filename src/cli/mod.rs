@@ -3,6 +3,7 @@
 
 mod output;
 mod progress;
+mod style;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +37,10 @@ struct Cli {
     /// fail at once with "store is locked by another writer (pid N)").
     #[arg(long, global = true, default_value_t = 0.0, alias = "lock-timeout")]
     wait: f64,
+    /// Colour tables: `auto` (on a terminal, unless NO_COLOR is set),
+    /// `always` or `never`.
+    #[arg(long, global = true, value_enum, default_value_t = style::ColorChoice::Auto)]
+    color: style::ColorChoice,
     #[command(subcommand)]
     command: Command,
 }
@@ -225,7 +230,9 @@ fn ref_command(
             let store = Store::open_read(&cli.repo)?;
             match (kind, cli.json) {
                 (RefKind::Branch, true) => print_json(&history::branches(&store)?)?,
-                (RefKind::Branch, false) => output::print_branches(&history::branches(&store)?),
+                (RefKind::Branch, false) => {
+                    output::print_branches(&history::branches(&store)?, cli.palette())
+                }
                 (RefKind::Tag, true) => print_json(&history::tags(&store)?)?,
                 (RefKind::Tag, false) => output::print_tags(&history::tags(&store)?),
             }
@@ -263,6 +270,12 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+impl Cli {
+    fn palette(&self) -> style::Palette {
+        style::Palette::for_stdout(self.color)
     }
 }
 
@@ -403,7 +416,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             if cli.json {
                 print_json(&entries)
             } else {
-                output::print_log(&entries)?;
+                output::print_log(&entries, cli.palette())?;
                 Ok(())
             }
         }
@@ -478,7 +491,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             if cli.json {
                 print_json(&report)?;
             } else {
-                output::print_fsck(&report);
+                output::print_fsck(&report, cli.palette());
             }
             if !report.ok() {
                 anyhow::bail!("fsck found {} problem(s)", report.problems.len());

@@ -1,5 +1,6 @@
 //! Human-readable tables and JSON.
 
+use super::style::{self, Palette};
 use crate::repo::diff::{Change, DiffReport};
 use crate::repo::fsck::FsckReport;
 use crate::repo::gc::GcReport;
@@ -70,7 +71,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 /// The log as a table. Written through one buffer: a line-buffered stdout
 /// costs a write call per commit (10,000 of them for a long run).
-pub fn print_log(entries: &[LogEntry]) -> std::io::Result<()> {
+pub fn print_log(entries: &[LogEntry], palette: Palette) -> std::io::Result<()> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     writeln!(
         out,
@@ -90,10 +91,10 @@ pub fn print_log(entries: &[LogEntry]) -> std::io::Result<()> {
     for e in entries {
         writeln!(
             out,
-            "{:<12}  {:>8}  {:<12}  {:<19}  {:>10}  {:>10}  {:>7}  {:<9}  {:>8.2e}  {:>8.2e}  {:>8.2e}  {}{}",
-            &e.id[..12],
+            "{}  {:>8}  {}  {:<19}  {:>10}  {:>10}  {:>7}  {:<9}  {:>8.2e}  {:>8.2e}  {:>8.2e}  {}{}",
+            palette.paint(&e.id[..12], style::COMMIT),
             e.step,
-            e.branch,
+            palette.paint(&format!("{:<12}", e.branch), style::BRANCH),
             date(e.time_ms),
             bytes(e.input_bytes),
             bytes(e.stored_bytes),
@@ -102,7 +103,7 @@ pub fn print_log(entries: &[LogEntry]) -> std::io::Result<()> {
             e.error_w,
             e.error_m,
             e.error_v,
-            if e.keyframe { "[keyframe] " } else { "" },
+            palette.paint(if e.keyframe { "[keyframe] " } else { "" }, style::KEYFRAME),
             e.message
         )?;
     }
@@ -205,14 +206,19 @@ pub fn print_graph(lines: &[GraphLine]) {
     }
 }
 
-pub fn print_branches(branches: &[BranchInfo]) {
+pub fn print_branches(branches: &[BranchInfo], palette: Palette) {
     for b in branches {
+        let name = format!("{:<20}", b.name);
         println!(
-            "{} {:<20} step {:>8}  {}  {} commits",
+            "{} {} step {:>8}  {}  {} commits",
             if b.current { "*" } else { " " },
-            b.name,
+            if b.current {
+                palette.paint(&name, style::BRANCH)
+            } else {
+                name.as_str().into()
+            },
             b.tip_step,
-            &b.tip[..12],
+            palette.paint(&b.tip[..12], style::COMMIT),
             b.commits
         );
     }
@@ -301,7 +307,7 @@ pub fn print_prune(r: &PruneReport) {
     }
 }
 
-pub fn print_fsck(r: &FsckReport) {
+pub fn print_fsck(r: &FsckReport, palette: Palette) {
     println!(
         "checked {} blobs, {} commits, {} chunks decoded",
         r.blobs, r.commits, r.chunks_decoded
@@ -313,13 +319,18 @@ pub fn print_fsck(r: &FsckReport) {
         );
     }
     for p in &r.problems {
-        println!("BROKEN {}: {}", p.object, p.detail);
+        println!(
+            "{} {}: {}",
+            palette.paint("BROKEN", style::BROKEN),
+            p.object,
+            p.detail
+        );
         if !p.affects.is_empty() {
             println!("  affects: {}", p.affects.join(", "));
         }
     }
     if r.ok() {
-        println!("store is intact");
+        println!("{}", palette.paint("store is intact", style::OK));
     }
 }
 
