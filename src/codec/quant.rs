@@ -266,6 +266,36 @@ fn apply_onto(
             }
             map_f32(&mut values[start..], |b| op(b, level));
         }
+        rans::Symbols::Pairs {
+            alphabet,
+            pairs,
+            tail,
+        } if !alphabet.contains(&ESCAPE) => {
+            if alphabet.iter().any(|&s| invalid(s)) {
+                return Err(QuantError::Invalid("symbol without a level"));
+            }
+            // The two levels of every pair symbol: one lookup per two
+            // elements, straight from the decoded pairs.
+            let k = alphabet.len();
+            let mut pair_levels = [(0f32, 0f32); 256];
+            for (p, slot) in pair_levels.iter_mut().enumerate().take(k * k) {
+                *slot = (
+                    levels[alphabet[p / k] as usize],
+                    levels[alphabet[p % k] as usize],
+                );
+            }
+            for (two, &p) in values.chunks_exact_mut(8).zip(pairs) {
+                let (a, b) = pair_levels[p as usize];
+                let (x, y) = (op(f32_at(&two[..4]), a), op(f32_at(&two[4..]), b));
+                two[..4].copy_from_slice(&x.to_le_bytes());
+                two[4..].copy_from_slice(&y.to_le_bytes());
+            }
+            if let Some(s) = tail {
+                let last = values.len() - 4;
+                let x = op(f32_at(&values[last..]), levels[*s as usize]);
+                values[last..].copy_from_slice(&x.to_le_bytes());
+            }
+        }
         symbols => {
             let expanded;
             let dense = match symbols {

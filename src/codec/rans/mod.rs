@@ -277,6 +277,14 @@ pub enum Symbols {
         positions: Vec<u32>,
         literals: Vec<u8>,
     },
+    /// Symbols `2i` and `2i + 1` are `alphabet[p / k]` and `alphabet[p % k]`
+    /// for `p = pairs[i]` and `k = alphabet.len()` (every `p < k²`), then
+    /// `tail` when the count is odd.
+    Pairs {
+        alphabet: Vec<u8>,
+        pairs: Vec<u8>,
+        tail: Option<u8>,
+    },
 }
 
 impl Symbols {
@@ -284,6 +292,7 @@ impl Symbols {
         match self {
             Symbols::Dense(s) => s.len(),
             Symbols::Runs { len, .. } => *len,
+            Symbols::Pairs { pairs, tail, .. } => 2 * pairs.len() + usize::from(tail.is_some()),
         }
     }
 
@@ -305,6 +314,20 @@ impl Symbols {
                 for (&at, &s) in positions.iter().zip(&literals) {
                     out[at as usize] = s;
                 }
+                out
+            }
+            Symbols::Pairs {
+                alphabet,
+                pairs,
+                tail,
+            } => {
+                let k = alphabet.len();
+                let mut out = Vec::with_capacity(2 * pairs.len() + 1);
+                for &p in &pairs {
+                    let p = p as usize;
+                    out.extend_from_slice(&[alphabet[p / k], alphabet[p % k]]);
+                }
+                out.extend(tail);
                 out
             }
         }

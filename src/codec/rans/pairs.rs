@@ -86,33 +86,30 @@ pub(super) fn decode(
     }
     let alphabet = bytes.get(pos..pos + k).ok_or(RansError::Truncated)?;
     pos += k;
-    // Each pair symbol's two symbols; pair symbols k² and above are invalid.
-    let mut expansion = [[0u8; 2]; 256];
-    let mut valid = [false; 256];
-    for a in 0..k {
-        for b in 0..k {
-            expansion[a * k + b] = [alphabet[a], alphabet[b]];
-            valid[a * k + b] = true;
-        }
-    }
     let (pairs, used) = decode_plain(&bytes[pos..], n / 2)?;
     pos += used;
-    if pairs.iter().any(|&p| !valid[p as usize]) {
+    if pairs
+        .iter()
+        .fold(false, |bad, &p| bad | (p as usize >= k * k))
+    {
         return Err(RansError::Corrupt);
     }
-    let mut out = vec![0u8; n];
-    for (two, &p) in out.chunks_exact_mut(2).zip(&pairs) {
-        two.copy_from_slice(&expansion[p as usize]);
-    }
-    if n % 2 == 1 {
+    let tail = if n % 2 == 1 {
         let last = *bytes.get(pos).ok_or(RansError::Truncated)?;
         if !alphabet.contains(&last) {
             return Err(RansError::Corrupt);
         }
-        out[n - 1] = last;
         pos += 1;
-    }
-    Ok((Symbols::Dense(out), pos))
+        Some(last)
+    } else {
+        None
+    };
+    let symbols = Symbols::Pairs {
+        alphabet: alphabet.to_vec(),
+        pairs,
+        tail,
+    };
+    Ok((symbols, pos))
 }
 
 #[cfg(test)]
