@@ -266,34 +266,27 @@ fn apply_onto(
             }
             map_f32(&mut values[start..], |b| op(b, level));
         }
-        rans::Symbols::Pairs {
+        rans::Symbols::Tuples {
             alphabet,
-            pairs,
+            width,
+            tuples,
             tail,
         } if !alphabet.contains(&ESCAPE) => {
             if alphabet.iter().any(|&s| invalid(s)) {
                 return Err(QuantError::Invalid("symbol without a level"));
             }
-            // The two levels of every pair symbol: one lookup per two
-            // elements, straight from the decoded pairs.
-            let k = alphabet.len();
-            let mut pair_levels = [(0f32, 0f32); 256];
-            for (p, slot) in pair_levels.iter_mut().enumerate().take(k * k) {
-                *slot = (
-                    levels[alphabet[p / k] as usize],
-                    levels[alphabet[p % k] as usize],
-                );
+            let tuple_levels = tuple_levels(alphabet, *width, levels);
+            let whole = width * tuples.len() * 4;
+            match width {
+                2 => apply_tuples::<2>(&mut values[..whole], tuples, &tuple_levels, op),
+                3 => apply_tuples::<3>(&mut values[..whole], tuples, &tuple_levels, op),
+                4 => apply_tuples::<4>(&mut values[..whole], tuples, &tuple_levels, op),
+                5 => apply_tuples::<5>(&mut values[..whole], tuples, &tuple_levels, op),
+                _ => apply_tuples::<8>(&mut values[..whole], tuples, &tuple_levels, op),
             }
-            for (two, &p) in values.chunks_exact_mut(8).zip(pairs) {
-                let (a, b) = pair_levels[p as usize];
-                let (x, y) = (op(f32_at(&two[..4]), a), op(f32_at(&two[4..]), b));
-                two[..4].copy_from_slice(&x.to_le_bytes());
-                two[4..].copy_from_slice(&y.to_le_bytes());
-            }
-            if let Some(s) = tail {
-                let last = values.len() - 4;
-                let x = op(f32_at(&values[last..]), levels[*s as usize]);
-                values[last..].copy_from_slice(&x.to_le_bytes());
+            for (value, &s) in values[whole..].chunks_exact_mut(4).zip(tail) {
+                let x = op(f32_at(value), levels[s as usize]);
+                value.copy_from_slice(&x.to_le_bytes());
             }
         }
         symbols => {
@@ -323,6 +316,34 @@ fn apply_onto(
         }
     }
     Ok(())
+}
+
+/// The levels of every tuple value's symbols: one lookup per tuple.
+fn tuple_levels(alphabet: &[u8], width: usize, levels: &[f32; 256]) -> Vec<[f32; 8]> {
+    (0..=255u8)
+        .map(|t| {
+            let symbols = rans::tuple_symbols(alphabet, width, t);
+            std::array::from_fn(|j| levels[symbols[j] as usize])
+        })
+        .collect()
+}
+
+/// `op(base, level)` for `W` elements per tuple (the width is a constant
+/// so that the inner loop unrolls).
+#[inline(always)]
+fn apply_tuples<const W: usize>(
+    values: &mut [u8],
+    tuples: &[u8],
+    tuple_levels: &[[f32; 8]],
+    op: impl Fn(f32, f32) -> f32,
+) {
+    for (group, &t) in values.chunks_exact_mut(4 * W).zip(tuples) {
+        let levels = &tuple_levels[t as usize];
+        for (j, value) in group.chunks_exact_mut(4).enumerate() {
+            let x = op(f32_at(value), levels[j]);
+            value.copy_from_slice(&x.to_le_bytes());
+        }
+    }
 }
 
 fn f32_at(bytes: &[u8]) -> f32 {

@@ -22,7 +22,8 @@
 //! builds, still decode; builds before the four-state streams refuse them
 //! with "rANS frequency table is invalid".
 
-mod pairs;
+mod tuples;
+pub use tuples::tuple_symbols;
 mod runs;
 
 const SCALE_BITS: u32 = 12;
@@ -153,8 +154,8 @@ impl EncSymbol {
 /// Bits 14–15 of the `k` field: how many interleaved states the stream
 /// has (0 = one, 2 = two, 3 = four), or [`EXTENDED_CODE`].
 const STATES_SHIFT: u16 = 14;
-/// State bits of an extended stream: run-coded ([`runs`]) or pair-coded
-/// ([`pairs`]), told apart by bit 8 of the `k` field; both hold plain
+/// State bits of an extended stream: run-coded ([`runs`]) or tuple-coded
+/// ([`tuples`]), told apart by bit 8 of the `k` field; both hold plain
 /// streams inside.
 const EXTENDED_CODE: u16 = 1;
 /// The symbol-count bits of the `k` field.
@@ -173,15 +174,15 @@ pub fn encode(symbols: &[u8], out: &mut Vec<u8>) {
 
 /// [`encode`] for a caller that already has the [`histogram`] of `symbols`.
 /// A stream dominated by one symbol is run-coded ([`runs`]), one of a small
-/// alphabet pair-coded ([`pairs`]), when that is about as small: they
-/// decode several times and about twice as fast.
+/// alphabet tuple-coded ([`tuples`]), when that is about as small: they
+/// decode several times faster.
 pub fn encode_counted(symbols: &[u8], counts: &[u64; 256], out: &mut Vec<u8>) {
     if let Some(runs) = runs::Runs::worth_it(symbols, counts) {
         out.extend_from_slice(&(symbols.len() as u32).to_le_bytes());
         runs.write(out);
-    } else if let Some(pairs) = pairs::Pairs::worth_it(symbols, counts) {
+    } else if let Some(tuples) = tuples::Tuples::worth_it(symbols, counts) {
         out.extend_from_slice(&(symbols.len() as u32).to_le_bytes());
-        pairs.write(out);
+        tuples.write(out);
     } else {
         encode_interleaved::<STATES>(symbols, counts, out);
     }
@@ -277,13 +278,14 @@ pub enum Symbols {
         positions: Vec<u32>,
         literals: Vec<u8>,
     },
-    /// Symbols `2i` and `2i + 1` are `alphabet[p / k]` and `alphabet[p % k]`
-    /// for `p = pairs[i]` and `k = alphabet.len()` (every `p < k²`), then
-    /// `tail` when the count is odd.
-    Pairs {
+    /// Symbols `t·i .. t·i + t` are the digits of `tuples[i]` in base
+    /// `k = alphabet.len()` (most significant first) mapped through
+    /// `alphabet`, with `t = width`; then the `tail` symbols.
+    Tuples {
         alphabet: Vec<u8>,
-        pairs: Vec<u8>,
-        tail: Option<u8>,
+        width: usize,
+        tuples: Vec<u8>,
+        tail: Vec<u8>,
     },
 }
 
@@ -292,7 +294,12 @@ impl Symbols {
         match self {
             Symbols::Dense(s) => s.len(),
             Symbols::Runs { len, .. } => *len,
-            Symbols::Pairs { pairs, tail, .. } => 2 * pairs.len() + usize::from(tail.is_some()),
+            Symbols::Tuples {
+                width,
+                tuples,
+                tail,
+                ..
+            } => width * tuples.len() + tail.len(),
         }
     }
 
@@ -316,18 +323,17 @@ impl Symbols {
                 }
                 out
             }
-            Symbols::Pairs {
+            Symbols::Tuples {
                 alphabet,
-                pairs,
+                width,
+                tuples,
                 tail,
             } => {
-                let k = alphabet.len();
-                let mut out = Vec::with_capacity(2 * pairs.len() + 1);
-                for &p in &pairs {
-                    let p = p as usize;
-                    out.extend_from_slice(&[alphabet[p / k], alphabet[p % k]]);
+                let mut out = Vec::with_capacity(width * tuples.len() + tail.len());
+                for &t in &tuples {
+                    out.extend_from_slice(&tuple_symbols(&alphabet, width, t)[..width]);
                 }
-                out.extend(tail);
+                out.extend_from_slice(&tail);
                 out
             }
         }
@@ -365,8 +371,8 @@ fn decode_stream(
     }
     let k_field = u16::from_le_bytes(take(4, 2)?.try_into().expect("2"));
     if runs_allowed && k_field >> STATES_SHIFT == EXTENDED_CODE {
-        return if k_field & pairs::PAIRS_FLAG != 0 {
-            pairs::decode(bytes, 6, n, k_field)
+        return if k_field & tuples::TUPLES_FLAG != 0 {
+            tuples::decode(bytes, 6, n, k_field)
         } else {
             runs::decode(bytes, 6, n, k_field)
         };
