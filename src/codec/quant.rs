@@ -282,7 +282,10 @@ fn apply_onto(
                 3 => apply_tuples::<3>(&mut values[..whole], tuples, &tuple_levels, op),
                 4 => apply_tuples::<4>(&mut values[..whole], tuples, &tuple_levels, op),
                 5 => apply_tuples::<5>(&mut values[..whole], tuples, &tuple_levels, op),
-                _ => apply_tuples::<8>(&mut values[..whole], tuples, &tuple_levels, op),
+                6 => apply_tuples::<6>(&mut values[..whole], tuples, &tuple_levels, op),
+                7 => apply_tuples::<7>(&mut values[..whole], tuples, &tuple_levels, op),
+                8 => apply_tuples::<8>(&mut values[..whole], tuples, &tuple_levels, op),
+                _ => return Err(QuantError::Invalid("tuple width")),
             }
             for (value, &s) in values[whole..].chunks_exact_mut(4).zip(tail) {
                 let x = op(f32_at(value), levels[s as usize]);
@@ -436,6 +439,63 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every tuple width (the encoder may take any from 2 up to what fits
+    /// a byte), reconstructed in place, equals the reconstruction of the
+    /// same symbols one by one. Regression: widths 6 and 7 were applied
+    /// as 8 (found by the benchmark's checkout, as a checksum mismatch).
+    #[test]
+    fn every_tuple_width_reconstructs_in_place() {
+        for (alphabet, widths) in [
+            (vec![3u8, 4], 2..=8),
+            (vec![1, 4, 9], 2..=5),
+            (vec![0, 1, 2, 3], 2..=4),
+        ] {
+            for width in widths {
+                let k = alphabet.len();
+                let tuples: Vec<u8> = (0..1000u32)
+                    .map(|i| ((i * 37 + 11) % k.pow(width as u32) as u32) as u8)
+                    .collect();
+                let tail = vec![alphabet[1]; width - 1];
+                let symbols = rans::Symbols::Tuples {
+                    alphabet: alphabet.clone(),
+                    width,
+                    tuples,
+                    tail,
+                };
+                let dense = symbols.clone().expand();
+                let base: Vec<f32> = (0..dense.len()).map(|i| 1.0 + i as f32 * 1e-3).collect();
+                let levels = Levels::Table((0..10).map(|l| l as f32 * 0.25 - 1.0).collect());
+                for domain in [Domain::Residual, Domain::Ratio] {
+                    let expected = reconstruct(
+                        &Quantized {
+                            domain,
+                            float: FloatType::F32,
+                            levels: levels.clone(),
+                            symbols: dense.clone(),
+                            escapes: vec![],
+                        },
+                        Some(&base),
+                    )
+                    .unwrap();
+                    let decoded = Decoded {
+                        domain,
+                        float: FloatType::F32,
+                        levels: levels.clone(),
+                        symbols: symbols.clone(),
+                        escapes: vec![],
+                    };
+                    let mut values: Vec<u8> = base.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    reconstruct_f32_onto(&decoded, &mut values).unwrap();
+                    let got: Vec<f32> = values
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                        .collect();
+                    assert!(got == expected, "k={k} width={width} {domain:?}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn payload_round_trips_and_reconstructs() {
