@@ -156,6 +156,19 @@ fn main() {
         ("uniform", (0..500).map(|i| (i % 256) as u8).collect()),
         ("constant", vec![7; 1000]),
         ("empty", vec![]),
+        // Extended streams (run- and tuple-coded) need 4096 symbols or more.
+        (
+            "runs",
+            (0..6000u32)
+                .map(|i| if i % 37 == 0 { (i % 5) as u8 + 1 } else { 0 })
+                .collect(),
+        ),
+        (
+            "tuples",
+            (0..6000u32)
+                .map(|i| [4u8, 4, 5, 4, 9][(i * 7 % 5) as usize])
+                .collect(),
+        ),
     ] {
         let mut stream = Vec::new();
         rans::encode(&symbols, &mut stream);
