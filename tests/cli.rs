@@ -146,15 +146,7 @@ fn json_output_matches_the_documented_schemas() {
     let schemas = documented_schemas();
     let env = Env::init_with(&["--policy", "balanced"]);
     let json = |args: &[&str]| env.json(args);
-    let commit = |step: u64| {
-        let out = env
-            .cmd()
-            .args(["--json", "commit", "--step", &step.to_string()])
-            .arg(fixture(step))
-            .assert()
-            .success();
-        serde_json::from_slice::<Value>(&out.get_output().stdout).unwrap()
-    };
+    let commit = |step: u64| env.commit_json(&fixture(step), step);
     let mut checked = BTreeSet::new();
     let mut check = |name: &str, output: Value| {
         assert_matches_schema(name, &output, &schemas);

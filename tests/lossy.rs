@@ -134,15 +134,7 @@ fn cached_chunks(path: &Path, id: &str) -> Vec<u8> {
 /// an intact cache (same manifest, same checkout).
 #[test]
 fn commit_reads_bases_from_the_cache_and_survives_its_damage() {
-    let commit = |env: &Env, step: u64| {
-        let out = env
-            .cmd()
-            .args(["--json", "commit", "--step", &step.to_string()])
-            .arg(fixture(step))
-            .assert()
-            .success();
-        serde_json::from_slice::<serde_json::Value>(&out.get_output().stdout).unwrap()
-    };
+    let commit = |env: &Env, step: u64| env.commit_json(&fixture(step), step);
     let (intact, damaged) = (
         Env::init_with(&["--policy", "balanced"]),
         Env::init_with(&["--policy", "balanced"]),
@@ -183,15 +175,7 @@ fn commit_reads_bases_from_the_cache_and_survives_its_damage() {
 /// decoded from blobs instead, with the same result.
 #[test]
 fn keyframe_bases_come_from_its_input_files_while_they_are_unchanged() {
-    let commit = |env: &Env, dir: &Path, step: u64| {
-        let out = env
-            .cmd()
-            .args(["--json", "commit", "--step", &step.to_string()])
-            .arg(dir)
-            .assert()
-            .success();
-        serde_json::from_slice::<serde_json::Value>(&out.get_output().stdout).unwrap()
-    };
+    let commit = |env: &Env, dir: &Path, step: u64| env.commit_json(dir, step);
     let envs = [
         Env::init_with(&["--policy", "balanced"]),
         Env::init_with(&["--policy", "balanced"]),

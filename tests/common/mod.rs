@@ -76,6 +76,17 @@ impl Env {
             .to_string()
     }
 
+    /// Commits `dir` at `step` with `--json`; returns what it printed.
+    pub fn commit_json(&self, dir: &Path, step: u64) -> Value {
+        let out = self
+            .cmd()
+            .args(["--json", "commit", "--step", &step.to_string()])
+            .arg(dir)
+            .assert()
+            .success();
+        serde_json::from_slice(&out.get_output().stdout).expect("commit --json")
+    }
+
     /// Checks `rev` out into `<tmp>/<name>` and returns that path.
     pub fn checkout(&self, rev: &str, name: &str) -> PathBuf {
         let out = self.path(name);

@@ -606,6 +606,17 @@ pub fn entropy_bits_of(counts: &[u64; 256]) -> f64 {
         .sum()
 }
 
+/// Test helper: `stream` (of `n` symbols) with each of its first `count`
+/// bytes changed in turn must fail or decode to something; never panic.
+#[cfg(test)]
+fn survives_byte_flips(stream: &[u8], n: usize, flip: u8, count: usize) {
+    for at in 0..stream.len().min(count) {
+        let mut bad = stream.to_vec();
+        bad[at] ^= flip;
+        let _ = decode(&bad, n);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
