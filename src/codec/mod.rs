@@ -324,8 +324,18 @@ fn decode_quant(
     payload: &[u8],
     base: Option<&[u8]>,
 ) -> Result<Vec<u8>, CodecError> {
+    let q = quant::read_payload(payload, header.raw_len as usize / header.elem_size)?;
+    reconstruct_quant(header, q, base)
+}
+
+/// The decoded bytes of a parsed quantized blob, after checking it against
+/// its header.
+fn reconstruct_quant(
+    header: &BlobHeader,
+    q: quant::Quantized,
+    base: Option<&[u8]>,
+) -> Result<Vec<u8>, CodecError> {
     let raw_len = header.raw_len as usize;
-    let q = quant::read_payload(payload, raw_len / header.elem_size)?;
     if q.symbols.len() * q.float.size() != raw_len {
         return Err(CodecError::Length {
             got: q.symbols.len() * q.float.size(),
@@ -417,13 +427,11 @@ pub fn decode_onto(blob: &[u8], mut base: Vec<u8>) -> Result<Vec<u8>, CodecError
     match header.codec {
         Codec::QuantDelta => {
             let q = quant::read_payload_runs(payload, header.raw_len as usize / header.elem_size)?;
-            if q.float != float::FloatType::F32 || !cfg!(target_endian = "little") {
-                return decode(blob, Some(&base));
-            }
-            if !q.domain.needs_base() {
-                return Err(
-                    quant::QuantError::Invalid("domain does not match the blob's codec").into(),
-                );
+            let in_place = q.float == float::FloatType::F32
+                && cfg!(target_endian = "little")
+                && q.domain.needs_base();
+            if !in_place {
+                return reconstruct_quant(&header, q.expand(), Some(&base));
             }
             quant::reconstruct_f32_onto(&q, &mut base)?;
             Ok(base)

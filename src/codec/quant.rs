@@ -184,6 +184,19 @@ pub struct Decoded {
     pub escapes: Vec<f32>,
 }
 
+impl Decoded {
+    /// The chunk with one symbol byte per element.
+    pub fn expand(self) -> Quantized {
+        Quantized {
+            domain: self.domain,
+            float: self.float,
+            levels: self.levels,
+            symbols: self.symbols.expand(),
+            escapes: self.escapes,
+        }
+    }
+}
+
 /// [`reconstruct`] of f32 residuals or ratios, computed where the base is:
 /// `values` holds the base as little-endian f32 and receives the result,
 /// bit for bit what [`reconstruct`] returns. Decoding a chain of residuals
@@ -377,14 +390,7 @@ pub fn write_payload(q: &Quantized, out: &mut Vec<u8>) {
 /// Parses a payload that must hold `expected` symbols (known from the blob
 /// header), which bounds the work spent on a damaged one.
 pub fn read_payload(bytes: &[u8], expected: usize) -> Result<Quantized, QuantError> {
-    let q = read_payload_runs(bytes, expected)?;
-    Ok(Quantized {
-        domain: q.domain,
-        float: q.float,
-        levels: q.levels,
-        symbols: q.symbols.expand(),
-        escapes: q.escapes,
-    })
+    Ok(read_payload_runs(bytes, expected)?.expand())
 }
 
 /// [`read_payload`], leaving the symbols as runs where the stream has them.
