@@ -212,8 +212,9 @@ pub fn reconstruct_f32_onto(q: &Decoded, values: &mut [u8]) -> Result<(), QuantE
     if values.len() != q.symbols.len() * 4 {
         return Err(QuantError::Invalid("base missing or of the wrong length"));
     }
-    let levels = padded_levels(&q.levels)?;
+    let (levels, count) = padded_levels(&q.levels)?;
     let mut escapes = q.escapes.iter().copied();
+    let levels = Levels256 { levels, count };
     let result = match q.domain {
         Domain::Residual => apply_onto(q, &levels, &mut escapes, values, |b, l| b + l),
         Domain::Ratio => apply_onto(q, &levels, &mut escapes, values, |b, l| b * l),
@@ -227,25 +228,40 @@ pub fn reconstruct_f32_onto(q: &Decoded, values: &mut [u8]) -> Result<(), QuantE
 }
 
 /// The level of every symbol, NaN for symbols without one (and `ESCAPE`),
-/// so that a symbol indexes without a bounds check.
-fn padded_levels(levels: &Levels) -> Result<[f32; 256], QuantError> {
+/// so that a symbol indexes without a bounds check; and how many symbols
+/// have one.
+fn padded_levels(levels: &Levels) -> Result<([f32; 256], usize), QuantError> {
     let table = levels.table();
     if table.len() > ESCAPE as usize {
         return Err(QuantError::Invalid("more than 255 levels"));
     }
     let mut padded = [f32::NAN; 256];
     padded[..table.len()].copy_from_slice(&table);
-    Ok(padded)
+    Ok((padded, table.len()))
+}
+
+/// A chunk's levels as [`padded_levels`] gives them.
+struct Levels256 {
+    levels: [f32; 256],
+    /// Symbols below this have a level.
+    count: usize,
+}
+
+/// `value = op(value, level)` for one little-endian f32.
+#[inline(always)]
+fn apply_one(value: &mut [u8], level: f32, op: impl Fn(f32, f32) -> f32) {
+    value.copy_from_slice(&op(f32_at(value), level).to_le_bytes());
 }
 
 fn apply_onto(
     q: &Decoded,
-    levels: &[f32; 256],
+    levels: &Levels256,
     escapes: &mut impl Iterator<Item = f32>,
     values: &mut [u8],
     op: impl Fn(f32, f32) -> f32 + Copy,
 ) -> Result<(), QuantError> {
-    let count = q.levels.table().len();
+    let Levels256 { levels, count } = levels;
+    let count = *count;
     let invalid = |s: u8| s != ESCAPE && s as usize >= count;
     let mut escape = |value: &mut [u8]| -> Result<(), QuantError> {
         let x = escapes
@@ -273,7 +289,7 @@ fn apply_onto(
                 if s == ESCAPE {
                     escape(value)?;
                 } else {
-                    value.copy_from_slice(&op(f32_at(value), levels[s as usize]).to_le_bytes());
+                    apply_one(value, levels[s as usize], op);
                 }
                 start = at + 4;
             }
@@ -301,8 +317,7 @@ fn apply_onto(
                 _ => return Err(QuantError::Invalid("tuple width")),
             }
             for (value, &s) in values[whole..].chunks_exact_mut(4).zip(tail) {
-                let x = op(f32_at(value), levels[s as usize]);
-                value.copy_from_slice(&x.to_le_bytes());
+                apply_one(value, levels[s as usize], op);
             }
         }
         symbols => {
@@ -320,8 +335,7 @@ fn apply_onto(
                 return Err(QuantError::Invalid("symbol without a level"));
             }
             for (value, &s) in values.chunks_exact_mut(4).zip(dense) {
-                let x = op(f32_at(value), levels[s as usize]);
-                value.copy_from_slice(&x.to_le_bytes());
+                apply_one(value, levels[s as usize], op);
             }
             if q.escapes.is_empty() {
                 return Ok(());
@@ -356,8 +370,7 @@ fn apply_tuples<const W: usize>(
     for (group, &t) in values.chunks_exact_mut(4 * W).zip(tuples) {
         let levels = &tuple_levels[t as usize];
         for (j, value) in group.chunks_exact_mut(4).enumerate() {
-            let x = op(f32_at(value), levels[j]);
-            value.copy_from_slice(&x.to_le_bytes());
+            apply_one(value, levels[j], &op);
         }
     }
 }
