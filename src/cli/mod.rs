@@ -339,6 +339,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 json["new_blobs"] = outcome.new_blobs.into();
                 json["bases_from_cache"] = outcome.bases_from_cache.into();
                 json["bases_decoded"] = outcome.bases_decoded.into();
+                json["notes"] = outcome.notes.clone().into();
                 print_json(&json)?;
             } else {
                 println!("{}", outcome.id);
@@ -353,6 +354,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                         output::ratio(entry.ratio),
                         if entry.keyframe { ", keyframe" } else { "" }
                     );
+                    for note in &outcome.notes {
+                        eprintln!("note: {note}");
+                    }
                     if outcome.bases_decoded > 0 {
                         eprintln!(
                             "{} delta base chunks were decoded from blobs (no usable \

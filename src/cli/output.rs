@@ -133,6 +133,23 @@ pub fn print_show(report: &ShowReport) {
     if !c.message.is_empty() {
         println!("message  {}", c.message);
     }
+    for p in &report.pairings {
+        println!(
+            "pairing  {}: {} of {} parameters paired with model tensors (rule: {}){}",
+            p.file,
+            p.paired.len(),
+            p.paired.len() + p.unpaired.len(),
+            p.rule,
+            if p.unpaired.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} kept under their index names and coded without their weight",
+                    p.unpaired.len()
+                )
+            }
+        );
+    }
     println!();
     println!(
         "{:<24} {:<40} {:<6} {:<16} {:<20} {:>10} {:>10} {:>9}",

@@ -6,16 +6,33 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+use std::collections::HashMap;
+
 use super::FormatError;
+use super::pairing::{self, FilePairing, NAMES_FILE, OptimizerView, TRAINER_STATE};
 use super::plain::{Plain, read_range};
-use super::safetensors::{Header, parse_header};
+use super::safetensors::{Header, TensorInfo, parse_header};
+use super::torch::{self, TorchFile};
 
 /// What kind of file an input is, decided by its name.
 #[derive(Debug)]
 pub enum InputKind {
     Safetensors(Header),
+    /// A `torch.save` zip file (`optimizer.pt`, `pytorch_model.bin`, ...).
+    Torch(TorchFile),
     /// Any other regular file (meta.json, trainer_state.json, ...): stored as is.
     Opaque,
+}
+
+impl InputKind {
+    /// The file's tensors and the offset their `begin`/`end` are relative to.
+    pub fn tensors(&self) -> Option<(&[TensorInfo], u64)> {
+        match self {
+            InputKind::Safetensors(h) => Some((&h.tensors, h.data_start())),
+            InputKind::Torch(t) => Some((&t.tensors, 0)),
+            InputKind::Opaque => None,
+        }
+    }
 }
 
 /// One file of a checkpoint directory, mapped into memory.
@@ -71,6 +88,15 @@ impl InputFile {
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub files: Vec<InputFile>,
+    /// How each optimizer file's state was paired with parameters, by file index.
+    pub pairings: HashMap<usize, FilePairing>,
+    /// (file index, tensor index) of a paired optimizer state tensor →
+    /// `<parameter>.exp_avg` / `<parameter>.exp_avg_sq`: the name the lossy
+    /// policies group it under.
+    pub aliases: HashMap<(usize, usize), String>,
+    /// Things the user should know that do not stop the commit, e.g. a
+    /// `.pt` file kept as opaque bytes because it could not be read.
+    pub notes: Vec<String>,
 }
 
 impl Checkpoint {
@@ -103,19 +129,106 @@ impl Checkpoint {
             });
         }
         names.sort();
-        let files = names
+        let mut notes = Vec::new();
+        let files: Vec<InputFile> = names
             .into_iter()
-            .map(|name| open_file(dir, name))
+            .map(|name| open_file(dir, name, &mut notes))
             .collect::<Result<_, _>>()?;
+        let paired = pair_optimizer_state(&files);
+        notes.extend(paired.notes);
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             files,
+            pairings: paired.pairings,
+            aliases: paired.aliases,
+            notes,
         })
     }
 
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(InputFile::len).sum()
     }
+}
+
+#[derive(Default)]
+struct Paired {
+    pairings: HashMap<usize, FilePairing>,
+    aliases: HashMap<(usize, usize), String>,
+    notes: Vec<String>,
+}
+
+/// Pairs every optimizer file's state with the parameters (see [`pairing`]).
+fn pair_optimizer_state(files: &[InputFile]) -> Paired {
+    let find = |name: &str| files.iter().find(|f| f.name == name);
+    let model = model_tensors(files);
+    let names_file = find(NAMES_FILE).map(InputFile::bytes);
+    let trainer_folder = find(TRAINER_STATE).is_some();
+    let mut out = Paired::default();
+    {
+        for (fi, file) in files.iter().enumerate() {
+            let InputKind::Torch(torch) = &file.kind else {
+                continue;
+            };
+            let Some(optimizer) = &torch.optimizer else {
+                continue;
+            };
+            let index_of: HashMap<&str, usize> = torch
+                .tensors
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.as_str(), i))
+                .collect();
+            let shape_of = |i: i64| {
+                let t = index_of.get(optimizer.entry(i, "exp_avg").as_str())?;
+                Some(torch.tensors[*t].shape.clone())
+            };
+            let view = OptimizerView {
+                params: &optimizer.params,
+                shape_of: &shape_of,
+            };
+            let mut notes = Vec::new();
+            let result = pairing::pair(&view, &model, names_file, trainer_folder, &mut notes);
+            out.notes
+                .extend(notes.into_iter().map(|n| format!("{}: {n}", file.name)));
+            for (index, name) in &result.paired {
+                for key in ["exp_avg", "exp_avg_sq"] {
+                    if let Some(&t) = index_of.get(optimizer.entry(*index, key).as_str()) {
+                        out.aliases.insert((fi, t), format!("{name}.{key}"));
+                    }
+                }
+            }
+            out.pairings.insert(fi, result);
+        }
+    }
+    out
+}
+
+/// Name → shape of every tensor in the model files (`model*`,
+/// `pytorch_model*`, `adapter_model*`), and of a torch file's tensors
+/// outside its optimizer state (a `{"model": ..., "optimizer": ...}` dict).
+fn model_tensors(files: &[InputFile]) -> HashMap<&str, &[u64]> {
+    let mut model = HashMap::new();
+    for file in files {
+        let base = file.name.rsplit('/').next().unwrap_or(&file.name);
+        let is_model = ["model", "pytorch_model", "adapter_model"]
+            .iter()
+            .any(|p| base.starts_with(p));
+        let Some((tensors, _)) = file.kind.tensors() else {
+            continue;
+        };
+        let optimizer_prefix = match &file.kind {
+            InputKind::Torch(t) => t.optimizer.as_ref().map(|o| o.prefix.as_str()),
+            _ => None,
+        };
+        for t in tensors {
+            let outside_state =
+                optimizer_prefix.is_some_and(|p| !p.is_empty() && !t.name.starts_with(p));
+            if is_model || outside_state {
+                model.insert(t.name.as_str(), t.shape.as_slice());
+            }
+        }
+    }
+    model
 }
 
 fn collect_files(
@@ -161,7 +274,7 @@ fn collect_files(
     Ok(())
 }
 
-fn open_file(dir: &Path, name: String) -> Result<InputFile, FormatError> {
+fn open_file(dir: &Path, name: String, notes: &mut Vec<String>) -> Result<InputFile, FormatError> {
     let path = dir.join(&name);
     let file = File::open(&path).map_err(|e| FormatError::io(&path, e))?;
     let len = file
@@ -188,6 +301,23 @@ fn open_file(dir: &Path, name: String) -> Result<InputFile, FormatError> {
     };
     if is_safetensors {
         input.kind = InputKind::Safetensors(parse_header(&input.path, input.bytes())?);
+    } else if is_torch_name(&input.name) && input.bytes().starts_with(torch::ZIP_MAGIC) {
+        // A torch file we cannot read is still a valid file: it is kept
+        // byte for byte, only without per-tensor coding.
+        match torch::parse(input.bytes()) {
+            Ok(parsed) => input.kind = InputKind::Torch(parsed),
+            Err(why) => notes.push(format!(
+                "{}: kept as opaque bytes, not read as a torch file: {why}",
+                input.name
+            )),
+        }
     }
     Ok(input)
+}
+
+/// File names `torch.save` output goes by.
+fn is_torch_name(name: &str) -> bool {
+    [".pt", ".pth", ".bin", ".ckpt"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
 }

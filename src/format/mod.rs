@@ -2,8 +2,10 @@
 //! Nothing here knows about codecs or the store.
 
 pub mod checkpoint;
+pub mod pairing;
 pub mod plain;
 pub mod safetensors;
+pub mod torch;
 
 use std::path::PathBuf;
 

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::progress::Progress;
 use super::reconstruct::{ChunkAddr, Reconstructor};
 use super::rev::resolve;
-use crate::store::{FileContent, FileEntry, ObjectId, Store};
+use crate::store::{FileContent, FileEntry, ObjectId, Store, TorchContent};
 
 #[derive(Debug, Clone)]
 pub struct CheckoutOutcome {
@@ -146,6 +146,9 @@ fn write_file(
                 }
             }
         }
+        FileContent::Torch(torch) => {
+            offset = torch_pieces(&file, entry, torch, &mut pieces, id, progress)?;
+        }
     }
     if offset != entry.size {
         bail!(
@@ -155,7 +158,7 @@ fn write_file(
             entry.size
         );
     }
-    let written = pieces.par_iter().try_for_each(|&(at, tensor, index)| {
+    let written = pieces.par_iter().map(|&(at, tensor, index)| {
         let addr = ChunkAddr {
             file: &entry.name,
             tensor,
@@ -168,7 +171,16 @@ fn write_file(
             start_writeback(&file, at, bytes.len());
         }
         progress.advance(bytes.len() as u64);
-        anyhow::Ok(())
+        // A torch file's CRCs are rewritten from the decoded bytes.
+        let crc = matches!(entry.content, FileContent::Torch(_)).then(|| crc32fast::hash(&bytes));
+        anyhow::Ok((crc, bytes.len() as u64))
+    });
+    let written: anyhow::Result<Vec<_>> = written.collect();
+    let written = written.and_then(|crcs| {
+        if let FileContent::Torch(torch) = &entry.content {
+            write_crcs(&file, torch, &crcs)?;
+        }
+        Ok(())
     });
     if let Err(e) = written {
         // A chunk that fails verification leaves no file behind, not even
@@ -183,5 +195,73 @@ fn write_file(
     }
     std::fs::rename(&partial, path)
         .with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    Ok(())
+}
+
+/// Writes a torch file's skeleton and lists its tensors' chunks in
+/// `pieces`; returns the file length they add up to.
+fn torch_pieces<'e>(
+    file: &File,
+    entry: &'e FileEntry,
+    torch: &'e TorchContent,
+    pieces: &mut Vec<(u64, Option<&'e str>, usize)>,
+    id: &ObjectId,
+    progress: &dyn Progress,
+) -> anyhow::Result<u64> {
+    let inconsistent = || {
+        anyhow::anyhow!(
+            "commit {} is inconsistent: the layout of {} does not add up",
+            id.short(),
+            entry.name
+        )
+    };
+    if torch.offsets.len() != torch.tensors.len() || torch.crc_fields.len() != torch.tensors.len() {
+        return Err(inconsistent());
+    }
+    let mut at = 0u64; // position in the file
+    let mut from = 0usize; // position in the skeleton
+    for (tensor, &start) in torch.tensors.iter().zip(&torch.offsets) {
+        let gap = start.checked_sub(at).ok_or_else(inconsistent)? as usize;
+        let literal = torch
+            .skeleton
+            .get(from..from + gap)
+            .ok_or_else(inconsistent)?;
+        file.write_all_at(literal, at)?;
+        progress.advance(gap as u64);
+        from += gap;
+        at = start;
+        for (index, chunk) in tensor.chunks.iter().enumerate() {
+            pieces.push((at, Some(tensor.name.as_str()), index));
+            at += chunk.raw_len;
+        }
+    }
+    let tail = &torch.skeleton[from.min(torch.skeleton.len())..];
+    file.write_all_at(tail, at)?;
+    progress.advance(tail.len() as u64);
+    Ok(at + tail.len() as u64)
+}
+
+/// Combines each torch tensor's chunk CRCs (in `pieces` order, which is
+/// tensor by tensor) and writes the result into its CRC fields.
+fn write_crcs(
+    file: &File,
+    torch: &TorchContent,
+    crcs: &[(Option<u32>, u64)],
+) -> anyhow::Result<()> {
+    let mut chunk_crcs = crcs.iter();
+    for (tensor, fields) in torch.tensors.iter().zip(&torch.crc_fields) {
+        let mut crc = crc32fast::Hasher::new();
+        for _ in &tensor.chunks {
+            let &(chunk_crc, len) = chunk_crcs.next().expect("one CRC per chunk");
+            crc.combine(&crc32fast::Hasher::new_with_initial_len(
+                chunk_crc.expect("torch chunks have CRCs"),
+                len,
+            ));
+        }
+        let crc = crc.finalize().to_le_bytes();
+        for &field in fields {
+            file.write_all_at(&crc, field)?;
+        }
+    }
     Ok(())
 }

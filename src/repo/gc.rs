@@ -86,8 +86,8 @@ pub fn positioned_chunks(record: &CommitRecord) -> Vec<(Position, &ChunkRef)> {
                         .map(|(i, c)| ((file.name.clone(), None, i), c)),
                 );
             }
-            FileContent::Safetensors { tensors, .. } => {
-                for t in tensors {
+            FileContent::Safetensors { .. } | FileContent::Torch(_) => {
+                for t in file.tensors() {
                     out.extend(
                         t.chunks
                             .iter()

@@ -6,7 +6,7 @@ use serde::Serialize;
 use super::rev::resolve;
 use anyhow::Context;
 
-use crate::store::{CommitSummary, FileContent, ObjectId, Store};
+use crate::store::{CommitSummary, FileContent, ObjectId, Store, TorchContent};
 
 /// One line of `log`.
 #[derive(Debug, Clone, Serialize)]
@@ -120,6 +120,23 @@ pub struct ShowReport {
     #[serde(flatten)]
     pub commit: LogEntry,
     pub entries: Vec<TensorReport>,
+    /// For each optimizer file: which state entries were paired with which
+    /// parameters (only paired entries are coded jointly with their weight).
+    pub pairings: Vec<PairingReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PairingReport {
+    pub file: String,
+    pub rule: String,
+    pub paired: Vec<PairedParam>,
+    pub unpaired: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PairedParam {
+    pub index: i64,
+    pub name: String,
 }
 
 pub fn show(store: &Store, rev: &str) -> anyhow::Result<ShowReport> {
@@ -141,8 +158,8 @@ pub fn show(store: &Store, rev: &str) -> anyhow::Result<ShowReport> {
                 bytes_out: chunks.iter().map(|c| c.stored_len).sum(),
                 rel_error: 0.0,
             }),
-            FileContent::Safetensors { tensors, .. } => {
-                entries.extend(tensors.iter().map(|t| TensorReport {
+            FileContent::Safetensors { .. } | FileContent::Torch(_) => {
+                entries.extend(file.tensors().iter().map(|t| TensorReport {
                     file: file.name.clone(),
                     tensor: Some(t.name.clone()),
                     dtype: Some(t.dtype.clone()),
@@ -156,9 +173,32 @@ pub fn show(store: &Store, rev: &str) -> anyhow::Result<ShowReport> {
             }
         }
     }
+    let pairings = record
+        .files
+        .iter()
+        .filter_map(|f| match &f.content {
+            FileContent::Torch(TorchContent {
+                pairing: Some(p), ..
+            }) => Some(PairingReport {
+                file: f.name.clone(),
+                rule: p.rule.clone(),
+                paired: p
+                    .paired
+                    .iter()
+                    .map(|(index, name)| PairedParam {
+                        index: *index,
+                        name: name.clone(),
+                    })
+                    .collect(),
+                unpaired: p.unpaired.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
     Ok(ShowReport {
         commit: LogEntry::new(&id, &CommitSummary::from(&record)),
         entries,
+        pairings,
     })
 }
 

@@ -265,18 +265,16 @@ fn rewrite(store: &Store, plan: &Plan) -> anyhow::Result<(RefEdit, usize, usize)
 
 fn for_each_chunk_mut(record: &mut CommitRecord, mut f: impl FnMut(Addr, &mut ChunkRef)) {
     for file in &mut record.files {
-        match &mut file.content {
-            FileContent::Opaque { chunks } => {
-                for (i, chunk) in chunks.iter_mut().enumerate() {
-                    f((file.name.clone(), None, i), chunk);
-                }
+        let name = file.name.clone();
+        if let FileContent::Opaque { chunks } = &mut file.content {
+            for (i, chunk) in chunks.iter_mut().enumerate() {
+                f((name.clone(), None, i), chunk);
             }
-            FileContent::Safetensors { tensors, .. } => {
-                for tensor in tensors {
-                    for (i, chunk) in tensor.chunks.iter_mut().enumerate() {
-                        f((file.name.clone(), Some(tensor.name.clone()), i), chunk);
-                    }
-                }
+            continue;
+        }
+        for tensor in file.tensors_mut() {
+            for (i, chunk) in tensor.chunks.iter_mut().enumerate() {
+                f((name.clone(), Some(tensor.name.clone()), i), chunk);
             }
         }
     }

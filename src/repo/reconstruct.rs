@@ -255,7 +255,8 @@ pub fn find_chunk<'r>(record: &'r CommitRecord, addr: ChunkAddr<'_>) -> Option<&
     let file = record.files.iter().find(|f| f.name == addr.file)?;
     match (&file.content, addr.tensor) {
         (FileContent::Opaque { chunks }, None) => chunks.get(addr.index),
-        (FileContent::Safetensors { tensors, .. }, Some(name)) => tensors
+        (FileContent::Safetensors { .. } | FileContent::Torch(_), Some(name)) => file
+            .tensors()
             .iter()
             .find(|t| t.name == name)?
             .chunks

@@ -18,7 +18,8 @@ pub mod refs;
 
 pub use db::{Store, StoreConfig};
 pub use object::{
-    ChunkRef, CommitRecord, CommitSummary, FileContent, FileEntry, ObjectId, TensorEntry,
+    ChunkRef, CommitRecord, CommitSummary, FileContent, FileEntry, ObjectId, PairingRecord,
+    TensorEntry, TorchContent,
 };
 pub use refs::RefEdit;
 

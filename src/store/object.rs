@@ -9,8 +9,13 @@ use serde::{Deserialize, Serialize};
 use crate::codec::Codec;
 use crate::codec::policy::Policy;
 
-/// Version of [`CommitRecord`]'s layout.
-pub const COMMIT_VERSION: u32 = 1;
+/// Version of [`CommitRecord`]'s layout. Version 2 added
+/// [`FileContent::Torch`]; a version-1 record is a valid version-2 record
+/// without it, so both are read.
+pub const COMMIT_VERSION: u32 = 2;
+
+/// The oldest record layout this build reads.
+pub const OLDEST_COMMIT_VERSION: u32 = 1;
 
 /// A blake3 hash: the key of a blob (hash of its encoded bytes), of a commit
 /// (hash of its postcard record), and the checksum of a chunk's raw bytes.
@@ -126,6 +131,38 @@ pub enum FileContent {
         header: Vec<u8>,
         tensors: Vec<TensorEntry>,
     },
+    /// A `torch.save` zip file (record version 2).
+    Torch(TorchContent),
+}
+
+/// A `torch.save` zip file: every byte that is not tensor storage kept
+/// verbatim, the storages as tensors. Checkout writes the skeleton and the
+/// tensors at their offsets, then the CRC-32 of each storage's decoded bytes
+/// at its CRC fields (lossy coding changes the bytes; lossless coding gives
+/// back the original CRCs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TorchContent {
+    /// The file's bytes outside every tensor, in file order.
+    pub skeleton: Vec<u8>,
+    /// Storages in file order.
+    pub tensors: Vec<TensorEntry>,
+    /// Absolute offset of each tensor's first byte.
+    pub offsets: Vec<u64>,
+    /// For each tensor, the absolute offsets of its record's CRC-32 fields.
+    pub crc_fields: Vec<Vec<u64>>,
+    /// For an optimizer state dict: how its entries were paired with parameters.
+    pub pairing: Option<PairingRecord>,
+}
+
+/// How an optimizer file's state entries were paired with parameter names
+/// (see `format::pairing`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairingRecord {
+    pub rule: String,
+    /// (optimizer index, parameter name).
+    pub paired: Vec<(i64, String)>,
+    /// Indices kept under their index names and coded without a weight.
+    pub unpaired: Vec<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,7 +178,8 @@ impl FileEntry {
     pub fn chunks(&self) -> Box<dyn Iterator<Item = &ChunkRef> + '_> {
         match &self.content {
             FileContent::Opaque { chunks } => Box::new(chunks.iter()),
-            FileContent::Safetensors { tensors, .. } => {
+            FileContent::Safetensors { tensors, .. }
+            | FileContent::Torch(TorchContent { tensors, .. }) => {
                 Box::new(tensors.iter().flat_map(|t| t.chunks.iter()))
             }
         }
@@ -150,7 +188,16 @@ impl FileEntry {
     pub fn tensors(&self) -> &[TensorEntry] {
         match &self.content {
             FileContent::Opaque { .. } => &[],
-            FileContent::Safetensors { tensors, .. } => tensors,
+            FileContent::Safetensors { tensors, .. }
+            | FileContent::Torch(TorchContent { tensors, .. }) => tensors,
+        }
+    }
+
+    pub fn tensors_mut(&mut self) -> &mut [TensorEntry] {
+        match &mut self.content {
+            FileContent::Opaque { .. } => &mut [],
+            FileContent::Safetensors { tensors, .. }
+            | FileContent::Torch(TorchContent { tensors, .. }) => tensors,
         }
     }
 }
@@ -282,9 +329,9 @@ impl From<&CommitRecord> for CommitSummary {
 /// decode error.
 fn check_version(bytes: &[u8]) -> Result<(), String> {
     let (version, _) = postcard::take_from_bytes::<u32>(bytes).map_err(|e| e.to_string())?;
-    if version != COMMIT_VERSION {
+    if !(OLDEST_COMMIT_VERSION..=COMMIT_VERSION).contains(&version) {
         return Err(format!(
-            "commit record version {version} is not supported (this build reads {COMMIT_VERSION})"
+            "commit record version {version} is not supported (this build reads {OLDEST_COMMIT_VERSION} to {COMMIT_VERSION})"
         ));
     }
     Ok(())

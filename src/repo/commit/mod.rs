@@ -30,10 +30,12 @@ use super::reconstruct::Reconstructor;
 use super::rev::resolve;
 use super::tipcache::{self, CacheWriter, SourceMapWriter};
 use crate::codec::{self, policy::Policy};
+use crate::format::safetensors::TensorInfo;
 use crate::format::{Checkpoint, InputKind};
 use crate::store::object::{COMMIT_VERSION, ErrorTotals};
 use crate::store::{
-    ChunkRef, CommitRecord, FileContent, FileEntry, ObjectId, Store, StoreConfig, TensorEntry,
+    ChunkRef, CommitRecord, FileContent, FileEntry, ObjectId, PairingRecord, Store, StoreConfig,
+    TensorEntry, TorchContent,
 };
 use plan::{OPAQUE, Plan, Work};
 
@@ -68,6 +70,9 @@ pub struct CommitOutcome {
     /// along a branch with an intact cache decodes none.
     pub bases_from_cache: u64,
     pub bases_decoded: u64,
+    /// What the user should know about the input, e.g. a `.pt` file kept as
+    /// opaque bytes because it could not be read as a torch file.
+    pub notes: Vec<String>,
 }
 
 /// The branch tip a commit builds on, checked before any write.
@@ -253,6 +258,7 @@ pub fn commit(
         new_blobs,
         bases_from_cache,
         bases_decoded,
+        notes: checkpoint.notes.clone(),
     })
 }
 
@@ -530,19 +536,19 @@ fn assemble_manifest(
             },
             InputKind::Safetensors(header) => FileContent::Safetensors {
                 header: header.raw.clone(),
-                tensors: header
-                    .tensors
-                    .iter()
-                    .enumerate()
-                    .map(|(ti, t)| TensorEntry {
-                        name: t.name.clone(),
-                        dtype: t.dtype.to_string(),
-                        shape: t.shape.clone(),
-                        rel_error: errors.get(&(fi, ti)).map_or(0.0, |&(e, n)| relative(e, n)),
-                        chunks: take(fi, ti),
-                    })
-                    .collect(),
+                tensors: tensor_entries(fi, &header.tensors, errors, &mut take),
             },
+            InputKind::Torch(torch) => FileContent::Torch(TorchContent {
+                skeleton: skeleton(file.bytes(), &torch.tensors),
+                tensors: tensor_entries(fi, &torch.tensors, errors, &mut take),
+                offsets: torch.tensors.iter().map(|t| t.begin).collect(),
+                crc_fields: torch.crc_fields.clone(),
+                pairing: checkpoint.pairings.get(&fi).map(|p| PairingRecord {
+                    rule: p.rule.clone(),
+                    paired: p.paired.clone(),
+                    unpaired: p.unpaired.clone(),
+                }),
+            }),
         };
         files.push(FileEntry {
             name: file.name.clone(),
@@ -551,6 +557,37 @@ fn assemble_manifest(
         });
     }
     files
+}
+
+fn tensor_entries(
+    fi: usize,
+    tensors: &[TensorInfo],
+    errors: &ErrorSums,
+    take: &mut impl FnMut(usize, usize) -> Vec<ChunkRef>,
+) -> Vec<TensorEntry> {
+    tensors
+        .iter()
+        .enumerate()
+        .map(|(ti, t)| TensorEntry {
+            name: t.name.clone(),
+            dtype: t.dtype.to_string(),
+            shape: t.shape.clone(),
+            rel_error: errors.get(&(fi, ti)).map_or(0.0, |&(e, n)| relative(e, n)),
+            chunks: take(fi, ti),
+        })
+        .collect()
+}
+
+/// The bytes of `file` outside `tensors` (sorted by offset, absolute).
+fn skeleton(file: &[u8], tensors: &[TensorInfo]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    for t in tensors {
+        out.extend_from_slice(&file[at..t.begin as usize]);
+        at = t.end as usize;
+    }
+    out.extend_from_slice(&file[at..]);
+    out
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use crate::codec::float::FloatType;
 use crate::format::safetensors::TensorInfo;
-use crate::format::{Checkpoint, InputFile, InputKind};
+use crate::format::{Checkpoint, InputFile};
 use crate::repo::reconstruct::ChunkAddr;
 use crate::repo::tipcache::CacheLayout;
 use crate::store::{ChunkRef, CommitRecord, TensorEntry};
@@ -35,6 +35,10 @@ pub struct TensorSlot<'c> {
     pub cache_start: u64,
     /// The parent's tensor of the same name, dtype and shape.
     pub parent: Option<&'c TensorEntry>,
+    /// The name weight groups are formed by: the tensor's own name, or for
+    /// a paired optimizer state entry (`state.3.exp_avg`) the name it was
+    /// paired to (`<parameter>.exp_avg`).
+    pub group_name: &'c str,
 }
 
 impl TensorSlot<'_> {
@@ -177,7 +181,7 @@ pub fn plan<'c>(
             })
             .unwrap_or_default();
     for (file_index, file) in checkpoint.files.iter().enumerate() {
-        let InputKind::Safetensors(header) = &file.kind else {
+        let Some((tensors, data_start)) = file.kind.tensors() else {
             for (index, start) in (0..file.len()).step_by(chunk_bytes as usize).enumerate() {
                 plan.work.push(Work::Opaque {
                     file,
@@ -189,7 +193,7 @@ pub fn plan<'c>(
             }
             continue;
         };
-        for (tensor_index, info) in header.tensors.iter().enumerate() {
+        for (tensor_index, info) in tensors.iter().enumerate() {
             let chunk_len = chunk_len(chunk_bytes, info.dtype.bitsize());
             let cache_start = plan.layout.total();
             plan.layout
@@ -203,7 +207,11 @@ pub fn plan<'c>(
                 file_index,
                 tensor_index,
                 info,
-                data_offset: header.data_start() + info.begin,
+                data_offset: data_start + info.begin,
+                group_name: checkpoint
+                    .aliases
+                    .get(&(file_index, tensor_index))
+                    .map_or(info.name.as_str(), String::as_str),
                 chunk_len,
                 cache_start,
                 parent,
@@ -243,11 +251,11 @@ fn find_groups(slots: &[TensorSlot<'_>]) -> Vec<Group> {
     let by_name: HashMap<&str, usize> = slots
         .iter()
         .enumerate()
-        .map(|(i, s)| (s.info.name.as_str(), i))
+        .map(|(i, s)| (s.group_name, i))
         .collect();
     let mut groups = Vec::new();
     for (w, slot) in slots.iter().enumerate() {
-        let name = slot.info.name.as_str();
+        let name = slot.group_name;
         if name.ends_with(".exp_avg") || name.ends_with(".exp_avg_sq") || !lossy_candidate(slot) {
             continue;
         }
