@@ -45,6 +45,31 @@ struct Cli {
     command: Command,
 }
 
+/// Where `import` and `watch` commit.
+#[derive(clap::Args, Debug)]
+struct ImportTarget {
+    /// Branch to commit to (default: the current branch).
+    #[arg(long)]
+    branch: Option<String>,
+    /// Where a new --branch starts (REV), e.g. `main@500` for a restart.
+    #[arg(long, requires = "branch")]
+    parent: Option<String>,
+    /// lossless, excp, compact, balanced or faithful (default: the store's).
+    #[arg(long, value_parser = parse_preset)]
+    policy: Option<Policy>,
+}
+
+impl ImportTarget {
+    fn options(&self, cli: &Cli) -> repo::import::ImportOptions {
+        repo::import::ImportOptions {
+            branch: self.branch.clone(),
+            parent: self.parent.clone(),
+            policy: self.policy.clone(),
+            lock_wait: wait(cli),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Create an empty store.
@@ -102,6 +127,31 @@ enum Command {
         /// Tuned policies: v step in natural-log units (makes the policy `custom`).
         #[arg(long)]
         v_log_step: Option<f32>,
+    },
+    /// Commit every checkpoint folder of a run directory (`checkpoint-<step>`,
+    /// `step-<step>`, `global_step<step>`) in step order, skipping steps the
+    /// branch already has.
+    Import {
+        /// The run directory (a Trainer's output_dir).
+        run_dir: PathBuf,
+        #[command(flatten)]
+        target: ImportTarget,
+    },
+    /// Keep importing checkpoint folders as a running trainer writes them.
+    Watch {
+        /// The run directory (a Trainer's output_dir).
+        run_dir: PathBuf,
+        #[command(flatten)]
+        target: ImportTarget,
+        /// Seconds between looks at the run directory.
+        #[arg(long, default_value_t = 10.0)]
+        interval: f64,
+        /// Delete each checkpoint folder once its commit is read back and verified.
+        #[arg(long)]
+        delete_imported: bool,
+        /// Exit after this many seconds without a new checkpoint (default: run until killed).
+        #[arg(long)]
+        idle_exit: Option<f64>,
     },
     /// Write a commit's files into a directory.
     Checkout {
@@ -365,6 +415,39 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                         );
                     }
                 }
+            }
+            Ok(())
+        }
+        Command::Import { run_dir, target } => {
+            let bar = Bar::new(cli.quiet);
+            let report = repo::import::import(&cli.repo, run_dir, &target.options(cli), &bar)?;
+            if cli.json {
+                print_json(&report)
+            } else {
+                output::print_import(&report, cli.quiet);
+                Ok(())
+            }
+        }
+        Command::Watch {
+            run_dir,
+            target,
+            interval,
+            delete_imported,
+            idle_exit,
+        } => {
+            let options = repo::import::WatchOptions {
+                import: target.options(cli),
+                interval: Duration::from_secs_f64(interval.max(0.01)),
+                delete_imported: *delete_imported,
+                idle_exit: idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            };
+            let events = output::WatchPrinter {
+                json: cli.json,
+                quiet: cli.quiet,
+            };
+            let report = repo::import::watch(&cli.repo, run_dir, &options, &events)?;
+            if !cli.json {
+                output::print_import(&report, cli.quiet);
             }
             Ok(())
         }

@@ -363,3 +363,81 @@ mod tests {
         assert_eq!(bytes(1536), "1.5 KiB");
     }
 }
+
+/// The summary of `import` (and of `watch` when it exits).
+pub fn print_import(report: &crate::repo::import::ImportReport, quiet: bool) {
+    for step in &report.imported {
+        println!("{}  step {}", step.id, step.step);
+    }
+    if quiet {
+        return;
+    }
+    for step in &report.imported {
+        for note in &step.notes {
+            eprintln!("note: step {}: {note}", step.step);
+        }
+    }
+    if !report.incomplete.is_empty() {
+        eprintln!(
+            "not imported, still being written or cut short (no trainer_state.json): steps {}",
+            list(&report.incomplete)
+        );
+    }
+    eprintln!(
+        "{} steps imported onto `{}`{}: {} in, {} stored ({})",
+        report.imported.len(),
+        report.branch,
+        if report.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(", {} already there", report.skipped.len())
+        },
+        bytes(report.input_bytes),
+        bytes(report.stored_bytes),
+        ratio(report.ratio)
+    );
+}
+
+fn list(steps: &[u64]) -> String {
+    steps
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Prints each step `watch` commits as it happens: a line of JSON per event
+/// with `--json` (so a pipeline can follow along), else a line of text.
+pub struct WatchPrinter {
+    pub json: bool,
+    pub quiet: bool,
+}
+
+impl crate::repo::import::WatchEvents for WatchPrinter {
+    fn committed(&self, step: &crate::repo::import::ImportedStep) {
+        if self.json {
+            let mut line = serde_json::to_value(step).expect("serializable");
+            line["event"] = "committed".into();
+            println!("{line}");
+        } else if !self.quiet {
+            eprintln!(
+                "step {}: committed {} ({} in, {} stored)",
+                step.step,
+                &step.id[..12],
+                bytes(step.input_bytes),
+                bytes(step.stored_bytes)
+            );
+            for note in &step.notes {
+                eprintln!("note: step {}: {note}", step.step);
+            }
+        }
+    }
+
+    fn deleted(&self, dir: &std::path::Path) {
+        if self.json {
+            println!("{}", serde_json::json!({"event": "deleted", "dir": dir}));
+        } else if !self.quiet {
+            eprintln!("deleted {} (its commit verified)", dir.display());
+        }
+    }
+}

@@ -53,7 +53,7 @@ impl LogEntry {
     }
 }
 
-fn ratio(input: u64, stored: u64) -> f64 {
+pub(crate) fn ratio(input: u64, stored: u64) -> f64 {
     if stored == 0 {
         if input == 0 { 1.0 } else { f64::INFINITY }
     } else {

@@ -9,6 +9,7 @@ pub mod fsck;
 pub mod gc;
 pub mod graph;
 pub mod history;
+pub mod import;
 pub mod inspect;
 pub mod progress;
 pub mod prune;
