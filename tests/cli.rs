@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use assert_cmd::Command;
 use common::*;
@@ -178,11 +179,43 @@ fn json_output_matches_the_documented_schemas() {
     check("prune", json(&["prune", "--keep-last", "1", "--dry-run"]));
     check("prune", json(&["prune", "--keep-last", "1"]));
     check("gc", json(&["gc"]));
+    trainer_run_outputs(&mut check);
     let unchecked: Vec<_> = schemas.keys().filter(|k| !checked.contains(*k)).collect();
     assert!(
         unchecked.is_empty(),
         "schemas no test output was checked against: {unchecked:?}"
     );
+}
+
+/// `import`, `watch` and `show` of a Trainer checkpoint (optimizer pairing).
+fn trainer_run_outputs(check: &mut impl FnMut(&str, Value)) {
+    let env = Env::init_with(&["--policy", "balanced"]);
+    let run = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/trainer-run");
+    let copy = env.path("run");
+    for step in [10, 20] {
+        let name = format!("checkpoint-{step}");
+        common::copy_dir(&run.join(&name), &copy.join(&name));
+    }
+    check("import", env.json(&["import", copy.to_str().unwrap()]));
+    check("show", env.json(&["show", "20"]));
+    common::copy_dir(&run.join("checkpoint-30"), &copy.join("checkpoint-30"));
+    let out = env
+        .cmd()
+        .args(["--json", "watch", "--interval", "0.1", "--idle-exit", "0.5"])
+        .arg("--delete-imported")
+        .arg(&copy)
+        .assert()
+        .success();
+    let stdout = String::from_utf8(out.get_output().stdout.clone()).unwrap();
+    let events: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2, "{stdout}");
+    for event in events {
+        let kind = format!("watch-{}", event["event"].as_str().unwrap());
+        check(&kind, event);
+    }
 }
 
 #[test]

@@ -351,19 +351,6 @@ pub fn print_fsck(r: &FsckReport, palette: Palette) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dates_and_sizes() {
-        assert_eq!(date(0), "1970-01-01 00:00:00");
-        assert_eq!(date(1_764_000_000_000), "2025-11-24 16:00:00");
-        assert_eq!(bytes(512), "512 B");
-        assert_eq!(bytes(1536), "1.5 KiB");
-    }
-}
-
 /// The summary of `import` (and of `watch` when it exits).
 pub fn print_import(report: &crate::repo::import::ImportReport, quiet: bool) {
     for step in &report.imported {
@@ -439,5 +426,18 @@ impl crate::repo::import::WatchEvents for WatchPrinter {
         } else if !self.quiet {
             eprintln!("deleted {} (its commit verified)", dir.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_sizes() {
+        assert_eq!(date(0), "1970-01-01 00:00:00");
+        assert_eq!(date(1_764_000_000_000), "2025-11-24 16:00:00");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
     }
 }

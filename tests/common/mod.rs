@@ -100,7 +100,14 @@ impl Env {
 
     pub fn json(&self, args: &[&str]) -> Value {
         let out = self.cmd().arg("--json").args(args).assert().success();
-        serde_json::from_slice(&out.get_output().stdout).expect("valid JSON")
+        let stdout = &out.get_output().stdout;
+        serde_json::from_slice(stdout).unwrap_or_else(|e| {
+            panic!(
+                "`{}` printed invalid JSON ({e}): {}",
+                args.join(" "),
+                String::from_utf8_lossy(stdout)
+            )
+        })
     }
 
     /// Everything a user can see about the store, plus a digest of every

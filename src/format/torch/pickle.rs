@@ -192,7 +192,7 @@ impl Machine {
             .ok_or_else(|| format!("memo key {key} read before it was written"))
     }
     fn set_items(&mut self, target: Id, pairs: Vec<Id>) -> Result<(), String> {
-        if pairs.len() % 2 != 0 {
+        if !pairs.len().is_multiple_of(2) {
             return Err("SETITEMS with an odd number of items".into());
         }
         let pairs = pairs.chunks(2).map(|p| (p[0], p[1]));
@@ -335,7 +335,7 @@ fn step(m: &mut Machine, input: &mut Input<'_>, op: u8) -> Result<(), String> {
         }
         b'd' => {
             let items = m.pop_mark()?;
-            if items.len() % 2 != 0 {
+            if !items.len().is_multiple_of(2) {
                 return Err("DICT with an odd number of items".into());
             }
             m.push(Node::Dict(items.chunks(2).map(|p| (p[0], p[1])).collect()));
