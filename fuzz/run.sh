@@ -15,6 +15,7 @@ run() {
 }
 run safetensors_header & run blob_decode & wait
 run rans_decode & run quant_payload & wait
-for t in safetensors_header blob_decode rans_decode quant_payload; do
+run torch_file & wait
+for t in safetensors_header blob_decode rans_decode quant_payload torch_file; do
     echo "== $t"; grep -E "stat::number_of_executed_units|stat::peak_rss_mb|Done [0-9]+ runs" "logs/$t.log" || true
 done

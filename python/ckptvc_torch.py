@@ -127,11 +127,15 @@ def load(directory, model, optimizer=None):
             index = index_of[name] if name in index_of else int(name.split(".", 1)[1])
             state.setdefault(index, {}).update(values)
         groups = []
-        for group in saved["param_groups"]:
+        for group, live in zip(saved["param_groups"], optimizer.param_groups):
             group = dict(group)
             group["params"] = [
                 index_of[n] if n in index_of else int(n.split(".", 1)[1]) for n in group["params"]
             ]
+            # JSON has no tuples: give back the types the optimizer uses (betas).
+            for key, value in group.items():
+                if isinstance(live.get(key), tuple) and isinstance(value, list):
+                    group[key] = tuple(value)
             groups.append(group)
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     with open(os.path.join(directory, "meta.json")) as f:

@@ -83,8 +83,19 @@ fn safetensors_seeds() {
     }
 }
 
+/// The small torch files of the Trainer fixture (the optimizer's is 600 KB,
+/// too slow to mutate; its pickle opcodes also appear in rng_state.pth).
+fn torch_seeds() {
+    let run = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/trainer-run/checkpoint-10");
+    for name in ["rng_state.pth", "scheduler.pt", "training_args.bin"] {
+        let bytes = std::fs::read(run.join(name)).expect("fixture torch file");
+        write("torch_file", name, &bytes);
+    }
+}
+
 fn main() {
     safetensors_seeds();
+    torch_seeds();
     let raw = f32_bytes(&floats(300, 0.01));
     let base = f32_bytes(&floats(300, 0.0101));
     write(
