@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what building ckptvc needs on a fresh Debian machine that has only
 # the Rust toolchain: clang and libclang (RocksDB is built from C++ source and
-# its bindings are generated with bindgen). Safe to run again.
+# its bindings are generated with bindgen), and for `stats --plot` fontconfig
+# and freetype (plotters finds its font through them) and a font to draw with.
+# Safe to run again.
 set -euo pipefail
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
 missing=()
-for pkg in clang libclang-dev g++; do
+for pkg in clang libclang-dev g++ pkg-config libfontconfig1-dev libfreetype-dev fonts-dejavu-core; do
     installed "$pkg" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -252,3 +252,50 @@ fn colour_only_when_asked_or_on_a_terminal() {
     };
     assert_eq!(stripped, plain);
 }
+
+#[test]
+fn stats_plots_a_branch_history_as_png_or_svg() {
+    let env = Env::init_with(&["--policy", "balanced"]);
+    for step in [20, 40, 60] {
+        env.commit(&fixture(step), step);
+    }
+    let png = env.path("history.png");
+    env.cmd()
+        .args(["stats", "--plot"])
+        .arg(&png)
+        .assert()
+        .success()
+        .stderr(predicates::str::contains("plotted 3 commits of `main`"));
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    // IHDR: width and height, big-endian, right after the signature and chunk header.
+    let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+    assert_eq!((width, height), (1200, 1050));
+    assert!(
+        bytes.len() > 20_000,
+        "a blank picture compresses to almost nothing"
+    );
+
+    let svg = env.path("history.svg");
+    env.cmd()
+        .args(["-q", "stats", "--plot"])
+        .arg(&svg)
+        .assert()
+        .success();
+    let text = std::fs::read_to_string(&svg).unwrap();
+    for label in [
+        "branch `main`",
+        "stored bytes per commit",
+        "compression ratio",
+        "exp_avg_sq v",
+    ] {
+        assert!(text.contains(label), "svg lacks {label:?}");
+    }
+    env.cmd()
+        .args(["stats", "--branch", "nope", "--plot"])
+        .arg(env.path("none.png"))
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("nope"));
+}

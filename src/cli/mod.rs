@@ -2,6 +2,7 @@
 //! It only translates; every operation lives in [`crate::repo`].
 
 mod output;
+mod plot;
 mod progress;
 mod style;
 
@@ -225,8 +226,16 @@ enum Command {
     Fsck,
     /// Per-file and per-tensor details of a commit.
     Show { rev: String },
-    /// Store totals.
-    Stats,
+    /// Store totals; with --plot, a picture of a branch's history.
+    Stats {
+        /// Also draw stored bytes, ratio and error per step of a branch into
+        /// FILE (PNG, or SVG if FILE ends in .svg).
+        #[arg(long, value_name = "FILE")]
+        plot: Option<PathBuf>,
+        /// The branch --plot draws (default: the current branch).
+        #[arg(long, requires = "plot")]
+        branch: Option<String>,
+    },
     /// Print a shell completion script, e.g.
     /// `ckptvc completions bash > ~/.local/share/bash-completion/completions/ckptvc`.
     Completions {
@@ -585,9 +594,24 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Stats => {
+        Command::Stats { plot, branch } => {
             let store = Store::open_read(&cli.repo)?;
             let stats = repo::stats(&store)?;
+            if let Some(path) = plot {
+                let branch = match branch {
+                    Some(b) => b.clone(),
+                    None => store.head_branch()?,
+                };
+                let entries = repo::log(&store, Some(&branch), false)?;
+                plot::plot_history(&entries, &branch, path)?;
+                if !cli.quiet && !cli.json {
+                    eprintln!(
+                        "plotted {} commits of `{branch}` into {}",
+                        entries.len(),
+                        path.display()
+                    );
+                }
+            }
             if cli.json {
                 print_json(&stats)
             } else {
