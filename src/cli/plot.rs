@@ -66,6 +66,9 @@ where
     Ok(())
 }
 
+/// Reads one role's error from a log entry.
+type ErrorOf = fn(&LogEntry) -> f32;
+
 type Drawn<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
 fn step_label(step: &f64) -> String {
@@ -161,7 +164,7 @@ fn error_panel<DB: DrawingBackend>(
     entries: &[&LogEntry],
     steps: std::ops::Range<f64>,
 ) -> Drawn<DB> {
-    let roles: [(&str, fn(&LogEntry) -> f32); 3] = [
+    let roles: [(&str, ErrorOf); 3] = [
         ("weights W", |e| e.error_w),
         ("exp_avg m", |e| e.error_m),
         ("exp_avg_sq v", |e| e.error_v),
