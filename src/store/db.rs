@@ -630,9 +630,14 @@ pub fn dir_size(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<u64, StoreErr
     };
     for entry in entries {
         let entry = entry.map_err(|e| StoreError::io(dir, e))?;
-        let meta = entry
-            .metadata()
-            .map_err(|e| StoreError::io(entry.path(), e))?;
+        let meta = match entry.metadata() {
+            Ok(meta) => meta,
+            // RocksDB's background compaction deletes table files it has
+            // replaced; one listed a moment ago may be gone now, and is no
+            // longer part of the store's size.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(StoreError::io(entry.path(), e)),
+        };
         if meta.is_dir() {
             total += dir_size(&entry.path(), keep)?;
         } else if keep(&entry.file_name().to_string_lossy()) {
