@@ -451,3 +451,72 @@ print("ok")
         String::from_utf8_lossy(&run.stderr)
     );
 }
+
+/// The whole loop with the real `transformers.Trainer`: `CkptvcCallback`
+/// commits each save (with the parameter names), and training resumes with
+/// `resume_from_checkpoint` from a lossy checkout, reaching a loss close to
+/// the uninterrupted run's. Runs only where torch and transformers are
+/// installed.
+#[test]
+fn the_trainer_commits_through_the_callback_and_resumes_from_a_checkout() {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import torch, transformers, safetensors"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: python3 with torch and transformers is not installed");
+        return;
+    }
+    let env = Env::init_with(&["--policy", "balanced"]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = r#"
+import json, os, subprocess, sys
+root, binary, repo, tmp = sys.argv[1:5]
+sys.path[:0] = [os.path.join(root, "python"), os.path.join(root, "fixtures")]
+import torch, ckptvc_torch, make_trainer_run as fixture
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+class Losses(TrainerCallback):
+    def __init__(self): self.losses = {}
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs: self.losses[state.global_step] = logs["loss"]
+
+def run(out, resume=None, callback=None):
+    torch.manual_seed(0); torch.set_num_threads(1)
+    config = GPT2Config(vocab_size=256, n_positions=64, n_embd=48, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    args = TrainingArguments(output_dir=out, max_steps=40, save_steps=10, per_device_train_batch_size=16,
+        learning_rate=3e-3, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=5, logging_steps=10,
+        report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    losses = Losses()
+    trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=fixture.ByteWindows(), callbacks=[losses])
+    if callback: trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=resume)
+    return losses.losses
+
+full = run(f"{tmp}/run", callback=ckptvc_torch.CkptvcCallback(repo=repo, ckptvc=binary))
+show = json.loads(subprocess.run([binary, "--repo", repo, "--json", "show", "40"], check=True, capture_output=True).stdout)
+assert show["pairings"][0]["rule"] == "names file", show["pairings"]
+assert not show["pairings"][0]["unpaired"], show["pairings"]
+step20 = json.loads(subprocess.run([binary, "--repo", repo, "--json", "show", "20"], check=True, capture_output=True).stdout)
+assert not step20["keyframe"] and step20["error_w"] > 0, "step 20 should be a lossy residual"
+subprocess.run([binary, "--repo", repo, "checkout", "20", "--output", f"{tmp}/resume-20"], check=True)
+resumed = run(f"{tmp}/rerun", resume=f"{tmp}/resume-20")
+gap = abs(resumed[40] - full[40]) / full[40]
+print(json.dumps({"full": full, "resumed": resumed, "gap": gap}))
+assert gap < 0.02, (full, resumed)
+"#;
+    let run = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(root)
+        .arg(assert_cmd::cargo::cargo_bin("ckptvc"))
+        .arg(env.repo())
+        .arg(env.tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&run.stdout));
+}
