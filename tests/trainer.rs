@@ -47,6 +47,36 @@ fn tensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
+/// Whether `python3` can import `modules` (comma-separated); says "skipped"
+/// when it cannot, so a test that needs torch passes visibly without it.
+fn python_has(modules: &str) -> bool {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .output();
+    let ok = probe.is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipped: python3 cannot import {modules}");
+    }
+    ok
+}
+
+/// Runs a Python `script` with `args`, fails the test with its output if it
+/// fails, and returns its stdout.
+fn python(script: &str, args: &[&std::ffi::OsStr]) -> String {
+    let run = std::process::Command::new("python3")
+        .args(["-c", script])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    stdout
+}
+
 fn rel_error(a: &[f32], b: &[f32]) -> f64 {
     let (mut err, mut norm) = (0f64, 0f64);
     for (&x, &y) in a.iter().zip(b) {
@@ -319,11 +349,7 @@ fn watch_imports_complete_folders_and_deletes_verified_ones() {
 /// `show` reports. Runs only where torch is installed.
 #[test]
 fn torch_loads_the_checked_out_optimizer() {
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import torch"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        eprintln!("skipped: python3 with torch is not installed");
+    if !python_has("torch") {
         return;
     }
     let env = Env::init_with(&["--policy", "balanced"]);
@@ -366,18 +392,13 @@ for i, entries in original["state"].items():
 assert lossy >= 4, lossy
 print("ok", lossy)
 "#;
-    let run = std::process::Command::new("python3")
-        .args(["-c", script])
-        .arg(out.join("optimizer.pt"))
-        .arg(checkpoint(30).join("optimizer.pt"))
-        .arg(env.path("errors.json"))
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
+    python(
+        script,
+        &[
+            out.join("optimizer.pt").as_ref(),
+            checkpoint(30).join("optimizer.pt").as_ref(),
+            env.path("errors.json").as_ref(),
+        ],
     );
 }
 
@@ -386,11 +407,7 @@ print("ok", lossy)
 /// the load matches one after the original. Runs only where torch is installed.
 #[test]
 fn the_python_helper_saves_commits_and_loads_back() {
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import torch, safetensors"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        eprintln!("skipped: python3 with torch and safetensors is not installed");
+    if !python_has("torch, safetensors") {
         return;
     }
     let env = Env::init();
@@ -436,19 +453,14 @@ assert train(model, opt, 3, 2) == train(model2, opt2, 3, 2)
 print("ok")
 "#;
     let python_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("python");
-    let run = std::process::Command::new("python3")
-        .args(["-c", script])
-        .arg(python_dir)
-        .arg(assert_cmd::cargo::cargo_bin("ckptvc"))
-        .arg(env.repo())
-        .arg(env.tmp.path())
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
+    python(
+        script,
+        &[
+            python_dir.as_ref(),
+            assert_cmd::cargo::cargo_bin("ckptvc").as_ref(),
+            env.repo().as_ref(),
+            env.tmp.path().as_ref(),
+        ],
     );
 }
 
@@ -459,11 +471,7 @@ print("ok")
 /// installed.
 #[test]
 fn the_trainer_commits_through_the_callback_and_resumes_from_a_checkout() {
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import torch, transformers, safetensors"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        eprintln!("skipped: python3 with torch and transformers is not installed");
+    if !python_has("torch, transformers, safetensors") {
         return;
     }
     let env = Env::init_with(&["--policy", "balanced"]);
@@ -472,8 +480,8 @@ fn the_trainer_commits_through_the_callback_and_resumes_from_a_checkout() {
 import json, os, subprocess, sys
 root, binary, repo, tmp = sys.argv[1:5]
 sys.path[:0] = [os.path.join(root, "python"), os.path.join(root, "fixtures")]
-import torch, ckptvc_torch, make_trainer_run as fixture
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+import ckptvc_torch, make_trainer_run as fixture
+from transformers import TrainerCallback
 
 class Losses(TrainerCallback):
     def __init__(self): self.losses = {}
@@ -481,14 +489,8 @@ class Losses(TrainerCallback):
         if logs and "loss" in logs: self.losses[state.global_step] = logs["loss"]
 
 def run(out, resume=None, callback=None):
-    torch.manual_seed(0); torch.set_num_threads(1)
-    config = GPT2Config(vocab_size=256, n_positions=64, n_embd=48, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
-    args = TrainingArguments(output_dir=out, max_steps=40, save_steps=10, per_device_train_batch_size=16,
-        learning_rate=3e-3, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=5, logging_steps=10,
-        report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
     losses = Losses()
-    trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=fixture.ByteWindows(), callbacks=[losses])
-    if callback: trainer.add_callback(callback)
+    trainer = fixture.make_trainer(out, 40, 10, [losses] + ([callback] if callback else []))
     trainer.train(resume_from_checkpoint=resume)
     return losses.losses
 
@@ -504,19 +506,14 @@ gap = abs(resumed[40] - full[40]) / full[40]
 print(json.dumps({"full": full, "resumed": resumed, "gap": gap}))
 assert gap < 0.02, (full, resumed)
 "#;
-    let run = std::process::Command::new("python3")
-        .args(["-c", script])
-        .arg(root)
-        .arg(assert_cmd::cargo::cargo_bin("ckptvc"))
-        .arg(env.repo())
-        .arg(env.tmp.path())
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
+    let stdout = python(
+        script,
+        &[
+            root.as_ref(),
+            assert_cmd::cargo::cargo_bin("ckptvc").as_ref(),
+            env.repo().as_ref(),
+            env.tmp.path().as_ref(),
+        ],
     );
-    eprintln!("{}", String::from_utf8_lossy(&run.stdout));
+    eprintln!("{stdout}");
 }
