@@ -517,3 +517,54 @@ assert gap < 0.02, (full, resumed)
     );
     eprintln!("{stdout}");
 }
+
+/// A plain script's `torch.save({"model": ..., "optimizer": ..., "step": n})`:
+/// one file holding both state dicts, including a view and a shared storage.
+/// Its tensors are found by their place in the dict and the file checks out
+/// byte for byte. Runs only where torch is installed.
+#[test]
+fn a_plain_torch_save_dict_is_read_by_its_keys() {
+    if !python_has("torch") {
+        return;
+    }
+    let env = Env::init();
+    let dir = env.path("ckpt");
+    std::fs::create_dir(&dir).unwrap();
+    let script = r#"
+import sys, torch
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 8))
+opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+model(torch.randn(4, 64)).sum().backward(); opt.step()
+base = torch.arange(12.0)
+torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 1,
+            "view": base[2:5], "shared": [base, base]}, sys.argv[1])
+"#;
+    python(script, &[dir.join("ckpt.pt").as_ref()]);
+    env.commit(&dir, 1);
+    let show = env.json(&["show", "1"]);
+    let names: Vec<&str> = show["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["tensor"].as_str())
+        .collect();
+    for expected in [
+        "model.0.weight",
+        "model.1.bias",
+        "optimizer.state.0.exp_avg",
+        "optimizer.state.3.exp_avg_sq",
+    ] {
+        assert!(names.contains(&expected), "{expected} not in {names:?}");
+    }
+    // The view and the list share one storage: stored once, by its key.
+    assert_eq!(
+        names.iter().filter(|n| n.starts_with("storage.")).count(),
+        1,
+        "{names:?}"
+    );
+    // Not a Trainer folder and no names file: nothing is paired.
+    assert_eq!(show["pairings"][0]["paired"].as_array().unwrap().len(), 0);
+    let out = env.checkout("1", "out");
+    assert_same_files(&dir, &out);
+}

@@ -89,7 +89,8 @@ enum Command {
     },
     /// Store a checkpoint directory as a new commit.
     Commit {
-        /// The checkpoint directory (*.safetensors and any other files).
+        /// The checkpoint directory: *.safetensors, torch.save files (optimizer.pt,
+        /// pytorch_model.bin, ...) and any other files.
         dir: PathBuf,
         /// Training step of this checkpoint.
         #[arg(long)]
