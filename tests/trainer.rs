@@ -538,7 +538,8 @@ opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 model(torch.randn(4, 64)).sum().backward(); opt.step()
 base = torch.arange(12.0)
 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 1,
-            "view": base[2:5], "shared": [base, base]}, sys.argv[1])
+            "view": base[2:5], "shared": [base, base],
+            "big": torch.randn(2_500_000)}, sys.argv[1])
 "#;
     python(script, &[dir.join("ckpt.pt").as_ref()]);
     env.commit(&dir, 1);
@@ -557,6 +558,14 @@ torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 
     ] {
         assert!(names.contains(&expected), "{expected} not in {names:?}");
     }
+    // 10 MB: three chunks, whose CRC-32s are combined into the record's.
+    let big = show["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["tensor"] == "big")
+        .unwrap();
+    assert_eq!(big["chunks"], 3);
     // The view and the list share one storage: stored once, by its key.
     assert_eq!(
         names.iter().filter(|n| n.starts_with("storage.")).count(),
