@@ -89,6 +89,7 @@ pub fn parse(bytes: &[u8]) -> Result<TorchFile, String> {
     let by_record: HashMap<&str, &zip::Record> =
         records.iter().map(|r| (r.name.as_str(), r)).collect();
     let (tensors, crc_fields) = storages(archive, &refs, &by_record)?;
+    check_crc_fields(&tensors, &crc_fields)?;
     Ok(TorchFile {
         tensors,
         crc_fields,
@@ -335,6 +336,29 @@ fn storages(
     Ok(out.into_iter().unzip())
 }
 
+/// Checkout writes each tensor's CRC-32 at its fields after writing the
+/// data; a field inside any tensor's data, or shared by two tensors, would
+/// change bytes that were already verified. Only a crafted archive has one.
+fn check_crc_fields(tensors: &[TensorInfo], crc_fields: &[Vec<u64>]) -> Result<(), String> {
+    let mut fields: Vec<u64> = crc_fields.iter().flatten().copied().collect();
+    fields.sort_unstable();
+    if fields.windows(2).any(|w| w[1] < w[0] + 4) {
+        return Err("two CRC fields overlap".into());
+    }
+    // Tensors are sorted and disjoint: the one that could hold a field is
+    // the last that begins before the field ends.
+    for &f in &fields {
+        let i = tensors.partition_point(|t| t.begin < f + 4);
+        if i > 0 && tensors[i - 1].end > f {
+            return Err(format!(
+                "a CRC field at byte {f} lies inside tensor `{}`",
+                tensors[i - 1].name
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The optimizer state dict at the root, or under one key of the root.
 fn optimizer_state(p: &Pickle) -> Option<OptimizerState> {
     let params_of = |dict: Id| -> Option<Vec<i64>> {
@@ -360,4 +384,53 @@ fn optimizer_state(p: &Pickle) -> Option<OptimizerState> {
             params: params_of(v)?,
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(name: &str, begin: u64, end: u64) -> TensorInfo {
+        TensorInfo {
+            name: name.into(),
+            dtype: Dtype::F32,
+            shape: vec![(end - begin) / 4],
+            begin,
+            end,
+        }
+    }
+
+    #[test]
+    fn crc_fields_must_stay_out_of_tensor_data() {
+        let tensors = [tensor("a", 100, 200), tensor("b", 300, 400)];
+        assert!(check_crc_fields(&tensors, &[vec![10, 250], vec![296, 500]]).is_ok());
+        let inside = check_crc_fields(&tensors, &[vec![10, 198], vec![500]]).unwrap_err();
+        assert!(inside.contains("tensor `a`"), "{inside}");
+        assert!(check_crc_fields(&tensors, &[vec![10], vec![397]]).is_err());
+        assert!(
+            check_crc_fields(&tensors, &[vec![10], vec![12]])
+                .unwrap_err()
+                .contains("overlap")
+        );
+    }
+
+    #[test]
+    fn a_real_optimizer_file_is_read() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/trainer-run/checkpoint-10/optimizer.pt"
+        );
+        let file = parse(&std::fs::read(path).unwrap()).unwrap();
+        let optimizer = file.optimizer.unwrap();
+        assert_eq!(optimizer.prefix, "");
+        assert_eq!(optimizer.params, (0..28).collect::<Vec<i64>>());
+        assert_eq!(file.tensors.len(), 28 * 3);
+        let exp_avg = file
+            .tensors
+            .iter()
+            .find(|t| t.name == "state.0.exp_avg")
+            .unwrap();
+        assert_eq!(exp_avg.shape, vec![256, 48]);
+        assert_eq!(exp_avg.begin % 64, 0, "torch aligns storages to 64 bytes");
+    }
 }
