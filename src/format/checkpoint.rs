@@ -164,41 +164,43 @@ fn pair_optimizer_state(files: &[InputFile]) -> Paired {
     let names_file = find(NAMES_FILE).map(InputFile::bytes);
     let trainer_folder = find(TRAINER_STATE).is_some();
     let mut out = Paired::default();
-    {
-        for (fi, file) in files.iter().enumerate() {
-            let InputKind::Torch(torch) = &file.kind else {
-                continue;
-            };
-            let Some(optimizer) = &torch.optimizer else {
-                continue;
-            };
-            let index_of: HashMap<&str, usize> = torch
-                .tensors
-                .iter()
-                .enumerate()
-                .map(|(i, t)| (t.name.as_str(), i))
-                .collect();
-            let shape_of = |i: i64| {
+    for (fi, file) in files.iter().enumerate() {
+        let InputKind::Torch(torch) = &file.kind else {
+            continue;
+        };
+        let Some(optimizer) = &torch.optimizer else {
+            continue;
+        };
+        let index_of: HashMap<&str, usize> = torch
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        let shapes = optimizer
+            .params
+            .iter()
+            .filter_map(|&i| {
                 let t = index_of.get(optimizer.entry(i, "exp_avg").as_str())?;
-                Some(torch.tensors[*t].shape.clone())
-            };
-            let view = OptimizerView {
-                params: &optimizer.params,
-                shape_of: &shape_of,
-            };
-            let mut notes = Vec::new();
-            let result = pairing::pair(&view, &model, names_file, trainer_folder, &mut notes);
-            out.notes
-                .extend(notes.into_iter().map(|n| format!("{}: {n}", file.name)));
-            for (index, name) in &result.paired {
-                for key in ["exp_avg", "exp_avg_sq"] {
-                    if let Some(&t) = index_of.get(optimizer.entry(*index, key).as_str()) {
-                        out.aliases.insert((fi, t), format!("{name}.{key}"));
-                    }
+                Some((i, torch.tensors[*t].shape.as_slice()))
+            })
+            .collect();
+        let view = OptimizerView {
+            params: &optimizer.params,
+            shapes,
+        };
+        let mut notes = Vec::new();
+        let result = pairing::pair(&view, &model, names_file, trainer_folder, &mut notes);
+        out.notes
+            .extend(notes.into_iter().map(|n| format!("{}: {n}", file.name)));
+        for (index, name) in &result.paired {
+            for key in ["exp_avg", "exp_avg_sq"] {
+                if let Some(&t) = index_of.get(optimizer.entry(*index, key).as_str()) {
+                    out.aliases.insert((fi, t), format!("{name}.{key}"));
                 }
             }
-            out.pairings.insert(fi, result);
         }
+        out.pairings.insert(fi, result);
     }
     out
 }

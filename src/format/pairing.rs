@@ -46,9 +46,10 @@ pub struct FilePairing {
 
 /// What pairing needs to know about one optimizer file.
 pub struct OptimizerView<'a> {
+    /// Parameter indices in `param_groups` order.
     pub params: &'a [i64],
-    /// Shape of index `i`'s `exp_avg`, when it has one.
-    pub shape_of: &'a dyn Fn(i64) -> Option<Vec<u64>>,
+    /// Shape of each index's `exp_avg` (absent before its first step).
+    pub shapes: HashMap<i64, &'a [u64]>,
 }
 
 /// Pairs the indices of `optimizer` with the tensors of `model` (name →
@@ -102,9 +103,9 @@ fn by_names(
             .ok()
             .and_then(|i| file.params.get(i))
             .ok_or_else(|| format!("it names no parameter {index}"))?;
-        let shape = (optimizer.shape_of)(index);
+        let shape = optimizer.shapes.get(&index).copied();
         match (model.get(name.as_str()), shape) {
-            (Some(&model_shape), Some(shape)) if model_shape == shape.as_slice() => {
+            (Some(&model_shape), Some(shape)) if model_shape == shape => {
                 pairing.paired.push((index, name.clone()));
             }
             (Some(model_shape), Some(shape)) => {
@@ -125,29 +126,24 @@ fn by_unique_shapes(optimizer: &OptimizerView<'_>, model: &HashMap<&str, &[u64]>
     for (&name, &shape) in model {
         model_by_shape.entry(shape).or_default().push(name);
     }
-    let shapes: Vec<(i64, Option<Vec<u64>>)> = optimizer
-        .params
-        .iter()
-        .map(|&i| (i, (optimizer.shape_of)(i)))
-        .collect();
     let mut entries_by_shape: HashMap<&[u64], usize> = HashMap::new();
-    for (_, shape) in &shapes {
-        if let Some(shape) = shape {
-            *entries_by_shape.entry(shape.as_slice()).or_default() += 1;
+    for &i in optimizer.params {
+        if let Some(&shape) = optimizer.shapes.get(&i) {
+            *entries_by_shape.entry(shape).or_default() += 1;
         }
     }
     let mut pairing = FilePairing {
         rule: "unique shapes (Trainer folder)".into(),
         ..FilePairing::default()
     };
-    for (index, shape) in &shapes {
-        let unique = shape.as_deref().and_then(|s| {
+    for &index in optimizer.params {
+        let unique = optimizer.shapes.get(&index).and_then(|&s| {
             let names = model_by_shape.get(s)?;
             (names.len() == 1 && entries_by_shape[s] == 1).then(|| names[0])
         });
         match unique {
-            Some(name) => pairing.paired.push((*index, name.to_string())),
-            None => pairing.unpaired.push(*index),
+            Some(name) => pairing.paired.push((index, name.to_string())),
+            None => pairing.unpaired.push(index),
         }
     }
     pairing
@@ -158,9 +154,8 @@ mod tests {
     use super::*;
 
     fn view<'a>(params: &'a [i64], shapes: &'a [Vec<u64>]) -> OptimizerView<'a> {
-        let shape_of: &'a dyn Fn(i64) -> Option<Vec<u64>> =
-            Box::leak(Box::new(move |i: i64| shapes.get(i as usize).cloned()));
-        OptimizerView { params, shape_of }
+        let shapes = (0..).zip(shapes).map(|(i, s)| (i, s.as_slice())).collect();
+        OptimizerView { params, shapes }
     }
 
     #[test]

@@ -119,6 +119,14 @@ pub struct ImportReport {
 }
 
 impl ImportReport {
+    fn new(branch: &str) -> ImportReport {
+        ImportReport {
+            branch: branch.to_string(),
+            ratio: 1.0,
+            ..ImportReport::default()
+        }
+    }
+
     fn add(&mut self, step: ImportedStep) {
         self.input_bytes += step.input_bytes;
         self.stored_bytes += step.stored_bytes;
@@ -136,6 +144,44 @@ impl Progress for Nested<'_> {
     }
 }
 
+/// The checkpoint folders of a run directory sorted against one branch.
+struct Survey {
+    branch: String,
+    /// Complete folders the branch does not have, in step order.
+    pending: Vec<StepFolder>,
+    skipped: Vec<u64>,
+    incomplete: Vec<u64>,
+}
+
+/// Scans `run_dir` and sorts its folders against the target branch (one
+/// read-only open of the store for all of them).
+fn survey(root: &Path, run_dir: &Path, options: &ImportOptions) -> anyhow::Result<Survey> {
+    let folders = scan(run_dir)?;
+    let store = Store::open_read(root)?;
+    let branch = match &options.branch {
+        Some(b) => b.clone(),
+        None => store.head_branch()?,
+    };
+    let fork_step = fork_step(&store, &branch, options)?;
+    let mut survey = Survey {
+        branch,
+        pending: Vec::new(),
+        skipped: Vec::new(),
+        incomplete: Vec::new(),
+    };
+    for folder in folders {
+        let before_fork = fork_step.is_some_and(|s| folder.step <= s);
+        if before_fork || store.commit_at_step(&survey.branch, folder.step)?.is_some() {
+            survey.skipped.push(folder.step);
+        } else if !is_complete(&folder) {
+            survey.incomplete.push(folder.step);
+        } else {
+            survey.pending.push(folder);
+        }
+    }
+    Ok(survey)
+}
+
 /// Commits every complete checkpoint folder under `run_dir` that the
 /// branch does not have yet, in step order.
 pub fn import(
@@ -144,34 +190,14 @@ pub fn import(
     options: &ImportOptions,
     progress: &dyn Progress,
 ) -> anyhow::Result<ImportReport> {
-    let folders = scan(run_dir)?;
-    let store = Store::open_read(root)?;
-    let branch = match &options.branch {
-        Some(b) => b.clone(),
-        None => store.head_branch()?,
-    };
-    let mut report = ImportReport {
-        branch: branch.clone(),
-        ratio: 1.0,
-        ..ImportReport::default()
-    };
-    let fork_step = fork_step(&store, &branch, options)?;
-    let mut pending = Vec::new();
-    for folder in folders {
-        let before_fork = fork_step.is_some_and(|s| folder.step <= s);
-        if before_fork || store.commit_at_step(&branch, folder.step)?.is_some() {
-            report.skipped.push(folder.step);
-        } else if !is_complete(&folder) {
-            report.incomplete.push(folder.step);
-        } else {
-            pending.push(folder);
-        }
-    }
-    drop(store);
-    let total: u64 = pending.iter().map(|f| folder_bytes(&f.dir)).sum();
+    let survey = survey(root, run_dir, options)?;
+    let mut report = ImportReport::new(&survey.branch);
+    report.skipped = survey.skipped;
+    report.incomplete = survey.incomplete;
+    let total: u64 = survey.pending.iter().map(|f| folder_bytes(&f.dir)).sum();
     progress.begin("import", total);
-    for folder in &pending {
-        let step = commit_folder(root, folder, &branch, options, progress)?;
+    for folder in &survey.pending {
+        let step = commit_folder(root, folder, &survey.branch, options, progress)?;
         report.add(step);
     }
     progress.finish();
@@ -335,32 +361,28 @@ pub fn watch(
     options: &WatchOptions,
     events: &dyn WatchEvents,
 ) -> anyhow::Result<ImportReport> {
+    // The branch is fixed at the start: a `switch` while watch runs must
+    // not send later steps elsewhere.
     let branch = match &options.import.branch {
         Some(b) => b.clone(),
         None => Store::open_read(root)?.head_branch()?,
     };
-    let mut report = ImportReport {
-        branch: branch.clone(),
-        ratio: 1.0,
-        ..ImportReport::default()
+    let import = ImportOptions {
+        branch: Some(branch.clone()),
+        ..options.import.clone()
     };
+    let mut report = ImportReport::new(&branch);
     let mut last_seen: std::collections::HashMap<PathBuf, Vec<_>> = Default::default();
     let mut last_progress = Instant::now();
     loop {
-        for folder in scan(run_dir)? {
-            let store = Store::open_read(root)?;
-            let have = store.commit_at_step(&branch, folder.step)?;
-            drop(store);
-            if have.is_some() || !is_complete(&folder) {
-                continue;
-            }
+        for folder in survey(root, run_dir, &import)?.pending {
             let now = signature(&folder.dir);
             let settled = last_seen.get(&folder.dir) == Some(&now);
             last_seen.insert(folder.dir.clone(), now);
             if !settled {
                 continue;
             }
-            let step = commit_folder(root, &folder, &branch, &options.import, &NoProgress)?;
+            let step = commit_folder(root, &folder, &branch, &import, &NoProgress)?;
             events.committed(&step);
             if options.delete_imported {
                 let store = Store::open_read(root)?;
