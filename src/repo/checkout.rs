@@ -215,7 +215,15 @@ fn torch_pieces<'e>(
             entry.name
         )
     };
-    if torch.offsets.len() != torch.tensors.len() || torch.crc_fields.len() != torch.tensors.len() {
+    let fields_fit = torch
+        .crc_fields
+        .iter()
+        .flatten()
+        .all(|&f| f.checked_add(4).is_some_and(|end| end <= entry.size));
+    if torch.offsets.len() != torch.tensors.len()
+        || torch.crc_fields.len() != torch.tensors.len()
+        || !fields_fit
+    {
         return Err(inconsistent());
     }
     let mut at = 0u64; // position in the file
