@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Resume the fixture's Trainer run from a checkpoint folder and report the loss.
 
-    python3 scripts/trainer_resume.py CHECKPOINT_DIR [--steps 30]
+    python3 scripts/trainer_resume.py CHECKPOINT_DIR [--steps 30] [--width 48 --layers 2]
 
 Rebuilds the run of fixtures/make_trainer_run.py (same model, data, seed and
 arguments), calls trainer.train(resume_from_checkpoint=CHECKPOINT_DIR) up to
@@ -36,10 +36,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--width", type=int, default=48)
+    parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
     out = tempfile.mkdtemp()
     losses = Losses()
-    trainer = run.make_trainer(out, args.steps, every=0, callbacks=[losses])
+    trainer = run.make_trainer(out, args.steps, 0, [losses], args.width, args.layers)
     trainer.train(resume_from_checkpoint=args.checkpoint)
     shutil.rmtree(out)
     resumed = [loss for _, loss in losses.losses]
