@@ -577,3 +577,39 @@ torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 
     let out = env.checkout("1", "out");
     assert_same_files(&dir, &out);
 }
+
+/// `import --branch NEW --parent REV`: the new branch forks at REV, steps up
+/// to REV are inherited (skipped), and only the first commit takes --parent.
+#[test]
+fn an_import_onto_a_new_branch_forks_at_its_parent() {
+    let env = Env::init();
+    env.commit(&checkpoint(10), 10);
+    env.commit(&checkpoint(20), 20);
+    let report = env.json(&[
+        "import",
+        run_dir().to_str().unwrap(),
+        "--branch",
+        "retry",
+        "--parent",
+        "main@10",
+    ]);
+    assert_eq!(report["skipped"], serde_json::json!([10]));
+    let imported: Vec<u64> = report["imported"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(imported, [20, 30]);
+    let log = env.json(&["log", "--branch", "retry"]);
+    let steps: Vec<u64> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [30, 20, 10]);
+    let main_10 = env.json(&["show", "main@10"])["id"].clone();
+    assert_eq!(log[1]["parents"][0], main_10, "retry@20 forks from main@10");
+    assert_same_files(&checkpoint(30), &env.checkout("retry@30", "out"));
+}

@@ -147,6 +147,8 @@ impl Progress for Nested<'_> {
 /// The checkpoint folders of a run directory sorted against one branch.
 struct Survey {
     branch: String,
+    /// The branch does not exist yet: its first commit forks from `--parent`.
+    new_branch: bool,
     /// Complete folders the branch does not have, in step order.
     pending: Vec<StepFolder>,
     skipped: Vec<u64>,
@@ -164,6 +166,7 @@ fn survey(root: &Path, run_dir: &Path, options: &ImportOptions) -> anyhow::Resul
     };
     let fork_step = fork_step(&store, &branch, options)?;
     let mut survey = Survey {
+        new_branch: store.branch_tip(&branch)?.is_none(),
         branch,
         pending: Vec::new(),
         skipped: Vec::new(),
@@ -196,8 +199,10 @@ pub fn import(
     report.incomplete = survey.incomplete;
     let total: u64 = survey.pending.iter().map(|f| folder_bytes(&f.dir)).sum();
     progress.begin("import", total);
+    let mut new_branch = survey.new_branch;
     for folder in &survey.pending {
-        let step = commit_folder(root, folder, &survey.branch, options, progress)?;
+        let parent = fork_parent(&mut new_branch, options);
+        let step = commit_folder(root, folder, &survey.branch, parent, options, progress)?;
         report.add(step);
     }
     progress.finish();
@@ -229,24 +234,25 @@ fn fork_step(store: &Store, branch: &str, options: &ImportOptions) -> anyhow::Re
     Ok(Some(summary.step))
 }
 
+/// `--parent` for the commit that creates the branch, `None` after it.
+fn fork_parent(new_branch: &mut bool, options: &ImportOptions) -> Option<String> {
+    std::mem::take(new_branch)
+        .then(|| options.parent.clone())
+        .flatten()
+}
+
 fn commit_folder(
     root: &Path,
     folder: &StepFolder,
     branch: &str,
+    parent: Option<String>,
     options: &ImportOptions,
     progress: &dyn Progress,
 ) -> anyhow::Result<ImportedStep> {
-    let store = Store::open_read(root)?;
-    let branch_exists = store.branch_tip(branch)?.is_some();
-    drop(store);
     let commit_options = CommitOptions {
         step: folder.step,
         branch: Some(branch.to_string()),
-        parent: if branch_exists {
-            None
-        } else {
-            options.parent.clone()
-        },
+        parent,
         message: format!("imported from {}", folder.dir.display()),
         force_keyframe: false,
         policy: options.policy.clone(),
@@ -375,14 +381,17 @@ pub fn watch(
     let mut last_seen: std::collections::HashMap<PathBuf, Vec<_>> = Default::default();
     let mut last_progress = Instant::now();
     loop {
-        for folder in survey(root, run_dir, &import)?.pending {
+        let survey = survey(root, run_dir, &import)?;
+        let mut new_branch = survey.new_branch;
+        for folder in survey.pending {
             let now = signature(&folder.dir);
             let settled = last_seen.get(&folder.dir) == Some(&now);
             last_seen.insert(folder.dir.clone(), now);
             if !settled {
                 continue;
             }
-            let step = commit_folder(root, &folder, &branch, &import, &NoProgress)?;
+            let parent = fork_parent(&mut new_branch, &import);
+            let step = commit_folder(root, &folder, &branch, parent, &import, &NoProgress)?;
             events.committed(&step);
             if options.delete_imported {
                 let store = Store::open_read(root)?;
