@@ -179,6 +179,23 @@ fn json_output_matches_the_documented_schemas() {
     check("prune", json(&["prune", "--keep-last", "1", "--dry-run"]));
     check("prune", json(&["prune", "--keep-last", "1"]));
     check("gc", json(&["gc"]));
+    let bucket = format!("file://{}", env.path("bucket").display());
+    check("remote-add", json(&["remote", "add", "o", &bucket]));
+    check("remote-list", json(&["remote", "list"]));
+    check("push", json(&["push", "o"]));
+    check("fetch", json(&["fetch", "o"]));
+    let clone = env.path("clone");
+    let out = assert_cmd::Command::cargo_bin("ckptvc")
+        .unwrap()
+        .args(["--json", "clone", &bucket])
+        .arg(&clone)
+        .arg("--lazy")
+        .assert()
+        .success();
+    check(
+        "clone",
+        serde_json::from_slice(&out.get_output().stdout).unwrap(),
+    );
     trainer_run_outputs(&mut check);
     let unchecked: Vec<_> = schemas.keys().filter(|k| !checked.contains(*k)).collect();
     assert!(

@@ -13,8 +13,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::codec::policy::{Knobs, Policy};
-use crate::repo::{self, CommitOptions};
-use crate::store::{Store, StoreConfig};
+use crate::repo::{self, CommitOptions, Repo};
+use crate::store::StoreConfig;
 use output::{bytes, print_json};
 use progress::Bar;
 
@@ -207,6 +207,13 @@ enum Command {
         /// Report what would be removed; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Collect garbage on this remote instead of the local store.
+        #[arg(long, value_name = "NAME")]
+        remote: Option<String>,
+        /// Spare objects younger than this many seconds (a concurrent push
+        /// may not have moved its ref yet). Matters on remotes.
+        #[arg(long, value_name = "SECONDS", default_value_t = 86400.0)]
+        grace: f64,
     },
     /// Thin out a branch's history, then gc.
     Prune {
@@ -224,7 +231,55 @@ enum Command {
         dry_run: bool,
     },
     /// Verify every blob, record, chunk and ref; non-zero exit on any problem.
-    Fsck,
+    Fsck {
+        /// Check this remote instead of the local store.
+        #[arg(long, value_name = "NAME")]
+        remote: Option<String>,
+    },
+    /// Manage remotes: `remote add NAME URL`, `remote list`, `remote remove NAME`.
+    Remote {
+        #[command(subcommand)]
+        action: RemoteAction,
+    },
+    /// Send branches to a remote: only what it lacks, then move its refs
+    /// (fast-forward only unless --force).
+    Push {
+        /// The remote (default: origin).
+        remote: Option<String>,
+        /// Branches to push (default: the current one).
+        branches: Vec<String>,
+        /// Push every local branch.
+        #[arg(long, conflicts_with = "branches")]
+        all: bool,
+        /// Also push tags.
+        #[arg(long)]
+        tags: bool,
+        /// Move remote refs even when that drops commits they have.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Bring a remote's new commits and set its remote-tracking branches
+    /// (`origin/main`).
+    Fetch {
+        /// The remote (default: origin).
+        remote: Option<String>,
+    },
+    /// Fetch, then fast-forward the current branch to the remote's.
+    Pull {
+        /// The remote (default: origin).
+        remote: Option<String>,
+    },
+    /// Copy a remote store into a new local one (remote `origin`).
+    Clone {
+        /// s3://bucket/prefix, gs://…, az://…, or file:///path.
+        url: String,
+        /// Directory of the new store (default: `.ckptvc`, or --repo).
+        dir: Option<PathBuf>,
+        /// Take commit records and refs only; each checkout downloads the
+        /// chunks its commit needs.
+        #[arg(long)]
+        lazy: bool,
+    },
     /// Per-file and per-tensor details of a commit.
     Show { rev: String },
     /// Store totals; with --plot, a picture of a branch's history.
@@ -247,6 +302,16 @@ enum Command {
     Man,
 }
 
+#[derive(Subcommand, Debug)]
+enum RemoteAction {
+    /// Add a remote (checks that it is reachable and honours conditional writes).
+    Add { name: String, url: String },
+    /// List remotes.
+    List,
+    /// Remove a remote and its remote-tracking branches.
+    Remove { name: String },
+}
+
 fn wait(cli: &Cli) -> Duration {
     Duration::from_secs_f64(cli.wait.max(0.0))
 }
@@ -261,6 +326,7 @@ enum RefKind {
 
 fn ref_command(
     cli: &Cli,
+    repo: &Repo,
     kind: RefKind,
     name: &Option<String>,
     rev: &Option<String>,
@@ -270,31 +336,31 @@ fn ref_command(
     let (action, name, id) = match (name, delete) {
         (_, Some(name)) => {
             let id = match kind {
-                RefKind::Branch => history::delete_branch(&cli.repo, name, wait(cli))?,
-                RefKind::Tag => history::delete_tag(&cli.repo, name, wait(cli))?,
+                RefKind::Branch => history::delete_branch(repo, name, wait(cli))?,
+                RefKind::Tag => history::delete_tag(repo, name, wait(cli))?,
             };
             ("deleted", name, id)
         }
         (Some(name), None) => {
             let rev = match rev {
                 Some(rev) => rev.clone(),
-                None => Store::open_read(&cli.repo)?.head_branch()?,
+                None => repo.head_branch()?,
             };
             let id = match kind {
-                RefKind::Branch => history::create_branch(&cli.repo, name, &rev, wait(cli))?,
-                RefKind::Tag => history::create_tag(&cli.repo, name, &rev, wait(cli))?,
+                RefKind::Branch => history::create_branch(repo, name, &rev, wait(cli))?,
+                RefKind::Tag => history::create_tag(repo, name, &rev, wait(cli))?,
             };
             ("created", name, id)
         }
         (None, None) => {
-            let store = Store::open_read(&cli.repo)?;
+            let store = repo;
             match (kind, cli.json) {
-                (RefKind::Branch, true) => print_json(&history::branches(&store)?)?,
+                (RefKind::Branch, true) => print_json(&history::branches(store)?)?,
                 (RefKind::Branch, false) => {
-                    output::print_branches(&history::branches(&store)?, cli.palette())
+                    output::print_branches(&history::branches(store)?, cli.palette())
                 }
-                (RefKind::Tag, true) => print_json(&history::tags(&store)?)?,
-                (RefKind::Tag, false) => output::print_tags(&history::tags(&store)?),
+                (RefKind::Tag, true) => print_json(&history::tags(store)?)?,
+                (RefKind::Tag, false) => output::print_tags(&history::tags(store)?),
             }
             return Ok(());
         }
@@ -328,8 +394,79 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(hint) = hint(&e) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The store of remote `name` of `repo`, opened like any store.
+fn open_remote(repo: &Repo, name: &str) -> anyhow::Result<Repo> {
+    let remotes = repo::remote::remotes(repo)?;
+    let remote = remotes.get(name)?;
+    Repo::open(&remote.url).map_err(|e| anyhow::Error::new(e).context(format!("remote `{name}`")))
+}
+
+fn remote_command(cli: &Cli, repo: &Repo, action: &RemoteAction) -> anyhow::Result<()> {
+    match action {
+        RemoteAction::Add { name, url } => {
+            let remote = repo::remote::add(repo, name, url, wait(cli))?;
+            if cli.json {
+                return print_json(&remote);
+            }
+            if !cli.quiet {
+                eprintln!("added remote `{}` ({})", remote.name, remote.url);
+            }
+            if !remote.conditional_writes {
+                eprintln!(
+                    "warning: {} accepted a second create-only write of one object; pushes to it are refused (two writers could overwrite each other's branches)",
+                    remote.url
+                );
+            }
+            Ok(())
+        }
+        RemoteAction::List => {
+            let remotes = repo::remote::remotes(repo)?;
+            if cli.json {
+                return print_json(&remotes.remotes);
+            }
+            for r in &remotes.remotes {
+                let lazy = if remotes.lazy.as_deref() == Some(&r.name) {
+                    " (lazy)"
+                } else {
+                    ""
+                };
+                println!("{}\t{}{lazy}", r.name, r.url);
+            }
+            Ok(())
+        }
+        RemoteAction::Remove { name } => {
+            let removed = repo::remote::remove(repo, name, wait(cli))?;
+            if cli.json {
+                return print_json(&removed);
+            }
+            if !cli.quiet {
+                eprintln!("removed remote `{}` ({})", removed.name, removed.url);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// What to do about a failure, in terms of this command line's flags (the
+/// library's messages name no flags).
+fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    match repo::kind(e) {
+        repo::ErrorKind::Locked => Some("pass --wait SECONDS to wait for the other writer"),
+        repo::ErrorKind::NotAStore => Some("run `ckptvc init` first, or pass --repo"),
+        repo::ErrorKind::Corrupt => Some("run `ckptvc fsck` to see what is damaged"),
+        repo::ErrorKind::OutputNotEmpty => Some("pass --force to write into it anyway"),
+        repo::ErrorKind::NotFastForward => {
+            Some("`ckptvc fetch`, then branch from or pull the remote's commits; or push --force")
+        }
+        _ => None,
     }
 }
 
@@ -340,6 +477,17 @@ impl Cli {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Init { .. }
+        | Command::Completions { .. }
+        | Command::Man
+        | Command::Clone { .. } => run_without_store(cli),
+        _ => run_on(cli, &Repo::open(&cli.repo)?),
+    }
+}
+
+/// The commands that have no store to open (yet).
+fn run_without_store(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Init {
             keyframe_interval,
@@ -352,12 +500,52 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 policy: policy.clone(),
                 ..StoreConfig::default()
             };
-            repo::init(&cli.repo, &config)?;
+            Repo::init(&cli.repo, &config)?;
             if !cli.quiet {
                 eprintln!("initialized empty ckptvc store in {}", cli.repo.display());
             }
             Ok(())
         }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "ckptvc", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+            Ok(())
+        }
+        Command::Clone { url, dir, lazy } => {
+            let dir = dir.clone().unwrap_or_else(|| cli.repo.clone());
+            let report = repo::remote::clone(url, &dir, *lazy, &Bar::new(cli.quiet))?;
+            if cli.json {
+                print_json(&report)
+            } else {
+                if !cli.quiet {
+                    eprintln!(
+                        "cloned {} into {} ({} branches, {} commits, {} blobs{})",
+                        report.url,
+                        report.dir,
+                        report.branches.len(),
+                        report.fetch.commits_fetched,
+                        report.fetch.blobs_fetched,
+                        if *lazy {
+                            "; lazy: checkouts download what they need"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                Ok(())
+            }
+        }
+        _ => unreachable!("only commands without a store come here"),
+    }
+}
+
+fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
+    match &cli.command {
         Command::Commit {
             dir,
             step,
@@ -391,16 +579,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 lock_wait: Duration::from_secs_f64(cli.wait.max(0.0)),
             };
             let bar = Bar::new(cli.quiet);
-            let outcome = repo::commit(&cli.repo, dir, &options, &bar)?;
-            let entry = repo::LogEntry::new(&outcome.id, &(&outcome.record).into());
+            let outcome = repo::commit(repo, dir, &options, &bar)?;
+            let entry = &outcome.entry;
             if cli.json {
-                // The log entry, plus what this run did.
-                let mut json = serde_json::to_value(&entry)?;
-                json["new_blobs"] = outcome.new_blobs.into();
-                json["bases_from_cache"] = outcome.bases_from_cache.into();
-                json["bases_decoded"] = outcome.bases_decoded.into();
-                json["notes"] = outcome.notes.clone().into();
-                print_json(&json)?;
+                print_json(&outcome)?;
             } else {
                 println!("{}", outcome.id);
                 if !cli.quiet {
@@ -430,7 +612,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         }
         Command::Import { run_dir, target } => {
             let bar = Bar::new(cli.quiet);
-            let report = repo::import::import(&cli.repo, run_dir, &target.options(cli), &bar)?;
+            let report = repo::import::import(repo, run_dir, &target.options(cli), &bar)?;
             if cli.json {
                 print_json(&report)
             } else {
@@ -455,7 +637,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 json: cli.json,
                 quiet: cli.quiet,
             };
-            let report = repo::import::watch(&cli.repo, run_dir, &options, &events)?;
+            let report = repo::import::watch(repo, run_dir, &options, &events)?;
             if !cli.json {
                 output::print_import(&report, cli.quiet);
             }
@@ -469,16 +651,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         } => {
             let bar = Bar::new(cli.quiet);
             let options = repo::CheckoutOptions {
+                lock_wait: wait(cli),
                 force: *force,
                 no_sync: *no_sync,
             };
-            let outcome = repo::checkout(&cli.repo, rev, output, options, &bar)?;
+            let outcome = repo::checkout(repo, rev, output, options, &bar)?;
             if cli.json {
-                print_json(&serde_json::json!({
-                    "id": outcome.id.to_hex(),
-                    "files": outcome.files,
-                    "bytes": outcome.bytes,
-                }))?;
+                print_json(&outcome)?;
             } else if !cli.quiet {
                 eprintln!(
                     "checked out {} ({} files, {}) into {}",
@@ -490,9 +669,48 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Remote { action } => remote_command(cli, repo, action),
+        Command::Push {
+            remote,
+            branches,
+            all,
+            tags,
+            force,
+        } => {
+            let options = repo::remote::PushOptions {
+                branches: branches.clone(),
+                all: *all,
+                tags: *tags,
+                force: *force,
+                lock_wait: wait(cli),
+            };
+            let name = remote.as_deref().unwrap_or("origin");
+            let report = repo::remote::push(repo, name, &options, &Bar::new(cli.quiet))?;
+            if cli.json {
+                print_json(&report)
+            } else {
+                output::print_push(&report, cli.quiet);
+                Ok(())
+            }
+        }
+        Command::Fetch { remote } | Command::Pull { remote } => {
+            let name = remote.as_deref().unwrap_or("origin");
+            let bar = Bar::new(cli.quiet);
+            let report = if matches!(cli.command, Command::Pull { .. }) {
+                repo::remote::pull(repo, name, wait(cli), &bar)?
+            } else {
+                repo::remote::fetch(repo, name, wait(cli), &bar)?
+            };
+            if cli.json {
+                print_json(&report)
+            } else {
+                output::print_fetch(&report, cli.quiet);
+                Ok(())
+            }
+        }
         Command::Log { graph: true, .. } => {
-            let store = Store::open_read(&cli.repo)?;
-            let lines = repo::graph::graph(&store)?;
+            let store = repo;
+            let lines = repo::graph::graph(store)?;
             if cli.json {
                 let nodes: Vec<_> = lines
                     .into_iter()
@@ -508,8 +726,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
         }
         Command::Log { branch, all, .. } => {
-            let store = Store::open_read(&cli.repo)?;
-            let entries = repo::log(&store, branch.as_deref(), *all)?;
+            let store = repo;
+            let entries = repo::log(store, branch.as_deref(), *all)?;
             if cli.json {
                 print_json(&entries)
             } else {
@@ -518,8 +736,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
         }
         Command::Show { rev } => {
-            let store = Store::open_read(&cli.repo)?;
-            let report = repo::inspect::show(&store, rev)?;
+            let store = repo;
+            let report = repo::inspect::show(store, rev)?;
             if cli.json {
                 print_json(&report)
             } else {
@@ -528,10 +746,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
         }
         Command::Branch { name, rev, delete } => {
-            ref_command(cli, RefKind::Branch, name, rev, delete)
+            ref_command(cli, repo, RefKind::Branch, name, rev, delete)
         }
         Command::Switch { name } => {
-            let tip = repo::history::switch(&cli.repo, name, wait(cli))?;
+            let tip = repo::history::switch(repo, name, wait(cli))?;
             if cli.json {
                 print_json(&serde_json::json!({"branch": name, "tip": tip.to_hex()}))
             } else {
@@ -541,10 +759,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         }
-        Command::Tag { name, rev, delete } => ref_command(cli, RefKind::Tag, name, rev, delete),
+        Command::Tag { name, rev, delete } => {
+            ref_command(cli, repo, RefKind::Tag, name, rev, delete)
+        }
         Command::Diff { rev_a, rev_b } => {
-            let store = Store::open_read(&cli.repo)?;
-            let report = repo::diff::diff(&store, rev_a, rev_b)?;
+            let store = repo;
+            let report = repo::diff::diff(store, rev_a, rev_b)?;
             if cli.json {
                 print_json(&report)
             } else {
@@ -552,8 +772,20 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         }
-        Command::Gc { dry_run } => {
-            let report = repo::gc::gc(&cli.repo, *dry_run, wait(cli))?;
+        Command::Gc {
+            dry_run,
+            remote,
+            grace,
+        } => {
+            let options = repo::gc::GcOptions {
+                dry_run: *dry_run,
+                lock_wait: wait(cli),
+                grace: Duration::from_secs_f64(grace.max(0.0)),
+            };
+            let report = match remote {
+                Some(name) => repo::gc::gc(&open_remote(repo, name)?, &options)?,
+                None => repo::gc::gc(repo, &options)?,
+            };
             if cli.json {
                 print_json(&report)
             } else {
@@ -574,7 +806,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 dry_run: *dry_run,
                 lock_wait: wait(cli),
             };
-            let report = repo::prune::prune(&cli.repo, &options)?;
+            let report = repo::prune::prune(repo, &options)?;
             if cli.json {
                 print_json(&report)
             } else {
@@ -582,9 +814,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         }
-        Command::Fsck => {
-            let store = Store::open_read(&cli.repo)?;
-            let report = repo::fsck::fsck(&store)?;
+        Command::Fsck { remote } => {
+            let report = match remote {
+                Some(name) => repo::fsck::fsck(&open_remote(repo, name)?)?,
+                None => repo::fsck::fsck(repo)?,
+            };
             if cli.json {
                 print_json(&report)?;
             } else {
@@ -596,14 +830,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stats { plot, branch } => {
-            let store = Store::open_read(&cli.repo)?;
-            let stats = repo::stats(&store)?;
+            let store = repo;
+            let stats = repo::stats(store)?;
             if let Some(path) = plot {
                 let branch = match branch {
                     Some(b) => b.clone(),
                     None => store.head_branch()?,
                 };
-                let entries = repo::log(&store, Some(&branch), false)?;
+                let entries = repo::log(store, Some(&branch), false)?;
                 plot::plot_history(&entries, &branch, path)?;
                 if !cli.quiet && !cli.json {
                     eprintln!(
@@ -620,15 +854,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         }
-        Command::Completions { shell } => {
-            let mut command = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(*shell, &mut command, "ckptvc", &mut std::io::stdout());
-            Ok(())
-        }
-        Command::Man => {
-            let command = <Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
-            Ok(())
-        }
+        Command::Init { .. }
+        | Command::Clone { .. }
+        | Command::Completions { .. }
+        | Command::Man => unreachable!("commands without a store run elsewhere"),
     }
 }

@@ -299,6 +299,12 @@ pub fn print_gc(r: &GcReport) {
         r.live_commits,
         r.live_blobs
     );
+    if r.leftovers_removed > 0 {
+        println!(
+            "{verb} {} objects interrupted writers left (orphan packs, old ref entries)",
+            r.leftovers_removed
+        );
+    }
     if !r.dry_run {
         println!(
             "store on disk: {} -> {}",
@@ -306,6 +312,54 @@ pub fn print_gc(r: &GcReport) {
             bytes(r.disk_bytes_after)
         );
     }
+}
+
+pub fn print_push(r: &crate::repo::remote::PushReport, quiet: bool) {
+    if quiet {
+        return;
+    }
+    for pushed in &r.refs {
+        let from = pushed.from.as_deref().map_or("(new)", |h| &h[..12]);
+        eprintln!(
+            "{} {} {}: {from} -> {} ({})",
+            r.remote,
+            pushed.kind,
+            pushed.name,
+            &pushed.to[..12],
+            pushed.status
+        );
+    }
+    eprintln!(
+        "sent {} commits and {} blobs ({}) in {} PUTs",
+        r.commits_sent,
+        r.blobs_sent,
+        bytes(r.blob_bytes_sent),
+        r.traffic.puts
+    );
+}
+
+pub fn print_fetch(r: &crate::repo::remote::FetchReport, quiet: bool) {
+    if quiet {
+        return;
+    }
+    for fetched in &r.refs {
+        let from = fetched.from.as_deref().map_or("(new)", |h| &h[..12]);
+        eprintln!("{}: {from} -> {}", fetched.tracking, &fetched.to[..12]);
+    }
+    for gone in &r.pruned {
+        eprintln!("{gone}: deleted on the remote, removed here");
+    }
+    eprintln!(
+        "fetched {} commits and {} blobs ({}){}",
+        r.commits_fetched,
+        r.blobs_fetched,
+        bytes(r.blob_bytes_fetched),
+        if r.lazy {
+            "; lazy store: blobs come at checkout"
+        } else {
+            ""
+        }
+    );
 }
 
 pub fn print_prune(r: &PruneReport) {

@@ -10,14 +10,20 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use rayon::prelude::*;
 
+use super::Repo;
 use super::progress::Progress;
 use super::reconstruct::{ChunkAddr, Reconstructor};
 use super::rev::resolve;
-use crate::store::{FileContent, FileEntry, ObjectId, Store, TorchContent};
+use crate::store::{FileContent, FileEntry, ObjectId, TorchContent};
 
-#[derive(Debug, Clone)]
+/// What `checkout` wrote (`--json` prints it).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct CheckoutOutcome {
+    #[serde(serialize_with = "crate::store::object::hex")]
     pub id: ObjectId,
+    /// Blobs a lazy clone downloaded for this checkout, and their bytes.
+    pub blobs_downloaded: usize,
+    pub bytes_downloaded: u64,
     pub files: Vec<PathBuf>,
     pub bytes: u64,
 }
@@ -25,6 +31,9 @@ pub struct CheckoutOutcome {
 /// How `checkout` writes its files.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CheckoutOptions {
+    /// How long to wait for the writer lock when a lazy store must first
+    /// download this commit's chunks.
+    pub lock_wait: std::time::Duration,
     /// Write into a non-empty directory.
     pub force: bool,
     /// Return without waiting for the files to reach the disk. By default
@@ -35,17 +44,25 @@ pub struct CheckoutOptions {
 }
 
 pub fn checkout(
-    root: &Path,
+    store: &Repo,
     rev: &str,
     output: &Path,
     options: CheckoutOptions,
     progress: &dyn Progress,
 ) -> anyhow::Result<CheckoutOutcome> {
     let force = options.force;
-    let store = Store::open_read(root)?;
-    let id = resolve(&store, rev)?;
+    let id = resolve(store.backend(), rev)?;
     prepare_output(output, force)?;
-    let reconstructor = Reconstructor::new(&store);
+    // A lazy clone downloads what this commit needs first.
+    let filled = super::remote::fill_for_checkout(store, &id, options.lock_wait, progress)?;
+    let fresh;
+    let store = if filled.0 > 0 {
+        fresh = store.reopen()?;
+        &fresh
+    } else {
+        store
+    };
+    let reconstructor = Reconstructor::new(store);
     let record = reconstructor.record(&id)?;
     let total: u64 = record.files.iter().map(|f| f.size).sum();
     progress.begin("checkout", total);
@@ -58,6 +75,8 @@ pub fn checkout(
     progress.finish();
     Ok(CheckoutOutcome {
         id,
+        blobs_downloaded: filled.0,
+        bytes_downloaded: filled.1,
         files,
         bytes: total,
     })
@@ -67,10 +86,10 @@ fn prepare_output(output: &Path, force: bool) -> anyhow::Result<()> {
     match std::fs::read_dir(output) {
         Ok(mut entries) => {
             if entries.next().is_some() && !force {
-                bail!(
-                    "{}: output directory is not empty (pass --force to write into it anyway)",
-                    output.display()
-                );
+                return Err(super::error::RepoError::OutputNotEmpty {
+                    path: output.to_path_buf(),
+                }
+                .into());
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

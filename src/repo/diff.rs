@@ -1,5 +1,6 @@
 //! `diff`: how two commits' tensors differ, tensor by tensor.
 
+use crate::repo::Repo;
 use std::collections::{BTreeMap, BTreeSet};
 
 use rayon::prelude::*;
@@ -8,7 +9,7 @@ use serde::Serialize;
 use super::reconstruct::{ChunkAddr, Reconstructor};
 use super::rev::resolve;
 use crate::codec::float::FloatType;
-use crate::store::{CommitRecord, ObjectId, Store, TensorEntry};
+use crate::store::{CommitRecord, ObjectId, TensorEntry};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -45,8 +46,11 @@ pub struct DiffReport {
     pub tensors: Vec<TensorDiff>,
 }
 
-pub fn diff(store: &Store, rev_a: &str, rev_b: &str) -> anyhow::Result<DiffReport> {
-    let (id_a, id_b) = (resolve(store, rev_a)?, resolve(store, rev_b)?);
+pub fn diff(store: &Repo, rev_a: &str, rev_b: &str) -> anyhow::Result<DiffReport> {
+    let (id_a, id_b) = (
+        resolve(store.backend(), rev_a)?,
+        resolve(store.backend(), rev_b)?,
+    );
     let reconstructor = Reconstructor::new(store);
     let (rec_a, rec_b) = (reconstructor.record(&id_a)?, reconstructor.record(&id_b)?);
     // Tensors by (file, name): one lookup each, in name order.

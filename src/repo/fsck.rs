@@ -19,15 +19,16 @@
 //! ancestry order, keeping a decoded chunk only while later commits still
 //! use it as a base, so a chain is decoded once, not once per commit.
 
+use crate::repo::Repo;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::gc::{Position, Reachable, positioned_chunks, reachable};
 use super::reconstruct::ChunkAddr;
+use super::walk::{Position, Reachable, positioned_chunks, reachable};
 use crate::codec;
-use crate::store::{ChunkRef, CommitRecord, ObjectId, Store};
+use crate::store::{ChunkRef, CommitRecord, ObjectId};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Problem {
@@ -46,6 +47,8 @@ pub struct FsckReport {
     /// Records no branch or tag reaches, awaiting gc (not checked).
     pub unreachable_commits: usize,
     pub chunks_decoded: usize,
+    /// Chunks a lazy clone has not downloaded (not checked; 0 otherwise).
+    pub chunks_not_downloaded: usize,
     pub problems: Vec<Problem>,
 }
 
@@ -55,10 +58,10 @@ impl FsckReport {
     }
 }
 
-pub fn fsck(store: &Store) -> anyhow::Result<FsckReport> {
+pub fn fsck(store: &Repo) -> anyhow::Result<FsckReport> {
     let mut problems = Vec::new();
     let (blob_count, bad_blobs) = check_blobs(store, &mut problems)?;
-    let live = match reachable(store) {
+    let live = match reachable(store.backend()) {
         Ok(live) => Some(live),
         Err(e) => {
             problems.push(Problem {
@@ -69,12 +72,40 @@ pub fn fsck(store: &Store) -> anyhow::Result<FsckReport> {
             None
         }
     };
+    // A lazy clone holds only the blobs of the commits it checked out: the
+    // others are not missing, just not downloaded, and are not checked.
+    let lazy = super::remote::remotes(store)?.lazy.is_some();
+    let local_blobs: HashSet<ObjectId> = if lazy {
+        store.blob_sizes()?.into_iter().map(|(id, _)| id).collect()
+    } else {
+        HashSet::new()
+    };
+    let mut records = check_commits(
+        store,
+        &bad_blobs,
+        live.as_ref(),
+        lazy.then_some(&local_blobs),
+        &mut problems,
+    )?;
+    let not_downloaded: HashSet<(ObjectId, Position)> = if lazy {
+        records
+            .iter()
+            .flat_map(|(id, r)| {
+                positioned_chunks(r)
+                    .into_iter()
+                    .filter(|(_, c)| !local_blobs.contains(&c.blob))
+                    .map(|(p, _)| (*id, p))
+            })
+            .collect()
+    } else {
+        HashSet::new()
+    };
     // Records no ref reaches (left for gc, e.g. by an interrupted prune)
     // are garbage: counted, not checked, as their bases may be gone.
     let needed = |id: &ObjectId, position: &Position| {
         live.as_ref().is_none_or(|l| l.needs_chunk(id, position))
+            && !not_downloaded.contains(&(*id, position.clone()))
     };
-    let mut records = check_commits(store, &bad_blobs, live.as_ref(), &mut problems)?;
     let unreachable = match &live {
         Some(l) => {
             let before = records.len();
@@ -92,6 +123,7 @@ pub fn fsck(store: &Store) -> anyhow::Result<FsckReport> {
         commits: records.len(),
         unreachable_commits: unreachable,
         chunks_decoded: decoded,
+        chunks_not_downloaded: not_downloaded.len(),
         problems,
     })
 }
@@ -101,7 +133,7 @@ fn label(id: &ObjectId, record: &CommitRecord) -> String {
 }
 
 fn check_blobs(
-    store: &Store,
+    store: &Repo,
     problems: &mut Vec<Problem>,
 ) -> anyhow::Result<(usize, HashSet<ObjectId>)> {
     let sizes = store.blob_sizes()?;
@@ -139,9 +171,10 @@ fn check_blobs(
 type Needed<'a> = dyn Fn(&ObjectId, &Position) -> bool + Sync + 'a;
 
 fn check_commits(
-    store: &Store,
+    store: &Repo,
     bad_blobs: &HashSet<ObjectId>,
     live: Option<&Reachable>,
+    lazy_local_blobs: Option<&HashSet<ObjectId>>,
     problems: &mut Vec<Problem>,
 ) -> anyhow::Result<HashMap<ObjectId, CommitRecord>> {
     let needed = |id: &ObjectId, p: &Position| live.is_none_or(|l| l.needs_chunk(id, p));
@@ -182,7 +215,8 @@ fn check_commits(
             if !needed(id, &position) {
                 continue;
             }
-            if !bad_blobs.contains(&chunk.blob) && !store.has_blob(&chunk.blob)? {
+            let downloaded = lazy_local_blobs.is_none_or(|local| local.contains(&chunk.blob));
+            if downloaded && !bad_blobs.contains(&chunk.blob) && !store.has_blob(&chunk.blob)? {
                 broken(format!("blob {} is missing", chunk.blob));
             }
             if let Some(base) = chunk.base
@@ -261,7 +295,7 @@ fn ancestry_order(records: &HashMap<ObjectId, CommitRecord>) -> Vec<ObjectId> {
 /// Decodes every chunk of every commit. Returns the number decoded and the
 /// problems found.
 fn decode_all(
-    store: &Store,
+    store: &Repo,
     records: &HashMap<ObjectId, CommitRecord>,
     needed: &Needed<'_>,
 ) -> (usize, Vec<Problem>) {
@@ -294,7 +328,7 @@ fn decode_all(
 type ByPosition<'r> = HashMap<ObjectId, HashMap<Position, &'r ChunkRef>>;
 
 fn decode_position(
-    store: &Store,
+    store: &Repo,
     records: &HashMap<ObjectId, CommitRecord>,
     by_position: &ByPosition<'_>,
     order: &[ObjectId],
@@ -367,7 +401,7 @@ fn decode_position(
     (count, problems)
 }
 
-fn decode_one(store: &Store, chunk: &ChunkRef, base: Option<&[u8]>) -> Result<Vec<u8>, String> {
+fn decode_one(store: &Repo, chunk: &ChunkRef, base: Option<&[u8]>) -> Result<Vec<u8>, String> {
     let blob = store.get_blob(&chunk.blob).map_err(|e| e.to_string())?;
     if ObjectId::of(&blob) != chunk.blob {
         return Err("blob content does not match its hash".into());
@@ -383,7 +417,7 @@ fn decode_one(store: &Store, chunk: &ChunkRef, base: Option<&[u8]>) -> Result<Ve
 }
 
 fn check_refs(
-    store: &Store,
+    store: &Repo,
     records: &HashMap<ObjectId, CommitRecord>,
     problems: &mut Vec<Problem>,
 ) -> anyhow::Result<()> {

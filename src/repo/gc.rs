@@ -18,14 +18,14 @@
 //! never see the blobs of a commit in progress, so it cannot sweep them.
 //! Blobs of a commit that crashed are unreferenced and are swept.
 
-use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use crate::repo::Repo;
+
 use std::time::Duration;
 
-use anyhow::Context;
 use serde::Serialize;
 
-use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId, RefEdit, Store};
+use super::walk::reachable;
+use crate::store::{ObjectId, RefEdit};
 
 /// What a gc removes (or would, with `--dry-run`).
 #[derive(Debug, Clone, Serialize)]
@@ -37,130 +37,19 @@ pub struct GcReport {
     pub blobs_removed: usize,
     /// Encoded bytes of the blobs removed.
     pub blob_bytes_removed: u64,
+    /// Objects interrupted writers left behind (orphan packs, superseded
+    /// ref entries of a remote), removed.
+    pub leftovers_removed: usize,
     /// Bytes of the store's database on disk before and after (equal for a
     /// dry run).
     pub disk_bytes_before: u64,
     pub disk_bytes_after: u64,
 }
 
-/// A chunk position, owned: (file, tensor or `None` for an opaque file,
-/// chunk index).
-pub type Position = (String, Option<String>, usize);
-
-/// What branches and tags keep alive.
-pub struct Reachable {
-    /// Commits in the history of a branch or tag (through parents): every
-    /// chunk of these is live.
-    pub history: HashSet<ObjectId>,
-    /// Commits outside that history that a live chunk is coded against
-    /// (left behind by `prune`), with the only positions still needed.
-    pub base_only: HashMap<ObjectId, HashSet<Position>>,
-    pub blobs: HashSet<ObjectId>,
-}
-
-impl Reachable {
-    pub fn keeps_commit(&self, id: &ObjectId) -> bool {
-        self.history.contains(id) || self.base_only.contains_key(id)
-    }
-
-    /// Whether chunk `position` of commit `id` must stay decodable.
-    pub fn needs_chunk(&self, id: &ObjectId, position: &Position) -> bool {
-        self.history.contains(id)
-            || self
-                .base_only
-                .get(id)
-                .is_some_and(|positions| positions.contains(position))
-    }
-}
-
-/// Every chunk of `record` with its position.
-pub fn positioned_chunks(record: &CommitRecord) -> Vec<(Position, &ChunkRef)> {
-    let mut out = Vec::new();
-    for file in &record.files {
-        match &file.content {
-            FileContent::Opaque { chunks } => {
-                out.extend(
-                    chunks
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| ((file.name.clone(), None, i), c)),
-                );
-            }
-            FileContent::Safetensors { .. } | FileContent::Torch(_) => {
-                for t in file.tensors() {
-                    out.extend(
-                        t.chunks
-                            .iter()
-                            .enumerate()
-                            .map(|(i, c)| ((file.name.clone(), Some(t.name.clone()), i), c)),
-                    );
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Marks everything reachable from every branch and tag: their history in
-/// full, and, chunk by chunk, the residual bases those chunks are coded
-/// against. Fails if a reachable commit is missing or unreadable: sweeping
-/// on a damaged graph could delete what a lost record would have kept (run
-/// `fsck`).
-pub fn reachable(store: &Store) -> anyhow::Result<Reachable> {
-    let mut stack = store.root_commits()?;
-    let mut history = HashSet::new();
-    let mut records: HashMap<ObjectId, CommitRecord> = HashMap::new();
-    let load = |id: &ObjectId| -> anyhow::Result<CommitRecord> {
-        store
-            .get_commit(id)?
-            .with_context(|| format!("reachable commit {id} is missing; run `ckptvc fsck`"))
-    };
-    while let Some(id) = stack.pop() {
-        if !history.insert(id) {
-            continue;
-        }
-        let record = load(&id)?;
-        stack.extend(record.parents.iter().copied());
-        records.insert(id, record);
-    }
-    let mut blobs = HashSet::new();
-    let mut bases: Vec<(ObjectId, Position)> = Vec::new();
-    for record in records.values() {
-        for (position, chunk) in positioned_chunks(record) {
-            blobs.insert(chunk.blob);
-            if let Some(base) = chunk.base.filter(|b| !history.contains(b)) {
-                bases.push((base, position));
-            }
-        }
-    }
-    let mut base_only: HashMap<ObjectId, HashSet<Position>> = HashMap::new();
-    while let Some((id, position)) = bases.pop() {
-        if !base_only.entry(id).or_default().insert(position.clone()) {
-            continue;
-        }
-        if let std::collections::hash_map::Entry::Vacant(slot) = records.entry(id) {
-            slot.insert(load(&id)?);
-        }
-        let chunk = positioned_chunks(&records[&id])
-            .into_iter()
-            .find(|(p, _)| *p == position)
-            .map(|(_, c)| c.clone())
-            .with_context(|| {
-                format!("commit {id}, a residual base, lacks the chunk coded against it; run `ckptvc fsck`")
-            })?;
-        blobs.insert(chunk.blob);
-        if let Some(base) = chunk.base.filter(|b| !history.contains(b)) {
-            bases.push((base, position));
-        }
-    }
-    Ok(Reachable {
-        history,
-        base_only,
-        blobs,
-    })
-}
-
 struct Sweep {
+    /// Leftovers of interrupted writers (a bucket's orphan packs, old ref
+    /// entries), counted apart.
+    leftovers: usize,
     commits: Vec<ObjectId>,
     blobs: Vec<ObjectId>,
     blob_bytes: u64,
@@ -168,22 +57,24 @@ struct Sweep {
     live_blobs: usize,
 }
 
-fn plan(store: &Store) -> anyhow::Result<Sweep> {
-    let live = reachable(store)?;
+fn plan(store: &Repo, grace: Duration) -> anyhow::Result<Sweep> {
+    let live = reachable(store.backend())?;
+    let recent = store.recent_objects(grace)?;
     let commits: Vec<ObjectId> = store
         .commit_ids()?
         .into_iter()
-        .filter(|id| !live.keeps_commit(id))
+        .filter(|id| !live.keeps_commit(id) && !recent.contains(id))
         .collect();
     let mut blobs = Vec::new();
     let mut blob_bytes = 0;
     for (id, size) in store.blob_sizes()? {
-        if !live.blobs.contains(&id) {
+        if !live.blobs.contains(&id) && !recent.contains(&id) {
             blobs.push(id);
             blob_bytes += size;
         }
     }
     Ok(Sweep {
+        leftovers: 0,
         commits,
         blobs,
         blob_bytes,
@@ -192,29 +83,55 @@ fn plan(store: &Store) -> anyhow::Result<Sweep> {
     })
 }
 
-pub fn gc(root: &Path, dry_run: bool, wait: Duration) -> anyhow::Result<GcReport> {
-    if dry_run {
-        let store = Store::open_read(root)?;
-        let sweep = plan(&store)?;
-        let disk = store.physical_bytes()?;
+/// How `gc` runs.
+#[derive(Debug, Clone, Copy)]
+pub struct GcOptions {
+    pub dry_run: bool,
+    /// How long to wait for another writer (a local store's lock).
+    pub lock_wait: Duration,
+    /// Objects younger than this are spared (a shared remote's pushes in
+    /// progress have not moved their refs yet).
+    pub grace: Duration,
+}
+
+/// The grace period `gc` gives new objects unless told otherwise.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            dry_run: false,
+            lock_wait: Duration::ZERO,
+            grace: DEFAULT_GRACE,
+        }
+    }
+}
+
+pub fn gc(repo: &Repo, options: &GcOptions) -> anyhow::Result<GcReport> {
+    let grace = options.grace;
+    if options.dry_run {
+        let mut sweep = plan(repo, grace)?;
+        sweep.leftovers = repo.sweep_leftovers(grace, true)?;
+        let disk = repo.physical_bytes()?;
         return Ok(report(&sweep, true, disk, disk));
     }
-    let (store, sweep) = Store::open_write(root, wait, plan)?;
+    let (store, mut sweep) = repo.write(options.lock_wait, |view| plan(view, grace))?;
     let before = store.physical_bytes()?;
     sweep_and_reclaim(&store, &sweep)?;
+    sweep.leftovers = store.sweep_leftovers(grace, false)?;
     let after = store.physical_bytes()?;
     Ok(report(&sweep, false, before, after))
 }
 
 /// Runs a full gc on a store already open for writing (used by `prune`).
-pub fn gc_locked(store: &Store) -> anyhow::Result<GcReport> {
-    let sweep = plan(store)?;
+pub fn gc_locked(store: &Repo) -> anyhow::Result<GcReport> {
+    let sweep = plan(store, DEFAULT_GRACE)?;
     let before = store.physical_bytes()?;
     sweep_and_reclaim(store, &sweep)?;
     Ok(report(&sweep, false, before, store.physical_bytes()?))
 }
 
-fn sweep_and_reclaim(store: &Store, sweep: &Sweep) -> anyhow::Result<()> {
+fn sweep_and_reclaim(store: &Repo, sweep: &Sweep) -> anyhow::Result<()> {
     // Readers opening meanwhile would find files gone; those already open
     // may fail on a blob file gc deletes (an error, never wrong data).
     let _view = store.hold_readers()?;
@@ -240,6 +157,7 @@ fn report(sweep: &Sweep, dry_run: bool, before: u64, after: u64) -> GcReport {
         commits_removed: sweep.commits.len(),
         blobs_removed: sweep.blobs.len(),
         blob_bytes_removed: sweep.blob_bytes,
+        leftovers_removed: sweep.leftovers,
         disk_bytes_before: before,
         disk_bytes_after: after,
     }

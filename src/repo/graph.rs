@@ -1,12 +1,14 @@
 //! `log --all --graph`: the commit DAG drawn in text lanes, the way
 //! `git log --graph` does, newest first.
 
+use crate::repo::Repo;
 use std::collections::HashMap;
 
 use serde::Serialize;
 
 use super::inspect::LogEntry;
-use crate::store::{CommitRecord, ObjectId, Store};
+use super::walk::reachable_commits;
+use crate::store::ObjectId;
 
 /// One printed line: lane glyphs, and the commit when the line shows one
 /// (lines that only join lanes have none).
@@ -16,49 +18,6 @@ pub struct GraphLine {
     pub commit: Option<LogEntry>,
     /// Branches and tags (`tag: NAME`) pointing at the commit.
     pub refs: Vec<String>,
-}
-
-/// Every commit reachable from a branch or tag, children before parents.
-pub fn reachable_commits(store: &Store) -> anyhow::Result<Vec<(ObjectId, CommitRecord)>> {
-    let mut records: HashMap<ObjectId, CommitRecord> = HashMap::new();
-    let mut stack = store.root_commits()?;
-    while let Some(id) = stack.pop() {
-        if records.contains_key(&id) {
-            continue;
-        }
-        let record = store
-            .get_commit(&id)?
-            .ok_or_else(|| anyhow::anyhow!("commit {id} is missing; run `ckptvc fsck`"))?;
-        stack.extend(record.parents.iter().copied());
-        records.insert(id, record);
-    }
-    let depth = generations(&records);
-    let mut out: Vec<(ObjectId, CommitRecord)> = records.into_iter().collect();
-    out.sort_by_key(|(id, r)| std::cmp::Reverse((depth[id], r.time_ms, r.step)));
-    Ok(out)
-}
-
-/// Distance from the root along first parents (the DAG has no merges).
-fn generations(records: &HashMap<ObjectId, CommitRecord>) -> HashMap<ObjectId, u64> {
-    let mut depth = HashMap::new();
-    for &start in records.keys() {
-        let mut path = Vec::new();
-        let mut next = Some(start);
-        while let Some(id) = next {
-            if depth.contains_key(&id) || !records.contains_key(&id) {
-                break;
-            }
-            path.push(id);
-            next = records[&id].first_parent();
-        }
-        let base = next
-            .and_then(|id| depth.get(&id).map(|d| d + 1))
-            .unwrap_or(0);
-        for (d, id) in (base..).zip(path.into_iter().rev()) {
-            depth.insert(id, d);
-        }
-    }
-    depth
 }
 
 /// The line under a commit where the lanes from `first` on fold one column
@@ -75,7 +34,7 @@ fn join_line(lanes: usize, first: usize) -> String {
     line.trim_end().to_string()
 }
 
-pub fn graph(store: &Store) -> anyhow::Result<Vec<GraphLine>> {
+pub fn graph(store: &Repo) -> anyhow::Result<Vec<GraphLine>> {
     let mut labels: HashMap<ObjectId, Vec<String>> = HashMap::new();
     for (name, id) in store.branches()? {
         labels.entry(id).or_default().push(name);
@@ -85,7 +44,7 @@ pub fn graph(store: &Store) -> anyhow::Result<Vec<GraphLine>> {
     }
     let mut lanes: Vec<ObjectId> = Vec::new();
     let mut lines = Vec::new();
-    for (id, record) in reachable_commits(store)? {
+    for (id, record) in reachable_commits(store.backend())? {
         let hits: Vec<usize> = (0..lanes.len()).filter(|&i| lanes[i] == id).collect();
         let col = match hits.first() {
             Some(&c) => c,

@@ -5,14 +5,15 @@
 //! `retry@500` (and every earlier step) to the same commits as `main`, and
 //! its own later steps to its own commits.
 
-use std::path::Path;
+use crate::repo::Repo;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::rev::resolve;
-use crate::store::{CommitRecord, ObjectId, RefEdit, Store};
+use super::walk::ancestry_steps;
+use crate::store::{ObjectId, RefEdit};
 
 /// One line of `branch`.
 #[derive(Debug, Clone, Serialize)]
@@ -56,29 +57,7 @@ pub fn validate_ref_name(kind: &str, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The first-parent ancestry of `id`, `id` first.
-pub fn ancestry(store: &Store, id: ObjectId) -> anyhow::Result<Vec<(ObjectId, CommitRecord)>> {
-    let mut out = Vec::new();
-    let mut next = Some(id);
-    while let Some(id) = next {
-        let record = store
-            .get_commit(&id)?
-            .with_context(|| format!("commit {id} is missing from the store"))?;
-        next = record.first_parent();
-        out.push((id, record));
-    }
-    Ok(out)
-}
-
-/// Step-index entries a branch whose tip is `id` holds: its ancestry.
-pub fn ancestry_steps(store: &Store, id: ObjectId) -> anyhow::Result<Vec<(u64, ObjectId)>> {
-    Ok(ancestry(store, id)?
-        .into_iter()
-        .map(|(id, record)| (record.step, id))
-        .collect())
-}
-
-pub fn branches(store: &Store) -> anyhow::Result<Vec<BranchInfo>> {
+pub fn branches(store: &Repo) -> anyhow::Result<Vec<BranchInfo>> {
     let head = store.head_branch()?;
     let mut out = Vec::new();
     for (name, tip) in store.branches()? {
@@ -98,18 +77,18 @@ pub fn branches(store: &Store) -> anyhow::Result<Vec<BranchInfo>> {
 
 /// Creates branch `name` with tip `rev`. Returns the tip.
 pub fn create_branch(
-    root: &Path,
+    repo: &Repo,
     name: &str,
     rev: &str,
     wait: Duration,
 ) -> anyhow::Result<ObjectId> {
     validate_ref_name("branch", name)?;
-    let (store, edit) = Store::open_write(root, wait, |view| {
+    let (store, edit) = repo.write(wait, |view| {
         if let Some(tip) = view.branch_tip(name)? {
             bail!("branch `{name}` already exists (tip {})", tip.short());
         }
-        let tip = resolve(view, rev)?;
-        let set_steps = ancestry_steps(view, tip)?
+        let tip = resolve(view.backend(), rev)?;
+        let set_steps = ancestry_steps(view.backend(), tip)?
             .into_iter()
             .map(|(step, id)| (name.to_string(), step, id))
             .collect();
@@ -125,13 +104,13 @@ pub fn create_branch(
 
 /// Deletes branch `name` (its ref and step index; commits stay until `gc`).
 /// Returns the tip it had.
-pub fn delete_branch(root: &Path, name: &str, wait: Duration) -> anyhow::Result<ObjectId> {
-    let (store, tip) = Store::open_write(root, wait, |view| {
+pub fn delete_branch(repo: &Repo, name: &str, wait: Duration) -> anyhow::Result<ObjectId> {
+    let (store, tip) = repo.write(wait, |view| {
         let tip = view
             .branch_tip(name)?
             .with_context(|| format!("no branch named `{name}`"))?;
         if view.head_branch()? == name {
-            bail!("`{name}` is the current branch; `ckptvc switch` to another branch first");
+            bail!("`{name}` is the current branch; switch to another branch first");
         }
         Ok(tip)
     })?;
@@ -145,11 +124,10 @@ pub fn delete_branch(root: &Path, name: &str, wait: Duration) -> anyhow::Result<
 }
 
 /// Makes `name` the current branch.
-pub fn switch(root: &Path, name: &str, wait: Duration) -> anyhow::Result<ObjectId> {
-    let (store, tip) = Store::open_write(root, wait, |view| {
-        view.branch_tip(name)?.with_context(|| {
-            format!("no branch named `{name}` (create it with `ckptvc branch {name} REV`)")
-        })
+pub fn switch(repo: &Repo, name: &str, wait: Duration) -> anyhow::Result<ObjectId> {
+    let (store, tip) = repo.write(wait, |view| {
+        view.branch_tip(name)?
+            .with_context(|| format!("no branch named `{name}`"))
     })?;
     store.apply(&RefEdit {
         head: Some(name.to_string()),
@@ -158,7 +136,7 @@ pub fn switch(root: &Path, name: &str, wait: Duration) -> anyhow::Result<ObjectI
     Ok(tip)
 }
 
-pub fn tags(store: &Store) -> anyhow::Result<Vec<TagInfo>> {
+pub fn tags(store: &Repo) -> anyhow::Result<Vec<TagInfo>> {
     let mut out = Vec::new();
     for (name, id) in store.tags()? {
         let record = store
@@ -174,13 +152,13 @@ pub fn tags(store: &Store) -> anyhow::Result<Vec<TagInfo>> {
     Ok(out)
 }
 
-pub fn create_tag(root: &Path, name: &str, rev: &str, wait: Duration) -> anyhow::Result<ObjectId> {
+pub fn create_tag(repo: &Repo, name: &str, rev: &str, wait: Duration) -> anyhow::Result<ObjectId> {
     validate_ref_name("tag", name)?;
-    let (store, id) = Store::open_write(root, wait, |view| {
+    let (store, id) = repo.write(wait, |view| {
         if let Some(id) = view.tag_target(name)? {
             bail!("tag `{name}` already exists (commit {})", id.short());
         }
-        resolve(view, rev)
+        resolve(view.backend(), rev)
     })?;
     store.apply(&RefEdit {
         set_tags: vec![(name.to_string(), id)],
@@ -189,8 +167,8 @@ pub fn create_tag(root: &Path, name: &str, rev: &str, wait: Duration) -> anyhow:
     Ok(id)
 }
 
-pub fn delete_tag(root: &Path, name: &str, wait: Duration) -> anyhow::Result<ObjectId> {
-    let (store, id) = Store::open_write(root, wait, |view| {
+pub fn delete_tag(repo: &Repo, name: &str, wait: Duration) -> anyhow::Result<ObjectId> {
+    let (store, id) = repo.write(wait, |view| {
         view.tag_target(name)?
             .with_context(|| format!("no tag named `{name}`"))
     })?;

@@ -8,6 +8,7 @@
 //! folder only once it is complete, and can delete the originals once their
 //! commit has been read back and verified.
 
+use crate::repo::Repo;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,7 +20,7 @@ use super::commit::{CommitOptions, commit};
 use super::progress::{NoProgress, Progress};
 use super::reconstruct::{ChunkAddr, Reconstructor};
 use crate::format::pairing::TRAINER_STATE;
-use crate::store::{FileContent, ObjectId, Store};
+use crate::store::{FileContent, ObjectId};
 
 /// One checkpoint folder of a run directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,14 +158,13 @@ struct Survey {
 
 /// Scans `run_dir` and sorts its folders against the target branch (one
 /// read-only open of the store for all of them).
-fn survey(root: &Path, run_dir: &Path, options: &ImportOptions) -> anyhow::Result<Survey> {
+fn survey(store: &Repo, run_dir: &Path, options: &ImportOptions) -> anyhow::Result<Survey> {
     let folders = scan(run_dir)?;
-    let store = Store::open_read(root)?;
     let branch = match &options.branch {
         Some(b) => b.clone(),
         None => store.head_branch()?,
     };
-    let fork_step = fork_step(&store, &branch, options)?;
+    let fork_step = fork_step(store, &branch, options)?;
     let mut survey = Survey {
         new_branch: store.branch_tip(&branch)?.is_none(),
         branch,
@@ -188,12 +188,12 @@ fn survey(root: &Path, run_dir: &Path, options: &ImportOptions) -> anyhow::Resul
 /// Commits every complete checkpoint folder under `run_dir` that the
 /// branch does not have yet, in step order.
 pub fn import(
-    root: &Path,
+    repo: &Repo,
     run_dir: &Path,
     options: &ImportOptions,
     progress: &dyn Progress,
 ) -> anyhow::Result<ImportReport> {
-    let survey = survey(root, run_dir, options)?;
+    let survey = survey(repo, run_dir, options)?;
     let mut report = ImportReport::new(&survey.branch);
     report.skipped = survey.skipped;
     report.incomplete = survey.incomplete;
@@ -202,7 +202,7 @@ pub fn import(
     let mut new_branch = survey.new_branch;
     for folder in &survey.pending {
         let parent = fork_parent(&mut new_branch, options);
-        let step = commit_folder(root, folder, &survey.branch, parent, options, progress)?;
+        let step = commit_folder(repo, folder, &survey.branch, parent, options, progress)?;
         report.add(step);
     }
     progress.finish();
@@ -212,12 +212,12 @@ pub fn import(
 /// For a branch that does not exist yet: the step of the commit it will
 /// fork from (`--parent`, or the current branch's tip), whose history it
 /// inherits; folders up to that step are already in it.
-fn fork_step(store: &Store, branch: &str, options: &ImportOptions) -> anyhow::Result<Option<u64>> {
+fn fork_step(store: &Repo, branch: &str, options: &ImportOptions) -> anyhow::Result<Option<u64>> {
     if store.branch_tip(branch)?.is_some() {
         return Ok(None);
     }
     let fork = match &options.parent {
-        Some(rev) => Some(super::rev::resolve(store, rev)?),
+        Some(rev) => Some(super::rev::resolve(store.backend(), rev)?),
         None => {
             let head = store.head_branch()?;
             if head == branch {
@@ -242,7 +242,7 @@ fn fork_parent(new_branch: &mut bool, options: &ImportOptions) -> Option<String>
 }
 
 fn commit_folder(
-    root: &Path,
+    repo: &Repo,
     folder: &StepFolder,
     branch: &str,
     parent: Option<String>,
@@ -259,7 +259,7 @@ fn commit_folder(
         lock_wait: options.lock_wait,
     };
     let outcome =
-        commit(root, &folder.dir, &commit_options, &Nested(progress)).with_context(|| {
+        commit(repo, &folder.dir, &commit_options, &Nested(progress)).with_context(|| {
             format!(
                 "{}: cannot commit step {}",
                 folder.dir.display(),
@@ -312,7 +312,7 @@ fn signature(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
 
 /// Reads every chunk of commit `id` back and checks it against its
 /// recorded blake3 (what checkout does), without writing anything.
-pub fn verify_commit(store: &Store, id: &ObjectId) -> anyhow::Result<u64> {
+pub fn verify_commit(store: &Repo, id: &ObjectId) -> anyhow::Result<u64> {
     let reconstructor = Reconstructor::new(store);
     let record = reconstructor.record(id)?;
     let mut addrs = Vec::new();
@@ -362,7 +362,7 @@ pub trait WatchEvents {
 /// Trainer folder once `trainer_state.json` exists, and any folder once its
 /// listing (names, sizes, times) is the same on two polls in a row.
 pub fn watch(
-    root: &Path,
+    repo: &Repo,
     run_dir: &Path,
     options: &WatchOptions,
     events: &dyn WatchEvents,
@@ -371,7 +371,7 @@ pub fn watch(
     // not send later steps elsewhere.
     let branch = match &options.import.branch {
         Some(b) => b.clone(),
-        None => Store::open_read(root)?.head_branch()?,
+        None => repo.head_branch()?,
     };
     let import = ImportOptions {
         branch: Some(branch.clone()),
@@ -381,7 +381,10 @@ pub fn watch(
     let mut last_seen: std::collections::HashMap<PathBuf, Vec<_>> = Default::default();
     let mut last_progress = Instant::now();
     loop {
-        let survey = survey(root, run_dir, &import)?;
+        // Each poll looks at the store anew: commits made since (by this
+        // watch or anyone) must count.
+        let view = repo.reopen()?;
+        let survey = survey(&view, run_dir, &import)?;
         let mut new_branch = survey.new_branch;
         for folder in survey.pending {
             let now = signature(&folder.dir);
@@ -391,12 +394,11 @@ pub fn watch(
                 continue;
             }
             let parent = fork_parent(&mut new_branch, &import);
-            let step = commit_folder(root, &folder, &branch, parent, &import, &NoProgress)?;
+            let step = commit_folder(&view, &folder, &branch, parent, &import, &NoProgress)?;
             events.committed(&step);
             if options.delete_imported {
-                let store = Store::open_read(root)?;
                 let id = ObjectId::from_hex(&step.id).expect("hex of an id");
-                verify_commit(&store, &id).with_context(|| {
+                verify_commit(&repo.reopen()?, &id).with_context(|| {
                     format!(
                         "step {} did not verify after commit; {} is kept",
                         step.step,

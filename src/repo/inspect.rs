@@ -1,12 +1,13 @@
 //! Read-only views of the history: `log`, `show` and `stats`, as plain data
 //! that the CLI prints as a table or as JSON.
 
+use crate::repo::Repo;
 use serde::Serialize;
 
 use super::rev::resolve;
 use anyhow::Context;
 
-use crate::store::{CommitSummary, FileContent, ObjectId, Store, TorchContent};
+use crate::store::{CommitSummary, FileContent, ObjectId, TorchContent};
 
 /// One line of `log`.
 #[derive(Debug, Clone, Serialize)]
@@ -64,10 +65,10 @@ pub(crate) fn ratio(input: u64, stored: u64) -> f64 {
 /// History newest first: the first-parent chain from a branch tip (`branch`,
 /// or the current branch), or with `all` every commit a branch or tag
 /// reaches (children before parents).
-pub fn log(store: &Store, branch: Option<&str>, all: bool) -> anyhow::Result<Vec<LogEntry>> {
+pub fn log(store: &Repo, branch: Option<&str>, all: bool) -> anyhow::Result<Vec<LogEntry>> {
     let mut entries = Vec::new();
     if all {
-        return Ok(super::graph::reachable_commits(store)?
+        return Ok(super::walk::reachable_commits(store.backend())?
             .iter()
             .map(|(id, record)| LogEntry::new(id, &CommitSummary::from(record)))
             .collect());
@@ -139,8 +140,8 @@ pub struct PairedParam {
     pub name: String,
 }
 
-pub fn show(store: &Store, rev: &str) -> anyhow::Result<ShowReport> {
-    let id = resolve(store, rev)?;
+pub fn show(store: &Repo, rev: &str) -> anyhow::Result<ShowReport> {
+    let id = resolve(store.backend(), rev)?;
     let record = store
         .get_commit(&id)?
         .ok_or_else(|| anyhow::anyhow!("commit {id} is missing"))?;
@@ -230,7 +231,7 @@ pub struct Stats {
     pub ratio: f64,
 }
 
-pub fn stats(store: &Store) -> anyhow::Result<Stats> {
+pub fn stats(store: &Repo) -> anyhow::Result<Stats> {
     let ids = store.commit_ids()?;
     let mut logical = 0;
     for id in &ids {
@@ -247,7 +248,7 @@ pub fn stats(store: &Store) -> anyhow::Result<Stats> {
         logical_bytes: logical,
         blob_bytes,
         physical_bytes: physical,
-        cache_bytes: crate::store::db::dir_size(&store.cache_dir(), &|_| true)?,
+        cache_bytes: crate::store::dir_size(&store.cache_dir(), &|_| true)?,
         ratio: ratio(logical, physical),
     })
 }

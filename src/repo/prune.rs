@@ -20,19 +20,20 @@
 //! Commits that another branch or a tag reaches are never rewritten: they
 //! are ancestors of every rewritten commit, so their ids stay valid.
 
+use crate::repo::Repo;
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::gc::{GcReport, Position as Addr, gc_locked};
-use super::history::ancestry;
+use super::gc::{GcReport, gc_locked};
 use super::reconstruct::{ChunkAddr, Reconstructor, find_chunk};
+use super::walk::Position as Addr;
+use super::walk::ancestry;
 use crate::codec;
-use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId, RefEdit, Store, TensorEntry};
+use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId, RefEdit, TensorEntry};
 
 #[derive(Debug, Clone)]
 pub struct PruneOptions {
@@ -68,12 +69,12 @@ struct Plan {
     shared: HashSet<ObjectId>,
 }
 
-fn plan(store: &Store, options: &PruneOptions) -> anyhow::Result<Plan> {
+fn plan(store: &Repo, options: &PruneOptions) -> anyhow::Result<Plan> {
     if options.keep_last == 0 {
-        bail!("--keep-last must be at least 1 (the branch tip is always kept)");
+        bail!("keep-last must be at least 1 (the branch tip is always kept)");
     }
     if options.keep_every == Some(0) {
-        bail!("--keep-every must be at least 1");
+        bail!("keep-every must be at least 1");
     }
     let branch = match &options.branch {
         Some(b) => b.clone(),
@@ -85,11 +86,11 @@ fn plan(store: &Store, options: &PruneOptions) -> anyhow::Result<Plan> {
     let mut shared = HashSet::new();
     for (name, id) in store.branches()? {
         if name != branch {
-            shared.extend(ancestry(store, id)?.into_iter().map(|(id, _)| id));
+            shared.extend(ancestry(store.backend(), id)?.into_iter().map(|(id, _)| id));
         }
     }
     let tagged: HashSet<ObjectId> = store.tags()?.into_iter().map(|(_, id)| id).collect();
-    let mut chain: Vec<(ObjectId, CommitRecord, bool)> = ancestry(store, tip)?
+    let mut chain: Vec<(ObjectId, CommitRecord, bool)> = ancestry(store.backend(), tip)?
         .into_iter()
         .enumerate()
         .map(|(newest_first, (id, record))| {
@@ -108,13 +109,12 @@ fn plan(store: &Store, options: &PruneOptions) -> anyhow::Result<Plan> {
     })
 }
 
-pub fn prune(root: &Path, options: &PruneOptions) -> anyhow::Result<PruneReport> {
+pub fn prune(repo: &Repo, options: &PruneOptions) -> anyhow::Result<PruneReport> {
     if options.dry_run {
-        let store = Store::open_read(root)?;
-        let plan = plan(&store, options)?;
+        let plan = plan(repo, options)?;
         return Ok(report(&plan, true, 0, 0, None));
     }
-    let (store, plan) = Store::open_write(root, options.lock_wait, |view| plan(view, options))?;
+    let (store, plan) = repo.write(options.lock_wait, |view| plan(view, options))?;
     if plan.chain.iter().all(|(_, _, keep)| *keep) {
         return Ok(report(&plan, false, 0, 0, None));
     }
@@ -159,7 +159,7 @@ fn report(
 
 /// New records for the kept commits, oldest first, and the ref edit that
 /// publishes them. Returns (edit, commits rewritten, chunks rebased).
-fn rewrite(store: &Store, plan: &Plan) -> anyhow::Result<(RefEdit, usize, usize)> {
+fn rewrite(store: &Repo, plan: &Plan) -> anyhow::Result<(RefEdit, usize, usize)> {
     let reconstructor = Reconstructor::new(store);
     let dropped: HashSet<ObjectId> = plan
         .chain

@@ -3,6 +3,7 @@
 //! Every decoded chunk is checked against the raw hash its commit recorded, so
 //! a damaged blob or cache is reported, never passed on.
 
+use crate::repo::Repo;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use super::tipcache::CacheReader;
 use crate::codec;
 use crate::codec::float::FloatType;
 use crate::format::Plain;
-use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId, Store};
+use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId};
 
 /// Identifies one chunk of one commit.
 #[derive(Debug, Clone, Copy)]
@@ -40,7 +41,7 @@ impl std::fmt::Display for ChunkAddr<'_> {
 type TensorIndex = HashMap<(String, String), (usize, usize)>;
 
 pub struct Reconstructor<'s> {
-    store: &'s Store,
+    store: &'s Repo,
     cache_dir: PathBuf,
     records: Mutex<HashMap<ObjectId, Arc<CommitRecord>>>,
     indexes: Mutex<HashMap<ObjectId, Arc<TensorIndex>>>,
@@ -51,7 +52,7 @@ pub struct Reconstructor<'s> {
 }
 
 impl<'s> Reconstructor<'s> {
-    pub fn new(store: &'s Store) -> Self {
+    pub fn new(store: &'s Repo) -> Self {
         Reconstructor {
             store,
             cache_dir: store.cache_dir(),

@@ -7,23 +7,32 @@
 //!
 //! A string of digits is tried as a step first, then as an id prefix.
 
-use anyhow::{anyhow, bail};
+use super::error::RepoError;
 
-use crate::store::{ObjectId, Store};
+use crate::store::{Backend, ObjectId};
 
 const MIN_PREFIX: usize = 6;
 
-pub fn resolve(store: &Store, rev: &str) -> anyhow::Result<ObjectId> {
+/// The commit `rev` names; [`RepoError::UnknownRevision`] when it names
+/// none or several.
+pub fn resolve(store: &dyn Backend, rev: &str) -> anyhow::Result<ObjectId> {
+    let unknown = |why: String| -> anyhow::Error {
+        RepoError::UnknownRevision {
+            rev: rev.to_string(),
+            why,
+        }
+        .into()
+    };
     if let Some((branch, step)) = rev.rsplit_once('@') {
         let step: u64 = step
             .parse()
-            .map_err(|_| anyhow!("`{rev}`: `{step}` after `@` is not a step number"))?;
+            .map_err(|_| unknown(format!("`{step}` after `@` is not a step number")))?;
         if store.branch_tip(branch)?.is_none() {
-            bail!("`{rev}`: no branch named `{branch}`");
+            return Err(unknown(format!("no branch named `{branch}`")));
         }
         return store
             .commit_at_step(branch, step)?
-            .ok_or_else(|| anyhow!("`{rev}`: branch `{branch}` has no commit at step {step}"));
+            .ok_or_else(|| unknown(format!("branch `{branch}` has no commit at step {step}")));
     }
     if !rev.is_empty() && rev.bytes().all(|b| b.is_ascii_digit()) {
         let head = store.head_branch()?;
@@ -33,7 +42,9 @@ pub fn resolve(store: &Store, rev: &str) -> anyhow::Result<ObjectId> {
             return Ok(id);
         }
         if rev.len() < MIN_PREFIX {
-            bail!("`{rev}`: the current branch `{head}` has no commit at step {rev}");
+            return Err(unknown(format!(
+                "the current branch `{head}` has no commit at step {rev}"
+            )));
         }
     }
     if let Some(id) = store.branch_tip(rev)? {
@@ -51,16 +62,16 @@ pub fn resolve(store: &Store, rev: &str) -> anyhow::Result<ObjectId> {
             .collect();
         return match matches.as_slice() {
             [one] => Ok(*one),
-            [] => Err(anyhow!(
-                "`{rev}`: no commit, step, branch or tag by that name"
+            [] => Err(unknown(
+                "no commit, step, branch or tag by that name".into(),
             )),
-            many => Err(anyhow!(
-                "`{rev}`: ambiguous, {} commits start with it; give more digits",
+            many => Err(unknown(format!(
+                "ambiguous, {} commits start with it; give more digits",
                 many.len()
-            )),
+            ))),
         };
     }
-    bail!(
-        "`{rev}`: no commit, step, branch or tag by that name (ids need at least {MIN_PREFIX} hex digits)"
-    )
+    Err(unknown(format!(
+        "no commit, step, branch or tag by that name (ids need at least {MIN_PREFIX} hex digits)"
+    )))
 }

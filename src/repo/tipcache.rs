@@ -24,6 +24,7 @@
 //! is the record's, at a tenth of the cost: re-hashing a 4 GiB parent with
 //! blake3 took ~8% of a lossy commit's CPU time.
 
+use crate::repo::Repo;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -411,7 +412,7 @@ pub fn rename(cache_dir: &Path, old: &ObjectId, new: &ObjectId) {
 
 /// Keeps the caches of the current branch tips only (after a commit, a
 /// branch deletion, a prune or a gc). Best effort, like the cache itself.
-pub fn prune_to_branch_tips(store: &crate::store::Store) {
+pub fn prune_to_branch_tips(store: &Repo) {
     if let Ok(branches) = store.branches() {
         let tips: Vec<ObjectId> = branches.into_iter().map(|(_, id)| id).collect();
         prune(&store.cache_dir(), &tips);

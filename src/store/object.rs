@@ -59,6 +59,13 @@ impl ObjectId {
     }
 }
 
+/// For `#[serde(serialize_with = "crate::store::object::hex")]`: an id in
+/// an outcome (JSON) as its 64 hex digits. Records keep the derived 32-byte
+/// form.
+pub fn hex<S: serde::Serializer>(id: &ObjectId, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&id.to_hex())
+}
+
 impl std::fmt::Display for ObjectId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.to_hex())

@@ -168,3 +168,28 @@ pub fn safetensors_bytes(header: &str, data_len: usize) -> Vec<u8> {
     v.extend((0..data_len).map(|i| i as u8));
     v
 }
+
+/// A fresh `s3://` URL (its own prefix) on the test S3 server that
+/// `scripts/s3-server.sh` started, or `None` after printing "skipped" when
+/// there is none. With `CKPTVC_REQUIRE_S3` set (CI), no server is a failure.
+pub fn s3_url(test: &str) -> Option<String> {
+    match std::env::var("CKPTVC_TEST_S3_BUCKET") {
+        Ok(bucket) if std::env::var_os("AWS_ENDPOINT_URL").is_some() => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos();
+            Some(format!(
+                "s3://{bucket}/{test}-{}-{nanos}",
+                std::process::id()
+            ))
+        }
+        _ if std::env::var_os("CKPTVC_REQUIRE_S3").is_some() => {
+            panic!("{test}: no S3 test server (CKPTVC_TEST_S3_BUCKET / AWS_ENDPOINT_URL unset)")
+        }
+        _ => {
+            println!("skipped: {test} needs an S3 server (scripts/s3-server.sh start)");
+            None
+        }
+    }
+}

@@ -17,6 +17,9 @@ mod lossless;
 mod lossy;
 mod plan;
 
+use crate::repo::Repo;
+use crate::repo::error::RepoError;
+use crate::repo::inspect::LogEntry;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,17 +27,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use rayon::prelude::*;
 
-use super::history::{ancestry_steps, validate_ref_name};
+use super::history::validate_ref_name;
 use super::progress::Progress;
 use super::reconstruct::Reconstructor;
 use super::rev::resolve;
 use super::tipcache::{self, CacheWriter, SourceMapWriter};
+use super::walk::ancestry_steps;
 use crate::codec::{self, policy::Policy};
 use crate::format::safetensors::TensorInfo;
 use crate::format::{Checkpoint, InputKind};
 use crate::store::object::{COMMIT_VERSION, ErrorTotals};
 use crate::store::{
-    ChunkRef, CommitRecord, FileContent, FileEntry, ObjectId, PairingRecord, Store, StoreConfig,
+    ChunkRef, CommitRecord, FileContent, FileEntry, ObjectId, PairingRecord, StoreConfig,
     TensorEntry, TorchContent,
 };
 use plan::{OPAQUE, Plan, Work};
@@ -58,11 +62,16 @@ pub struct CommitOptions {
     pub lock_wait: Duration,
 }
 
-/// What the commit produced.
-#[derive(Debug, Clone)]
+/// What the commit produced: its log entry plus what this run did
+/// (`--json` prints it).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct CommitOutcome {
+    #[serde(skip)]
     pub id: ObjectId,
+    #[serde(skip)]
     pub record: CommitRecord,
+    #[serde(flatten)]
+    pub entry: LogEntry,
     /// Blobs written (not already in the store).
     pub new_blobs: u64,
     /// Parent chunks (delta bases) read from the reconstruction cache, and
@@ -85,7 +94,7 @@ struct Target {
 
 /// What the encoding passes share.
 pub(crate) struct Session<'s> {
-    store: &'s Store,
+    store: &'s Repo,
     reconstructor: Reconstructor<'s>,
     parent: Option<ObjectId>,
     /// `None` for a keyframe commit (see [`commit`]).
@@ -159,7 +168,7 @@ impl Session<'_> {
 }
 
 pub fn commit(
-    root: &Path,
+    repo: &Repo,
     dir: &Path,
     options: &CommitOptions,
     progress: &dyn Progress,
@@ -167,9 +176,8 @@ pub fn commit(
     if let Some(branch) = &options.branch {
         validate_ref_name("branch", branch)?;
     }
-    let checkpoint = Checkpoint::open_excluding(dir, Some(root))?;
-    let (store, target) =
-        Store::open_write(root, options.lock_wait, |view| check_target(view, options))?;
+    let checkpoint = Checkpoint::open_excluding(dir, repo.local_root())?;
+    let (store, target) = repo.write(options.lock_wait, |view| check_target(view, options))?;
     let config = store.config()?;
     let policy = options
         .policy
@@ -253,6 +261,7 @@ pub fn commit(
     }
     let (bases_from_cache, bases_decoded) = session.reconstructor.sources();
     Ok(CommitOutcome {
+        entry: LogEntry::new(&id, &(&record).into()),
         id,
         record,
         new_blobs,
@@ -266,7 +275,7 @@ pub fn commit(
 /// the parent is the tip of this branch and of no other (so its cache would
 /// be dropped after the commit) and the layouts match; else a new file.
 fn cache_writer(
-    store: &Store,
+    store: &Repo,
     target: &Target,
     layout: &tipcache::CacheLayout,
 ) -> anyhow::Result<CacheWriter> {
@@ -392,29 +401,30 @@ fn needs_keyframe(parent: &CommitRecord, input_bytes: u64, config: &StoreConfig)
         || (depth >= MIN_CHAIN && replay_ms > config.replay_budget_ms as f64)
 }
 
-fn check_target(view: &Store, options: &CommitOptions) -> anyhow::Result<Target> {
+fn check_target(view: &Repo, options: &CommitOptions) -> anyhow::Result<Target> {
     let branch = match &options.branch {
         Some(b) => b.clone(),
         None => view.head_branch()?,
     };
     if let Some(existing) = view.commit_at_step(&branch, options.step)? {
-        bail!(
-            "step {} already exists on branch `{branch}` (commit {})",
-            options.step,
-            existing.short()
-        );
+        return Err(RepoError::StepExists {
+            branch,
+            step: options.step,
+            commit: existing.short(),
+        }
+        .into());
     }
     let tip = view.branch_tip(&branch)?;
     if let (Some(tip), Some(rev)) = (tip, &options.parent) {
         bail!(
-            "branch `{branch}` exists (tip {}); --parent {rev} only says where a new branch starts",
+            "branch `{branch}` exists (tip {}); a parent ({rev}) only says where a new branch starts",
             tip.short()
         );
     }
     let is_new = tip.is_none();
     let fork_point = match (tip, &options.parent) {
         (Some(tip), _) => Some(tip),
-        (None, Some(rev)) => Some(resolve(view, rev)?),
+        (None, Some(rev)) => Some(resolve(view.backend(), rev)?),
         (None, None) => {
             let head = view.head_branch()?;
             if head == branch {
@@ -431,7 +441,7 @@ fn check_target(view: &Store, options: &CommitOptions) -> anyhow::Result<Target>
                 .with_context(|| format!("commit {id} (parent of the new commit) is missing"))?;
             if options.step < record.step {
                 bail!(
-                    "step {} is lower than step {} of its parent {} on branch `{branch}`; commit later steps only, or start a new --branch (with --parent REV) for a restart",
+                    "step {} is lower than step {} of its parent {} on branch `{branch}`; commit later steps only, or start a new branch from an earlier commit for a restart",
                     options.step,
                     record.step,
                     id.short()
@@ -442,15 +452,16 @@ fn check_target(view: &Store, options: &CommitOptions) -> anyhow::Result<Target>
         None => None,
     };
     let inherited_steps = match (&parent, is_new) {
-        (Some((id, _)), true) => ancestry_steps(view, *id)?,
+        (Some((id, _)), true) => ancestry_steps(view.backend(), *id)?,
         _ => Vec::new(),
     };
     if let Some((_, ancestor)) = inherited_steps.iter().find(|(s, _)| *s == options.step) {
-        bail!(
-            "step {} already exists on branch `{branch}` (commit {}, inherited from where it forks)",
-            options.step,
-            ancestor.short()
-        );
+        return Err(RepoError::StepExists {
+            branch,
+            step: options.step,
+            commit: format!("{}, inherited from where it forks", ancestor.short()),
+        }
+        .into());
     }
     Ok(Target {
         branch,

@@ -1,32 +1,43 @@
-//! RocksDB access: opening, column families, and the typed reads and writes
-//! the `repo` layer builds on.
+//! The embedded backend: a store in one local directory, kept in RocksDB.
+//!
+//! ```text
+//! <repo>/FORMAT      magic line and store format version
+//! <repo>/lock        advisory lock file, held exclusively by the one writer
+//! <repo>/view.lock   orders readers' opens against a writer's publishing
+//! <repo>/db/         RocksDB: column families blobs, blob_sizes, commits, refs, steps, meta
+//! <repo>/cache/      reconstruction cache of branch tips (safe to delete)
+//! ```
+//!
+//! docs/format.md has the byte-level layout. Blobs live here in
+//! [`BlobStore`]; commits, refs and the step index in [`MetaStore`]
+//! (`refs.rs`); the writer lock and the view lock in `lock.rs`.
+
+pub mod lock;
+mod refs;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use lock::{ViewLock, WriterLock};
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions,
 };
-use serde::{Deserialize, Serialize};
 
 use super::StoreError;
-use super::lock::{ViewLock, WriterLock};
-use super::object::{CommitRecord, CommitSummary, ObjectId};
-use crate::codec::policy::Policy;
+use super::backend::{Backend, BlobStore, PublishGuard};
+use super::config::StoreConfig;
+use super::object::ObjectId;
 
 /// First line of `<repo>/FORMAT`.
 pub const FORMAT_MAGIC: &str = "ckptvc-store";
 /// Version of the store layout as a whole (directory + column families).
 pub const STORE_VERSION: u32 = 1;
-/// Version of [`StoreConfig`]'s layout.
-pub const CONFIG_VERSION: u32 = 1;
-
 pub(super) const CF_BLOBS: &str = "blobs";
 pub(super) const CF_BLOB_SIZES: &str = "blob_sizes";
 pub(super) const CF_COMMITS: &str = "commits";
 pub(super) const CF_REFS: &str = "refs";
 pub(super) const CF_STEPS: &str = "steps";
-const CF_META: &str = "meta";
+pub(super) const CF_META: &str = "meta";
 const ALL_CFS: [&str; 6] = [
     CF_BLOBS,
     CF_BLOB_SIZES,
@@ -36,43 +47,14 @@ const ALL_CFS: [&str; 6] = [
     CF_META,
 ];
 
-const META_CONFIG: &[u8] = b"config";
+pub(super) const META_CONFIG: &[u8] = b"config";
 pub(super) const REF_HEAD: &[u8] = b"HEAD";
 pub(super) const BRANCH_PREFIX: &str = "branch/";
 pub(super) const TAG_PREFIX: &str = "tag/";
 
-/// Settings fixed at `init`, stored under `meta/config`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoreConfig {
-    pub version: u32,
-    /// Longest chain: a lossless keyframe commit at least every this many
-    /// commits along a chain.
-    pub keyframe_interval: u32,
-    /// A keyframe also comes as soon as checking out the new commit would mean
-    /// replaying more than this many milliseconds of decoding (estimated).
-    pub replay_budget_ms: u32,
-    /// Upper bound on a chunk's raw size (chunks hold `chunk_bytes / 4`
-    /// elements whatever the dtype).
-    pub chunk_bytes: u32,
-    /// Policy of commits that do not name one.
-    pub policy: Policy,
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        StoreConfig {
-            version: CONFIG_VERSION,
-            keyframe_interval: 100,
-            replay_budget_ms: 60_000,
-            chunk_bytes: 4 << 20,
-            policy: Policy::preset("balanced").expect("a preset"),
-        }
-    }
-}
-
 /// An open store. Readers open RocksDB read-only and see a consistent snapshot
 /// of what was published before they opened; the one writer holds the lock.
-pub struct Store {
+pub struct RocksStore {
     root: PathBuf,
     db: DB,
     _lock: Option<WriterLock>,
@@ -125,13 +107,9 @@ fn descriptors() -> Vec<ColumnFamilyDescriptor> {
         .collect()
 }
 
-impl Store {
+impl RocksStore {
     pub fn db_dir(root: &Path) -> PathBuf {
         root.join("db")
-    }
-
-    pub fn cache_dir(&self) -> PathBuf {
-        self.root.join("cache")
     }
 
     pub fn root(&self) -> &Path {
@@ -139,7 +117,7 @@ impl Store {
     }
 
     /// Creates an empty store at `root`, which must not hold one already.
-    pub fn init(root: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
+    pub fn init(root: &Path, config: &StoreConfig) -> Result<RocksStore, StoreError> {
         if root.join("FORMAT").exists() || Self::db_dir(root).exists() {
             return Err(StoreError::AlreadyExists(root.to_path_buf()));
         }
@@ -149,17 +127,13 @@ impl Store {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         let db = DB::open_cf_descriptors(&opts, Self::db_dir(root), descriptors())?;
-        let store = Store {
+        let store = RocksStore {
             root: root.to_path_buf(),
             db,
             _lock: Some(lock),
         };
         let mut batch = WriteBatch::default();
-        batch.put_cf(
-            store.cf(CF_META),
-            META_CONFIG,
-            postcard::to_stdvec(config).expect("vec"),
-        );
+        batch.put_cf(store.cf(CF_META), META_CONFIG, config.to_bytes());
         batch.put_cf(store.cf(CF_REFS), REF_HEAD, b"main");
         store.write_synced(batch)?;
         // FORMAT is written last: its presence means the store is complete.
@@ -188,7 +162,7 @@ impl Store {
     }
 
     /// Opens for reading. Touches no file of the store.
-    pub fn open_read(root: &Path) -> Result<Store, StoreError> {
+    pub fn open_read(root: &Path) -> Result<RocksStore, StoreError> {
         Self::check_format(root)?;
         let mut opts = db_options();
         // Every table file is opened (and so kept readable) at open time:
@@ -209,39 +183,33 @@ impl Store {
                 Err(e) => return Err(e.into()),
             }
         };
-        Ok(Store {
+        Ok(RocksStore {
             root: root.to_path_buf(),
             db,
             _lock: None,
         })
     }
 
-    /// Opens for writing, holding the writer lock (waiting up to `wait`).
-    /// `before_write` runs on a read-only view while the lock is held and before
-    /// RocksDB is opened for writing, so that a refused operation leaves every
+    /// Takes the writer lock (waiting up to `wait`). Check what the write
+    /// needs on a read-only view while holding it, then
+    /// [`RocksStore::open_writable`]: a refused operation then leaves every
     /// file of the store exactly as it was.
-    pub fn open_write<T>(
-        root: &Path,
-        wait: Duration,
-        before_write: impl FnOnce(&Store) -> anyhow::Result<T>,
-    ) -> anyhow::Result<(Store, T)> {
+    pub fn lock(root: &Path, wait: Duration) -> Result<WriterLock, StoreError> {
         Self::check_format(root)?;
-        let lock = WriterLock::acquire(&root.join("lock"), wait)?;
-        let checked = {
-            let view = Self::open_read(root)?;
-            before_write(&view)?
-        };
-        let db = DB::open_cf_descriptors(&db_options(), Self::db_dir(root), descriptors())
-            .map_err(StoreError::from)?;
-        let store = Store {
+        WriterLock::acquire(&root.join("lock"), wait)
+    }
+
+    /// Opens for writing, as the holder of `lock`.
+    pub fn open_writable(root: &Path, lock: WriterLock) -> Result<RocksStore, StoreError> {
+        let db = DB::open_cf_descriptors(&db_options(), Self::db_dir(root), descriptors())?;
+        Ok(RocksStore {
             root: root.to_path_buf(),
             db,
             _lock: Some(lock),
-        };
-        Ok((store, checked))
+        })
     }
 
-    pub(super) fn db(&self) -> &DB {
+    fn db(&self) -> &DB {
         &self.db
     }
 
@@ -255,240 +223,6 @@ impl Store {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         Ok(self.db.write_opt(batch, &opts)?)
-    }
-
-    pub fn config(&self) -> Result<StoreConfig, StoreError> {
-        let bytes = self
-            .db
-            .get_pinned_cf(self.cf(CF_META), META_CONFIG)?
-            .ok_or_else(|| StoreError::Corrupt {
-                what: "store config".into(),
-                detail: "meta/config is missing".into(),
-            })?;
-        let config: StoreConfig =
-            postcard::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
-                what: "store config".into(),
-                detail: e.to_string(),
-            })?;
-        if config.version != CONFIG_VERSION {
-            return Err(StoreError::Corrupt {
-                what: "store config".into(),
-                detail: format!("version {} is not supported", config.version),
-            });
-        }
-        // A chunk holds `chunk_bytes / 4` elements of up to 8 bytes; decoders
-        // refuse blobs over MAX_RAW_LEN, so a larger setting would store
-        // chunks that could never be read back.
-        if config.chunk_bytes == 0 || config.chunk_bytes as u64 * 2 > crate::codec::MAX_RAW_LEN {
-            return Err(StoreError::Corrupt {
-                what: "store config".into(),
-                detail: format!(
-                    "chunk_bytes {} is outside 1..={}",
-                    config.chunk_bytes,
-                    crate::codec::MAX_RAW_LEN / 2
-                ),
-            });
-        }
-        Ok(config)
-    }
-
-    // --- blobs -------------------------------------------------------------
-
-    pub fn has_blob(&self, id: &ObjectId) -> Result<bool, StoreError> {
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(CF_BLOB_SIZES), id.0)?
-            .is_some())
-    }
-
-    /// Writes a blob and its size entry without the WAL: blobs are made
-    /// durable by [`Store::flush_blobs`] before any commit refers to them, so a
-    /// crash before that only loses blobs nothing points to.
-    pub fn put_blob(&self, id: &ObjectId, bytes: &[u8]) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_BLOBS), id.0, bytes);
-        batch.put_cf(
-            self.cf(CF_BLOB_SIZES),
-            id.0,
-            (bytes.len() as u64).to_le_bytes(),
-        );
-        let mut opts = WriteOptions::default();
-        opts.disable_wal(true);
-        Ok(self.db.write_opt(batch, &opts)?)
-    }
-
-    /// Holds readers' opens off while a change is made visible (see
-    /// [`ViewLock`]); keep it from flushing blobs until publishing.
-    pub fn hold_readers(&self) -> Result<ViewLock, StoreError> {
-        ViewLock::exclusive(&self.root)
-    }
-
-    pub fn flush_blobs(&self) -> Result<(), StoreError> {
-        let cfs = [self.cf(CF_BLOBS), self.cf(CF_BLOB_SIZES)];
-        Ok(self
-            .db
-            .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?)
-    }
-
-    pub fn get_blob(&self, id: &ObjectId) -> Result<Vec<u8>, StoreError> {
-        self.db
-            .get_cf(self.cf(CF_BLOBS), id.0)?
-            .ok_or_else(|| StoreError::Corrupt {
-                what: format!("blob {id}"),
-                detail: "missing from the store".into(),
-            })
-    }
-
-    /// Number of blobs and the sum of their encoded sizes.
-    pub fn blob_totals(&self) -> Result<(u64, u64), StoreError> {
-        let mut count = 0;
-        let mut bytes = 0;
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_BLOB_SIZES), IteratorMode::Start)
-        {
-            let (_, value) = item?;
-            count += 1;
-            bytes += u64::from_le_bytes(value.as_ref().try_into().unwrap_or([0; 8]));
-        }
-        Ok((count, bytes))
-    }
-
-    // --- commits and refs --------------------------------------------------
-
-    pub fn get_commit(&self, id: &ObjectId) -> Result<Option<CommitRecord>, StoreError> {
-        let Some(bytes) = self.db.get_pinned_cf(self.cf(CF_COMMITS), id.0)? else {
-            return Ok(None);
-        };
-        if ObjectId::of(&bytes) != *id {
-            return Err(StoreError::Corrupt {
-                what: format!("commit {id}"),
-                detail: "record does not hash to its id".into(),
-            });
-        }
-        CommitRecord::from_bytes(&bytes)
-            .map(Some)
-            .map_err(|detail| StoreError::Corrupt {
-                what: format!("commit {id}"),
-                detail,
-            })
-    }
-
-    /// A commit's summary (everything but its file list), for `log`. Unlike
-    /// [`Store::get_commit`] it does not re-hash the record against its id:
-    /// RocksDB checksums every block it reads, so damage is still reported,
-    /// and the id check (which needs the whole, possibly large, record) is
-    /// left to the operations that use the content and to `fsck`.
-    pub fn get_commit_summary(&self, id: &ObjectId) -> Result<Option<CommitSummary>, StoreError> {
-        let Some(bytes) = self.db.get_pinned_cf(self.cf(CF_COMMITS), id.0)? else {
-            return Ok(None);
-        };
-        decode_summary(id, &bytes).map(Some)
-    }
-
-    /// Every commit's summary, in one sequential pass over the commit
-    /// records, or `None` when the records are too large for that to beat
-    /// following parents with point reads (a scan reads every record in full,
-    /// including the file lists). At 10,000 small commits, 10,000 point reads
-    /// were half of `log`'s time; the scan reads them in ~10 ms.
-    pub fn all_commit_summaries(
-        &self,
-    ) -> Result<Option<std::collections::HashMap<ObjectId, CommitSummary>>, StoreError> {
-        const SCAN_LIMIT: u64 = 64 << 20;
-        let commits = self.cf(CF_COMMITS);
-        let size = self
-            .db
-            .property_int_value_cf(commits, "rocksdb.total-sst-files-size")?
-            .unwrap_or(u64::MAX);
-        if size > SCAN_LIMIT {
-            return Ok(None);
-        }
-        let mut out = std::collections::HashMap::new();
-        for item in self.db.iterator_cf(commits, IteratorMode::Start) {
-            let (key, bytes) = item?;
-            let Some(id) = ObjectId::from_slice(&key) else {
-                continue;
-            };
-            out.insert(id, decode_summary(&id, &bytes)?);
-        }
-        Ok(Some(out))
-    }
-
-    pub fn commit_ids(&self) -> Result<Vec<ObjectId>, StoreError> {
-        let mut ids = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_COMMITS), IteratorMode::Start)
-        {
-            let (key, _) = item?;
-            ids.extend(ObjectId::from_slice(&key));
-        }
-        Ok(ids)
-    }
-
-    pub fn head_branch(&self) -> Result<String, StoreError> {
-        let head = self.db.get_cf(self.cf(CF_REFS), REF_HEAD)?;
-        Ok(head.map_or_else(
-            || "main".to_string(),
-            |b| String::from_utf8_lossy(&b).into_owned(),
-        ))
-    }
-
-    pub fn branch_tip(&self, branch: &str) -> Result<Option<ObjectId>, StoreError> {
-        let key = format!("{BRANCH_PREFIX}{branch}");
-        let value = self.db.get_pinned_cf(self.cf(CF_REFS), key.as_bytes())?;
-        Ok(value.and_then(|v| ObjectId::from_slice(&v)))
-    }
-
-    /// All branches with their tips, sorted by name.
-    pub fn branches(&self) -> Result<Vec<(String, ObjectId)>, StoreError> {
-        self.refs_with_prefix(BRANCH_PREFIX)
-    }
-
-    pub(super) fn step_key(branch: &str, step: u64) -> Vec<u8> {
-        let mut key = branch.as_bytes().to_vec();
-        key.push(0);
-        key.extend_from_slice(&step.to_be_bytes());
-        key
-    }
-
-    pub fn commit_at_step(&self, branch: &str, step: u64) -> Result<Option<ObjectId>, StoreError> {
-        let value = self
-            .db
-            .get_pinned_cf(self.cf(CF_STEPS), Self::step_key(branch, step))?;
-        Ok(value.and_then(|v| ObjectId::from_slice(&v)))
-    }
-
-    /// Makes a commit visible: the record, the branch tip, the step index and
-    /// HEAD in one synced write batch. Its blobs must be flushed already.
-    /// `inherited_steps` are step-index entries a new branch takes over from
-    /// the ancestry it forks from.
-    pub fn publish_commit(
-        &self,
-        record: &CommitRecord,
-        inherited_steps: &[(u64, ObjectId)],
-    ) -> Result<ObjectId, StoreError> {
-        let bytes = record.to_bytes();
-        let id = ObjectId::of(&bytes);
-        let mut batch = WriteBatch::default();
-        for (step, ancestor) in inherited_steps {
-            batch.put_cf(
-                self.cf(CF_STEPS),
-                Self::step_key(&record.branch, *step),
-                ancestor.0,
-            );
-        }
-        batch.put_cf(self.cf(CF_COMMITS), id.0, &bytes);
-        let branch_key = format!("{BRANCH_PREFIX}{}", record.branch);
-        batch.put_cf(self.cf(CF_REFS), branch_key.as_bytes(), id.0);
-        batch.put_cf(self.cf(CF_REFS), REF_HEAD, record.branch.as_bytes());
-        batch.put_cf(
-            self.cf(CF_STEPS),
-            Self::step_key(&record.branch, record.step),
-            id.0,
-        );
-        self.write_synced(batch)?;
-        Ok(id)
     }
 
     /// Flushes every column family's memtable to table files.
@@ -525,6 +259,100 @@ impl Store {
         }
         Ok(())
     }
+}
+
+impl BlobStore for RocksStore {
+    fn has_blob(&self, id: &ObjectId) -> Result<bool, StoreError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_BLOB_SIZES), id.0)?
+            .is_some())
+    }
+
+    /// Writes a blob and its size entry without the WAL: blobs are made
+    /// durable by [`Store::flush_blobs`] before any commit refers to them, so a
+    /// crash before that only loses blobs nothing points to.
+    fn put_blob(&self, id: &ObjectId, bytes: &[u8]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_BLOBS), id.0, bytes);
+        batch.put_cf(
+            self.cf(CF_BLOB_SIZES),
+            id.0,
+            (bytes.len() as u64).to_le_bytes(),
+        );
+        let mut opts = WriteOptions::default();
+        opts.disable_wal(true);
+        Ok(self.db.write_opt(batch, &opts)?)
+    }
+
+    fn flush_blobs(&self) -> Result<(), StoreError> {
+        let cfs = [self.cf(CF_BLOBS), self.cf(CF_BLOB_SIZES)];
+        Ok(self
+            .db
+            .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?)
+    }
+
+    fn get_blob(&self, id: &ObjectId) -> Result<Vec<u8>, StoreError> {
+        self.db
+            .get_cf(self.cf(CF_BLOBS), id.0)?
+            .ok_or_else(|| StoreError::Corrupt {
+                what: format!("blob {id}"),
+                detail: "missing from the store".into(),
+            })
+    }
+
+    /// Number of blobs and the sum of their encoded sizes.
+    fn blob_totals(&self) -> Result<(u64, u64), StoreError> {
+        let mut count = 0;
+        let mut bytes = 0;
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_BLOB_SIZES), IteratorMode::Start)
+        {
+            let (_, value) = item?;
+            count += 1;
+            bytes += u64::from_le_bytes(value.as_ref().try_into().unwrap_or([0; 8]));
+        }
+        Ok((count, bytes))
+    }
+
+    /// Every blob id in the store with its encoded size, from the size index.
+    fn blob_sizes(&self) -> Result<Vec<(ObjectId, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db()
+            .iterator_cf(self.cf(CF_BLOB_SIZES), IteratorMode::Start)
+        {
+            let (key, value) = item?;
+            let size = value.as_ref().try_into().map(u64::from_le_bytes);
+            if let (Some(id), Ok(size)) = (ObjectId::from_slice(&key), size) {
+                out.push((id, size));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes blobs (payload and size entry) in one synced batch.
+    fn delete_blobs(&self, ids: &[ObjectId]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for id in ids {
+            batch.delete_cf(self.cf(CF_BLOBS), id.0);
+            batch.delete_cf(self.cf(CF_BLOB_SIZES), id.0);
+        }
+        self.write_synced(batch)
+    }
+}
+
+impl Backend for RocksStore {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    /// Holds readers' opens off while a change is made visible (see
+    /// [`ViewLock`]); keep it from flushing blobs until publishing.
+    fn hold_readers(&self) -> Result<PublishGuard, StoreError> {
+        Ok(PublishGuard::holding(ViewLock::exclusive(&self.root)?))
+    }
 
     /// Gives the space of deleted blobs and records back to the file system:
     /// flushes every column family, then compacts each one fully, with blob
@@ -532,7 +360,7 @@ impl Store {
     /// only deleted payloads are removed and the live payloads of mixed files
     /// are moved into new ones. Costs a rewrite of the live blobs that share a
     /// file with garbage; this is what `gc` pays to make `du` fall.
-    pub fn reclaim_space(&self) -> Result<(), StoreError> {
+    fn reclaim_space(&self) -> Result<(), StoreError> {
         self.flush_all()?;
         let cfs: Vec<&ColumnFamily> = ALL_CFS.iter().map(|name| self.cf(name)).collect();
         let blobs = self.cf(CF_BLOBS);
@@ -573,16 +401,9 @@ impl Store {
 
     /// Bytes the store occupies on disk: every file under `db/` except
     /// RocksDB's informational logs (`LOG*`), which are not store data.
-    pub fn physical_bytes(&self) -> Result<u64, StoreError> {
+    fn physical_bytes(&self) -> Result<u64, StoreError> {
         dir_size(&Self::db_dir(&self.root), &|name| !name.starts_with("LOG"))
     }
-}
-
-fn decode_summary(id: &ObjectId, bytes: &[u8]) -> Result<CommitSummary, StoreError> {
-    CommitSummary::from_record_bytes(bytes).map_err(|detail| StoreError::Corrupt {
-        what: format!("commit {id}"),
-        detail,
-    })
 }
 
 /// Small table files a column family may hold before a closing writer
@@ -597,12 +418,12 @@ const OPEN_RETRIES: u32 = 20;
 
 /// Whether `e` is what a reader sees when a concurrent writer deleted a file
 /// it was about to open (not damage: the file was replaced, not lost).
-pub fn is_concurrent_change(e: &rocksdb::Error) -> bool {
+fn is_concurrent_change(e: &rocksdb::Error) -> bool {
     let text = e.to_string();
     text.contains("No such file or directory")
 }
 
-impl Drop for Store {
+impl Drop for RocksStore {
     /// A writer flushes everything, then lets RocksDB's background flushes
     /// and compactions finish before closing: one cut short at exit left its partial output blob
     /// file behind, which no later open deleted (seen as `gc` not giving all

@@ -1,0 +1,240 @@
+//! Walking the history: the one place that follows parents and residual
+//! bases. Log, graph, branch, commit, gc, fsck, prune and push all ask here.
+//!
+//! - [`require_commit`]: a commit that must exist, or an error naming it;
+//! - [`ancestry`]: the first-parent chain of a commit;
+//! - [`reachable_commits`]: every commit the refs reach, children first
+//!   (ordered by [`generations`]);
+//! - [`reachable`] / [`reachable_from`]: what refs keep alive, down to the
+//!   chunk positions of residual bases that `prune` left behind, and the
+//!   blobs; [`Position`] names a chunk inside a commit.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::Context;
+
+use crate::store::{Backend, ChunkRef, CommitRecord, FileContent, ObjectId};
+
+/// A commit that must be in the store (a parent, a tip, a base).
+pub fn require_commit(store: &dyn Backend, id: &ObjectId) -> anyhow::Result<CommitRecord> {
+    store
+        .get_commit(id)?
+        .with_context(|| format!("commit {id} is missing from the store {}", store.location()))
+}
+
+/// The first-parent ancestry of `id`, `id` first.
+pub fn ancestry(
+    store: &dyn Backend,
+    id: ObjectId,
+) -> anyhow::Result<Vec<(ObjectId, CommitRecord)>> {
+    let mut out = Vec::new();
+    let mut next = Some(id);
+    while let Some(id) = next {
+        let record = require_commit(store, &id)?;
+        next = record.first_parent();
+        out.push((id, record));
+    }
+    Ok(out)
+}
+
+/// Step-index entries a branch whose tip is `id` holds: its ancestry.
+pub fn ancestry_steps(store: &dyn Backend, id: ObjectId) -> anyhow::Result<Vec<(u64, ObjectId)>> {
+    Ok(ancestry(store, id)?
+        .into_iter()
+        .map(|(id, record)| (record.step, id))
+        .collect())
+}
+
+/// Every commit reachable from a branch or tag, children before parents.
+pub fn reachable_commits(store: &dyn Backend) -> anyhow::Result<Vec<(ObjectId, CommitRecord)>> {
+    let mut records: HashMap<ObjectId, CommitRecord> = HashMap::new();
+    let mut stack = store.root_commits()?;
+    while let Some(id) = stack.pop() {
+        if records.contains_key(&id) {
+            continue;
+        }
+        let record = require_commit(store, &id)?;
+        stack.extend(record.parents.iter().copied());
+        records.insert(id, record);
+    }
+    let depth = generations(&records);
+    let mut out: Vec<(ObjectId, CommitRecord)> = records.into_iter().collect();
+    out.sort_by_key(|(id, r)| std::cmp::Reverse((depth[id], r.time_ms, r.step)));
+    Ok(out)
+}
+
+/// Distance from the root along first parents (the DAG has no merges).
+fn generations(records: &HashMap<ObjectId, CommitRecord>) -> HashMap<ObjectId, u64> {
+    let mut depth = HashMap::new();
+    for &start in records.keys() {
+        let mut path = Vec::new();
+        let mut next = Some(start);
+        while let Some(id) = next {
+            if depth.contains_key(&id) || !records.contains_key(&id) {
+                break;
+            }
+            path.push(id);
+            next = records[&id].first_parent();
+        }
+        let base = next
+            .and_then(|id| depth.get(&id).map(|d| d + 1))
+            .unwrap_or(0);
+        for (d, id) in (base..).zip(path.into_iter().rev()) {
+            depth.insert(id, d);
+        }
+    }
+    depth
+}
+
+/// A chunk position, owned: (file, tensor or `None` for an opaque file,
+/// chunk index).
+pub type Position = (String, Option<String>, usize);
+
+/// What branches and tags keep alive.
+pub struct Reachable {
+    /// Commits in the history of a branch or tag (through parents): every
+    /// chunk of these is live.
+    pub history: HashSet<ObjectId>,
+    /// Commits outside that history that a live chunk is coded against
+    /// (left behind by `prune`), with the only positions still needed.
+    pub base_only: HashMap<ObjectId, HashSet<Position>>,
+    pub blobs: HashSet<ObjectId>,
+}
+
+impl Reachable {
+    pub fn keeps_commit(&self, id: &ObjectId) -> bool {
+        self.history.contains(id) || self.base_only.contains_key(id)
+    }
+
+    /// Whether chunk `position` of commit `id` must stay decodable.
+    pub fn needs_chunk(&self, id: &ObjectId, position: &Position) -> bool {
+        self.history.contains(id)
+            || self
+                .base_only
+                .get(id)
+                .is_some_and(|positions| positions.contains(position))
+    }
+}
+
+/// Every chunk of `record` with its position.
+pub fn positioned_chunks(record: &CommitRecord) -> Vec<(Position, &ChunkRef)> {
+    let mut out = Vec::new();
+    for file in &record.files {
+        match &file.content {
+            FileContent::Opaque { chunks } => {
+                out.extend(
+                    chunks
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| ((file.name.clone(), None, i), c)),
+                );
+            }
+            FileContent::Safetensors { .. } | FileContent::Torch(_) => {
+                for t in file.tensors() {
+                    out.extend(
+                        t.chunks
+                            .iter()
+                            .enumerate()
+                            .map(|(i, c)| ((file.name.clone(), Some(t.name.clone()), i), c)),
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Marks everything reachable from every branch and tag: their history in
+/// full, and, chunk by chunk, the residual bases those chunks are coded
+/// against. Fails if a reachable commit is missing or unreadable: sweeping
+/// on a damaged graph could delete what a lost record would have kept (run
+/// `fsck`).
+pub fn reachable(store: &dyn Backend) -> anyhow::Result<Reachable> {
+    reachable_from(store, store.root_commits()?)
+}
+
+/// What `roots` keep alive: their histories and the bases their chunks
+/// need (what a push must send for those commits).
+pub fn reachable_from(store: &dyn Backend, roots: Vec<ObjectId>) -> anyhow::Result<Reachable> {
+    let mut stack = roots;
+    let mut history = HashSet::new();
+    let mut records: HashMap<ObjectId, CommitRecord> = HashMap::new();
+    let load = |id: &ObjectId| require_commit(store, id);
+    while let Some(id) = stack.pop() {
+        if !history.insert(id) {
+            continue;
+        }
+        let record = load(&id)?;
+        stack.extend(record.parents.iter().copied());
+        records.insert(id, record);
+    }
+    let mut blobs = HashSet::new();
+    let mut bases: Vec<(ObjectId, Position)> = Vec::new();
+    for record in records.values() {
+        for (position, chunk) in positioned_chunks(record) {
+            blobs.insert(chunk.blob);
+            if let Some(base) = chunk.base.filter(|b| !history.contains(b)) {
+                bases.push((base, position));
+            }
+        }
+    }
+    let mut base_only: HashMap<ObjectId, HashSet<Position>> = HashMap::new();
+    while let Some((id, position)) = bases.pop() {
+        if !base_only.entry(id).or_default().insert(position.clone()) {
+            continue;
+        }
+        if let std::collections::hash_map::Entry::Vacant(slot) = records.entry(id) {
+            slot.insert(load(&id)?);
+        }
+        let chunk = positioned_chunks(&records[&id])
+            .into_iter()
+            .find(|(p, _)| *p == position)
+            .map(|(_, c)| c.clone())
+            .with_context(|| {
+                format!("commit {id}, a residual base, lacks the chunk coded against it")
+            })?;
+        blobs.insert(chunk.blob);
+        if let Some(base) = chunk.base.filter(|b| !history.contains(b)) {
+            bases.push((base, position));
+        }
+    }
+    Ok(Reachable {
+        history,
+        base_only,
+        blobs,
+    })
+}
+
+/// Every blob that decoding commit `id` reads: its chunks', and down each
+/// chunk's chain of residual bases, the base commits' chunks at the same
+/// position. What a lazy clone must download to check `id` out.
+pub fn checkout_blobs(store: &dyn Backend, id: &ObjectId) -> anyhow::Result<HashSet<ObjectId>> {
+    let mut records: HashMap<ObjectId, CommitRecord> = HashMap::new();
+    records.insert(*id, require_commit(store, id)?);
+    let mut wanted: Vec<(ObjectId, Position)> = positioned_chunks(&records[id])
+        .into_iter()
+        .map(|(position, _)| (*id, position))
+        .collect();
+    let mut seen: HashSet<(ObjectId, Position)> = HashSet::new();
+    let mut blobs = HashSet::new();
+    while let Some((commit, position)) = wanted.pop() {
+        if !seen.insert((commit, position.clone())) {
+            continue;
+        }
+        if let std::collections::hash_map::Entry::Vacant(slot) = records.entry(commit) {
+            slot.insert(require_commit(store, &commit)?);
+        }
+        let chunk = positioned_chunks(&records[&commit])
+            .into_iter()
+            .find(|(p, _)| *p == position)
+            .map(|(_, c)| c.clone())
+            .with_context(|| {
+                format!("commit {commit}, a residual base, lacks the chunk coded against it")
+            })?;
+        blobs.insert(chunk.blob);
+        if let Some(base) = chunk.base {
+            wanted.push((base, position));
+        }
+    }
+    Ok(blobs)
+}
