@@ -333,24 +333,24 @@ fn ref_command(
     delete: &Option<String>,
 ) -> anyhow::Result<()> {
     use repo::history;
-    let (action, name, id) = match (name, delete) {
+    let (action, name, change) = match (name, delete) {
         (_, Some(name)) => {
-            let id = match kind {
+            let change = match kind {
                 RefKind::Branch => history::delete_branch(repo, name, wait(cli))?,
                 RefKind::Tag => history::delete_tag(repo, name, wait(cli))?,
             };
-            ("deleted", name, id)
+            ("deleted", name, change)
         }
         (Some(name), None) => {
             let rev = match rev {
                 Some(rev) => rev.clone(),
                 None => repo.head_branch()?,
             };
-            let id = match kind {
+            let change = match kind {
                 RefKind::Branch => history::create_branch(repo, name, &rev, wait(cli))?,
                 RefKind::Tag => history::create_tag(repo, name, &rev, wait(cli))?,
             };
-            ("created", name, id)
+            ("created", name, change)
         }
         (None, None) => {
             let store = repo;
@@ -369,8 +369,9 @@ fn ref_command(
         RefKind::Branch => "branch",
         RefKind::Tag => "tag",
     };
+    let id = change.id;
     if cli.json {
-        print_json(&serde_json::json!({noun: name, action: true, "commit": id.to_hex()}))
+        print_json(&change)
     } else {
         if !cli.quiet {
             eprintln!("{action} {noun} `{name}` ({})", id.short());
@@ -709,16 +710,9 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
             }
         }
         Command::Log { graph: true, .. } => {
-            let store = repo;
-            let lines = repo::graph::graph(store)?;
+            let lines = repo::graph::graph(repo)?;
             if cli.json {
-                let nodes: Vec<_> = lines
-                    .into_iter()
-                    .filter_map(|l| {
-                        l.commit
-                            .map(|c| serde_json::json!({"commit": c, "refs": l.refs}))
-                    })
-                    .collect();
+                let nodes: Vec<_> = lines.into_iter().filter_map(|l| l.node()).collect();
                 print_json(&nodes)
             } else {
                 output::print_graph(&lines);
@@ -749,12 +743,12 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
             ref_command(cli, repo, RefKind::Branch, name, rev, delete)
         }
         Command::Switch { name } => {
-            let tip = repo::history::switch(repo, name, wait(cli))?;
+            let change = repo::history::switch(repo, name, wait(cli))?;
             if cli.json {
-                print_json(&serde_json::json!({"branch": name, "tip": tip.to_hex()}))
+                print_json(&change)
             } else {
                 if !cli.quiet {
-                    eprintln!("switched to branch `{name}` (tip {})", tip.short());
+                    eprintln!("switched to branch `{name}` (tip {})", change.id.short());
                 }
                 Ok(())
             }

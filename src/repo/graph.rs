@@ -20,6 +20,23 @@ pub struct GraphLine {
     pub refs: Vec<String>,
 }
 
+/// A commit of the graph with its labels, as `log --graph --json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GraphNode {
+    pub commit: LogEntry,
+    pub refs: Vec<String>,
+}
+
+impl GraphLine {
+    /// The commit this line shows, if any.
+    pub fn node(self) -> Option<GraphNode> {
+        Some(GraphNode {
+            commit: self.commit?,
+            refs: self.refs,
+        })
+    }
+}
+
 /// The line under a commit where the lanes from `first` on fold one column
 /// to the left: `| |/ /` for 4 lanes folding from lane 2.
 fn join_line(lanes: usize, first: usize) -> String {

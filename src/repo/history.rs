@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::rev::resolve;
 use super::walk::ancestry_steps;
-use crate::store::{ObjectId, RefEdit};
+use crate::store::{ObjectId, RefEdit, RefKind};
 
 /// One line of `branch`.
 #[derive(Debug, Clone, Serialize)]
@@ -33,6 +33,57 @@ pub struct TagInfo {
     pub commit: String,
     pub step: u64,
     pub branch: String,
+}
+
+/// What `branch NAME`, `branch -d`, `tag NAME`, `tag -d` and `switch` did
+/// (`--json` prints it): `{"branch": NAME, "created": true, "commit": ID}`,
+/// `{"tag": NAME, "deleted": true, "commit": ID}`, `{"branch": NAME,
+/// "tip": ID}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RefChange {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub created: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    /// The commit the ref points (or pointed) at; `switch` names it `tip`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tip: Option<String>,
+    #[serde(skip)]
+    pub id: ObjectId,
+}
+
+impl RefChange {
+    fn new(kind: RefKind, name: &str, id: ObjectId) -> RefChange {
+        RefChange {
+            branch: (kind == RefKind::Branch).then(|| name.to_string()),
+            tag: (kind == RefKind::Tag).then(|| name.to_string()),
+            created: false,
+            deleted: false,
+            commit: Some(id.to_hex()),
+            tip: None,
+            id,
+        }
+    }
+
+    fn created(kind: RefKind, name: &str, id: ObjectId) -> RefChange {
+        RefChange {
+            created: true,
+            ..RefChange::new(kind, name, id)
+        }
+    }
+
+    fn deleted(kind: RefKind, name: &str, id: ObjectId) -> RefChange {
+        RefChange {
+            deleted: true,
+            ..RefChange::new(kind, name, id)
+        }
+    }
 }
 
 /// Checks a branch or tag name (`kind` names which in the message).
@@ -81,7 +132,7 @@ pub fn create_branch(
     name: &str,
     rev: &str,
     wait: Duration,
-) -> anyhow::Result<ObjectId> {
+) -> anyhow::Result<RefChange> {
     validate_ref_name("branch", name)?;
     let (store, edit) = repo.write(wait, |view| {
         if let Some(tip) = view.branch_tip(name)? {
@@ -99,12 +150,16 @@ pub fn create_branch(
         })
     })?;
     store.apply(&edit)?;
-    Ok(edit.set_branches[0].1)
+    Ok(RefChange::created(
+        RefKind::Branch,
+        name,
+        edit.set_branches[0].1,
+    ))
 }
 
 /// Deletes branch `name` (its ref and step index; commits stay until `gc`).
 /// Returns the tip it had.
-pub fn delete_branch(repo: &Repo, name: &str, wait: Duration) -> anyhow::Result<ObjectId> {
+pub fn delete_branch(repo: &Repo, name: &str, wait: Duration) -> anyhow::Result<RefChange> {
     let (store, tip) = repo.write(wait, |view| {
         let tip = view
             .branch_tip(name)?
@@ -120,11 +175,11 @@ pub fn delete_branch(repo: &Repo, name: &str, wait: Duration) -> anyhow::Result<
         ..RefEdit::default()
     })?;
     super::tipcache::prune_to_branch_tips(&store);
-    Ok(tip)
+    Ok(RefChange::deleted(RefKind::Branch, name, tip))
 }
 
 /// Makes `name` the current branch.
-pub fn switch(repo: &Repo, name: &str, wait: Duration) -> anyhow::Result<ObjectId> {
+pub fn switch(repo: &Repo, name: &str, wait: Duration) -> anyhow::Result<RefChange> {
     let (store, tip) = repo.write(wait, |view| {
         view.branch_tip(name)?
             .with_context(|| format!("no branch named `{name}`"))
@@ -133,7 +188,11 @@ pub fn switch(repo: &Repo, name: &str, wait: Duration) -> anyhow::Result<ObjectI
         head: Some(name.to_string()),
         ..RefEdit::default()
     })?;
-    Ok(tip)
+    Ok(RefChange {
+        commit: None,
+        tip: Some(tip.to_hex()),
+        ..RefChange::new(RefKind::Branch, name, tip)
+    })
 }
 
 pub fn tags(store: &Repo) -> anyhow::Result<Vec<TagInfo>> {
@@ -152,7 +211,7 @@ pub fn tags(store: &Repo) -> anyhow::Result<Vec<TagInfo>> {
     Ok(out)
 }
 
-pub fn create_tag(repo: &Repo, name: &str, rev: &str, wait: Duration) -> anyhow::Result<ObjectId> {
+pub fn create_tag(repo: &Repo, name: &str, rev: &str, wait: Duration) -> anyhow::Result<RefChange> {
     validate_ref_name("tag", name)?;
     let (store, id) = repo.write(wait, |view| {
         if let Some(id) = view.tag_target(name)? {
@@ -164,10 +223,10 @@ pub fn create_tag(repo: &Repo, name: &str, rev: &str, wait: Duration) -> anyhow:
         set_tags: vec![(name.to_string(), id)],
         ..RefEdit::default()
     })?;
-    Ok(id)
+    Ok(RefChange::created(RefKind::Tag, name, id))
 }
 
-pub fn delete_tag(repo: &Repo, name: &str, wait: Duration) -> anyhow::Result<ObjectId> {
+pub fn delete_tag(repo: &Repo, name: &str, wait: Duration) -> anyhow::Result<RefChange> {
     let (store, id) = repo.write(wait, |view| {
         view.tag_target(name)?
             .with_context(|| format!("no tag named `{name}`"))
@@ -176,5 +235,5 @@ pub fn delete_tag(repo: &Repo, name: &str, wait: Duration) -> anyhow::Result<Obj
         delete_tags: vec![name.to_string()],
         ..RefEdit::default()
     })?;
-    Ok(id)
+    Ok(RefChange::deleted(RefKind::Tag, name, id))
 }

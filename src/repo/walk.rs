@@ -159,12 +159,11 @@ pub fn reachable_from(store: &dyn Backend, roots: Vec<ObjectId>) -> anyhow::Resu
     let mut stack = roots;
     let mut history = HashSet::new();
     let mut records: HashMap<ObjectId, CommitRecord> = HashMap::new();
-    let load = |id: &ObjectId| require_commit(store, id);
     while let Some(id) = stack.pop() {
         if !history.insert(id) {
             continue;
         }
-        let record = load(&id)?;
+        let record = require_commit(store, &id)?;
         stack.extend(record.parents.iter().copied());
         records.insert(id, record);
     }
@@ -178,21 +177,13 @@ pub fn reachable_from(store: &dyn Backend, roots: Vec<ObjectId>) -> anyhow::Resu
             }
         }
     }
+    let mut chunks = ChunkLookup::new(store, records);
     let mut base_only: HashMap<ObjectId, HashSet<Position>> = HashMap::new();
     while let Some((id, position)) = bases.pop() {
         if !base_only.entry(id).or_default().insert(position.clone()) {
             continue;
         }
-        if let std::collections::hash_map::Entry::Vacant(slot) = records.entry(id) {
-            slot.insert(load(&id)?);
-        }
-        let chunk = positioned_chunks(&records[&id])
-            .into_iter()
-            .find(|(p, _)| *p == position)
-            .map(|(_, c)| c.clone())
-            .with_context(|| {
-                format!("commit {id}, a residual base, lacks the chunk coded against it")
-            })?;
+        let chunk = chunks.chunk_at(&id, &position)?;
         blobs.insert(chunk.blob);
         if let Some(base) = chunk.base.filter(|b| !history.contains(b)) {
             bases.push((base, position));
@@ -209,32 +200,63 @@ pub fn reachable_from(store: &dyn Backend, roots: Vec<ObjectId>) -> anyhow::Resu
 /// chunk's chain of residual bases, the base commits' chunks at the same
 /// position. What a lazy clone must download to check `id` out.
 pub fn checkout_blobs(store: &dyn Backend, id: &ObjectId) -> anyhow::Result<HashSet<ObjectId>> {
-    let mut records: HashMap<ObjectId, CommitRecord> = HashMap::new();
-    records.insert(*id, require_commit(store, id)?);
-    let mut wanted: Vec<(ObjectId, Position)> = positioned_chunks(&records[id])
+    let record = require_commit(store, id)?;
+    let mut wanted: Vec<(ObjectId, Position)> = positioned_chunks(&record)
         .into_iter()
         .map(|(position, _)| (*id, position))
         .collect();
+    let mut chunks = ChunkLookup::new(store, HashMap::from([(*id, record)]));
     let mut seen: HashSet<(ObjectId, Position)> = HashSet::new();
     let mut blobs = HashSet::new();
     while let Some((commit, position)) = wanted.pop() {
         if !seen.insert((commit, position.clone())) {
             continue;
         }
-        if let std::collections::hash_map::Entry::Vacant(slot) = records.entry(commit) {
-            slot.insert(require_commit(store, &commit)?);
-        }
-        let chunk = positioned_chunks(&records[&commit])
-            .into_iter()
-            .find(|(p, _)| *p == position)
-            .map(|(_, c)| c.clone())
-            .with_context(|| {
-                format!("commit {commit}, a residual base, lacks the chunk coded against it")
-            })?;
+        let chunk = chunks.chunk_at(&commit, &position)?;
         blobs.insert(chunk.blob);
         if let Some(base) = chunk.base {
             wanted.push((base, position));
         }
     }
     Ok(blobs)
+}
+
+/// Chunks of commits by position, each commit's record read and indexed
+/// once (a scan per lookup would be quadratic in the number of chunks).
+struct ChunkLookup<'s> {
+    store: &'s dyn Backend,
+    records: HashMap<ObjectId, CommitRecord>,
+    by_position: HashMap<ObjectId, HashMap<Position, ChunkRef>>,
+}
+
+impl<'s> ChunkLookup<'s> {
+    fn new(store: &'s dyn Backend, records: HashMap<ObjectId, CommitRecord>) -> Self {
+        ChunkLookup {
+            store,
+            records,
+            by_position: HashMap::new(),
+        }
+    }
+
+    /// The chunk of `commit` at `position`, which a chunk coded against it
+    /// needs.
+    fn chunk_at(&mut self, commit: &ObjectId, position: &Position) -> anyhow::Result<ChunkRef> {
+        if !self.by_position.contains_key(commit) {
+            let record = match self.records.remove(commit) {
+                Some(record) => record,
+                None => require_commit(self.store, commit)?,
+            };
+            let index = positioned_chunks(&record)
+                .into_iter()
+                .map(|(p, c)| (p, c.clone()))
+                .collect();
+            self.by_position.insert(*commit, index);
+        }
+        self.by_position[commit]
+            .get(position)
+            .cloned()
+            .with_context(|| {
+                format!("commit {commit}, a residual base, lacks the chunk coded against it")
+            })
+    }
 }

@@ -31,8 +31,9 @@ use crate::store::{
     BlobStore, BucketStore, CommitSummary, MetaStore, ObjectId, RefEdit, RefKind, StoreError,
 };
 
-/// Blobs asked of the remote at once (a few dozen ranged GETs).
-const BLOB_BATCH: usize = 256;
+/// Bytes of blobs asked of the remote at once: a few ranged GETs in
+/// flight, and a bounded amount of memory whatever the checkpoint's size.
+const DOWNLOAD_BATCH_BYTES: u64 = 64 << 20;
 
 /// What `push` is asked to send.
 #[derive(Debug, Clone, Default)]
@@ -535,8 +536,8 @@ fn download_into(
     let sizes: HashMap<ObjectId, u64> = bucket.blob_sizes()?.into_iter().collect();
     let mut bytes = 0;
     progress.begin("fetch", ids.iter().filter_map(|id| sizes.get(id)).sum());
-    for batch in ids.chunks(BLOB_BATCH) {
-        for (id, blob) in bucket.get_blobs(batch)? {
+    for batch in bucket.download_batches(&ids, DOWNLOAD_BATCH_BYTES)? {
+        for (id, blob) in bucket.get_blobs(&batch)? {
             bytes += blob.len() as u64;
             local.put_blob(&id, &blob)?;
             progress.advance(blob.len() as u64);

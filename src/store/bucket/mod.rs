@@ -490,6 +490,41 @@ impl BucketStore {
         Ok(())
     }
 
+    /// Splits `ids` into download batches of at most `max_bytes` each (a
+    /// single larger blob is a batch of its own), in pack order, so that
+    /// each batch's blobs share ranged GETs and memory stays bounded.
+    pub fn download_batches(
+        &self,
+        ids: &[ObjectId],
+        max_bytes: u64,
+    ) -> Result<Vec<Vec<ObjectId>>, StoreError> {
+        let mut located: Vec<(ObjectId, Location)> = self.with_index(|index| {
+            ids.iter()
+                .map(|id| {
+                    index
+                        .get(id)
+                        .map(|loc| (*id, *loc))
+                        .ok_or_else(|| StoreError::Corrupt {
+                            what: format!("blob {id}"),
+                            detail: format!("missing from {}", self.url),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })??;
+        located.sort_by_key(|(_, loc)| (loc.pack, loc.offset));
+        let mut batches: Vec<Vec<ObjectId>> = Vec::new();
+        let mut size = 0;
+        for (id, loc) in located {
+            if batches.is_empty() || size + loc.len > max_bytes {
+                batches.push(Vec::new());
+                size = 0;
+            }
+            size += loc.len;
+            batches.last_mut().expect("pushed above").push(id);
+        }
+        Ok(batches)
+    }
+
     /// Fetches many blobs with few ranged GETs (neighbours in one pack
     /// share a request), several at once, and checks each against its id.
     pub fn get_blobs(&self, ids: &[ObjectId]) -> Result<Vec<(ObjectId, Vec<u8>)>, StoreError> {
