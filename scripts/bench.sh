@@ -31,10 +31,8 @@ series="$work/series-$model_bytes"
 mkdir -p "$work"
 
 source scripts/bench_lib.sh
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 max() { printf '%s\n' "$@" | sort -g | tail -1; }
 warm() { cat "$1"/* >/dev/null; }
-bytes_of() { du -sb "$@" | awk '{ s += $1 } END { print s }'; }
 mb_s() { calc "$1 / $2 / 1e6"; }
 
 # Sets $wall (seconds) and $rss (MiB) of a command, from GNU time; its
@@ -44,7 +42,6 @@ measure() {
     rss=$((rss_kib / 1024))
 }
 
-json_field() { python3 -c "import json, sys; print(json.load(sys.stdin)$1)"; }
 
 make_series() {
     if [ ! -f "$series/ck-5/meta.json" ]; then

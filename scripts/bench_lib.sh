@@ -21,3 +21,7 @@ timed() {
     wall=$(awk -F': ' '/Elapsed \(wall clock\)/ { print $2 }' "$log" |
         awk -F: '{ if (NF == 3) print $1 * 3600 + $2 * 60 + $3; else print $1 * 60 + $2 }')
 }
+
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+bytes_of() { du -sb "$@" | awk '{ s += $1 } END { print s }'; }
+json_field() { python3 -c "import json, sys; print(json.load(sys.stdin)$1)"; }

@@ -12,6 +12,8 @@
 #                                  folder
 #   scripts/bench_remote.sh rss    peak RSS of push, clone, checkout of a
 #                                  4 GiB checkpoint
+#   scripts/bench_remote.sh keyframe  push of a 4 GiB lossless keyframe vs
+#                                  `aws s3 cp --recursive` of its folder
 #
 # Environment: BENCH_DIR (default ~/.cache/ckptvc-bench), RUNS (default 3),
 # MODEL_BYTES (model size of the 10-step run, default 64 MiB: checkpoints of
@@ -29,9 +31,6 @@ big_model_bytes="${BIG_MODEL_BYTES:-$(((4 << 30) / 3))}"
 port="${S3_PORT:-18600}"
 mkdir -p "$work"
 source scripts/bench_lib.sh
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-bytes_of() { du -sb "$@" | awk '{ s += $1 } END { print s }'; }
-json_field() { python3 -c "import json, sys; print(json.load(sys.stdin)$1)"; }
 
 command -v aws >/dev/null || python3 -m pip install --quiet awscli >&2
 s3_dir="$work/s3"
@@ -153,10 +152,42 @@ bench_rss() {
     echo
 }
 
+bench_keyframe() {
+    echo "## push of a 4 GiB lossless keyframe vs aws s3 cp --recursive of its folder"
+    echo
+    local big="$work/big-$big_model_bytes"
+    if [ ! -f "$big/ck-1/meta.json" ]; then
+        "$bin/examples/make_series" "$big" "$big_model_bytes" 1 >&2
+    fi
+    local store="$work/store-key"
+    rm -rf "$store"
+    "$ckptvc" --repo "$store" -q init --policy lossless
+    "$ckptvc" --repo "$store" -q commit "$big/ck-1" --step 1 >/dev/null
+    echo "| run | ckptvc push (s) | aws s3 cp (s) | ratio | bytes up (ckptvc) | input |"
+    echo "|---|---|---|---|---|---|"
+    local input; input=$(bytes_of "$big/ck-1")
+    local ratios=()
+    for r in $(seq "$runs"); do
+        "$ckptvc" --repo "$store" -q remote remove o 2>/dev/null || true
+        "$ckptvc" --repo "$store" -q remote add o "s3://bench/key-$r-$RANDOM"
+        timed "$ckptvc" --repo "$store" --json push o
+        local t_push=$wall up
+        up=$(json_field '["traffic"]["bytes_up"]' <"$work/out.txt")
+        local t_aws; t_aws=$(seconds aws_cp "$big/ck-1" "s3://bench/rawkey-$r-$RANDOM")
+        local ratio; ratio=$(calc "$t_push / $t_aws")
+        ratios+=("$ratio")
+        echo "| $r | $t_push | $t_aws | $ratio | $up | $input |"
+    done
+    echo
+    echo "median ratio push / aws s3 cp: $(median "${ratios[@]}")"
+    echo
+}
+
 case "${1:-all}" in
     push) bench_push ;;
     lazy) bench_lazy ;;
     rss) bench_rss ;;
-    all) bench_push; bench_lazy; bench_rss ;;
-    *) echo "usage: $0 push|lazy|rss|all" >&2; exit 2 ;;
+    keyframe) bench_keyframe ;;
+    all) bench_push; bench_lazy; bench_rss; bench_keyframe ;;
+    *) echo "usage: $0 push|lazy|rss|keyframe|all" >&2; exit 2 ;;
 esac

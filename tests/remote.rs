@@ -720,3 +720,25 @@ fn a_store_in_a_bucket_runs_every_command() {
         assert_eq!(json(&["fsck"])["problems"], serde_json::json!([]));
     }
 }
+
+/// A server that does not answer: the error names the remote, after the
+/// retries give up (shortened here).
+#[test]
+fn an_unreachable_remote_is_an_error_that_names_it() {
+    let env = store_with_steps(1);
+    let out = env
+        .cmd()
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", "k")
+        .env("AWS_SECRET_ACCESS_KEY", "s")
+        .env("AWS_REGION", "us-east-1")
+        .env("CKPTVC_REMOTE_RETRY_SECS", "1")
+        .args(["remote", "add", "o", "s3://nowhere/run"])
+        .assert()
+        .failure();
+    let message = stderr_of(&out);
+    assert!(message.contains("s3://nowhere/run"), "{message}");
+    assert!(!message.contains("panicked"), "{message}");
+    assert_eq!(env.json(&["remote", "list"]), serde_json::json!([]));
+}

@@ -138,7 +138,7 @@ impl Knobs {
         let tuned_knobs = w_step.is_some() || m_step.is_some() || v_log_step.is_some();
         if excp_knobs && tuned_knobs {
             return Err(
-            "--alpha/--beta/--bits (excp) and --w-step/--m-step/--v-log-step (tuned) do not mix".into()
+            "the excp knobs (alpha, beta, bits) and the tuned knobs (w_step, m_step, v_log_step) do not mix".into()
         );
         }
         if tuned_knobs {
@@ -151,8 +151,9 @@ impl Knobs {
             } = base
             else {
                 return Err(
-                "--w-step, --m-step and --v-log-step apply to compact, balanced and faithful only".into()
-            );
+                    "w_step, m_step and v_log_step apply to compact, balanced and faithful only"
+                        .into(),
+                );
             };
             return Ok(Some(Policy::Tuned {
                 preset: "custom".into(),
@@ -171,7 +172,7 @@ impl Knobs {
             bits: n,
         } = base
         else {
-            return Err("--alpha, --beta and --bits apply to --policy excp only".into());
+            return Err("alpha, beta and bits apply to the excp policy only".into());
         };
         Ok(Some(Policy::Excp {
             alpha: alpha.unwrap_or(a),

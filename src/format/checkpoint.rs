@@ -35,26 +35,93 @@ impl InputKind {
     }
 }
 
-/// One file of a checkpoint directory, mapped into memory.
+/// One file of a checkpoint: on disk, or assembled in memory.
 #[derive(Debug)]
 pub struct InputFile {
     /// Name relative to the checkpoint directory, with `/` separators.
     pub name: String,
+    /// Its path on disk (for a file in memory, `<memory>/<name>`, only for
+    /// messages).
     pub path: PathBuf,
     pub kind: InputKind,
-    /// `None` for empty files, which cannot be mapped. Only headers are
-    /// read through the map; tensor data is read with `pread`.
-    map: Option<Mmap>,
-    file: File,
+    source: Source,
+}
+
+/// Where an input file's bytes are.
+#[derive(Debug)]
+pub(crate) enum Source {
+    /// On disk. `map` is `None` for empty files, which cannot be mapped.
+    /// Only headers are read through the map; tensor data is read with
+    /// `pread`.
+    Disk { map: Option<Mmap>, file: File },
+    /// In this process's memory, as segments at increasing offsets that
+    /// cover the file (a header, then each tensor's buffer): a commit from
+    /// memory reads tensors where they are, without a copy.
+    Memory { len: u64, segments: Vec<Segment> },
+}
+
+/// Bytes `[offset, offset + len)` of a file in memory, borrowed: see
+/// [`super::memory::MemoryCheckpoint`], which keeps the buffers borrowed for
+/// as long as the checkpoint lives.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Segment {
+    pub offset: u64,
+    pub ptr: *const u8,
+    pub len: usize,
+}
+
+// SAFETY: a segment is a shared borrow of immutable bytes (the lifetime is
+// enforced by `MemoryCheckpoint<'a>`); reading it from several threads is
+// what `&[u8]` allows.
+unsafe impl Send for Segment {}
+unsafe impl Sync for Segment {}
+
+impl Segment {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: see the type's documentation: the borrow outlives every
+        // use of the checkpoint that holds the segment.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
 }
 
 impl InputFile {
+    /// A file assembled in memory (see [`super::memory`]).
+    pub(crate) fn in_memory(
+        name: String,
+        kind: InputKind,
+        len: u64,
+        segments: Vec<Segment>,
+    ) -> Self {
+        InputFile {
+            path: PathBuf::from("<memory>").join(&name),
+            name,
+            kind,
+            source: Source::Memory { len, segments },
+        }
+    }
+
+    /// Whether the file is on disk (not assembled in memory).
+    pub fn on_disk(&self) -> bool {
+        matches!(self.source, Source::Disk { .. })
+    }
+
+    /// The bytes readable in place: all of a file on disk; of a file in
+    /// memory, its first segment (its header, or all of an opaque file).
     pub fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
+        match &self.source {
+            Source::Disk { map, .. } => map.as_deref().unwrap_or(&[]),
+            Source::Memory { segments, .. } => segments
+                .first()
+                .filter(|s| s.offset == 0)
+                .map_or(&[], Segment::bytes),
+        }
     }
 
     pub fn len(&self) -> u64 {
-        self.bytes().len() as u64
+        match &self.source {
+            Source::Disk { map, .. } => map.as_deref().map_or(0, |m| m.len() as u64),
+            Source::Memory { len, .. } => *len,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -73,7 +140,11 @@ impl InputFile {
         if count == 0 {
             return Vec::new();
         }
-        read_range(&self.file, offset as u64, count).unwrap_or_else(|e| {
+        let read = match &self.source {
+            Source::Disk { file, .. } => read_range(file, offset as u64, count),
+            Source::Memory { segments, .. } => gather(segments, offset as u64, count),
+        };
+        read.unwrap_or_else(|e| {
             panic!(
                 "cannot read {} bytes at {offset} of {}: {e}",
                 count * size_of::<T>(),
@@ -81,6 +152,38 @@ impl InputFile {
             )
         })
     }
+}
+
+/// `count` elements of `T` at byte `offset` of a file in memory, copied out
+/// of the segments that cover them.
+fn gather<T: Plain>(segments: &[Segment], offset: u64, count: usize) -> std::io::Result<Vec<T>> {
+    let len = size_of::<T>() * count;
+    let mut out: Vec<T> = Vec::with_capacity(count);
+    let dst = out.as_mut_ptr().cast::<u8>();
+    let end = offset + len as u64;
+    let mut done = 0usize;
+    for segment in segments {
+        let (start, stop) = (segment.offset, segment.offset + segment.len as u64);
+        let at = offset + done as u64;
+        if done == len || stop <= at || start > at {
+            continue;
+        }
+        let take = (stop.min(end) - at) as usize;
+        let from = (at - start) as usize;
+        let src = &segment.bytes()[from..from + take];
+        // SAFETY: `dst + done .. dst + done + take` lies inside the
+        // allocation's capacity (`done + take <= len`), and the source is a
+        // separate buffer.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.add(done), take) };
+        done += take;
+    }
+    if done != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    // SAFETY: all `len` bytes of the first `count` elements were written
+    // above, and `T: Plain` accepts any bytes.
+    unsafe { out.set_len(count) };
+    Ok(out)
 }
 
 /// All files of one checkpoint directory, sorted by name.
@@ -151,14 +254,14 @@ impl Checkpoint {
 }
 
 #[derive(Default)]
-struct Paired {
-    pairings: HashMap<usize, FilePairing>,
-    aliases: HashMap<(usize, usize), String>,
-    notes: Vec<String>,
+pub(crate) struct Paired {
+    pub pairings: HashMap<usize, FilePairing>,
+    pub aliases: HashMap<(usize, usize), String>,
+    pub notes: Vec<String>,
 }
 
 /// Pairs every optimizer file's state with the parameters (see [`pairing`]).
-fn pair_optimizer_state(files: &[InputFile]) -> Paired {
+pub(crate) fn pair_optimizer_state(files: &[InputFile]) -> Paired {
     let find = |name: &str| files.iter().find(|f| f.name == name);
     let model = model_tensors(files);
     let names_file = find(NAMES_FILE).map(InputFile::bytes);
@@ -298,8 +401,7 @@ fn open_file(dir: &Path, name: String, notes: &mut Vec<String>) -> Result<InputF
         name,
         path,
         kind: InputKind::Opaque,
-        map,
-        file,
+        source: Source::Disk { map, file },
     };
     if is_safetensors {
         input.kind = InputKind::Safetensors(parse_header(&input.path, input.bytes())?);

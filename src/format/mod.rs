@@ -2,6 +2,7 @@
 //! Nothing here knows about codecs or the store.
 
 pub mod checkpoint;
+pub mod memory;
 pub mod pairing;
 pub mod plain;
 pub mod safetensors;
@@ -10,6 +11,7 @@ pub mod torch;
 use std::path::PathBuf;
 
 pub use checkpoint::{Checkpoint, InputFile, InputKind};
+pub use memory::{MemoryCheckpoint, MemoryFile, MemoryTensor};
 pub use plain::{Plain, as_bytes, read_range};
 
 /// A problem with the user's input files.

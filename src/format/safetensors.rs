@@ -64,12 +64,18 @@ pub fn element_size(dtype: Dtype) -> usize {
 /// Parses and validates the header of the safetensors file `bytes` (usually a
 /// memory map of the whole file); `path` is only used in error messages.
 pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header, FormatError> {
+    parse_header_of(path, bytes, bytes.len() as u64)
+}
+
+/// Like [`parse_header`] for a file of `file_len` bytes of which only the
+/// start, `bytes` (at least the header), is at hand: a file assembled in
+/// memory from a header and tensor buffers.
+pub fn parse_header_of(path: &Path, bytes: &[u8], file_len: u64) -> Result<Header, FormatError> {
     let bad = |what: String| FormatError::Safetensors {
         path: path.to_path_buf(),
         what,
     };
-    let file_len = bytes.len() as u64;
-    if file_len < 8 {
+    if file_len < 8 || bytes.len() < 8 {
         return Err(bad(format!(
             "file is truncated: {file_len} bytes, too short for the 8-byte header length"
         )));
@@ -80,7 +86,7 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header, FormatError> {
             "header length {header_len} exceeds the {MAX_HEADER_LEN}-byte limit (not a safetensors file?)"
         )));
     }
-    if 8 + header_len > file_len {
+    if 8 + header_len > file_len || 8 + header_len > bytes.len() as u64 {
         return Err(bad(format!(
             "file is truncated: header says {header_len} bytes of JSON but only {} bytes follow",
             file_len - 8
