@@ -559,3 +559,133 @@ fn a_tensor_whose_shape_changed_is_stored_losslessly() {
     let out = env.checkout("40", "out");
     assert_eq!(tensors(&out)["head.weight"], tensors(&dir)["head.weight"]);
 }
+
+/// The fixture's tensors as buffers, as a training loop would hand them
+/// over: (file name, [(tensor, dtype, shape, bytes)]).
+type MemoryFiles = Vec<(String, Vec<(String, String, Vec<u64>, Vec<u8>)>)>;
+
+fn fixture_buffers(dir: &Path) -> MemoryFiles {
+    ["model.safetensors", "optimizer.safetensors"]
+        .iter()
+        .map(|file| {
+            let bytes = std::fs::read(dir.join(file)).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            let tensors = st
+                .tensors()
+                .into_iter()
+                .map(|(name, view)| {
+                    let shape = view.shape().iter().map(|&d| d as u64).collect();
+                    (
+                        name,
+                        format!("{:?}", view.dtype()),
+                        shape,
+                        view.data().to_vec(),
+                    )
+                })
+                .collect();
+            (file.to_string(), tensors)
+        })
+        .collect()
+}
+
+/// Commit from memory and load into memory, with no file in between:
+/// lossless is bit for bit; `balanced` pairs the moments with their weights
+/// by name and every tensor comes back within the error `show` reports.
+#[test]
+fn commit_from_memory_and_load_into_memory() {
+    use ckptvc::format::{MemoryCheckpoint, MemoryFile, MemoryTensor};
+    use ckptvc::repo::{self, CommitOptions, NoProgress, Repo, load::Snapshot};
+    use ckptvc::store::StoreConfig;
+    for policy in ["lossless", "balanced"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            policy: ckptvc::codec::policy::Policy::preset(policy).unwrap(),
+            ..StoreConfig::default()
+        };
+        let store = Repo::init(tmp.path().join("store"), &config).unwrap();
+        let steps = [20, 40, 60];
+        let buffers: Vec<MemoryFiles> = steps
+            .iter()
+            .map(|s| fixture_buffers(&fixture(*s)))
+            .collect();
+        for (step, files) in steps.iter().zip(&buffers) {
+            let mut memory: Vec<MemoryFile<'_>> = files
+                .iter()
+                .map(|(name, tensors)| MemoryFile::Tensors {
+                    name: name.clone(),
+                    tensors: tensors
+                        .iter()
+                        .map(|(n, d, s, b)| MemoryTensor {
+                            name: n.clone(),
+                            dtype: d.clone(),
+                            shape: s.clone(),
+                            data: b,
+                        })
+                        .collect(),
+                })
+                .collect();
+            memory.push(MemoryFile::Bytes {
+                name: "extra.json".into(),
+                data: br#"{"scheduler": {"last_epoch": 3}}"#,
+            });
+            let checkpoint = MemoryCheckpoint::new(memory).unwrap();
+            let options = CommitOptions {
+                step: *step,
+                ..CommitOptions::default()
+            };
+            repo::commit_checkpoint(&store.reopen().unwrap(), &checkpoint, &options, &NoProgress)
+                .unwrap();
+        }
+        let store = store.reopen().unwrap();
+        let show = repo::show(&store, "60").unwrap();
+        if policy == "balanced" {
+            assert!(!show.commit.keyframe);
+            assert!(
+                show.commit.error_m > 0.0,
+                "the moments were coded lossily: {policy}"
+            );
+        }
+        let snapshot = Snapshot::open(&store, "60").unwrap();
+        assert_eq!(
+            snapshot.read_file("extra.json").unwrap(),
+            br#"{"scheduler": {"last_epoch": 3}}"#
+        );
+        let errors: HashMap<String, f32> = show
+            .entries
+            .iter()
+            .filter_map(|e| Some((e.tensor.clone()?, e.rel_error)))
+            .collect();
+        for (file, tensors) in &buffers[2] {
+            for (name, dtype, _, original) in tensors {
+                let mut out = vec![0u8; original.len()];
+                snapshot.read_tensor_into(file, name, &mut out).unwrap();
+                if policy == "lossless" || dtype != "F32" {
+                    assert_eq!(&out, original, "{policy}: {file} {name}");
+                } else {
+                    let f = |b: &[u8]| -> Vec<f32> {
+                        b.chunks_exact(4)
+                            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                            .collect()
+                    };
+                    let err = rel_error(&f(original), &f(&out));
+                    assert!(
+                        err <= errors[name] as f64 * 1.001 + 1e-9,
+                        "{name}: {err} > {}",
+                        errors[name]
+                    );
+                }
+            }
+        }
+        let wrong = snapshot.read_tensor_into(
+            "model.safetensors",
+            "blocks.0.attn.in_proj_bias",
+            &mut [0u8; 3],
+        );
+        assert!(
+            wrong
+                .unwrap_err()
+                .to_string()
+                .contains("buffer given is 3 bytes")
+        );
+    }
+}

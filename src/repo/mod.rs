@@ -14,6 +14,7 @@ pub mod graph;
 pub mod history;
 pub mod import;
 pub mod inspect;
+pub mod load;
 pub mod progress;
 pub mod prune;
 pub mod reconstruct;
@@ -24,7 +25,7 @@ pub mod tipcache;
 pub mod walk;
 
 pub use checkout::{CheckoutOptions, CheckoutOutcome, checkout};
-pub use commit::{CommitOptions, CommitOutcome, commit};
+pub use commit::{CommitOptions, CommitOutcome, commit, commit_checkpoint};
 pub use error::{ErrorKind, RepoError, kind};
 pub use inspect::{LogEntry, Stats, TensorReport, log, show, stats};
 pub use progress::{NoProgress, Progress};

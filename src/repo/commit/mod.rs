@@ -45,7 +45,7 @@ use plan::{OPAQUE, Plan, Work};
 
 pub use plan::MIN_LOSSY_ELEMENTS;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct CommitOptions {
     pub step: u64,
     /// `None`: the current branch (HEAD).
@@ -177,6 +177,21 @@ pub fn commit(
         validate_ref_name("branch", branch)?;
     }
     let checkpoint = Checkpoint::open_excluding(dir, repo.local_root())?;
+    commit_checkpoint(repo, &checkpoint, options, progress)
+}
+
+/// Commits a checkpoint already opened: a directory's, or one assembled in
+/// memory ([`crate::format::MemoryCheckpoint`]), which commits without a
+/// file being written.
+pub fn commit_checkpoint(
+    repo: &Repo,
+    checkpoint: &Checkpoint,
+    options: &CommitOptions,
+    progress: &dyn Progress,
+) -> anyhow::Result<CommitOutcome> {
+    if let Some(branch) = &options.branch {
+        validate_ref_name("branch", branch)?;
+    }
     let (store, target) = repo.write(options.lock_wait, |view| check_target(view, options))?;
     let config = store.config()?;
     let policy = options
@@ -188,7 +203,7 @@ pub fn commit(
         || parent_record.is_none_or(|p| needs_keyframe(p, checkpoint.total_bytes(), &config));
 
     let plan = plan::plan(
-        &checkpoint,
+        checkpoint,
         config.chunk_bytes as u64,
         parent_record,
         !keyframe && !policy.is_lossless(),
@@ -200,9 +215,13 @@ pub fn commit(
     // of the checkpoint through the page cache (docs/benchmarks.md).
     // Residual commits keep a cache, since decoding them means replaying
     // the chain. The source map is best effort, like the cache.
-    let (cache, sources) = if keyframe {
+    // Buffers in memory have no file to map back to: no source map.
+    let on_disk = checkpoint.files.iter().all(|f| f.on_disk());
+    let (cache, sources) = if keyframe && on_disk {
         let paths: Vec<&Path> = checkpoint.files.iter().map(|f| f.path.as_path()).collect();
         (None, SourceMapWriter::new(&store.cache_dir(), &paths).ok())
+    } else if keyframe {
+        (None, None)
     } else {
         (Some(cache_writer(&store, &target, &plan.layout)?), None)
     };
@@ -249,7 +268,7 @@ pub fn commit(
         input_bytes: checkpoint.total_bytes(),
         stored_bytes,
         errors,
-        files: assemble_manifest(&checkpoint, encoded, &tensor_errors),
+        files: assemble_manifest(checkpoint, encoded, &tensor_errors),
     };
     let id = store.publish_commit(&record, &target.inherited_steps)?;
     drop(view);
