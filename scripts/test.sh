@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="$(./scripts/setup.sh)"
 mkdir -p "$CARGO_TARGET_DIR"
 
-cargo fmt --check
+cargo fmt --all --check
 cargo fmt --check --manifest-path fuzz/Cargo.toml
 cargo clippy --release --all-targets -- -D warnings
+cargo clippy --release -p ckptvc-py --all-targets -- -D warnings
 # The format and codec layers alone (what the fuzz targets build on) must
 # stand without the store.
 cargo clippy --release --no-default-features --lib -- -D warnings
@@ -27,3 +28,9 @@ eval "$s3_env"
 export CKPTVC_REQUIRE_S3=1
 
 cargo test --release
+
+# The Python package: the wheel built by maturin (the extension shares this
+# build directory), installed into a fresh virtualenv with numpy and pytest,
+# and its tests run against it. The torch tests print "skipped" unless torch
+# is installed there.
+./scripts/python_test.sh

@@ -2,6 +2,7 @@
 //! It only translates; every operation lives in [`crate::repo`].
 
 mod output;
+#[cfg(feature = "plot")]
 mod plot;
 mod progress;
 mod style;
@@ -390,15 +391,32 @@ fn parse_preset(name: &str) -> Result<Policy, String> {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    match run_args(std::env::args()) {
+        0 => ExitCode::SUCCESS,
+        2 => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// Runs the command line `args` (program name first) and returns its exit
+/// status: 0, 1 on an error (printed), 2 on a usage error. The Python
+/// package's `ckptvc` command calls this.
+pub fn run_args(args: impl IntoIterator<Item = String>) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
     match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
             if let Some(hint) = hint(&e) {
                 eprintln!("hint: {hint}");
             }
-            ExitCode::FAILURE
+            1
         }
     }
 }
@@ -454,6 +472,40 @@ fn remote_command(cli: &Cli, repo: &Repo, action: &RemoteAction) -> anyhow::Resu
             Ok(())
         }
     }
+}
+
+/// `stats --plot FILE`: a branch's history drawn into FILE.
+#[cfg(feature = "plot")]
+fn plot_history(
+    cli: &Cli,
+    store: &Repo,
+    branch: &Option<String>,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let branch = match branch {
+        Some(b) => b.clone(),
+        None => store.head_branch()?,
+    };
+    let entries = repo::log(store, Some(&branch), false)?;
+    plot::plot_history(&entries, &branch, path)?;
+    if !cli.quiet && !cli.json {
+        eprintln!(
+            "plotted {} commits of `{branch}` into {}",
+            entries.len(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "plot"))]
+fn plot_history(
+    _cli: &Cli,
+    _store: &Repo,
+    _branch: &Option<String>,
+    _path: &std::path::Path,
+) -> anyhow::Result<()> {
+    anyhow::bail!("this build of ckptvc has no plotting (build it with the `plot` feature)")
 }
 
 /// What to do about a failure, in terms of this command line's flags (the
@@ -827,19 +879,7 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
             let store = repo;
             let stats = repo::stats(store)?;
             if let Some(path) = plot {
-                let branch = match branch {
-                    Some(b) => b.clone(),
-                    None => store.head_branch()?,
-                };
-                let entries = repo::log(store, Some(&branch), false)?;
-                plot::plot_history(&entries, &branch, path)?;
-                if !cli.quiet && !cli.json {
-                    eprintln!(
-                        "plotted {} commits of `{branch}` into {}",
-                        entries.len(),
-                        path.display()
-                    );
-                }
+                plot_history(cli, store, branch, path)?;
             }
             if cli.json {
                 print_json(&stats)

@@ -1,0 +1,434 @@
+"""ckptvc: version control for training checkpoints, from memory to memory.
+
+``Repo.commit`` reads a model's and an optimizer's tensors where they are
+(CPU tensors and numpy arrays by their buffers, without a copy; CUDA tensors
+copied to the host one at a time) and stores them in a ckptvc store, with
+each Adam moment paired to its parameter by name, so that the lossy
+policies apply. ``Repo.load`` decodes a commit straight into the tensors'
+memory. Plain numpy arrays work everywhere torch tensors do: the package
+needs numpy only; torch is used when it is given torch objects.
+
+Non-tensor state (``extra``, the optimizer's ``param_groups`` and scalar
+state) is stored as a pickle that round-trips exactly. Like
+``torch.load(weights_only=False)``, loading it runs pickle: load only from
+stores you trust.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import threading
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
+
+from ._ckptvc import CkptvcError, NativeRepo, run_cli
+
+__all__ = ["Repo", "CkptvcError", "CommitHandle", "run_cli"]
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "ckptvc-state.pkl"
+
+_NUMPY_DTYPES = {
+    np.dtype("float64"): "F64",
+    np.dtype("float32"): "F32",
+    np.dtype("float16"): "F16",
+    np.dtype("int64"): "I64",
+    np.dtype("int32"): "I32",
+    np.dtype("int16"): "I16",
+    np.dtype("int8"): "I8",
+    np.dtype("uint64"): "U64",
+    np.dtype("uint32"): "U32",
+    np.dtype("uint16"): "U16",
+    np.dtype("uint8"): "U8",
+    np.dtype("bool"): "BOOL",
+}
+_FROM_SAFETENSORS = {v: k for k, v in _NUMPY_DTYPES.items()}
+# bf16 has no numpy type: its bits travel as uint16.
+_FROM_SAFETENSORS["BF16"] = np.dtype("uint16")
+
+_TORCH_DTYPES = {
+    "torch.float64": "F64",
+    "torch.float32": "F32",
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+    "torch.int64": "I64",
+    "torch.int32": "I32",
+    "torch.int16": "I16",
+    "torch.int8": "I8",
+    "torch.uint8": "U8",
+    "torch.bool": "BOOL",
+}
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _host_view(x: Any, copy: bool = False, what: str = "tensor") -> tuple[str, list[int], np.ndarray]:
+    """(safetensors dtype, shape, a C-contiguous numpy view of the bytes).
+
+    CPU tensors and contiguous arrays are viewed, not copied (unless
+    ``copy``); CUDA tensors are copied to the host, one tensor at a time;
+    non-contiguous ones are made contiguous (a copy).
+    """
+    if _is_torch(x):
+        import torch
+
+        t = x.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        elif copy:
+            t = t.clone()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        name = _TORCH_DTYPES.get(str(t.dtype))
+        if name is None:
+            raise CkptvcError(f"{what}: dtype {t.dtype} is not supported")
+        if t.dtype == torch.bfloat16:
+            array = t.view(torch.int16).numpy()
+        else:
+            array = t.numpy()
+        return name, list(t.shape), array
+    array = np.asarray(x)
+    if copy or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array).copy() if copy else np.ascontiguousarray(array)
+    name = _NUMPY_DTYPES.get(array.dtype)
+    if name is None:
+        raise CkptvcError(f"{what}: dtype {array.dtype} is not supported")
+    return name, list(array.shape), array
+
+
+def _model_tensors(model: Any) -> dict[str, Any]:
+    if model is None:
+        return {}
+    if hasattr(model, "state_dict") and not isinstance(model, Mapping):
+        return dict(model.state_dict())
+    return dict(model)
+
+
+def _optimizer_state(model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Tensors named ``<param>.<key>`` and the non-tensor rest.
+
+    A torch optimizer's state is keyed by parameter objects; pairing each
+    with its name through ``model.named_parameters()`` is certain by
+    construction. A mapping ``{param: {key: array}}`` is taken as it is.
+    """
+    if optimizer is None:
+        return {}, {}
+    if isinstance(optimizer, Mapping):
+        tensors = {f"{p}.{k}": v for p, state in optimizer.items() for k, v in state.items()}
+        return tensors, {}
+    if model is None or not hasattr(model, "named_parameters"):
+        raise CkptvcError("a torch optimizer needs its model (to name its parameters)")
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_optimizer = set()
+    groups, scalars, tensors = [], {}, {}
+    for group in optimizer.param_groups:
+        group_names = []
+        for p in group["params"]:
+            name = names.get(id(p))
+            if name is None:
+                raise CkptvcError("the optimizer holds a parameter that is not in the model")
+            in_optimizer.add(name)
+            group_names.append(name)
+            for key, value in optimizer.state.get(p, {}).items():
+                if _is_torch(value) or isinstance(value, np.ndarray):
+                    tensors[f"{name}.{key}"] = value
+                else:
+                    scalars.setdefault(name, {})[key] = value
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": group_names})
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in in_optimizer]
+    if missing:
+        raise CkptvcError(
+            f"the model's parameters {missing[:5]} are not in the optimizer "
+            f"({len(missing)} in all): pass the optimizer that trains this model"
+        )
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _files(model: Any, optimizer: Any, extra: Any, copy: bool) -> list:
+    """The native commit's files: tensors as (name, dtype, shape, buffer)."""
+    files = []
+    model_tensors = _model_tensors(model)
+    opt_tensors, opt_rest = _optimizer_state(model, optimizer)
+    for file, tensors in ((MODEL_FILE, model_tensors), (OPTIMIZER_FILE, opt_tensors)):
+        if tensors:
+            entries = []
+            for name, value in tensors.items():
+                dtype, shape, array = _host_view(value, copy=copy, what=f"{file}: tensor `{name}`")
+                entries.append((name, dtype, shape, array))
+            files.append((file, entries))
+    state = {"extra": extra, "optimizer": opt_rest, "format": 1}
+    files.append((STATE_FILE, pickle.dumps(state, protocol=4)))
+    return files
+
+
+class CommitHandle:
+    """A commit running in the background (``Repo.commit_async``)."""
+
+    def __init__(self, thread: threading.Thread, box: dict):
+        self._thread = thread
+        self._box = box
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> dict:
+        """Waits for the commit; returns its outcome or raises its error."""
+        self._thread.join()
+        self._box["reported"] = True
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["outcome"]
+
+    def _settle(self) -> None:
+        """Waits; raises the error unless ``wait()`` already reported it."""
+        self._thread.join()
+        if "error" in self._box and not self._box.get("reported"):
+            self._box["reported"] = True
+            raise self._box["error"]
+
+
+class Repo:
+    """A ckptvc store: a directory, or a bucket URL (``s3://bucket/prefix``)."""
+
+    def __init__(self, native: NativeRepo):
+        self._native = native
+        self._pending: Optional[CommitHandle] = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def init(path: str, policy: str = "balanced") -> "Repo":
+        """Creates an empty store (``policy``: lossless, excp, compact, balanced, faithful)."""
+        return Repo(NativeRepo.init(str(path), policy))
+
+    @staticmethod
+    def open(path_or_url: str) -> "Repo":
+        """Opens an existing store."""
+        return Repo(NativeRepo.open(str(path_or_url)))
+
+    @property
+    def location(self) -> str:
+        return self._native.location
+
+    def close(self) -> None:
+        """Waits for a background commit, then closes; later calls raise."""
+        self._finish_pending()
+        self._native.close()
+
+    def __enter__(self) -> "Repo":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- commits -------------------------------------------------------
+
+    def commit(
+        self,
+        step: int,
+        model: Any = None,
+        optimizer: Any = None,
+        extra: Any = None,
+        branch: Optional[str] = None,
+        parent: Optional[str] = None,
+        message: Optional[str] = None,
+        policy: Optional[str] = None,
+        wait: float = 0.0,
+    ) -> dict:
+        """Commits the state at ``step``; returns the outcome (as ``--json``).
+
+        ``model``: a torch module or a mapping name → tensor/array;
+        ``optimizer``: a torch optimizer (paired with ``model`` by
+        parameter) or a mapping param → {"exp_avg": …, "exp_avg_sq": …};
+        ``extra``: anything picklable (scheduler state, RNG, counters).
+        """
+        self._finish_pending()
+        files = _files(model, optimizer, extra, copy=False)
+        return self._commit_files(step, files, branch, parent, message, policy, wait)
+
+    def _commit_files(self, step, files, branch, parent, message, policy, wait) -> dict:
+        text = self._native.commit(
+            int(step), files, branch=branch, parent=parent, message=message,
+            policy_name=policy, wait=float(wait),
+        )
+        return json.loads(text)
+
+    def commit_async(self, step: int, model: Any = None, optimizer: Any = None,
+                     extra: Any = None, **kwargs: Any) -> CommitHandle:
+        """Snapshots the state to host memory and commits it in the background.
+
+        Returns at once with a handle (``wait()`` gives the outcome or raises).
+        At most one snapshot is in flight: a second call first waits for the
+        previous commit, and raises its error if it failed.
+        """
+        self._finish_pending()
+        files = _files(model, optimizer, extra, copy=True)
+        box: dict = {}
+
+        def run() -> None:
+            try:
+                box["outcome"] = self._commit_files(
+                    step, files, kwargs.get("branch"), kwargs.get("parent"),
+                    kwargs.get("message"), kwargs.get("policy"), kwargs.get("wait", 0.0),
+                )
+            except BaseException as e:  # surfaced by wait()
+                box["error"] = e
+
+        thread = threading.Thread(target=run, name="ckptvc-commit", daemon=True)
+        thread.start()
+        self._pending = CommitHandle(thread, box)
+        return self._pending
+
+    def _finish_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending._settle()
+
+    # --- reading -------------------------------------------------------
+
+    def log(self, branch: Optional[str] = None, all: bool = False) -> list:
+        return json.loads(self._native.log(branch=branch, all=all))
+
+    def show(self, rev: str) -> dict:
+        return json.loads(self._native.show(rev))
+
+    def checkout(self, rev: str, dir: str, force: bool = False) -> dict:
+        """Writes the commit's files into ``dir``, as ``ckptvc checkout``."""
+        return json.loads(self._native.checkout(rev, str(dir), force=force))
+
+    def files(self, rev: str) -> list:
+        """The commit's files and their tensors (name, dtype, shape, bytes)."""
+        _, text = self._native.files(rev)
+        return json.loads(text)
+
+    def _tensor_index(self, rev: str) -> dict:
+        out = {}
+        for f in self.files(rev):
+            for t in f.get("tensors") or []:
+                out[(f["name"], t["name"])] = t
+        return out
+
+    def _state(self, rev: str) -> dict:
+        names = {f["name"] for f in self.files(rev)}
+        if STATE_FILE not in names:
+            return {"extra": None, "optimizer": {}}
+        return pickle.loads(self._native.read_file(rev, STATE_FILE))
+
+    def state_dict(self, rev: str) -> dict:
+        """``{"model": {name: ndarray}, "optimizer": {param: {key: ndarray}},
+        "extra": …}`` (bf16 tensors as uint16 arrays of their bits)."""
+        index = self._tensor_index(rev)
+        items, model, optimizer = [], {}, {}
+        for (file, name), meta in index.items():
+            array = np.empty(meta["shape"], dtype=_FROM_SAFETENSORS[meta["dtype"]])
+            items.append((file, name, array))
+            if file == MODEL_FILE:
+                model[name] = array
+            elif file == OPTIMIZER_FILE:
+                param, _, key = name.rpartition(".")
+                optimizer.setdefault(param, {})[key] = array
+        self._native.read_into(rev, items)
+        state = self._state(rev)
+        return {"model": model, "optimizer": optimizer, "extra": state.get("extra")}
+
+    def load(self, rev: str, model: Any = None, optimizer: Any = None) -> Any:
+        """Restores ``rev`` into ``model`` (decoded into its tensors' memory)
+        and ``optimizer``; returns the ``extra`` given at commit.
+
+        Shapes and dtypes must match the commit's: a mismatch raises
+        ``CkptvcError`` before anything is written.
+        """
+        index = self._tensor_index(rev)
+        items, copies = [], []
+        for name, tensor in _model_tensors(model).items():
+            buffer, copy_back = _writable(tensor, index, MODEL_FILE, name)
+            items.append((MODEL_FILE, name, buffer))
+            if copy_back is not None:
+                copies.append(copy_back)
+        self._native.read_into(rev, items)
+        for copy_back in copies:
+            copy_back()
+        state = self._state(rev)
+        if optimizer is not None:
+            self._load_optimizer(rev, index, model, optimizer, state.get("optimizer") or {})
+        return state.get("extra")
+
+    def _load_optimizer(self, rev, index, model, optimizer, rest) -> None:
+        if isinstance(optimizer, Mapping):
+            items = []
+            for param, keys in optimizer.items():
+                for key, array in keys.items():
+                    buffer, _ = _writable(array, index, OPTIMIZER_FILE, f"{param}.{key}")
+                    items.append((OPTIMIZER_FILE, f"{param}.{key}", buffer))
+            self._native.read_into(rev, items)
+            return
+        import torch
+
+        params = dict(model.named_parameters())
+        order = [n for g in rest.get("param_groups", []) for n in g["params"]]
+        position = {n: i for i, n in enumerate(order)}
+        state, items = {}, []
+        for (file, tname), meta in index.items():
+            if file != OPTIMIZER_FILE:
+                continue
+            pname, _, key = tname.rpartition(".")
+            if pname not in position:
+                raise CkptvcError(f"optimizer state `{tname}` names no parameter of the commit")
+            like = params[pname]
+            t = torch.empty(meta["shape"], dtype=_torch_dtype(meta["dtype"]))
+            buffer, _ = _writable(t, index, OPTIMIZER_FILE, tname)
+            items.append((OPTIMIZER_FILE, tname, buffer))
+            state.setdefault(position[pname], {})[key] = (t, like.device)
+        self._native.read_into(rev, items)
+        full_state = {}
+        for i, keys in state.items():
+            full_state[i] = {k: (t.to(dev) if k != "step" else t) for k, (t, dev) in keys.items()}
+        for name, scalars in (rest.get("scalars") or {}).items():
+            full_state.setdefault(position[name], {}).update(scalars)
+        groups = []
+        for g in rest.get("param_groups", []):
+            groups.append({**g, "params": [position[n] for n in g["params"]]})
+        optimizer.load_state_dict({"state": full_state, "param_groups": groups})
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {v: getattr(torch, k.split(".")[1]) for k, v in _TORCH_DTYPES.items()}[name]
+
+
+def _writable(tensor: Any, index: dict, file: str, name: str):
+    """A writable buffer for ``tensor``'s memory, checked against the
+    commit's entry, and a function that copies it back when the buffer is a
+    host copy (CUDA)."""
+    meta = index.get((file, name))
+    if meta is None:
+        raise CkptvcError(f"the commit has no tensor `{name}` in {file}")
+    dtype, shape, array = _host_view(tensor, what=f"{file}: tensor `{name}`")
+    if dtype != meta["dtype"] or shape != meta["shape"]:
+        raise CkptvcError(
+            f"{file}: tensor `{name}` is {meta['dtype']} {meta['shape']} in the commit, "
+            f"but {dtype} {shape} here"
+        )
+    copy_back = None
+    if _is_torch(tensor):
+        t = tensor.detach()
+        shares = t.device.type == "cpu" and t.is_contiguous()
+        if not shares:
+            import torch
+
+            host = array
+
+            def copy_back(t=t, host=host):
+                src = torch.from_numpy(host)
+                if t.dtype == torch.bfloat16:
+                    src = src.view(torch.bfloat16)
+                t.copy_(src.reshape(t.shape))
+
+    elif not (isinstance(tensor, np.ndarray) and tensor.flags.c_contiguous and tensor.flags.writeable):
+        raise CkptvcError(f"{file}: tensor `{name}`: load needs writable C-contiguous arrays")
+    return array, copy_back

@@ -1,0 +1,208 @@
+"""The Python package with numpy only: commit from memory, load into memory,
+and bad input. Run against the built wheel (`.ci/run` installs it in a fresh
+virtualenv)."""
+
+import fcntl
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ckptvc
+
+
+def model_and_moments(seed: int, shift: float = 0.0):
+    rng = np.random.default_rng(seed)
+    model = {
+        "embed.weight": rng.standard_normal((256, 64), dtype=np.float32),
+        "head.weight": rng.standard_normal((64, 128), dtype=np.float32) + shift,
+        "head.bias": np.zeros(128, dtype=np.float32),
+        "steps_seen": np.array([seed], dtype=np.int64),
+    }
+    optimizer = {
+        name: {
+            "exp_avg": rng.standard_normal(model[name].shape, dtype=np.float32) * 1e-3,
+            "exp_avg_sq": np.abs(rng.standard_normal(model[name].shape, dtype=np.float32)) * 1e-6,
+        }
+        for name in ("embed.weight", "head.weight", "head.bias")
+    }
+    return model, optimizer
+
+
+def drift(model, seed):
+    """The next checkpoint of a run: every weight moves a little."""
+    out = {k: v.copy() for k, v in model.items()}
+    rng = np.random.default_rng(seed)
+    for k, v in out.items():
+        if v.dtype == np.float32:
+            v += rng.standard_normal(v.shape, dtype=np.float32) * 1e-3
+    return out
+
+
+def test_lossless_round_trip_is_bit_identical(tmp_path):
+    repo = ckptvc.Repo.init(tmp_path / "store", policy="lossless")
+    model, optimizer = model_and_moments(1)
+    extra = {"scheduler": {"last_epoch": 7, "lrs": (1e-3, 5e-4)}, "rng": b"\x00\x01"}
+    outcome = repo.commit(10, model=model, optimizer=optimizer, extra=extra, message="first")
+    assert outcome["step"] == 10 and outcome["branch"] == "main"
+    state = repo.state_dict("main@10")
+    for name, array in model.items():
+        assert state["model"][name].dtype == array.dtype
+        assert np.array_equal(state["model"][name], array), name
+    for name, keys in optimizer.items():
+        for key, array in keys.items():
+            assert np.array_equal(state["optimizer"][name][key], array), (name, key)
+    assert state["extra"] == extra  # tuples and bytes come back as they were
+    assert [e["step"] for e in repo.log()] == [10]
+    assert repo.show("10")["message"] == "first"
+
+
+def test_load_writes_into_the_callers_arrays(tmp_path):
+    repo = ckptvc.Repo.init(tmp_path / "store", policy="lossless")
+    model, optimizer = model_and_moments(2)
+    repo.commit(1, model=model, optimizer=optimizer)
+    target = {k: np.zeros_like(v) for k, v in model.items()}
+    target_opt = {p: {k: np.zeros_like(a) for k, a in keys.items()} for p, keys in optimizer.items()}
+    before = {k: v.__array_interface__["data"][0] for k, v in target.items()}
+    extra = repo.load("1", target, target_opt)
+    assert extra is None
+    for k, v in target.items():
+        assert v.__array_interface__["data"][0] == before[k], "decoded in place"
+        assert np.array_equal(v, model[k])
+    assert np.array_equal(target_opt["head.weight"]["exp_avg"], optimizer["head.weight"]["exp_avg"])
+
+
+def test_lossy_policy_pairs_moments_and_stays_within_what_show_reports(tmp_path):
+    repo = ckptvc.Repo.init(tmp_path / "store", policy="balanced")
+    model, optimizer = model_and_moments(3)
+    states = [(model, optimizer)]
+    for step in range(1, 4):
+        m = drift(states[-1][0], step)
+        o = {p: {k: a * 0.9 + 1e-5 for k, a in keys.items()} for p, keys in states[-1][1].items()}
+        states.append((m, o))
+    for step, (m, o) in enumerate(states):
+        repo.commit(step * 10, model=m, optimizer=o)
+    show = repo.show("30")
+    assert not show["keyframe"]
+    errors = {e["tensor"]: e["rel_error"] for e in show["entries"] if e["tensor"]}
+    state = repo.state_dict("30")
+    m, o = states[3]
+    for name, array in m.items():
+        got = state["model"][name]
+        if array.dtype != np.float32:
+            assert np.array_equal(got, array)
+            continue
+        err = np.linalg.norm(got - array) / max(np.linalg.norm(array), 1e-30)
+        assert err <= errors[name] * 1.001 + 1e-9, (name, err, errors[name])
+    for name, keys in o.items():
+        for key, array in keys.items():
+            got = state["optimizer"][name][key]
+            err = np.linalg.norm(got - array) / max(np.linalg.norm(array), 1e-30)
+            assert err <= errors[f"{name}.{key}"] * 1.001 + 1e-9
+
+
+def test_non_contiguous_arrays_are_copied_not_refused(tmp_path):
+    repo = ckptvc.Repo.init(tmp_path / "store", policy="lossless")
+    base = np.arange(200, dtype=np.float32).reshape(10, 20)
+    view = base[:, ::2]  # not contiguous
+    assert not view.flags.c_contiguous
+    repo.commit(1, model={"w": view})
+    assert np.array_equal(repo.state_dict("1")["model"]["w"], view)
+
+
+def test_shape_or_dtype_mismatch_on_load_raises_before_writing(tmp_path):
+    repo = ckptvc.Repo.init(tmp_path / "store", policy="lossless")
+    repo.commit(1, model={"w": np.ones((4, 4), dtype=np.float32)})
+    wrong_shape = {"w": np.zeros((4, 5), dtype=np.float32)}
+    with pytest.raises(ckptvc.CkptvcError, match=r"F32 \[4, 4\] in the commit, but F32 \[4, 5\]"):
+        repo.load("1", wrong_shape)
+    assert not wrong_shape["w"].any()
+    with pytest.raises(ckptvc.CkptvcError, match="F64"):
+        repo.load("1", {"w": np.zeros((4, 4), dtype=np.float64)})
+    with pytest.raises(ckptvc.CkptvcError, match="no tensor `nope`"):
+        repo.load("1", {"nope": np.zeros(1, dtype=np.float32)})
+
+
+def test_errors_are_exceptions_with_the_cli_message_and_a_kind(tmp_path):
+    repo = ckptvc.Repo.init(tmp_path / "store", policy="lossless")
+    repo.commit(5, model={"w": np.ones(8, dtype=np.float32)})
+    with pytest.raises(ckptvc.CkptvcError) as info:
+        repo.commit(5, model={"w": np.ones(8, dtype=np.float32)})
+    assert info.value.kind == "step_exists"
+    assert "step 5 already exists on branch `main`" in str(info.value)
+    with pytest.raises(ckptvc.CkptvcError) as info:
+        repo.show("nosuch")
+    assert info.value.kind == "unknown_revision"
+    with pytest.raises(ckptvc.CkptvcError) as info:
+        ckptvc.Repo.open(tmp_path / "missing")
+    assert info.value.kind == "not_a_store"
+    with pytest.raises(ckptvc.CkptvcError, match="tensor `w`"):
+        repo.commit(6, model={"w": np.ones(3, dtype=np.complex64)})
+    # The refused commits changed nothing.
+    assert [e["step"] for e in repo.log()] == [5]
+
+
+def test_a_second_writer_is_refused_and_the_store_is_unchanged(tmp_path):
+    store = tmp_path / "store"
+    repo = ckptvc.Repo.init(store, policy="lossless")
+    repo.commit(1, model={"w": np.ones(8, dtype=np.float32)})
+    with open(store / "lock", "r+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another writer holds the store
+        with pytest.raises(ckptvc.CkptvcError) as info:
+            repo.commit(2, model={"w": np.zeros(8, dtype=np.float32)})
+        assert info.value.kind == "locked"
+    assert [e["step"] for e in repo.log()] == [1]
+    repo.commit(2, model={"w": np.zeros(8, dtype=np.float32)})
+    assert [e["step"] for e in repo.log()] == [2, 1]
+
+
+def test_a_closed_repository_raises(tmp_path):
+    repo = ckptvc.Repo.init(tmp_path / "store")
+    repo.close()
+    with pytest.raises(ckptvc.CkptvcError, match="closed"):
+        repo.log()
+
+
+def test_commit_async_returns_a_handle_and_surfaces_errors(tmp_path):
+    repo = ckptvc.Repo.init(tmp_path / "store", policy="lossless")
+    model, optimizer = model_and_moments(4)
+    handle = repo.commit_async(1, model=model, optimizer=optimizer)
+    # The snapshot was taken: changing the arrays now does not change the commit.
+    model["head.bias"][:] = 42.0
+    outcome = handle.wait()
+    assert outcome["step"] == 1
+    assert not repo.state_dict("1")["model"]["head.bias"].any()
+    failing = repo.commit_async(1, model={"w": np.ones(2, dtype=np.float32)})
+    with pytest.raises(ckptvc.CkptvcError, match="already exists"):
+        failing.wait()
+    # A second call waits for the first and raises its error.
+    repo.commit_async(1, model={"w": np.ones(2, dtype=np.float32)})
+    with pytest.raises(ckptvc.CkptvcError, match="already exists"):
+        repo.commit(3, model={"w": np.ones(2, dtype=np.float32)})
+    repo.commit(3, model={"w": np.ones(2, dtype=np.float32)})
+
+
+def test_checkout_and_the_command_line(tmp_path):
+    store = tmp_path / "store"
+    repo = ckptvc.Repo.init(store, policy="lossless")
+    repo.commit(1, model={"w": np.arange(16, dtype=np.float32)}, extra={"a": 1})
+    out = repo.checkout("1", tmp_path / "out")
+    assert sorted(os.path.basename(f) for f in out["files"]) == [
+        "ckptvc-state.pkl",
+        "model.safetensors",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "ckptvc._cli", "--repo", str(store), "--json", "log"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert '"step": 1' in result.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "ckptvc._cli", "--repo", str(tmp_path / "nope"), "log"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and "no ckptvc store" in bad.stderr
