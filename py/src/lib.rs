@@ -341,6 +341,34 @@ impl NativeRepo {
         Ok(PyBytes::new(py, &bytes))
     }
 
+    /// Tags `rev` as `name` (moving the tag if it exists); returns the commit id.
+    #[pyo3(signature = (name, rev, wait=0.0))]
+    fn tag(&self, name: &str, rev: &str, wait: f64) -> PyResult<String> {
+        let wait = Duration::from_secs_f64(wait.max(0.0));
+        let change = self.with(|repo| {
+            let fresh = repo.reopen()?;
+            if fresh.tag_target(name)?.is_some() {
+                repo::history::delete_tag(&fresh, name, wait)?;
+            }
+            repo::history::create_tag(&fresh.reopen()?, name, rev, wait)
+        })?;
+        self.refresh()?;
+        Ok(change.id.to_hex())
+    }
+
+    /// Deletes tag `name` (its commits stay until gc).
+    #[pyo3(signature = (name, wait=0.0))]
+    fn delete_tag(&self, name: &str, wait: f64) -> PyResult<()> {
+        let wait = Duration::from_secs_f64(wait.max(0.0));
+        self.with(|repo| repo::history::delete_tag(&repo.reopen()?, name, wait))?;
+        self.refresh()
+    }
+
+    /// The current branch.
+    fn head(&self) -> PyResult<String> {
+        self.with(|repo| Ok(repo.reopen()?.head_branch()?))
+    }
+
     #[pyo3(signature = (rev, output, force=false))]
     fn checkout(
         &self,

@@ -101,6 +101,12 @@ def _host_view(x: Any, copy: bool = False, what: str = "tensor") -> tuple[str, l
     return name, list(array.shape), array
 
 
+def _buffer(array: np.ndarray) -> np.ndarray:
+    """The array as a buffer Python exports with a shape: a 0-d array's
+    export has none, so it goes as a 1-element view of the same memory."""
+    return array.reshape(1) if array.ndim == 0 else array
+
+
 def _model_tensors(model: Any) -> dict[str, Any]:
     if model is None:
         return {}
@@ -159,7 +165,7 @@ def _files(model: Any, optimizer: Any, extra: Any, copy: bool) -> list:
             entries = []
             for name, value in tensors.items():
                 dtype, shape, array = _host_view(value, copy=copy, what=f"{file}: tensor `{name}`")
-                entries.append((name, dtype, shape, array))
+                entries.append((name, dtype, shape, _buffer(array)))
             files.append((file, entries))
     state = {"extra": extra, "optimizer": opt_rest, "format": 1}
     files.append((STATE_FILE, pickle.dumps(state, protocol=4)))
@@ -318,19 +324,43 @@ class Repo:
             return {"extra": None, "optimizer": {}}
         return pickle.loads(self._native.read_file(rev, STATE_FILE))
 
-    def state_dict(self, rev: str) -> dict:
-        """``{"model": {name: ndarray}, "optimizer": {param: {key: ndarray}},
-        "extra": …}`` (bf16 tensors as uint16 arrays of their bits)."""
+    def tag(self, name: str, rev: str) -> str:
+        """Tags ``rev`` as ``name`` (moving an existing tag); returns the id."""
+        return self._native.tag(name, rev)
+
+    def delete_tag(self, name: str) -> None:
+        self._native.delete_tag(name)
+
+    def head(self) -> str:
+        """The current branch."""
+        return self._native.head()
+
+    def state_dict(self, rev: str, torch: bool = False) -> dict:
+        """``{"model": {name: array}, "optimizer": {param: {key: array}},
+        "extra": …}``: numpy arrays (bf16 tensors as uint16 arrays of their
+        bits), or with ``torch=True`` torch tensors of the stored dtypes."""
+        out = self._state_dict_numpy(rev)
+        if torch:
+            out["model"] = {k: _to_torch(v, d) for k, (v, d) in out["model"].items()}
+            out["optimizer"] = {p: {k: _to_torch(v, d) for k, (v, d) in keys.items()}
+                                for p, keys in out["optimizer"].items()}
+        else:
+            out["model"] = {k: v for k, (v, _) in out["model"].items()}
+            out["optimizer"] = {p: {k: v for k, (v, _) in keys.items()}
+                                for p, keys in out["optimizer"].items()}
+        return out
+
+    def _state_dict_numpy(self, rev: str) -> dict:
         index = self._tensor_index(rev)
         items, model, optimizer = [], {}, {}
         for (file, name), meta in index.items():
             array = np.empty(meta["shape"], dtype=_FROM_SAFETENSORS[meta["dtype"]])
-            items.append((file, name, array))
+            items.append((file, name, _buffer(array)))
             if file == MODEL_FILE:
-                model[name] = array
+                model[name] = (array, meta["dtype"])
             elif file == OPTIMIZER_FILE:
                 param, _, key = name.rpartition(".")
-                optimizer.setdefault(param, {})[key] = array
+                optimizer.setdefault(param, {})[key] = (array, meta["dtype"])
         self._native.read_into(rev, items)
         state = self._state(rev)
         return {"model": model, "optimizer": optimizer, "extra": state.get("extra")}
@@ -395,6 +425,13 @@ class Repo:
         optimizer.load_state_dict({"state": full_state, "param_groups": groups})
 
 
+def _to_torch(array: np.ndarray, dtype: str):
+    import torch
+
+    t = torch.from_numpy(array)
+    return t.view(torch.bfloat16) if dtype == "BF16" else t
+
+
 def _torch_dtype(name: str):
     import torch
 
@@ -431,4 +468,4 @@ def _writable(tensor: Any, index: dict, file: str, name: str):
 
     elif not (isinstance(tensor, np.ndarray) and tensor.flags.c_contiguous and tensor.flags.writeable):
         raise CkptvcError(f"{file}: tensor `{name}`: load needs writable C-contiguous arrays")
-    return array, copy_back
+    return _buffer(array), copy_back

@@ -1,0 +1,88 @@
+"""The Python package with torch: a model and AdamW committed from memory
+and loaded back into them. Skipped where torch is not installed."""
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import ckptvc  # noqa: E402
+
+
+def make(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        # Layers of 8192 weights: tensors under 4096 elements are always lossless.
+        torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.LayerNorm(128), torch.nn.Linear(128, 64)
+    ).to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    return model, opt, sched
+
+
+def train(model, opt, sched, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 64, generator=g, dtype=next(model.parameters()).dtype)
+        loss = model(x).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lossless_resume_continues_bit_identically(tmp_path, dtype):
+    repo = ckptvc.Repo.init(tmp_path / "store", policy="lossless")
+    model, opt, sched = make(dtype=dtype)
+    train(model, opt, sched, 5, seed=1)
+    repo.commit(5, model=model, optimizer=opt, extra={"scheduler": sched.state_dict()})
+    reference = copy.deepcopy((model, opt, sched))
+    train(*reference, 4, seed=2)
+
+    fresh, fresh_opt, fresh_sched = make(seed=99, dtype=dtype)
+    train(fresh, fresh_opt, fresh_sched, 1, seed=3)  # optimizer state exists, differs
+    extra = repo.load("5", fresh, fresh_opt)
+    fresh_sched.load_state_dict(extra["scheduler"])
+    train(fresh, fresh_opt, fresh_sched, 4, seed=2)
+    for (name, a), b in zip(reference[0].state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_balanced_load_is_within_what_show_reports(tmp_path):
+    repo = ckptvc.Repo.init(tmp_path / "store", policy="balanced")
+    model, opt, sched = make()
+    for step in range(1, 5):
+        train(model, opt, sched, 10, seed=step)
+        repo.commit(step * 10, model=model, optimizer=opt)
+    errors = {e["tensor"]: e["rel_error"] for e in repo.show("40")["entries"] if e["tensor"]}
+    assert repo.show("40")["error_m"] > 0, "the moments were paired and coded lossily"
+    fresh, fresh_opt, _ = make(seed=5)
+    repo.load("40", fresh, fresh_opt)
+    for name, a in model.state_dict().items():
+        b = fresh.state_dict()[name]
+        err = (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(a).clamp_min(1e-30)).item()
+        assert err <= errors[name] * 1.001 + 1e-7, (name, err)
+
+
+def test_a_parameter_missing_from_the_optimizer_is_refused(tmp_path):
+    repo = ckptvc.Repo.init(tmp_path / "store")
+    model, _, _ = make()
+    partial = torch.optim.AdamW(list(model.parameters())[:2], lr=1e-3)
+    with pytest.raises(ckptvc.CkptvcError, match="not in the optimizer"):
+        repo.commit(1, model=model, optimizer=partial)
+    assert repo.log() == []
+
+
+def test_wrong_dtype_on_load_is_refused_before_writing(tmp_path):
+    repo = ckptvc.Repo.init(tmp_path / "store", policy="lossless")
+    model, opt, _ = make()
+    repo.commit(1, model=model, optimizer=opt)
+    other, _, _ = make(dtype=torch.float64)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ckptvc.CkptvcError, match="F32"):
+        repo.load("1", other)
+    for name, t in other.state_dict().items():
+        assert torch.equal(t, before[name])
