@@ -49,7 +49,7 @@ def TrainerCallback(repo: "Repo | str" = ".ckptvc", policy: Optional[str] = None
             if not state.is_world_process_zero or model is None:
                 return
             extra = {
-                "trainer_state": state.to_json_string(),
+                "trainer_state": _trainer_state_json(state),
                 "scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
             }
             commit = store.commit_async if asynchronous else store.commit
@@ -65,6 +65,15 @@ def TrainerCallback(repo: "Repo | str" = ".ckptvc", policy: Optional[str] = None
             store._finish_pending()
 
     return _Callback()
+
+
+def _trainer_state_json(state) -> str:
+    """The Trainer's state as JSON (what it writes as trainer_state.json)."""
+    import dataclasses
+
+    if hasattr(state, "to_json_string"):
+        return state.to_json_string()
+    return json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True, default=repr)
 
 
 def restore_trainer(repo: "Repo | str", rev: str, model, optimizer=None,
