@@ -40,6 +40,15 @@ fn json_at(repo: &Path, args: &[&str]) -> Value {
     serde_json::from_slice(&out.get_output().stdout).unwrap()
 }
 
+/// `remote add NAME URL`, then `push NAME`.
+fn add_and_push(env: &Env, name: &str, url: &str) {
+    env.cmd()
+        .args(["remote", "add", name, url])
+        .assert()
+        .success();
+    env.cmd().args(["push", name]).assert().success();
+}
+
 fn stderr_of(out: &assert_cmd::assert::Assert) -> String {
     String::from_utf8_lossy(&out.get_output().stderr).into_owned()
 }
@@ -114,11 +123,7 @@ fn fetch_and_pull_bring_new_commits_and_tracking_branches() {
     let tmp = tempfile::tempdir().unwrap();
     for url in remotes("fetch", tmp.path()) {
         let env = store_with_steps(2);
-        env.cmd()
-            .args(["remote", "add", "o", &url])
-            .assert()
-            .success();
-        env.cmd().args(["push", "o"]).assert().success();
+        add_and_push(&env, "o", &url);
         let clone = env.path("clone");
         at(&clone)
             .arg("clone")
@@ -159,11 +164,7 @@ fn fetch_and_pull_bring_new_commits_and_tracking_branches() {
 fn push_is_fast_forward_only_and_force_overrides() {
     let base = store_with_steps(2);
     for url in remotes("ff", base.tmp.path()) {
-        base.cmd()
-            .args(["remote", "add", "o", &url])
-            .assert()
-            .success();
-        base.cmd().args(["push", "o"]).assert().success();
+        add_and_push(&base, "o", &url);
         let other = base.path(&format!("other-{}", url.len()));
         at(&other)
             .arg("clone")
@@ -225,11 +226,7 @@ fn racing_pushes_one_winner_and_different_branches_both_land() {
     let tmp = tempfile::tempdir().unwrap();
     for url in remotes("race", tmp.path()) {
         let seed = store_with_steps(1);
-        seed.cmd()
-            .args(["remote", "add", "o", &url])
-            .assert()
-            .success();
-        seed.cmd().args(["push", "o"]).assert().success();
+        add_and_push(&seed, "o", &url);
         let clones: Vec<PathBuf> = (0..2)
             .map(|i| {
                 let dir = tmp.path().join(format!("c{i}-{}", url.len()));
@@ -324,11 +321,7 @@ fn damaged_and_dangling_remote_objects_are_refused() {
     let env = store_with_steps(2);
     let bucket = env.path("bucket");
     let url = format!("file://{}", bucket.display());
-    env.cmd()
-        .args(["remote", "add", "o", &url])
-        .assert()
-        .success();
-    env.cmd().args(["push", "o"]).assert().success();
+    add_and_push(&env, "o", &url);
 
     // A byte flipped in a pack: the lazy checkout refuses the blob and the
     // clone keeps no damaged data.

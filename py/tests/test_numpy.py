@@ -174,6 +174,10 @@ def test_commit_async_returns_a_handle_and_surfaces_errors(tmp_path):
     outcome = handle.wait()
     assert outcome["step"] == 1
     assert not repo.state_dict("1")["model"]["head.bias"].any()
+    # The next snapshot reuses the first one's buffers: its own values land.
+    repo.commit_async(2, model=model, optimizer=optimizer).wait()
+    assert (repo.state_dict("2")["model"]["head.bias"] == 42.0).all()
+    assert not repo.state_dict("1")["model"]["head.bias"].any()
     failing = repo.commit_async(1, model={"w": np.ones(2, dtype=np.float32)})
     with pytest.raises(ckptvc.CkptvcError, match="already exists"):
         failing.wait()

@@ -17,6 +17,7 @@ stores you trust.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import threading
 from typing import Any, Iterable, Mapping, Optional
@@ -67,12 +68,12 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
 
 
-def _host_view(x: Any, copy: bool = False, what: str = "tensor") -> tuple[str, list[int], np.ndarray]:
+def _host_view(x: Any, what: str = "tensor") -> tuple[str, list[int], np.ndarray]:
     """(safetensors dtype, shape, a C-contiguous numpy view of the bytes).
 
-    CPU tensors and contiguous arrays are viewed, not copied (unless
-    ``copy``); CUDA tensors are copied to the host, one tensor at a time;
-    non-contiguous ones are made contiguous (a copy).
+    CPU tensors and contiguous arrays are viewed, not copied; CUDA tensors
+    are copied to the host, one tensor at a time; non-contiguous ones are
+    made contiguous (a copy).
     """
     if _is_torch(x):
         import torch
@@ -80,8 +81,6 @@ def _host_view(x: Any, copy: bool = False, what: str = "tensor") -> tuple[str, l
         t = x.detach()
         if t.device.type != "cpu":
             t = t.to("cpu")
-        elif copy:
-            t = t.clone()
         if not t.is_contiguous():
             t = t.contiguous()
         name = _TORCH_DTYPES.get(str(t.dtype))
@@ -93,8 +92,8 @@ def _host_view(x: Any, copy: bool = False, what: str = "tensor") -> tuple[str, l
             array = t.numpy()
         return name, list(t.shape), array
     array = np.asarray(x)
-    if copy or not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array).copy() if copy else np.ascontiguousarray(array)
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
     name = _NUMPY_DTYPES.get(array.dtype)
     if name is None:
         raise CkptvcError(f"{what}: dtype {array.dtype} is not supported")
@@ -155,18 +154,44 @@ def _optimizer_state(model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[s
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _files(model: Any, optimizer: Any, extra: Any, copy: bool) -> list:
-    """The native commit's files: tensors as (name, dtype, shape, buffer)."""
+class _SnapshotPool:
+    """Host buffers of the last ``commit_async`` snapshot, reused by the
+    next one when shapes and dtypes match: copying into memory already
+    mapped skips the page faults of fresh allocations, which cost as much as
+    the copy itself. Only touched when no snapshot is in flight."""
+
+    def __init__(self) -> None:
+        self.buffers: dict = {}
+
+    def copy(self, key: tuple, array: np.ndarray) -> np.ndarray:
+        target = self.buffers.get(key)
+        if target is None or target.shape != array.shape or target.dtype != array.dtype:
+            target = np.empty_like(array, order="C")
+            self.buffers[key] = target
+        np.copyto(target, array)
+        return target
+
+
+def _files(model: Any, optimizer: Any, extra: Any, pool: "Optional[_SnapshotPool]" = None) -> list:
+    """The native commit's files: tensors as (name, dtype, shape, buffer);
+    with a ``pool``, every tensor copied into its buffers (a snapshot)."""
     files = []
     model_tensors = _model_tensors(model)
     opt_tensors, opt_rest = _optimizer_state(model, optimizer)
     for file, tensors in ((MODEL_FILE, model_tensors), (OPTIMIZER_FILE, opt_tensors)):
-        if tensors:
-            entries = []
-            for name, value in tensors.items():
-                dtype, shape, array = _host_view(value, copy=copy, what=f"{file}: tensor `{name}`")
-                entries.append((name, dtype, shape, _buffer(array)))
-            files.append((file, entries))
+        if not tensors:
+            continue
+        views = [(name, *_host_view(value, what=f"{file}: tensor `{name}`"))
+                 for name, value in tensors.items()]
+        if pool is not None:
+            # numpy releases the interpreter while it copies: two threads
+            # copy two tensors at once.
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as workers:
+                copies = list(workers.map(lambda v: pool.copy((file, v[0]), v[3]), views))
+            views = [(n, d, s, c) for (n, d, s, _), c in zip(views, copies)]
+        files.append((file, [(n, d, s, _buffer(a)) for n, d, s, a in views]))
     state = {"extra": extra, "optimizer": opt_rest, "format": 1}
     files.append((STATE_FILE, pickle.dumps(state, protocol=4)))
     return files
@@ -204,7 +229,7 @@ class Repo:
     def __init__(self, native: NativeRepo):
         self._native = native
         self._pending: Optional[CommitHandle] = None
-        self._lock = threading.Lock()
+        self._pool = _SnapshotPool()
 
     @staticmethod
     def init(path: str, policy: str = "balanced") -> "Repo":
@@ -221,8 +246,10 @@ class Repo:
         return self._native.location
 
     def close(self) -> None:
-        """Waits for a background commit, then closes; later calls raise."""
+        """Waits for a background commit, then closes (and frees the
+        snapshot buffers ``commit_async`` keeps for reuse); later calls raise."""
         self._finish_pending()
+        self._pool = _SnapshotPool()
         self._native.close()
 
     def __enter__(self) -> "Repo":
@@ -253,7 +280,7 @@ class Repo:
         ``extra``: anything picklable (scheduler state, RNG, counters).
         """
         self._finish_pending()
-        files = _files(model, optimizer, extra, copy=False)
+        files = _files(model, optimizer, extra)
         return self._commit_files(step, files, branch, parent, message, policy, wait)
 
     def _commit_files(self, step, files, branch, parent, message, policy, wait) -> dict:
@@ -269,10 +296,12 @@ class Repo:
 
         Returns at once with a handle (``wait()`` gives the outcome or raises).
         At most one snapshot is in flight: a second call first waits for the
-        previous commit, and raises its error if it failed.
+        previous commit, and raises its error if it failed. The snapshot's
+        host buffers are kept and reused by the next call (memory: one copy
+        of the state, until ``close()``).
         """
         self._finish_pending()
-        files = _files(model, optimizer, extra, copy=True)
+        files = _files(model, optimizer, extra, pool=self._pool)
         box: dict = {}
 
         def run() -> None:

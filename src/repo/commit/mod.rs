@@ -173,9 +173,6 @@ pub fn commit(
     options: &CommitOptions,
     progress: &dyn Progress,
 ) -> anyhow::Result<CommitOutcome> {
-    if let Some(branch) = &options.branch {
-        validate_ref_name("branch", branch)?;
-    }
     let checkpoint = Checkpoint::open_excluding(dir, repo.local_root())?;
     commit_checkpoint(repo, &checkpoint, options, progress)
 }

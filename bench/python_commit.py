@@ -1,0 +1,167 @@
+"""Commit from memory against torch.save (issue 18's marks).
+
+A GPT-shaped fp32 model of about MODEL_BYTES (default 1 GiB) with AdamW
+state, trained for a few steps between checkpoints (real optimizer steps, so
+that successive checkpoints differ as a run's do). For each of CHECKPOINTS
+checkpoints, in the same process and the same page-cache state, it times:
+
+- ``torch.save`` of {model, optimizer} to local disk (baseline);
+- today's path: ``torch.save`` of the model as safetensors and the optimizer
+  as ``optimizer.pt`` into a folder, then ``ckptvc commit`` of that folder
+  (the CLI, balanced);
+- ``Repo.commit`` from memory (balanced), into a second store;
+- ``Repo.commit_async``: how long the training loop is blocked (the
+  snapshot), then the wait for the commit.
+
+Peak extra memory of commit and load is read from /proc/self/status (VmHWM
+reset through /proc/self/clear_refs before each, where the kernel allows).
+
+    python bench/python_commit.py [--model-bytes N] [--checkpoints K] [--dir D]
+
+It needs torch, safetensors and the ckptvc wheel (scripts/python_test.sh
+builds it); CKPTVC is the ckptvc binary for the CLI path.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import torch
+
+import ckptvc
+
+
+def rss_mib(field="VmRSS"):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def make_model(model_bytes):
+    d = 1024
+    layers = max(1, round(model_bytes / 4 / (12 * d * d)))
+    blocks = []
+    for _ in range(layers):
+        blocks += [torch.nn.Linear(d, 3 * d), torch.nn.Linear(3 * d, d),
+                   torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d), torch.nn.LayerNorm(d)]
+    return torch.nn.Sequential(*blocks)
+
+
+def train(model, opt, steps):
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-bytes", type=int, default=1 << 30)
+    parser.add_argument("--checkpoints", type=int, default=4)
+    parser.add_argument("--steps-between", type=int, default=5)
+    parser.add_argument("--dir", default=os.path.expanduser("~/.cache/ckptvc-bench/python"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    shutil.rmtree(args.dir, ignore_errors=True)
+    os.makedirs(args.dir)
+    cli = os.environ.get("CKPTVC", "ckptvc")
+    model = make_model(args.model_bytes)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    train(model, opt, 3)
+    numel = sum(p.numel() for p in model.parameters())
+    print(f"model: {numel / 1e6:.1f}M parameters, {numel * 4 / 2**30:.2f} GiB; state with AdamW "
+          f"{numel * 12 / 2**30:.2f} GiB")
+    memory_repo = ckptvc.Repo.init(os.path.join(args.dir, "memory.ckptvc"), policy="balanced")
+    async_repo = ckptvc.Repo.init(os.path.join(args.dir, "async.ckptvc"), policy="balanced")
+    subprocess.run([cli, "--repo", os.path.join(args.dir, "cli.ckptvc"), "-q", "init",
+                    "--policy", "balanced"], check=True)
+    rows = []
+    for k in range(1, args.checkpoints + 1):
+        step = k * args.steps_between
+        train(model, opt, args.steps_between)
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+        t_save, _ = timed(lambda: torch.save(state, os.path.join(args.dir, "save.pt")))
+        os.remove(os.path.join(args.dir, "save.pt"))
+
+        folder = os.path.join(args.dir, f"ck-{step}")
+
+        def today():
+            from safetensors.torch import save_file
+            os.makedirs(folder)
+            save_file(model.state_dict(), os.path.join(folder, "model.safetensors"))
+            torch.save(opt.state_dict(), os.path.join(folder, "optimizer.pt"))
+            names = [[n for n, _ in model.named_parameters()]]
+            with open(os.path.join(folder, "ckptvc-params.json"), "w") as f:
+                json.dump({"param_groups": names}, f)
+            subprocess.run([cli, "--repo", os.path.join(args.dir, "cli.ckptvc"), "-q", "commit",
+                            folder, "--step", str(step)], check=True, stdout=subprocess.DEVNULL)
+        t_today, _ = timed(today)
+        shutil.rmtree(folder)
+
+        base = rss_mib()
+        peak_ok = reset_peak()
+        t_mem, outcome = timed(lambda: memory_repo.commit(step, model=model, optimizer=opt))
+        extra_commit = rss_mib("VmHWM") - base if peak_ok else float("nan")
+
+        t_block, handle = timed(lambda: async_repo.commit_async(step, model=model, optimizer=opt))
+        t_wait, _ = timed(handle.wait)
+
+        rows.append(dict(step=step, save=t_save, today=t_today, memory=t_mem, block=t_block,
+                         wait=t_wait, keyframe=outcome["keyframe"], ratio=outcome["ratio"],
+                         extra_commit_mib=extra_commit))
+        r = rows[-1]
+        print(f"step {step}: torch.save {t_save:.2f} s | save+ckptvc commit {t_today:.2f} s | "
+              f"commit from memory {t_mem:.2f} s ({t_mem / t_save:.2f}x save, "
+              f"{t_mem / t_today:.2f}x today's) | async blocks {t_block:.2f} s "
+              f"({t_block / t_save:.2f}x save), then {t_wait:.2f} s | "
+              f"{'keyframe' if r['keyframe'] else 'residual'}, ratio {r['ratio']:.1f} | "
+              f"commit extra memory {extra_commit:.0f} MiB", flush=True)
+
+    # Load into the live model: extra memory and a bit-exact check against a
+    # lossless commit of the same state.
+    lossless = ckptvc.Repo.init(os.path.join(args.dir, "lossless.ckptvc"), policy="lossless")
+    lossless.commit(1, model=model, optimizer=opt)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    base = rss_mib()
+    peak_ok = reset_peak()
+    t_load, _ = timed(lambda: lossless.load("1", model))
+    extra_load = rss_mib("VmHWM") - base if peak_ok else float("nan")
+    exact = all(torch.equal(reference[k], v) for k, v in model.state_dict().items())
+    print(f"load of the model (lossless) {t_load:.2f} s, bit-identical: {exact}, "
+          f"extra memory {extra_load:.0f} MiB")
+    base = rss_mib()
+    peak_ok = reset_peak()
+    t_opt, _ = timed(lambda: lossless.load("1", model, opt))
+    extra_opt = rss_mib("VmHWM") - base if peak_ok else float("nan")
+    print(f"load of model and optimizer {t_opt:.2f} s, extra memory {extra_opt:.0f} MiB "
+          f"(the optimizer's new state tensors, {numel * 8 / 2**20:.0f} MiB, are allocated "
+          f"before load_state_dict drops the old ones)")
+
+
+if __name__ == "__main__":
+    main()
