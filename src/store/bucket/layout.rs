@@ -169,10 +169,18 @@ impl PackIndex {
 pub struct PackBuilder {
     pub bytes: Vec<u8>,
     pub entries: Vec<PackEntry>,
+    /// The ids in `entries`, for membership tests in constant time (a pack
+    /// of small blobs holds tens of thousands).
+    ids: std::collections::HashSet<ObjectId>,
 }
 
 impl PackBuilder {
+    pub fn contains(&self, blob: &ObjectId) -> bool {
+        self.ids.contains(blob)
+    }
+
     pub fn push(&mut self, blob: ObjectId, bytes: &[u8]) {
+        self.ids.insert(blob);
         self.entries.push(PackEntry {
             blob,
             offset: self.bytes.len() as u64,

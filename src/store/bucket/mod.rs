@@ -107,6 +107,9 @@ pub struct BucketStore {
     /// `None` until first needed (one LIST plus one GET per pack).
     index: RwLock<Option<HashMap<ObjectId, Location>>>,
     pending: Mutex<PackBuilder>,
+    /// Blobs of sealed packs whose upload has not finished (not in `pending`
+    /// any more, not in `index` yet).
+    uploading: Mutex<HashSet<ObjectId>>,
     uploads: Mutex<Vec<Upload>>,
     counters: Arc<Counters>,
 }
@@ -260,6 +263,7 @@ impl BucketStore {
             runtime,
             index: RwLock::new(None),
             pending: Mutex::new(PackBuilder::default()),
+            uploading: Mutex::new(HashSet::new()),
             uploads: Mutex::new(Vec::new()),
             counters: Arc::new(Counters::default()),
         })
@@ -458,6 +462,10 @@ impl BucketStore {
     /// flight (memory stays bounded).
     fn start_upload(&self, builder: PackBuilder) -> Result<(), StoreError> {
         let (bytes, index) = builder.seal();
+        self.uploading
+            .lock()
+            .expect("uploading lock")
+            .extend(index.entries.iter().map(|e| e.blob));
         let store = self.store.clone();
         let counters = self.counters.clone();
         let handle =
@@ -486,6 +494,10 @@ impl BucketStore {
         let mut slot = self.index.write().expect("index lock");
         if let Some(map) = slot.as_mut() {
             add_to_index(map, &index);
+        }
+        let mut uploading = self.uploading.lock().expect("uploading lock");
+        for entry in &index.entries {
+            uploading.remove(&entry.blob);
         }
         Ok(())
     }
@@ -769,13 +781,8 @@ async fn upload_pack(
 
 impl BlobStore for BucketStore {
     fn has_blob(&self, id: &ObjectId) -> Result<bool, StoreError> {
-        if self
-            .pending
-            .lock()
-            .expect("pending lock")
-            .entries
-            .iter()
-            .any(|e| e.blob == *id)
+        if self.pending.lock().expect("pending lock").contains(id)
+            || self.uploading.lock().expect("uploading lock").contains(id)
         {
             return Ok(true);
         }
@@ -787,8 +794,11 @@ impl BlobStore for BucketStore {
             return Ok(());
         }
         let full = {
+            if self.uploading.lock().expect("uploading lock").contains(id) {
+                return Ok(());
+            }
             let mut pending = self.pending.lock().expect("pending lock");
-            if pending.entries.iter().any(|e| e.blob == *id) {
+            if pending.contains(id) {
                 return Ok(());
             }
             pending.push(*id, bytes);
