@@ -44,7 +44,10 @@ def test_lossless_resume_continues_bit_identically(tmp_path, dtype):
 
     fresh, fresh_opt, fresh_sched = make(seed=99, dtype=dtype)
     train(fresh, fresh_opt, fresh_sched, 1, seed=3)  # optimizer state exists, differs
+    moments = {id(s["exp_avg"]) for s in fresh_opt.state.values()}
     extra = repo.load("5", fresh, fresh_opt)
+    # Decoded into the optimizer's own tensors: no second copy of the state.
+    assert {id(s["exp_avg"]) for s in fresh_opt.state.values()} == moments
     fresh_sched.load_state_dict(extra["scheduler"])
     train(fresh, fresh_opt, fresh_sched, 4, seed=2)
     for (name, a), b in zip(reference[0].state_dict().items(), fresh.state_dict().values()):

@@ -430,19 +430,29 @@ class Repo:
         params = dict(model.named_parameters())
         order = [n for g in rest.get("param_groups", []) for n in g["params"]]
         position = {n: i for i, n in enumerate(order)}
-        state, items = {}, []
+        state, items, copies = {}, [], []
         for (file, tname), meta in index.items():
             if file != OPTIMIZER_FILE:
                 continue
             pname, _, key = tname.rpartition(".")
-            if pname not in position:
-                raise CkptvcError(f"optimizer state `{tname}` names no parameter of the commit")
+            if pname not in position or pname not in params:
+                raise CkptvcError(f"optimizer state `{tname}` names no parameter of the model")
             like = params[pname]
-            t = torch.empty(meta["shape"], dtype=_torch_dtype(meta["dtype"]))
-            buffer, _ = _writable(t, index, OPTIMIZER_FILE, tname)
+            # Decode into the optimizer's own state tensor when it has one of
+            # the same shape and dtype: load_state_dict then keeps it (no
+            # second copy of the state in memory).
+            t = optimizer.state.get(like, {}).get(key)
+            if not (_is_torch(t) and list(t.shape) == meta["shape"]
+                    and _TORCH_DTYPES.get(str(t.dtype)) == meta["dtype"]):
+                t = torch.empty(meta["shape"], dtype=_torch_dtype(meta["dtype"]))
+            buffer, copy_back = _writable(t, index, OPTIMIZER_FILE, tname)
             items.append((OPTIMIZER_FILE, tname, buffer))
+            if copy_back is not None:
+                copies.append(copy_back)
             state.setdefault(position[pname], {})[key] = (t, like.device)
         self._native.read_into(rev, items)
+        for copy_back in copies:
+            copy_back()
         full_state = {}
         for i, keys in state.items():
             full_state[i] = {k: (t.to(dev) if k != "step" else t) for k, (t, dev) in keys.items()}
