@@ -159,8 +159,7 @@ def main():
     t_opt, _ = timed(lambda: lossless.load("1", model, opt))
     extra_opt = rss_mib("VmHWM") - base if peak_ok else float("nan")
     print(f"load of model and optimizer {t_opt:.2f} s, extra memory {extra_opt:.0f} MiB "
-          f"(the optimizer's new state tensors, {numel * 8 / 2**20:.0f} MiB, are allocated "
-          f"before load_state_dict drops the old ones)")
+          f"(its state, {numel * 8 / 2**20:.0f} MiB, decoded into the optimizer's tensors)")
 
 
 if __name__ == "__main__":
