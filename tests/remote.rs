@@ -136,9 +136,15 @@ fn fetch_and_pull_bring_new_commits_and_tracking_branches() {
         assert_eq!(stats["blobs"], env.json(&["stats"])["blobs"]);
 
         env.commit(&fixture(60), 60);
-        env.cmd().args(["push", "o"]).assert().success();
+        env.cmd().args(["tag", "best", "40"]).assert().success();
+        env.cmd().args(["push", "o", "--tags"]).assert().success();
         let fetched = json_at(&clone, &["fetch"]);
         assert_eq!(fetched["commits_fetched"], 1);
+        assert_eq!(fetched["tags"], serde_json::json!(["best"]));
+        assert_eq!(
+            json_at(&clone, &["show", "best"])["id"],
+            env.json(&["show", "best"])["id"]
+        );
         assert_eq!(fetched["refs"][0]["tracking"], "origin/main");
         // The tracking branch resolves like any branch; main has not moved.
         let dest = env.path("tracking");

@@ -349,6 +349,12 @@ pub fn print_fetch(r: &crate::repo::remote::FetchReport, quiet: bool) {
     for gone in &r.pruned {
         eprintln!("{gone}: deleted on the remote, removed here");
     }
+    for tag in &r.tags {
+        eprintln!("tag {tag}: new");
+    }
+    for tag in &r.tags_differing {
+        eprintln!("tag {tag}: the remote's points elsewhere; the local one is kept");
+    }
     eprintln!(
         "fetched {} commits and {} blobs ({}){}",
         r.commits_fetched,

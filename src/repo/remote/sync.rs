@@ -86,6 +86,11 @@ pub struct FetchReport {
     pub refs: Vec<FetchedRef>,
     /// Remote-tracking branches whose remote branch is gone.
     pub pruned: Vec<String>,
+    /// Tags new here, taken from the remote.
+    pub tags: Vec<String>,
+    /// Remote tags whose name a local tag on another commit has (left as
+    /// they are).
+    pub tags_differing: Vec<String>,
     pub commits_fetched: usize,
     pub blobs_fetched: usize,
     pub blob_bytes_fetched: u64,
@@ -416,9 +421,14 @@ pub fn fetch(
     let lazy = remotes.lazy.as_deref() == Some(name);
     let bucket = open_remote(&remote)?;
     let remote_branches = bucket.branches()?;
+    let remote_tags = bucket.tags()?;
 
     let (writer, ()) = repo.write(wait, |_| Ok(()))?;
-    let fetched = fetch_records(&writer, &bucket, remote_branches.iter().map(|(_, id)| *id))?;
+    let tips = remote_branches
+        .iter()
+        .chain(&remote_tags)
+        .map(|(_, id)| *id);
+    let fetched = fetch_records(&writer, &bucket, tips)?;
     let (blobs_fetched, blob_bytes_fetched) = if lazy {
         (0, 0)
     } else {
@@ -456,6 +466,20 @@ pub fn fetch(
         .collect();
     edit.delete_branches.extend(pruned.iter().cloned());
     edit.clear_steps.extend(pruned.iter().cloned());
+    // Tags the store lacks come along; a local tag of the same name on
+    // another commit stays as it is (reported, not moved).
+    let mut tags = Vec::new();
+    let mut tags_differing = Vec::new();
+    for (name, id) in &remote_tags {
+        match writer.tag_target(name)? {
+            None => {
+                edit.set_tags.push((name.clone(), *id));
+                tags.push(name.clone());
+            }
+            Some(local) if local != *id => tags_differing.push(name.clone()),
+            Some(_) => {}
+        }
+    }
     if !edit.is_empty() {
         writer.apply(&edit)?;
     }
@@ -463,6 +487,8 @@ pub fn fetch(
         remote: name.to_string(),
         refs,
         pruned,
+        tags,
+        tags_differing,
         commits_fetched: fetched.len(),
         blobs_fetched,
         blob_bytes_fetched,
