@@ -741,3 +741,25 @@ fn an_unreachable_remote_is_an_error_that_names_it() {
     assert!(!message.contains("panicked"), "{message}");
     assert_eq!(env.json(&["remote", "list"]), serde_json::json!([]));
 }
+
+/// A clone that fails (here: a remote ref to a commit the remote lacks)
+/// leaves no half-made store behind.
+#[test]
+fn a_failed_clone_leaves_nothing_behind() {
+    let env = store_with_steps(1);
+    let bucket = env.path("bucket");
+    let url = format!("file://{}", bucket.display());
+    add_and_push(&env, "o", &url);
+    let entry = bucket.join("refs/branch/ghost/00000000000000000000");
+    std::fs::create_dir_all(entry.parent().unwrap()).unwrap();
+    std::fs::write(&entry, format!("ckptvc-ref 1\n{}\nnone\n", "cd".repeat(32))).unwrap();
+    let clone = env.path("clone");
+    let out = at(&clone)
+        .arg("clone")
+        .arg(&url)
+        .arg(&clone)
+        .assert()
+        .failure();
+    assert!(stderr_of(&out).contains("which it does not have"));
+    assert!(!clone.exists(), "the half-made clone was removed");
+}

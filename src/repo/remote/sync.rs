@@ -621,7 +621,40 @@ pub fn clone(
     let config = bucket.config()?;
     let head = bucket.head_branch()?;
     drop(bucket);
+    let existed = dir.exists();
     let repo = Repo::init(dir, &config)?;
+    let result = fill_clone(&repo, url, dir, lazy, head, progress);
+    if result.is_err() {
+        // A clone that failed half-way leaves nothing behind.
+        drop(repo);
+        remove_new_store(dir, existed);
+    }
+    result
+}
+
+/// Removes a store `clone` made: the whole directory when it made it, else
+/// only the store's own entries in it.
+fn remove_new_store(dir: &Path, existed: bool) {
+    if !existed {
+        let _ = std::fs::remove_dir_all(dir);
+        return;
+    }
+    for entry in ["FORMAT", "lock", "view.lock", "db", "cache", "remotes.json"] {
+        let path = dir.join(entry);
+        let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+    }
+}
+
+/// The rest of a clone once the empty store exists: remote `origin`, a
+/// fetch, and a local branch for each remote one.
+fn fill_clone(
+    repo: &Repo,
+    url: &str,
+    dir: &Path,
+    lazy: bool,
+    head: String,
+    progress: &dyn Progress,
+) -> anyhow::Result<CloneReport> {
     let remote = Remote {
         name: "origin".into(),
         url: url.to_string(),
@@ -633,7 +666,7 @@ pub fn clone(
         lazy: lazy.then(|| "origin".to_string()),
     }
     .save(dir)?;
-    let report = fetch(&repo, "origin", Duration::ZERO, progress)?;
+    let report = fetch(repo, "origin", Duration::ZERO, progress)?;
     let view = repo.reopen()?;
     let (writer, ()) = view.write(Duration::ZERO, |_| Ok(()))?;
     let mut edit = RefEdit::default();
