@@ -18,3 +18,14 @@ fi
 # Run from the tests' folder so that the installed package, not py/python,
 # is what `import ckptvc` finds.
 (cd py/tests && "$venv/bin/python" -m pytest -q -rs .)
+
+# Where the machine's Python has torch (it is ~3 GB: not installed here),
+# the torch and integration tests run too, in a second virtualenv that sees
+# the machine's packages.
+if python3 -c "import torch" 2>/dev/null; then
+    sitevenv="$(mktemp -d -t ckptvc-venv-site.XXXXXX)"
+    trap 'rm -rf "$wheels" "$venv" "$sitevenv"' EXIT
+    python3 -m venv --system-site-packages "$sitevenv"
+    "$sitevenv/bin/pip" install --quiet "$wheels"/ckptvc-*.whl pytest numpy
+    (cd py/tests && "$sitevenv/bin/python" -m pytest -q -rs test_torch.py test_integrations.py)
+fi
