@@ -417,42 +417,8 @@ impl BucketStore {
     }
 
     fn load_index(&self) -> Result<HashMap<ObjectId, Location>, StoreError> {
-        let keys: Vec<String> = self
-            .list(&format!("{}/", layout::INDEX))?
-            .into_iter()
-            .map(|m| m.location.to_string())
-            .collect();
-        let store = &self.store;
-        let counters = &self.counters;
-        let fetched: Vec<(String, Result<Vec<u8>, object_store::Error>)> = self.runtime.block_on(
-            futures::stream::iter(keys)
-                .map(|k| async move {
-                    counters.gets.fetch_add(1, Ordering::Relaxed);
-                    let bytes = match store.get(&key(&k)).await {
-                        Ok(r) => r.bytes().await.map(|b| b.to_vec()),
-                        Err(e) => Err(e),
-                    };
-                    (k, bytes)
-                })
-                .buffer_unordered(DOWNLOADS_IN_FLIGHT)
-                .collect(),
-        );
         let mut index = HashMap::new();
-        for (k, bytes) in fetched {
-            let bytes = bytes.map_err(|e| self.error(&format!("reading {k}"), &e))?;
-            self.counters
-                .bytes_down
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            let pack = PackIndex::from_bytes(&bytes).map_err(|detail| StoreError::Corrupt {
-                what: format!("pack index {k} on {}", self.url),
-                detail,
-            })?;
-            if k.rsplit('/').next() != Some(pack.pack.to_hex().as_str()) {
-                return Err(StoreError::Corrupt {
-                    what: format!("pack index {k} on {}", self.url),
-                    detail: format!("describes pack {}", pack.pack),
-                });
-            }
+        for pack in self.pack_indexes()? {
             add_to_index(&mut index, &pack);
         }
         Ok(index)
@@ -599,25 +565,17 @@ impl BucketStore {
 
     /// The latest entry of a ref: its sequence number and what it says.
     fn read_ref(&self, kind: RefKind, name: &str) -> Result<Option<(u64, RefEntry)>, StoreError> {
-        let dir = layout::ref_dir(kind, name);
-        let base = layout::refs_dir(kind);
-        let latest = self
-            .list(&dir)?
-            .into_iter()
-            .filter_map(|m| {
-                let k = m.location.to_string();
-                let (n, seq) = layout::parse_ref_entry(k.strip_prefix(&base)?)?;
-                (n == name).then_some(seq)
-            })
-            .max();
-        let Some(seq) = latest else { return Ok(None) };
-        let k = layout::ref_entry_key(kind, name, seq);
-        let bytes = self
-            .get_opt(&k)?
-            .ok_or_else(|| self.remote_error(format!("ref entry {k} vanished while read")))?;
-        let entry = RefEntry::parse(&bytes).map_err(|detail| StoreError::Corrupt {
-            what: format!("ref entry {k} on {}", self.url),
-            detail,
+        let Some(&seq) = self
+            .latest_entries(kind, &layout::ref_dir(kind, name))?
+            .get(name)
+        else {
+            return Ok(None);
+        };
+        let entry = self.read_entry(kind, name, seq)?.ok_or_else(|| {
+            self.remote_error(format!(
+                "ref entry {} vanished while read",
+                layout::ref_entry_key(kind, name, seq)
+            ))
         })?;
         Ok(Some((seq, entry)))
     }
@@ -628,30 +586,51 @@ impl BucketStore {
 
     /// Every ref of a kind with its target, by name (deleted ones left out).
     fn list_refs(&self, kind: RefKind) -> Result<Vec<(String, ObjectId)>, StoreError> {
+        let mut out = Vec::new();
+        for (name, seq) in self.latest_entries(kind, &layout::refs_dir(kind))? {
+            if let Some(target) = self.read_entry(kind, &name, seq)?.and_then(|e| e.target) {
+                out.push((name, target));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest entry's sequence number of every ref listed under
+    /// `folder` (one ref's folder, or a kind's), by ref name.
+    fn latest_entries(
+        &self,
+        kind: RefKind,
+        folder: &str,
+    ) -> Result<BTreeMap<String, u64>, StoreError> {
         let base = layout::refs_dir(kind);
         let mut latest: BTreeMap<String, u64> = BTreeMap::new();
-        for meta in self.list(&base)? {
+        for meta in self.list(folder)? {
             let k = meta.location.to_string();
             if let Some((name, seq)) = k.strip_prefix(&base).and_then(layout::parse_ref_entry) {
                 let slot = latest.entry(name.to_string()).or_insert(seq);
                 *slot = (*slot).max(seq);
             }
         }
-        let mut out = Vec::new();
-        for (name, seq) in latest {
-            let k = layout::ref_entry_key(kind, &name, seq);
-            let Some(bytes) = self.get_opt(&k)? else {
-                continue;
-            };
-            let entry = RefEntry::parse(&bytes).map_err(|detail| StoreError::Corrupt {
+        Ok(latest)
+    }
+
+    /// Ref entry `seq` of `name`, parsed; `None` if it is gone.
+    fn read_entry(
+        &self,
+        kind: RefKind,
+        name: &str,
+        seq: u64,
+    ) -> Result<Option<RefEntry>, StoreError> {
+        let k = layout::ref_entry_key(kind, name, seq);
+        let Some(bytes) = self.get_opt(&k)? else {
+            return Ok(None);
+        };
+        RefEntry::parse(&bytes)
+            .map(Some)
+            .map_err(|detail| StoreError::Corrupt {
                 what: format!("ref entry {k} on {}", self.url),
                 detail,
-            })?;
-            if let Some(target) = entry.target {
-                out.push((name, target));
-            }
-        }
-        Ok(out)
+            })
     }
 
     /// Sets a ref whatever it points at now (retrying if another writer
@@ -685,19 +664,50 @@ impl BucketStore {
         keys.iter().try_for_each(|k| self.delete_key(k))
     }
 
-    /// The pack index objects, parsed.
+    /// Every pack index object, read several at once and checked (its
+    /// version, its entries inside the pack, its key naming its pack). An
+    /// index deleted between the listing and the read (by a concurrent gc)
+    /// is left out.
     pub fn pack_indexes(&self) -> Result<Vec<PackIndex>, StoreError> {
+        let keys: Vec<String> = self
+            .list(&format!("{}/", layout::INDEX))?
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .collect();
+        let store = &self.store;
+        let counters = &self.counters;
+        let fetched: Vec<(String, Result<Vec<u8>, object_store::Error>)> = self.runtime.block_on(
+            futures::stream::iter(keys)
+                .map(|k| async move {
+                    counters.gets.fetch_add(1, Ordering::Relaxed);
+                    let bytes = match store.get(&key(&k)).await {
+                        Ok(r) => r.bytes().await.map(|b| b.to_vec()),
+                        Err(e) => Err(e),
+                    };
+                    (k, bytes)
+                })
+                .buffer_unordered(DOWNLOADS_IN_FLIGHT)
+                .collect(),
+        );
         let mut out = Vec::new();
-        for meta in self.list(&format!("{}/", layout::INDEX))? {
-            let k = meta.location.to_string();
-            if let Some(bytes) = self.get_opt(&k)? {
-                out.push(
-                    PackIndex::from_bytes(&bytes).map_err(|detail| StoreError::Corrupt {
-                        what: format!("pack index {k} on {}", self.url),
-                        detail,
-                    })?,
-                );
+        for (k, bytes) in fetched {
+            let bytes = match bytes {
+                Ok(bytes) => bytes,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(self.error(&format!("reading {k}"), &e)),
+            };
+            self.counters
+                .bytes_down
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            let corrupt = |detail: String| StoreError::Corrupt {
+                what: format!("pack index {k} on {}", self.url),
+                detail,
+            };
+            let pack = PackIndex::from_bytes(&bytes).map_err(corrupt)?;
+            if k.rsplit('/').next() != Some(pack.pack.to_hex().as_str()) {
+                return Err(corrupt(format!("describes pack {}", pack.pack)));
             }
+            out.push(pack);
         }
         Ok(out)
     }
