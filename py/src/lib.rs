@@ -308,10 +308,7 @@ impl NativeRepo {
         }
         self.with(|repo| {
             py.detach(|| {
-                let fresh = match open_fresh(repo, rev, Duration::from_secs_f64(wait.max(0.0)))? {
-                    Some(fresh) => fresh,
-                    None => repo.reopen()?,
-                };
+                let fresh = open_fresh(repo, rev, Duration::from_secs_f64(wait.max(0.0)))?;
                 let snapshot = Snapshot::open(&fresh, rev)?;
                 for (file, tensor, h) in &mut held {
                     let what = format!("{file}: tensor `{tensor}`");
@@ -331,10 +328,7 @@ impl NativeRepo {
     ) -> PyResult<Bound<'py, PyBytes>> {
         let bytes = self.with(|repo| {
             py.detach(|| {
-                let fresh = match open_fresh(repo, rev, Duration::ZERO)? {
-                    Some(fresh) => fresh,
-                    None => repo.reopen()?,
-                };
+                let fresh = open_fresh(repo, rev, Duration::ZERO)?;
                 Snapshot::open(&fresh, rev)?.read_file(file)
             })
         })?;

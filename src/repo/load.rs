@@ -182,15 +182,11 @@ impl<'r> Snapshot<'r> {
     }
 }
 
-/// Resolves `rev` and, in a lazy clone, downloads what it needs; returns a
-/// view of the store that has it (the same store, reopened when something
-/// was downloaded).
-pub fn open_fresh(repo: &Repo, rev: &str, wait: Duration) -> anyhow::Result<Option<Repo>> {
+/// A new view of `repo` holding everything commit `rev` needs: in a lazy
+/// clone, what was missing is downloaded first (waiting up to `wait` for
+/// the writer lock).
+pub fn open_fresh(repo: &Repo, rev: &str, wait: Duration) -> anyhow::Result<Repo> {
     let id = resolve(repo.backend(), rev)?;
-    let (downloaded, _) = super::remote::fill_for_checkout(repo, &id, wait, &NoProgress)?;
-    Ok(if downloaded > 0 {
-        Some(repo.reopen()?)
-    } else {
-        None
-    })
+    super::remote::fill_for_checkout(repo, &id, wait, &NoProgress)?;
+    Ok(repo.reopen()?)
 }

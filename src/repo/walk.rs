@@ -2,7 +2,7 @@
 //! bases. Log, graph, branch, commit, gc, fsck, prune and push all ask here.
 //!
 //! - [`require_commit`]: a commit that must exist, or an error naming it;
-//! - [`ancestry`]: the first-parent chain of a commit;
+//! - [`ancestry`]: the first-parent chain of a commit; [`is_ancestor`];
 //! - [`reachable_commits`]: every commit the refs reach, children first
 //!   (ordered by [`generations`]);
 //! - [`reachable`] / [`reachable_from`]: what refs keep alive, down to the
@@ -43,6 +43,25 @@ pub fn ancestry_steps(store: &dyn Backend, id: ObjectId) -> anyhow::Result<Vec<(
         .into_iter()
         .map(|(id, record)| (record.step, id))
         .collect())
+}
+
+/// Whether `ancestor` is `id` or in its history (through every parent), as
+/// far as this store knows: a commit it lacks is no ancestor.
+pub fn is_ancestor(store: &dyn Backend, ancestor: ObjectId, id: ObjectId) -> anyhow::Result<bool> {
+    let mut stack = vec![id];
+    let mut seen = HashSet::new();
+    while let Some(next) = stack.pop() {
+        if next == ancestor {
+            return Ok(true);
+        }
+        if !seen.insert(next) {
+            continue;
+        }
+        if let Some(summary) = store.get_commit_summary(&next)? {
+            stack.extend(summary.parents.iter().copied());
+        }
+    }
+    Ok(false)
 }
 
 /// Every commit reachable from a branch or tag, children before parents.

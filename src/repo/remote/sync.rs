@@ -25,7 +25,7 @@ use super::{Remote, RemotesFile, local_root};
 use crate::repo::Repo;
 use crate::repo::error::RepoError;
 use crate::repo::progress::Progress;
-use crate::repo::walk::{checkout_blobs, reachable_from};
+use crate::repo::walk::{checkout_blobs, is_ancestor, reachable_from};
 use crate::store::bucket::Traffic;
 use crate::store::{
     BlobStore, BucketStore, CommitSummary, MetaStore, ObjectId, RefEdit, RefKind, StoreError,
@@ -281,7 +281,9 @@ fn plan_ref(
     let status = match seen {
         None => "created",
         Some(from) if from == to => "up-to-date",
-        Some(from) if kind == RefKind::Branch && is_ancestor(repo, from, to)? => "fast-forward",
+        Some(from) if kind == RefKind::Branch && is_ancestor(repo.backend(), from, to)? => {
+            "fast-forward"
+        }
         Some(_) if force => "forced",
         Some(_) if kind == RefKind::Tag => bail!(
             "remote {} has tag `{name}` on another commit; pass force to move it",
@@ -302,25 +304,6 @@ fn plan_ref(
         to,
         status,
     })
-}
-
-/// Whether `ancestor` is `id` or in its history, as far as this store
-/// knows (a commit it lacks is no ancestor).
-fn is_ancestor(repo: &Repo, ancestor: ObjectId, id: ObjectId) -> anyhow::Result<bool> {
-    let mut stack = vec![id];
-    let mut seen = HashSet::new();
-    while let Some(next) = stack.pop() {
-        if next == ancestor {
-            return Ok(true);
-        }
-        if !seen.insert(next) {
-            continue;
-        }
-        if let Some(summary) = repo.get_commit_summary(&next)? {
-            stack.extend(summary.parents.iter().copied());
-        }
-    }
-    Ok(false)
 }
 
 fn moved_error(e: StoreError, remote: &Remote, plan: &RefPlan) -> anyhow::Error {
@@ -428,11 +411,11 @@ pub fn fetch(
         .iter()
         .chain(&remote_tags)
         .map(|(_, id)| *id);
-    let fetched = fetch_records(&writer, &bucket, tips)?;
+    let (fetched, wanted_blobs) = fetch_records(&writer, &bucket, tips)?;
     let (blobs_fetched, blob_bytes_fetched) = if lazy {
         (0, 0)
     } else {
-        fetch_blobs_of(&writer, &bucket, &fetched, progress)?
+        fetch_blobs_of(&writer, &bucket, wanted_blobs, progress)?
     };
 
     // Records, tracking branches and their step indexes in one batch, after
@@ -497,32 +480,41 @@ pub fn fetch(
     })
 }
 
+/// Commit records by id, as stored.
+type Records = HashMap<ObjectId, Vec<u8>>;
+
 /// Downloads every record reachable from `tips` (through parents and
 /// residual bases) that the local store lacks, checked against its id.
+/// Returns the records' bytes as stored (a re-encoding could differ from
+/// them, and so from their id, for older record versions) and the blobs
+/// they name.
 fn fetch_records(
     local: &Repo,
     bucket: &BucketStore,
     tips: impl Iterator<Item = ObjectId>,
-) -> anyhow::Result<HashMap<ObjectId, Vec<u8>>> {
+) -> anyhow::Result<(Records, HashSet<ObjectId>)> {
     let mut fetched: HashMap<ObjectId, Vec<u8>> = HashMap::new();
+    let mut blobs = HashSet::new();
     let mut stack: Vec<ObjectId> = tips.collect();
     while let Some(id) = stack.pop() {
         if fetched.contains_key(&id) || local.get_commit_bytes(&id)?.is_some() {
             continue;
         }
-        let record = bucket.get_commit(&id)?.with_context(|| {
+        let bytes = bucket.get_commit_bytes(&id)?.with_context(|| {
             format!(
                 "remote {} refers to commit {id}, which it does not have",
                 bucket.url()
             )
         })?;
+        let record = crate::store::backend::decode_commit(&id, &bytes)?;
         stack.extend(record.parents.iter().copied());
         for file in &record.files {
             stack.extend(file.chunks().filter_map(|c| c.base));
+            blobs.extend(file.chunks().map(|c| c.blob));
         }
-        fetched.insert(id, record.to_bytes());
+        fetched.insert(id, bytes);
     }
-    Ok(fetched)
+    Ok((fetched, blobs))
 }
 
 /// Downloads the blobs of newly fetched records that the local store
@@ -531,16 +523,9 @@ fn fetch_records(
 fn fetch_blobs_of(
     local: &Repo,
     bucket: &BucketStore,
-    fetched: &HashMap<ObjectId, Vec<u8>>,
+    wanted: HashSet<ObjectId>,
     progress: &dyn Progress,
 ) -> anyhow::Result<(usize, u64)> {
-    let mut wanted = HashSet::new();
-    for (id, bytes) in fetched {
-        let record = crate::store::backend::decode_commit(id, bytes)?;
-        for file in &record.files {
-            wanted.extend(file.chunks().map(|c| c.blob));
-        }
-    }
     let mut missing = Vec::new();
     for id in wanted {
         if !local.has_blob(&id)? && bucket.has_blob(&id)? {
@@ -590,8 +575,8 @@ pub fn pull(
     };
     let ours = view.branch_tip(&branch)?;
     match ours {
-        Some(ours) if is_ancestor(&view, theirs, ours)? => return Ok(report),
-        Some(ours) if !is_ancestor(&view, ours, theirs)? => {
+        Some(ours) if is_ancestor(view.backend(), theirs, ours)? => return Ok(report),
+        Some(ours) if !is_ancestor(view.backend(), ours, theirs)? => {
             bail!("branch `{branch}` and {tracking} have diverged; start a branch from one of them")
         }
         _ => {}
