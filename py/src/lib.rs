@@ -279,14 +279,10 @@ impl NativeRepo {
             .and_then(|report| json(&report))
     }
 
-    /// The files and tensors of `rev` as JSON, and the commit's id.
-    fn files(&self, rev: &str) -> PyResult<(String, String)> {
-        let (id, files) = self.with(|repo| {
-            let fresh = repo.reopen()?;
-            let snapshot = Snapshot::open(&fresh, rev)?;
-            Ok((snapshot.id().to_hex(), snapshot.files()))
-        })?;
-        Ok((id, json(&files)?))
+    /// The files and tensors of `rev` as JSON.
+    fn files(&self, rev: &str) -> PyResult<String> {
+        let files = self.with(|repo| Ok(Snapshot::open(&repo.reopen()?, rev)?.files()))?;
+        json(&files)
     }
 
     /// Decodes each (file, tensor, buffer) of `rev` into its writable

@@ -337,8 +337,7 @@ class Repo:
 
     def files(self, rev: str) -> list:
         """The commit's files and their tensors (name, dtype, shape, bytes)."""
-        _, text = self._native.files(rev)
-        return json.loads(text)
+        return json.loads(self._native.files(rev))
 
     def _tensor_index(self, rev: str) -> dict:
         out = {}
