@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::codec::policy::{Knobs, Policy};
+use crate::repo::seal::Shard;
 use crate::repo::{self, CommitOptions, Repo};
 use crate::store::StoreConfig;
 use output::{bytes, print_json};
@@ -130,6 +131,16 @@ enum Command {
         /// Tuned policies: v step in natural-log units (makes the policy `custom`).
         #[arg(long)]
         v_log_step: Option<f32>,
+        /// Commit only rank K's files of a step that N ranks commit at once
+        /// (`__K_*.distcp`, `zero_pp_rank_K_*`, `rankK*`; files of no rank
+        /// go with rank 0). The step appears once all N shards are in.
+        #[arg(long, value_name = "K/N", conflicts_with = "parent")]
+        shard: Option<Shard>,
+        /// Names the attempt the shards belong to, so that a retried step's
+        /// shards never mix with a crashed attempt's (default: torchrun's
+        /// run id and restart count, when set).
+        #[arg(long, requires = "shard")]
+        group: Option<String>,
     },
     /// Commit every checkpoint folder of a run directory (`checkpoint-<step>`,
     /// `step-<step>`, `global_step<step>`) in step order, skipping steps the
@@ -169,7 +180,12 @@ enum Command {
         /// is fsync'ed before it takes its name).
         #[arg(long)]
         no_sync: bool,
+        /// Write only rank K's files of a sharded step (see `commit --shard`).
+        #[arg(long, value_name = "K/N")]
+        shard: Option<Shard>,
     },
+    /// Steps whose shards have not all arrived (not sealed, not visible).
+    Status,
     /// List commits, newest first.
     Log {
         #[arg(long)]
@@ -613,6 +629,8 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
             w_step,
             m_step,
             v_log_step,
+            shard,
+            group,
         } => {
             let knobs = Knobs {
                 alpha: *alpha,
@@ -632,6 +650,23 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
                 lock_wait: Duration::from_secs_f64(cli.wait.max(0.0)),
             };
             let bar = Bar::new(cli.quiet);
+            if let Some(shard) = shard {
+                let group = group.clone().unwrap_or_else(default_group);
+                let outcome = repo::commit::commit_shard(
+                    repo,
+                    repo::commit::open_input(repo, dir)?,
+                    &options,
+                    *shard,
+                    &group,
+                    &bar,
+                )?;
+                return if cli.json {
+                    print_json(&outcome)
+                } else {
+                    output::print_shard(&outcome, cli.quiet);
+                    Ok(())
+                };
+            }
             let outcome = repo::commit(repo, dir, &options, &bar)?;
             let entry = &outcome.entry;
             if cli.json {
@@ -701,12 +736,14 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
             output,
             force,
             no_sync,
+            shard,
         } => {
             let bar = Bar::new(cli.quiet);
             let options = repo::CheckoutOptions {
                 lock_wait: wait(cli),
                 force: *force,
                 no_sync: *no_sync,
+                shard: *shard,
             };
             let outcome = repo::checkout(repo, rev, output, options, &bar)?;
             if cli.json {
@@ -778,6 +815,15 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
                 print_json(&entries)
             } else {
                 output::print_log(&entries, cli.palette())?;
+                Ok(())
+            }
+        }
+        Command::Status => {
+            let pending = repo::seal::pending(repo)?;
+            if cli.json {
+                print_json(&pending)
+            } else {
+                output::print_pending(&pending);
                 Ok(())
             }
         }
@@ -892,5 +938,19 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
         | Command::Clone { .. }
         | Command::Completions { .. }
         | Command::Man => unreachable!("commands without a store run elsewhere"),
+    }
+}
+
+/// The commit group of a shard when `--group` is not given: torchrun's run
+/// id and restart count, so that shards of a restarted job never mix with
+/// those of the attempt that crashed; empty outside torchrun.
+fn default_group() -> String {
+    match (
+        std::env::var("TORCHELASTIC_RUN_ID"),
+        std::env::var("TORCHELASTIC_RESTART_COUNT"),
+    ) {
+        (Ok(id), Ok(restart)) => format!("{id}.{restart}"),
+        (Ok(id), Err(_)) => id,
+        _ => String::new(),
     }
 }

@@ -289,6 +289,65 @@ pub fn print_diff(report: &DiffReport) {
     }
 }
 
+pub fn print_shard(r: &crate::repo::commit::ShardOutcome, quiet: bool) {
+    if let Some(sealed) = &r.sealed {
+        println!("{}", sealed.entry.id);
+    }
+    if quiet {
+        return;
+    }
+    eprintln!(
+        "shard {} of step {} on {}: {} files, {} in, {} stored ({} new blobs){}",
+        r.shard,
+        r.step,
+        r.branch,
+        r.files,
+        bytes(r.input_bytes),
+        bytes(r.stored_bytes),
+        r.new_blobs,
+        if r.keyframe { ", keyframe" } else { "" }
+    );
+    for note in &r.notes {
+        eprintln!("note: {note}");
+    }
+    match &r.sealed {
+        Some(s) if s.by_this_process => eprintln!(
+            "all {} shards are in: sealed step {} as {}",
+            r.shard.count,
+            r.step,
+            &s.entry.id[..12]
+        ),
+        Some(s) => eprintln!("step {} was sealed as {}", r.step, &s.entry.id[..12]),
+        None => eprintln!(
+            "step {} stays pending until all {} shards are in",
+            r.step, r.shard.count
+        ),
+    }
+}
+
+pub fn print_pending(pending: &[crate::repo::seal::PendingReport]) {
+    if pending.is_empty() {
+        println!("no pending steps");
+        return;
+    }
+    for p in pending {
+        let of = p.count.map_or("?".to_string(), |n| n.to_string());
+        let group = if p.group.is_empty() {
+            String::new()
+        } else {
+            format!(" (group {})", p.group)
+        };
+        println!(
+            "pending: step {} on {}{group}: {} of {of} shards in {:?}, last written {}s ago",
+            p.step,
+            p.branch,
+            p.arrived.len(),
+            p.arrived,
+            p.age_secs
+        );
+    }
+}
+
 pub fn print_gc(r: &GcReport) {
     let verb = if r.dry_run { "would remove" } else { "removed" };
     println!(
@@ -301,7 +360,7 @@ pub fn print_gc(r: &GcReport) {
     );
     if r.leftovers_removed > 0 {
         println!(
-            "{verb} {} objects interrupted writers left (orphan packs, old ref entries)",
+            "{verb} {} objects interrupted writers left (orphan packs, old ref entries, unsealed steps)",
             r.leftovers_removed
         );
     }

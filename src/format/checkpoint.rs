@@ -9,6 +9,7 @@ use memmap2::Mmap;
 use std::collections::HashMap;
 
 use super::FormatError;
+use super::dcp;
 use super::pairing::{self, FilePairing, NAMES_FILE, OptimizerView, TRAINER_STATE};
 use super::plain::{Plain, read_range};
 use super::safetensors::{Header, TensorInfo, parse_header};
@@ -237,7 +238,10 @@ impl Checkpoint {
             .into_iter()
             .map(|name| open_file(dir, name, &mut notes))
             .collect::<Result<_, _>>()?;
-        let paired = pair_optimizer_state(&files);
+        let mut files = files;
+        let dcp_aliases = read_dcp_directories(&mut files, &mut notes);
+        let mut paired = pair_optimizer_state(&files);
+        paired.aliases.extend(dcp_aliases);
         notes.extend(paired.notes);
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
@@ -251,6 +255,101 @@ impl Checkpoint {
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(InputFile::len).sum()
     }
+
+    /// Keeps only the files whose names pass `keep` (one rank's shard of a
+    /// step), after everything was read and paired with all files in view:
+    /// a rank's optimizer shard pairs with weights another rank's file
+    /// describes.
+    pub fn retain_files(&mut self, keep: impl Fn(&str) -> bool) {
+        let mut new_index = HashMap::new();
+        let mut kept = Vec::new();
+        for (old, file) in std::mem::take(&mut self.files).into_iter().enumerate() {
+            if keep(&file.name) {
+                new_index.insert(old, kept.len());
+                kept.push(file);
+            }
+        }
+        self.files = kept;
+        self.pairings = std::mem::take(&mut self.pairings)
+            .into_iter()
+            .filter_map(|(fi, p)| Some((*new_index.get(&fi)?, p)))
+            .collect();
+        self.aliases = std::mem::take(&mut self.aliases)
+            .into_iter()
+            .filter_map(|((fi, ti), name)| Some(((*new_index.get(&fi)?, ti), name)))
+            .collect();
+    }
+}
+
+/// Reads every DCP directory of the checkpoint (a `.metadata` with its
+/// `.distcp` files): the data files become torch files of chunks, and the
+/// Adam moment chunks are paired with their weight chunks (the aliases
+/// returned). A directory that cannot be read stays opaque, with a note.
+fn read_dcp_directories(
+    files: &mut [InputFile],
+    notes: &mut Vec<String>,
+) -> HashMap<(usize, usize), String> {
+    let mut keys: HashMap<usize, Vec<dcp::ChunkKey>> = HashMap::new();
+    let mut sizes: HashMap<(usize, usize), Vec<u64>> = HashMap::new();
+    let metadata: Vec<usize> = (0..files.len())
+        .filter(|&i| parent_and_base(&files[i].name).1 == dcp::METADATA)
+        .collect();
+    for m in metadata {
+        let (dir, _) = parent_and_base(&files[m].name);
+        let dir = dir.to_string();
+        let meta = match dcp::parse_metadata(files[m].bytes()) {
+            Ok(meta) => meta,
+            Err(why) => {
+                notes.push(format!(
+                    "{}: not read as distributed-checkpoint metadata ({why}); its data files are kept as opaque bytes",
+                    files[m].name
+                ));
+                continue;
+            }
+        };
+        for (fi, file) in files.iter_mut().enumerate() {
+            let (parent, base) = parent_and_base(&file.name);
+            if parent != dir || !base.ends_with(dcp::DATA_EXTENSION) {
+                continue;
+            }
+            match dcp::parse_data_file(base, file.bytes(), &meta) {
+                Ok((torch, chunk_keys)) => {
+                    for (ti, key) in chunk_keys.iter().enumerate() {
+                        sizes.insert((fi, ti), meta.tensors[&key.fqn].size.clone());
+                    }
+                    keys.insert(fi, chunk_keys);
+                    file.kind = InputKind::Torch(torch);
+                }
+                Err(why) => notes.push(format!(
+                    "{}: kept as opaque bytes, not read as a distributed-checkpoint data file: {why}",
+                    file.name
+                )),
+            }
+        }
+    }
+    let mut located = Vec::new();
+    for (&fi, chunk_keys) in &keys {
+        let InputKind::Torch(torch) = &files[fi].kind else {
+            continue;
+        };
+        for (ti, key) in chunk_keys.iter().enumerate() {
+            located.push(dcp::Located {
+                file: fi,
+                tensor: ti,
+                key,
+                name: &torch.tensors[ti].name,
+                global_size: &sizes[&(fi, ti)],
+            });
+        }
+    }
+    let (aliases, dcp_notes) = dcp::pair_moments(&located);
+    notes.extend(dcp_notes);
+    aliases
+}
+
+/// `("a/b", "c")` for `a/b/c`, `("", "c")` for `c`.
+fn parent_and_base(name: &str) -> (&str, &str) {
+    name.rsplit_once('/').unwrap_or(("", name))
 }
 
 #[derive(Default)]

@@ -2,6 +2,7 @@
 //! Nothing here knows about codecs or the store.
 
 pub mod checkpoint;
+pub mod dcp;
 pub mod memory;
 pub mod pairing;
 pub mod plain;

@@ -41,6 +41,9 @@ pub struct CheckoutOptions {
     /// a crash a checked-out name never holds zeros where data should be;
     /// when the files are used at once (a resume), that wait buys nothing.
     pub no_sync: bool,
+    /// Write only this rank's files of a sharded step (see
+    /// [`super::seal::shard_of`]); `None`: every file.
+    pub shard: Option<super::seal::Shard>,
 }
 
 pub fn checkout(
@@ -64,10 +67,19 @@ pub fn checkout(
     };
     let reconstructor = Reconstructor::new(store);
     let record = reconstructor.record(&id)?;
-    let total: u64 = record.files.iter().map(|f| f.size).sum();
+    let wanted: Vec<&FileEntry> = record
+        .files
+        .iter()
+        .filter(|f| {
+            options
+                .shard
+                .is_none_or(|s| super::seal::shard_of(&f.name) == s.index)
+        })
+        .collect();
+    let total: u64 = wanted.iter().map(|f| f.size).sum();
     progress.begin("checkout", total);
     let mut files = Vec::new();
-    for entry in &record.files {
+    for entry in wanted {
         let path = output.join(&entry.name);
         write_file(&reconstructor, &id, entry, &path, options, progress)?;
         files.push(path);

@@ -38,7 +38,8 @@ pub struct GcReport {
     /// Encoded bytes of the blobs removed.
     pub blob_bytes_removed: u64,
     /// Objects interrupted writers left behind (orphan packs, superseded
-    /// ref entries of a remote), removed.
+    /// ref entries of a remote, steps whose shards never all arrived),
+    /// removed.
     pub leftovers_removed: usize,
     /// Bytes of the store's database on disk before and after (equal for a
     /// dry run).
@@ -111,14 +112,16 @@ pub fn gc(repo: &Repo, options: &GcOptions) -> anyhow::Result<GcReport> {
     let grace = options.grace;
     if options.dry_run {
         let mut sweep = plan(repo, grace)?;
-        sweep.leftovers = repo.sweep_leftovers(grace, true)?;
+        sweep.leftovers =
+            repo.sweep_leftovers(grace, true)? + super::seal::sweep_pending(repo, grace, true)?;
         let disk = repo.physical_bytes()?;
         return Ok(report(&sweep, true, disk, disk));
     }
     let (store, mut sweep) = repo.write(options.lock_wait, |view| plan(view, grace))?;
     let before = store.physical_bytes()?;
     sweep_and_reclaim(&store, &sweep)?;
-    sweep.leftovers = store.sweep_leftovers(grace, false)?;
+    sweep.leftovers =
+        store.sweep_leftovers(grace, false)? + super::seal::sweep_pending(&store, grace, false)?;
     let after = store.physical_bytes()?;
     Ok(report(&sweep, false, before, after))
 }

@@ -21,6 +21,7 @@ pub mod reconstruct;
 pub mod remote;
 pub mod repository;
 pub mod rev;
+pub mod seal;
 pub mod tipcache;
 pub mod walk;
 

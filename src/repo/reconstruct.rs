@@ -64,6 +64,16 @@ impl<'s> Reconstructor<'s> {
         }
     }
 
+    /// Serves commit `id`'s chunks from `reader` (or decodes them, with
+    /// `None`) instead of the branch-tip cache named by `id`: a rank's
+    /// shard keeps the cache of its own files only, under their own name.
+    pub fn use_cache(&self, id: ObjectId, reader: Option<CacheReader>) {
+        self.caches
+            .lock()
+            .expect("lock")
+            .insert(id, reader.map(Arc::new));
+    }
+
     pub fn record(&self, id: &ObjectId) -> anyhow::Result<Arc<CommitRecord>> {
         if let Some(r) = self.records.lock().expect("lock").get(id) {
             return Ok(r.clone());

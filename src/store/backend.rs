@@ -22,6 +22,7 @@ use std::time::Duration;
 use super::StoreError;
 use super::config::StoreConfig;
 use super::object::{CommitRecord, CommitSummary, ObjectId};
+use super::pending::{PendingInfo, PendingKey, ShardSink};
 use super::refs::RefEdit;
 
 /// Content-addressed blob storage. A blob's id is the blake3 hash of its
@@ -214,6 +215,29 @@ pub trait Backend: BlobStore + MetaStore {
     fn physical_bytes(&self) -> Result<u64, StoreError> {
         Ok(self.blob_totals()?.1)
     }
+
+    /// A staging area for shard `shard` of pending step `key` (see
+    /// [`super::pending`]). Needs no writer lock: call it on a read view.
+    fn shard_sink<'a>(
+        &'a self,
+        key: &PendingKey,
+        shard: u32,
+    ) -> Result<Box<dyn ShardSink + 'a>, StoreError>;
+
+    /// The manifests of `key`'s shards that have arrived: (shard, bytes),
+    /// by shard.
+    fn shard_manifests(&self, key: &PendingKey) -> Result<Vec<(u32, Vec<u8>)>, StoreError>;
+
+    /// Every pending step: staged shards of steps not sealed (yet).
+    fn pending_steps(&self) -> Result<Vec<PendingInfo>, StoreError>;
+
+    /// As the writer, before the sealed commit is published: makes the
+    /// blobs `key`'s shards staged part of the store. Idempotent.
+    fn adopt_shards(&self, key: &PendingKey) -> Result<(), StoreError>;
+
+    /// Deletes what `key`'s shards staged (after sealing, or by `gc`). A
+    /// bucket's staged packs stay, for `gc` to remove as unreferenced.
+    fn drop_pending(&self, key: &PendingKey) -> Result<(), StoreError>;
 }
 
 pub(crate) fn decode_commit(id: &ObjectId, bytes: &[u8]) -> Result<CommitRecord, StoreError> {

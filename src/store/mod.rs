@@ -5,6 +5,7 @@
 //!
 //! - [`backend`]: the seam, [`BlobStore`], [`MetaStore`] and [`Backend`];
 //! - [`rocks`]: the embedded default, one local directory in RocksDB;
+//! - [`pending`]: steps committed shard by shard, before they are sealed;
 //! - [`object`]: the records every backend stores; [`refs`]: ref edits;
 //!   [`config`]: the settings fixed at `init`.
 
@@ -12,6 +13,7 @@ pub mod backend;
 pub mod bucket;
 pub mod config;
 pub mod object;
+pub mod pending;
 pub mod refs;
 pub mod rocks;
 

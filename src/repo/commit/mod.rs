@@ -16,6 +16,7 @@
 mod lossless;
 mod lossy;
 mod plan;
+mod shard;
 
 use crate::repo::Repo;
 use crate::repo::error::RepoError;
@@ -37,6 +38,7 @@ use crate::codec::{self, policy::Policy};
 use crate::format::safetensors::TensorInfo;
 use crate::format::{Checkpoint, InputKind};
 use crate::store::object::{COMMIT_VERSION, ErrorTotals};
+use crate::store::pending::{BlobSink, StoreSink};
 use crate::store::{
     ChunkRef, CommitRecord, FileContent, FileEntry, ObjectId, PairingRecord, StoreConfig,
     TensorEntry, TorchContent,
@@ -44,6 +46,7 @@ use crate::store::{
 use plan::{OPAQUE, Plan, Work};
 
 pub use plan::MIN_LOSSY_ELEMENTS;
+pub use shard::{ShardOutcome, commit_shard};
 
 #[derive(Debug, Clone, Default)]
 pub struct CommitOptions {
@@ -94,7 +97,8 @@ struct Target {
 
 /// What the encoding passes share.
 pub(crate) struct Session<'s> {
-    store: &'s Repo,
+    /// Where new blobs go: the store, or a shard's staging area.
+    sink: &'s dyn BlobSink,
     reconstructor: Reconstructor<'s>,
     parent: Option<ObjectId>,
     /// `None` for a keyframe commit (see [`commit`]).
@@ -147,9 +151,9 @@ impl Session<'_> {
     ) -> anyhow::Result<Encoded> {
         let header = codec::BlobHeader::parse(&blob).expect("we just encoded it");
         let id = ObjectId::of(&blob);
-        let new = !self.store.has_blob(&id)?;
+        let new = !self.sink.has_blob(&id)?;
         if new {
-            self.store.put_blob(&id, &blob)?;
+            self.sink.put_blob(&id, &blob)?;
         }
         Ok(Encoded {
             key,
@@ -173,8 +177,13 @@ pub fn commit(
     options: &CommitOptions,
     progress: &dyn Progress,
 ) -> anyhow::Result<CommitOutcome> {
-    let checkpoint = Checkpoint::open_excluding(dir, repo.local_root())?;
-    commit_checkpoint(repo, &checkpoint, options, progress)
+    commit_checkpoint(repo, &open_input(repo, dir)?, options, progress)
+}
+
+/// Opens a checkpoint directory to commit into `repo` (a store kept inside
+/// the directory is not part of it).
+pub fn open_input(repo: &Repo, dir: &Path) -> anyhow::Result<Checkpoint> {
+    Ok(Checkpoint::open_excluding(dir, repo.local_root())?)
 }
 
 /// Commits a checkpoint already opened: a directory's, or one assembled in
@@ -222,8 +231,9 @@ pub fn commit_checkpoint(
     } else {
         (Some(cache_writer(&store, &target, &plan.layout)?), None)
     };
+    let sink = StoreSink(store.backend());
     let session = Session {
-        store: &store,
+        sink: &sink,
         reconstructor: Reconstructor::new(&store),
         parent: target.parent.as_ref().map(|(id, _)| *id),
         cache,
@@ -520,24 +530,29 @@ fn relative(err: f64, norm: f64) -> f32 {
     }
 }
 
-/// Relative L2 errors of all lossy-coded W, m and v together.
-fn error_totals(plan: &Plan<'_>, sums: &ErrorSums) -> ErrorTotals {
+/// (Σ squared error, Σ squared input) of all lossy-coded W, m and v.
+fn role_sums(plan: &Plan<'_>, sums: &ErrorSums) -> [(f64, f64); 3] {
     let role_total = |pick: fn(&plan::Group) -> usize| {
-        let (err, norm) = plan.groups.iter().fold((0.0, 0.0), |acc, g| {
+        plan.groups.iter().fold((0.0, 0.0), |acc, g| {
             let slot = &plan.slots[pick(g)];
             let (e, n) = sums
                 .get(&(slot.file_index, slot.tensor_index))
                 .copied()
                 .unwrap_or_default();
             (acc.0 + e, acc.1 + n)
-        });
-        relative(err, norm)
+        })
     };
-    ErrorTotals {
-        w: role_total(|g| g.w),
-        m: role_total(|g| g.m),
-        v: role_total(|g| g.v),
-    }
+    [
+        role_total(|g| g.w),
+        role_total(|g| g.m),
+        role_total(|g| g.v),
+    ]
+}
+
+/// Relative L2 errors of all lossy-coded W, m and v together.
+fn error_totals(plan: &Plan<'_>, sums: &ErrorSums) -> ErrorTotals {
+    let [w, m, v] = role_sums(plan, sums).map(|(e, n)| relative(e, n));
+    ErrorTotals { w, m, v }
 }
 
 /// Puts the encoded chunks back into files and tensors.

@@ -34,6 +34,7 @@ pub const PACKS: &str = "packs";
 pub const INDEX: &str = "index";
 pub const COMMITS: &str = "commits";
 pub const PROBE: &str = "probe";
+pub const PENDING: &str = "pending";
 
 /// Digits of a ref entry's sequence number: lexicographic order is numeric
 /// order, so a listing is sorted by it.

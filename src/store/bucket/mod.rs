@@ -20,6 +20,7 @@
 //! them before anyone relies on it.
 
 pub mod layout;
+mod pending;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
@@ -41,6 +42,7 @@ use super::StoreError;
 use super::backend::{Backend, BlobStore, MetaStore, RefKind};
 use super::config::StoreConfig;
 use super::object::{CommitRecord, ObjectId};
+use super::pending::{PendingInfo, PendingKey, ShardSink};
 use super::refs::RefEdit;
 
 /// Packs are sealed and uploaded once they reach this size ("tens of MB":
@@ -1183,6 +1185,31 @@ impl Backend for BucketStore {
 
     fn physical_bytes(&self) -> Result<u64, StoreError> {
         Ok(self.objects()?.iter().map(|m| m.size).sum())
+    }
+
+    fn shard_sink<'a>(
+        &'a self,
+        key: &PendingKey,
+        shard: u32,
+    ) -> Result<Box<dyn ShardSink + 'a>, StoreError> {
+        Ok(Box::new(pending::BucketShardSink::new(self, key, shard)))
+    }
+
+    fn shard_manifests(&self, key: &PendingKey) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
+        self.read_shard_manifests(key)
+    }
+
+    fn pending_steps(&self) -> Result<Vec<PendingInfo>, StoreError> {
+        self.list_pending()
+    }
+
+    /// A shard's blobs are packs of the bucket already.
+    fn adopt_shards(&self, _key: &PendingKey) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn drop_pending(&self, key: &PendingKey) -> Result<(), StoreError> {
+        self.delete_pending(key)
     }
 }
 

@@ -6,6 +6,7 @@
 //! <repo>/view.lock   orders readers' opens against a writer's publishing
 //! <repo>/db/         RocksDB: column families blobs, blob_sizes, commits, refs, steps, meta
 //! <repo>/cache/      reconstruction cache of branch tips (safe to delete)
+//! <repo>/pending/    shards of steps not sealed yet (see `pending.rs`)
 //! ```
 //!
 //! docs/format.md has the byte-level layout. Blobs live here in
@@ -13,6 +14,7 @@
 //! (`refs.rs`); the writer lock and the view lock in `lock.rs`.
 
 pub mod lock;
+mod pending;
 mod refs;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +29,7 @@ use super::StoreError;
 use super::backend::{Backend, BlobStore, PublishGuard};
 use super::config::StoreConfig;
 use super::object::ObjectId;
+use super::pending::{PendingInfo, PendingKey, ShardSink};
 
 /// First line of `<repo>/FORMAT`.
 pub const FORMAT_MAGIC: &str = "ckptvc-store";
@@ -403,6 +406,31 @@ impl Backend for RocksStore {
     /// RocksDB's informational logs (`LOG*`), which are not store data.
     fn physical_bytes(&self) -> Result<u64, StoreError> {
         dir_size(&Self::db_dir(&self.root), &|name| !name.starts_with("LOG"))
+    }
+
+    fn shard_sink<'a>(
+        &'a self,
+        key: &PendingKey,
+        shard: u32,
+    ) -> Result<Box<dyn ShardSink + 'a>, StoreError> {
+        Ok(Box::new(pending::RocksShardSink::new(self, key, shard)?))
+    }
+
+    fn shard_manifests(&self, key: &PendingKey) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
+        pending::shard_manifests(&self.root, key)
+    }
+
+    fn pending_steps(&self) -> Result<Vec<PendingInfo>, StoreError> {
+        pending::pending_steps(&self.root)
+    }
+
+    fn adopt_shards(&self, key: &PendingKey) -> Result<(), StoreError> {
+        assert!(self._lock.is_some(), "only the writer adopts shards");
+        self.ingest_shards(key)
+    }
+
+    fn drop_pending(&self, key: &PendingKey) -> Result<(), StoreError> {
+        self.remove_pending(key)
     }
 }
 
