@@ -240,6 +240,7 @@ impl Checkpoint {
             .collect::<Result<_, _>>()?;
         let mut files = files;
         let dcp_aliases = read_dcp_directories(&mut files, &mut notes);
+        super::zero::read_zero_directories(&mut files, &mut notes);
         let mut paired = pair_optimizer_state(&files);
         paired.aliases.extend(dcp_aliases);
         notes.extend(paired.notes);

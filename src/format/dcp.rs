@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use safetensors::Dtype;
 
-use super::torch::pickle::{Id, Node, Pickle};
+use super::torch::pickle::{Id, Node, Pickle, attr, torch_size};
 use super::torch::{self, TorchFile};
 
 /// The name of a DCP directory's metadata file.
@@ -217,39 +217,6 @@ fn expect_class(p: &Pickle, id: Id, name: &str) -> Result<(), String> {
     }
 }
 
-/// A dataclass field: objects pickle their `__dict__` as BUILD state (or
-/// `(dict, slots)` for classes with slots).
-fn attr(p: &Pickle, obj: Id, name: &str) -> Option<Id> {
-    let Node::Call { state: Some(s), .. } = p.node(obj) else {
-        return None;
-    };
-    if let Some(found) = p.get(*s, name) {
-        return Some(found);
-    }
-    let parts = p.seq(*s)?;
-    parts.iter().find_map(|&part| p.get(part, name))
-}
-
-/// `torch.Size((a, b))`, pickled as `REDUCE(torch.Size, ((a, b),))`.
-fn torch_size(p: &Pickle, id: Id) -> Result<Vec<u64>, String> {
-    let dims = match p.node(id) {
-        Node::Call { func, args, .. } if p.global(*func) == Some(("torch", "Size")) => p
-            .seq(*args)
-            .and_then(|a| a.first().copied())
-            .and_then(|d| p.seq(d)),
-        Node::Tuple(d) | Node::List(d) => Some(d.as_slice()),
-        _ => None,
-    }
-    .ok_or("not a torch.Size")?;
-    dims.iter()
-        .map(|&d| {
-            p.int(d)
-                .and_then(|d| u64::try_from(d).ok())
-                .ok_or_else(|| "a dimension is not a non-negative int".to_string())
-        })
-        .collect()
-}
-
 /// How a chunk is named: the FQN alone when the chunk is the whole tensor,
 /// else the FQN with the chunk's ranges, `fc1.weight[128:255,0:64]`.
 pub fn chunk_name(fqn: &str, offsets: &[u64], sizes: &[u64], size: &[u64]) -> String {
@@ -289,6 +256,7 @@ pub fn parse_data_file(
         tensors: Vec::new(),
         crc_fields: Vec::new(),
         optimizer: None,
+        paths: Vec::new(),
     };
     let mut keys = Vec::new();
     let mut end = 0u64;
@@ -341,6 +309,7 @@ pub fn parse_data_file(
                 .map(|f| f + item.offset)
                 .collect(),
         );
+        out.paths.push(vec![item.fqn.clone()]);
         keys.push(ChunkKey {
             fqn: item.fqn.clone(),
             offsets: item.offsets.clone(),

@@ -8,6 +8,7 @@ pub mod pairing;
 pub mod plain;
 pub mod safetensors;
 pub mod torch;
+pub mod zero;
 
 use std::path::PathBuf;
 

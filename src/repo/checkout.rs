@@ -280,16 +280,18 @@ fn torch_pieces<'e>(
     Ok(at + tail.len() as u64)
 }
 
-/// Combines each torch tensor's chunk CRCs (in `pieces` order, which is
-/// tensor by tensor) and writes the result into its CRC fields.
+/// Combines the chunk CRCs (in `pieces` order, which is tensor by tensor)
+/// and writes each storage's CRC into its fields. A tensor without fields
+/// continues into the next one: a storage cut into several tensors (a
+/// DeepSpeed flat partition) has one CRC over all its pieces.
 fn write_crcs(
     file: &File,
     torch: &TorchContent,
     crcs: &[(Option<u32>, u64)],
 ) -> anyhow::Result<()> {
     let mut chunk_crcs = crcs.iter();
+    let mut crc = crc32fast::Hasher::new();
     for (tensor, fields) in torch.tensors.iter().zip(&torch.crc_fields) {
-        let mut crc = crc32fast::Hasher::new();
         for _ in &tensor.chunks {
             let &(chunk_crc, len) = chunk_crcs.next().expect("one CRC per chunk");
             crc.combine(&crc32fast::Hasher::new_with_initial_len(
@@ -297,9 +299,12 @@ fn write_crcs(
                 len,
             ));
         }
-        let crc = crc.finalize().to_le_bytes();
+        if fields.is_empty() {
+            continue;
+        }
+        let value = std::mem::take(&mut crc).finalize().to_le_bytes();
         for &field in fields {
-            file.write_all_at(&crc, field)?;
+            file.write_all_at(&value, field)?;
         }
     }
     Ok(())

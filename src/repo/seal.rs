@@ -27,7 +27,7 @@ use crate::codec::policy::Policy;
 use crate::repo::Repo;
 use crate::repo::inspect::LogEntry;
 use crate::repo::walk::is_ancestor;
-use crate::store::object::{COMMIT_VERSION, ErrorTotals};
+use crate::store::object::{ErrorTotals, version_for};
 use crate::store::pending::PendingKey;
 use crate::store::{CommitRecord, FileEntry, ObjectId, StoreError};
 
@@ -355,7 +355,7 @@ fn sealed_record(
     }
     let relative = |(e, n): (f64, f64)| if n > 0.0 { (e / n).sqrt() as f32 } else { 0.0 };
     Ok(CommitRecord {
-        version: COMMIT_VERSION,
+        version: version_for(&files),
         parents: parent.into_iter().collect(),
         branch: key.branch.clone(),
         step: key.step,

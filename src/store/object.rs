@@ -11,8 +11,20 @@ use crate::codec::policy::Policy;
 
 /// Version of [`CommitRecord`]'s layout. Version 2 added
 /// [`FileContent::Torch`]; a version-1 record is a valid version-2 record
-/// without it, so both are read.
-pub const COMMIT_VERSION: u32 = 2;
+/// without it, so both are read. Version 3 lets a torch tensor have no CRC
+/// fields, its storage's CRC continuing into the next tensor (a storage cut
+/// into pieces); records that need it are written as version 3, all others
+/// as version 2, so that older builds keep reading them.
+pub const COMMIT_VERSION: u32 = 3;
+
+/// The version a record with these files is written as.
+pub fn version_for(files: &[FileEntry]) -> u32 {
+    let cut_storage = files.iter().any(|f| match &f.content {
+        FileContent::Torch(t) => t.crc_fields.iter().any(Vec::is_empty),
+        _ => false,
+    });
+    if cut_storage { 3 } else { 2 }
+}
 
 /// The oldest record layout this build reads.
 pub const OLDEST_COMMIT_VERSION: u32 = 1;

@@ -32,6 +32,9 @@ pub struct TorchFile {
     pub crc_fields: Vec<Vec<u64>>,
     /// Set when the pickle is an optimizer state dict, or holds one.
     pub optimizer: Option<OptimizerState>,
+    /// For each tensor, where the pickle uses its storage (`a.b.0`), in
+    /// the order met: what names a storage that is not one whole tensor.
+    pub paths: Vec<Vec<String>>,
 }
 
 /// The layout of a `torch.optim` state dict: `state` keyed by parameter
@@ -88,13 +91,25 @@ pub fn parse(bytes: &[u8]) -> Result<TorchFile, String> {
     )?;
     let by_record: HashMap<&str, &zip::Record> =
         records.iter().map(|r| (r.name.as_str(), r)).collect();
-    let (tensors, crc_fields) = storages(archive, &refs, &by_record)?;
+    let (tensors, crc_fields, paths) = storages(archive, &refs, &by_record)?;
     check_crc_fields(&tensors, &crc_fields)?;
     Ok(TorchFile {
         tensors,
         crc_fields,
         optimizer: optimizer_state(&pickle),
+        paths,
     })
+}
+
+/// The pickled object of a torch file, as a value tree (for readers that
+/// need more of it than the tensors, e.g. DeepSpeed's `param_shapes`).
+pub fn parse_pickle(bytes: &[u8]) -> Result<Pickle, String> {
+    let records = zip::records(bytes)?;
+    let pkl = records
+        .iter()
+        .find(|r| r.name.ends_with("/data.pkl") && r.name.matches('/').count() == 1)
+        .ok_or("no `<archive>/data.pkl` record (not a torch.save file)")?;
+    pickle::parse(&bytes[pkl.data_start as usize..pkl.data_end() as usize])
 }
 
 /// A tensor found in the pickle.
@@ -171,6 +186,17 @@ fn find_tensors(
         }
         Node::Call { func, args, .. } if is_tensor_rebuild(p, *func) => {
             out.push(tensor_ref(p, *args, path)?);
+        }
+        // A tensor with Python attributes (DeepSpeed's `ds_id`):
+        // `_rebuild_from_type_v2(_rebuild_tensor_v2, Tensor, args, attrs)`.
+        Node::Call { func, args, .. }
+            if p.global(*func) == Some(("torch._tensor", "_rebuild_from_type_v2")) =>
+        {
+            if let Some(&[inner, _, inner_args, ..]) = p.seq(*args)
+                && is_tensor_rebuild(p, inner)
+            {
+                out.push(tensor_ref(p, inner_args, path)?);
+            }
         }
         Node::Call {
             args,
@@ -277,11 +303,13 @@ fn storage_dtype(storage_type: &str) -> Option<Dtype> {
 /// by its tensor when exactly one tensor is the whole storage, otherwise
 /// `storage.<key>` with a flat shape (views and shared storages stay exact,
 /// they are just not paired with parameters).
+type Storages = (Vec<TensorInfo>, Vec<Vec<u64>>, Vec<Vec<String>>);
+
 fn storages(
     archive: &str,
     refs: &[TensorRef],
     records: &HashMap<&str, &zip::Record>,
-) -> Result<(Vec<TensorInfo>, Vec<Vec<u64>>), String> {
+) -> Result<Storages, String> {
     let mut by_key: BTreeMap<&str, Vec<&TensorRef>> = BTreeMap::new();
     for r in refs {
         by_key.entry(r.storage.as_str()).or_default().push(r);
@@ -330,10 +358,19 @@ fn storages(
                 end: record.data_end(),
             },
             record.crc_fields.clone(),
+            users.iter().map(|u| u.path.clone()).collect(),
         ));
     }
-    out.sort_by_key(|(t, _)| t.begin);
-    Ok(out.into_iter().unzip())
+    out.sort_by_key(|(t, _, _)| t.begin);
+    let mut tensors = Vec::with_capacity(out.len());
+    let mut crc_fields = Vec::with_capacity(out.len());
+    let mut paths = Vec::with_capacity(out.len());
+    for (t, c, p) in out {
+        tensors.push(t);
+        crc_fields.push(c);
+        paths.push(p);
+    }
+    Ok((tensors, crc_fields, paths))
 }
 
 /// Checkout writes each tensor's CRC-32 at its fields after writing the

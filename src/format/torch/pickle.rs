@@ -104,6 +104,39 @@ impl Pickle {
     }
 }
 
+/// A dataclass field: objects pickle their `__dict__` as BUILD state (or
+/// `(dict, slots)` for classes with slots).
+pub fn attr(p: &Pickle, obj: Id, name: &str) -> Option<Id> {
+    let Node::Call { state: Some(s), .. } = p.node(obj) else {
+        return None;
+    };
+    if let Some(found) = p.get(*s, name) {
+        return Some(found);
+    }
+    let parts = p.seq(*s)?;
+    parts.iter().find_map(|&part| p.get(part, name))
+}
+
+/// `torch.Size((a, b))`, pickled as `REDUCE(torch.Size, ((a, b),))`.
+pub fn torch_size(p: &Pickle, id: Id) -> Result<Vec<u64>, String> {
+    let dims = match p.node(id) {
+        Node::Call { func, args, .. } if p.global(*func) == Some(("torch", "Size")) => p
+            .seq(*args)
+            .and_then(|a| a.first().copied())
+            .and_then(|d| p.seq(d)),
+        Node::Tuple(d) | Node::List(d) => Some(d.as_slice()),
+        _ => None,
+    }
+    .ok_or("not a torch.Size")?;
+    dims.iter()
+        .map(|&d| {
+            p.int(d)
+                .and_then(|d| u64::try_from(d).ok())
+                .ok_or_else(|| "a dimension is not a non-negative int".to_string())
+        })
+        .collect()
+}
+
 /// A cursor over the pickle bytes.
 struct Input<'a> {
     bytes: &'a [u8],

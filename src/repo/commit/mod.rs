@@ -37,7 +37,9 @@ use super::walk::ancestry_steps;
 use crate::codec::{self, policy::Policy};
 use crate::format::safetensors::TensorInfo;
 use crate::format::{Checkpoint, InputKind};
-use crate::store::object::{COMMIT_VERSION, ErrorTotals};
+#[cfg(test)]
+use crate::store::object::COMMIT_VERSION;
+use crate::store::object::{ErrorTotals, version_for};
 use crate::store::pending::{BlobSink, StoreSink};
 use crate::store::{
     ChunkRef, CommitRecord, FileContent, FileEntry, ObjectId, PairingRecord, StoreConfig,
@@ -256,8 +258,9 @@ pub fn commit_checkpoint(
 
     let tensor_errors = tensor_errors(&encoded);
     let errors = error_totals(&plan, &tensor_errors);
+    let files = assemble_manifest(checkpoint, encoded, &tensor_errors);
     let record = CommitRecord {
-        version: COMMIT_VERSION,
+        version: version_for(&files),
         parents: session.parent.into_iter().collect(),
         branch: target.branch.clone(),
         step: options.step,
@@ -275,7 +278,7 @@ pub fn commit_checkpoint(
         input_bytes: checkpoint.total_bytes(),
         stored_bytes,
         errors,
-        files: assemble_manifest(checkpoint, encoded, &tensor_errors),
+        files,
     };
     let id = store.publish_commit(&record, &target.inherited_steps)?;
     drop(view);
