@@ -13,7 +13,8 @@
 //! real run's do: every weight changes a little, m and v drift.
 //!
 //! Usage: cargo run --release --example make_series -- OUT_DIR MODEL_BYTES COUNT
-//! (env `STEPS_PER_CHECKPOINT`, default 10; `WARMUP_STEPS`, default 20)
+//! (env `STEPS_PER_CHECKPOINT`, default 10; `WARMUP_STEPS`, default 20;
+//! `SEED`, default 0: another seed makes another run of the same shape)
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -72,12 +73,18 @@ struct State {
 
 const BLOCK: usize = 1 << 16;
 
+/// Salt of every element's random stream (`SEED`).
+fn salt() -> u64 {
+    env_u64("SEED", 0).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 impl State {
     fn new(len: usize, norms: &[(usize, usize)]) -> State {
         let mut w = vec![0f32; len];
+        let salt = salt();
         w.par_chunks_mut(BLOCK).enumerate().for_each(|(b, block)| {
             for (i, x) in block.iter_mut().enumerate() {
-                *x = normal(mix(((b * BLOCK + i) as u64) ^ 0xA5A5_0000_0000)) * 0.02;
+                *x = normal(mix(((b * BLOCK + i) as u64 ^ salt) ^ 0xA5A5_0000_0000)) * 0.02;
             }
         });
         // Norm weights start at one, as in a real model.
@@ -99,6 +106,7 @@ impl State {
         let c1 = 1.0 - b1.powi(t);
         let c2 = 1.0 - b2.powi(t);
         let step = self.step;
+        let salt = salt();
         self.w
             .par_chunks_mut(BLOCK)
             .zip(self.m.par_chunks_mut(BLOCK))
@@ -106,7 +114,7 @@ impl State {
             .enumerate()
             .for_each(|(b, ((w, m), v))| {
                 for i in 0..w.len() {
-                    let index = (b * BLOCK + i) as u64;
+                    let index = (b * BLOCK + i) as u64 ^ salt;
                     // A per-weight direction that persists, scaled per
                     // weight over four orders of magnitude, plus noise.
                     let fixed = mix(index ^ 0x5EED_0000_0000_0000);

@@ -10,6 +10,7 @@ mod common;
 
 use ckptvc::codec::policy::Policy;
 use ckptvc::store::object::{COMMIT_VERSION, ErrorTotals};
+use ckptvc::store::pending::PendingKey;
 use ckptvc::store::{
     Backend, BlobStore, BucketStore, CommitRecord, MetaStore, ObjectId, RefEdit, RefKind,
     RocksStore, StoreConfig, StoreError,
@@ -187,10 +188,68 @@ fn compare_and_swap(store: &dyn Backend) {
     assert_eq!(store.tag_target("t").unwrap(), Some(x));
 }
 
+/// Shards of a pending step: staged blobs and manifests, invisible until
+/// adopted; an abandoned sink leaves nothing; a retried shard replaces its
+/// manifest; dropping the pending step keeps adopted blobs.
+fn shards(store: &dyn Backend) {
+    let key = PendingKey {
+        branch: "main".into(),
+        step: 99,
+        group: "g".into(),
+    };
+    let payload = |shard: u8, i: u8| -> Vec<u8> { vec![shard ^ i; 1000 + usize::from(i)] };
+    let shared = b"shared by both ranks".to_vec();
+    for shard in 0..2u8 {
+        let sink = store.shard_sink(&key, u32::from(shard)).unwrap();
+        for i in 0..5 {
+            let p = payload(shard, i);
+            sink.put_blob(&ObjectId::of(&p), &p).unwrap();
+        }
+        sink.put_blob(&ObjectId::of(&shared), &shared).unwrap();
+        assert!(sink.has_blob(&ObjectId::of(&shared)).unwrap());
+        sink.finish(format!("manifest {shard}").into_bytes())
+            .unwrap();
+    }
+    // Abandoned: never finished.
+    let abandoned = store.shard_sink(&key, 2).unwrap();
+    abandoned.put_blob(&ObjectId::of(b"x"), b"x").unwrap();
+    drop(abandoned);
+    let manifests = store.shard_manifests(&key).unwrap();
+    assert_eq!(
+        manifests,
+        vec![(0, b"manifest 0".to_vec()), (1, b"manifest 1".to_vec())]
+    );
+    // A retried shard replaces its manifest.
+    let retry = store.shard_sink(&key, 1).unwrap();
+    retry.finish(b"manifest 1 again".to_vec()).unwrap();
+    assert_eq!(
+        store.shard_manifests(&key).unwrap()[1].1,
+        b"manifest 1 again"
+    );
+    let pending = store.pending_steps().unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].key, key);
+    assert_eq!(pending[0].shards, vec![0, 1]);
+    store.adopt_shards(&key).unwrap();
+    store.adopt_shards(&key).unwrap();
+    store.flush_blobs().unwrap();
+    store.drop_pending(&key).unwrap();
+    assert!(store.pending_steps().unwrap().is_empty());
+    assert!(store.shard_manifests(&key).unwrap().is_empty());
+    for shard in 0..1u8 {
+        for i in 0..5 {
+            let p = payload(shard, i);
+            assert_eq!(store.get_blob(&ObjectId::of(&p)).unwrap(), p);
+        }
+    }
+    assert_eq!(store.get_blob(&ObjectId::of(&shared)).unwrap(), shared);
+}
+
 fn conformance(store: &dyn Backend) {
     blobs(store);
     commits(store);
     compare_and_swap(store);
+    shards(store);
 }
 
 #[test]

@@ -65,10 +65,14 @@ impl std::fmt::Display for Shard {
 /// The rank a file of a sharded checkpoint belongs to, from its name:
 /// `__K_0.distcp` (PyTorch DCP), `zero_pp_rank_K_…` (DeepSpeed), or
 /// `rankK` / `rank_K` / `rank-K` (not after `mp_`, `pp_` or `tp_`, which
-/// number other parallel dimensions). `None` for a file of no rank
-/// (metadata, model files written once): rank 0 commits those.
+/// number other parallel dimensions) in the file's name or, failing that,
+/// in its folder's (`rank3/model.safetensors`). `None` for a file of no
+/// rank (metadata, model files written once): rank 0 commits those.
 pub fn rank_of(name: &str) -> Option<u32> {
-    let base = name.rsplit('/').next().unwrap_or(name);
+    name.rsplit('/').find_map(rank_in_component)
+}
+
+fn rank_in_component(base: &str) -> Option<u32> {
     if let Some(rest) = base.strip_prefix("__")
         && base.ends_with(crate::format::dcp::DATA_EXTENSION)
     {
@@ -205,6 +209,9 @@ pub struct Sealed {
     pub by_this_process: bool,
 }
 
+/// How long a rank that found every shard in waits for the writer lock.
+const SEAL_LOCK_WAIT: Duration = Duration::from_secs(600);
+
 /// Seals `key` if all `count` shards have arrived; `None` while some are
 /// missing.
 pub fn try_seal(
@@ -216,7 +223,9 @@ pub fn try_seal(
     if (repo.shard_manifests(key)?.len() as u32) < count {
         return Ok(None);
     }
-    let (store, ()) = repo.write(lock_wait, |_| Ok(()))?;
+    // Several ranks may find every shard in at once; each waits its turn
+    // (sealing is short) and the later ones find the step sealed.
+    let (store, ()) = repo.write(lock_wait.max(SEAL_LOCK_WAIT), |_| Ok(()))?;
     if let Some(id) = store.commit_at_step(&key.branch, key.step)? {
         return sealed_elsewhere(&store, key, id);
     }
@@ -404,6 +413,8 @@ mod tests {
         assert_eq!(rank_of("model_rank-05.pt"), Some(5));
         assert_eq!(rank_of(".metadata"), None);
         assert_eq!(rank_of("latest"), None);
+        assert_eq!(rank_of("rank3/model.safetensors"), Some(3));
+        assert_eq!(rank_of("step/model.safetensors"), None);
         assert_eq!(shard_of("latest"), 0);
     }
 

@@ -247,25 +247,47 @@ fn lossy_candidate(slot: &TensorSlot<'_>) -> bool {
             .is_some_and(|p| p.chunks.len() == slot.chunk_count())
 }
 
+/// Forms weight groups by name. Several files may hold tensors of the same
+/// names (one folder per rank, each with its `model.safetensors` and
+/// `optimizer.safetensors`): a weight's moments are looked for in its own
+/// folder first, and anywhere only when the name is unique; no moment joins
+/// two groups.
 fn find_groups(slots: &[TensorSlot<'_>]) -> Vec<Group> {
-    let by_name: HashMap<&str, usize> = slots
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.group_name, i))
-        .collect();
+    let mut by_name: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, s) in slots.iter().enumerate() {
+        by_name.entry(s.group_name).or_default().push(i);
+    }
+    let folder = |i: usize| {
+        let name = &slots[i].file.name;
+        name.rsplit_once('/').map_or("", |(dir, _)| dir)
+    };
+    let mut used = vec![false; slots.len()];
     let mut groups = Vec::new();
     for (w, slot) in slots.iter().enumerate() {
         let name = slot.group_name;
         if name.ends_with(".exp_avg") || name.ends_with(".exp_avg_sq") || !lossy_candidate(slot) {
             continue;
         }
-        let moment = |suffix: &str| {
-            by_name
-                .get(format!("{name}{suffix}").as_str())
+        let moment = |suffix: &str, used: &[bool]| {
+            let candidates = by_name.get(format!("{name}{suffix}").as_str())?;
+            let fits = |&&i: &&usize| {
+                !used[i] && slots[i].info.shape == slot.info.shape && lossy_candidate(&slots[i])
+            };
+            let near: Vec<usize> = candidates
+                .iter()
+                .filter(|&&i| folder(i) == folder(w))
+                .filter(fits)
                 .copied()
-                .filter(|&i| slots[i].info.shape == slot.info.shape && lossy_candidate(&slots[i]))
+                .collect();
+            match (near.as_slice(), candidates.as_slice()) {
+                ([one], _) => Some(*one),
+                ([], [only]) if fits(&only) => Some(*only),
+                _ => None,
+            }
         };
-        if let (Some(m), Some(v)) = (moment(".exp_avg"), moment(".exp_avg_sq")) {
+        if let (Some(m), Some(v)) = (moment(".exp_avg", &used), moment(".exp_avg_sq", &used)) {
+            used[m] = true;
+            used[v] = true;
             groups.push(Group { w, m, v });
         }
     }

@@ -6,6 +6,7 @@
 //! <repo>/view.lock   orders readers' opens against a writer's publishing
 //! <repo>/db/         RocksDB: column families blobs, blob_sizes, commits, refs, steps, meta
 //! <repo>/cache/      reconstruction cache of branch tips (safe to delete)
+//! <repo>/packs/      blobs that ranks wrote without the lock, adopted at sealing (`packs.rs`)
 //! <repo>/pending/    shards of steps not sealed yet (see `pending.rs`)
 //! ```
 //!
@@ -14,6 +15,7 @@
 //! (`refs.rs`); the writer lock and the view lock in `lock.rs`.
 
 pub mod lock;
+mod packs;
 mod pending;
 mod refs;
 
@@ -34,20 +36,26 @@ use super::pending::{PendingInfo, PendingKey, ShardSink};
 /// First line of `<repo>/FORMAT`.
 pub const FORMAT_MAGIC: &str = "ckptvc-store";
 /// Version of the store layout as a whole (directory + column families).
-pub const STORE_VERSION: u32 = 1;
+/// Version 2 added `packs/` and the `pack_index` column family (blobs that
+/// ranks staged without the lock, see `packs.rs`); a version-1 store is
+/// read as it is and upgraded by its first writer.
+pub const STORE_VERSION: u32 = 2;
+const OLDEST_STORE_VERSION: u32 = 1;
 pub(super) const CF_BLOBS: &str = "blobs";
 pub(super) const CF_BLOB_SIZES: &str = "blob_sizes";
 pub(super) const CF_COMMITS: &str = "commits";
 pub(super) const CF_REFS: &str = "refs";
 pub(super) const CF_STEPS: &str = "steps";
 pub(super) const CF_META: &str = "meta";
-const ALL_CFS: [&str; 6] = [
+pub(super) const CF_PACK_INDEX: &str = "pack_index";
+const ALL_CFS: [&str; 7] = [
     CF_BLOBS,
     CF_BLOB_SIZES,
     CF_COMMITS,
     CF_REFS,
     CF_STEPS,
     CF_META,
+    CF_PACK_INDEX,
 ];
 
 pub(super) const META_CONFIG: &[u8] = b"config";
@@ -60,6 +68,11 @@ pub(super) const TAG_PREFIX: &str = "tag/";
 pub struct RocksStore {
     root: PathBuf,
     db: DB,
+    /// Column families this store has (a version-1 store opened for
+    /// reading lacks `pack_index`).
+    cfs: &'static [&'static str],
+    /// Open pack files, by pack id.
+    packs: packs::OpenPacks,
     _lock: Option<WriterLock>,
 }
 
@@ -103,9 +116,8 @@ fn cf_options(name: &str) -> Options {
     opts
 }
 
-fn descriptors() -> Vec<ColumnFamilyDescriptor> {
-    ALL_CFS
-        .iter()
+fn descriptors(cfs: &[&str]) -> Vec<ColumnFamilyDescriptor> {
+    cfs.iter()
         .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)))
         .collect()
 }
@@ -129,10 +141,12 @@ impl RocksStore {
         let mut opts = db_options();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let db = DB::open_cf_descriptors(&opts, Self::db_dir(root), descriptors())?;
+        let db = DB::open_cf_descriptors(&opts, Self::db_dir(root), descriptors(&ALL_CFS))?;
         let store = RocksStore {
             root: root.to_path_buf(),
             db,
+            cfs: &ALL_CFS,
+            packs: packs::OpenPacks::default(),
             _lock: Some(lock),
         };
         let mut batch = WriteBatch::default();
@@ -145,7 +159,8 @@ impl RocksStore {
         Ok(store)
     }
 
-    fn check_format(root: &Path) -> Result<(), StoreError> {
+    /// The store's layout version, from `FORMAT`.
+    fn check_format(root: &Path) -> Result<u32, StoreError> {
         let path = root.join("FORMAT");
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
@@ -154,19 +169,32 @@ impl RocksStore {
             }
             Err(e) => return Err(StoreError::io(path, e)),
         };
-        let expected = format!("{FORMAT_MAGIC} {STORE_VERSION}");
-        if text.trim() != expected {
-            return Err(StoreError::NotAStore {
-                path: root.to_path_buf(),
-                what: format!("FORMAT says `{}`, expected `{expected}`", text.trim()),
-            });
+        let version = text
+            .trim()
+            .strip_prefix(FORMAT_MAGIC)
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|v| (OLDEST_STORE_VERSION..=STORE_VERSION).contains(v));
+        version.ok_or_else(|| StoreError::NotAStore {
+            path: root.to_path_buf(),
+            what: format!(
+                "FORMAT says `{}`, expected `{FORMAT_MAGIC} N` with N from {OLDEST_STORE_VERSION} to {STORE_VERSION}",
+                text.trim()
+            ),
+        })
+    }
+
+    /// The column families of a store of layout `version`.
+    fn cfs_of(version: u32) -> &'static [&'static str] {
+        if version >= 2 {
+            &ALL_CFS
+        } else {
+            &ALL_CFS[..6]
         }
-        Ok(())
     }
 
     /// Opens for reading. Touches no file of the store.
     pub fn open_read(root: &Path) -> Result<RocksStore, StoreError> {
-        Self::check_format(root)?;
+        let cfs = Self::cfs_of(Self::check_format(root)?);
         let mut opts = db_options();
         // Every table file is opened (and so kept readable) at open time:
         // a writer compacting meanwhile may unlink files, not take them away.
@@ -174,8 +202,12 @@ impl RocksStore {
         let mut attempt = 0;
         let _view = ViewLock::shared(root);
         let db = loop {
-            match DB::open_cf_descriptors_read_only(&opts, Self::db_dir(root), descriptors(), false)
-            {
+            match DB::open_cf_descriptors_read_only(
+                &opts,
+                Self::db_dir(root),
+                descriptors(cfs),
+                false,
+            ) {
                 Ok(db) => break db,
                 // A writer replaced a file between our reading the manifest
                 // and opening the file: the next attempt sees the new state.
@@ -189,6 +221,8 @@ impl RocksStore {
         Ok(RocksStore {
             root: root.to_path_buf(),
             db,
+            cfs,
+            packs: packs::OpenPacks::default(),
             _lock: None,
         })
     }
@@ -202,12 +236,25 @@ impl RocksStore {
         WriterLock::acquire(&root.join("lock"), wait)
     }
 
-    /// Opens for writing, as the holder of `lock`.
+    /// Opens for writing, as the holder of `lock`. A version-1 store is
+    /// upgraded: its new column family is created, then `FORMAT` rewritten.
     pub fn open_writable(root: &Path, lock: WriterLock) -> Result<RocksStore, StoreError> {
-        let db = DB::open_cf_descriptors(&db_options(), Self::db_dir(root), descriptors())?;
+        let version = Self::check_format(root)?;
+        let mut opts = db_options();
+        opts.create_missing_column_families(true);
+        let db = DB::open_cf_descriptors(&opts, Self::db_dir(root), descriptors(&ALL_CFS))?;
+        if version < STORE_VERSION {
+            let format = format!("{FORMAT_MAGIC} {STORE_VERSION}\n");
+            let tmp = root.join("FORMAT.tmp");
+            std::fs::write(&tmp, format)
+                .and_then(|()| std::fs::rename(&tmp, root.join("FORMAT")))
+                .map_err(|e| StoreError::io(root.join("FORMAT"), e))?;
+        }
         Ok(RocksStore {
             root: root.to_path_buf(),
             db,
+            cfs: &ALL_CFS,
+            packs: packs::OpenPacks::default(),
             _lock: Some(lock),
         })
     }
@@ -230,7 +277,7 @@ impl RocksStore {
 
     /// Flushes every column family's memtable to table files.
     fn flush_all(&self) -> Result<(), StoreError> {
-        let cfs: Vec<&ColumnFamily> = ALL_CFS.iter().map(|name| self.cf(name)).collect();
+        let cfs: Vec<&ColumnFamily> = self.cfs.iter().map(|name| self.cf(name)).collect();
         Ok(self
             .db
             .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?)
@@ -246,7 +293,7 @@ impl RocksStore {
     /// time grew with history (57 ms at 50 commits, 147 ms at 400).
     fn compact_crowded(&self) -> Result<(), StoreError> {
         let files = self.db.live_files()?;
-        for name in ALL_CFS {
+        for &name in self.cfs {
             let count = files
                 .iter()
                 .filter(|f| f.column_family_name == *name && f.size < SMALL_TABLE_FILE)
@@ -296,12 +343,13 @@ impl BlobStore for RocksStore {
     }
 
     fn get_blob(&self, id: &ObjectId) -> Result<Vec<u8>, StoreError> {
-        self.db
-            .get_cf(self.cf(CF_BLOBS), id.0)?
-            .ok_or_else(|| StoreError::Corrupt {
-                what: format!("blob {id}"),
-                detail: "missing from the store".into(),
-            })
+        if let Some(bytes) = self.db.get_cf(self.cf(CF_BLOBS), id.0)? {
+            return Ok(bytes);
+        }
+        self.get_packed(id)?.ok_or_else(|| StoreError::Corrupt {
+            what: format!("blob {id}"),
+            detail: "missing from the store".into(),
+        })
     }
 
     /// Number of blobs and the sum of their encoded sizes.
@@ -341,6 +389,9 @@ impl BlobStore for RocksStore {
         for id in ids {
             batch.delete_cf(self.cf(CF_BLOBS), id.0);
             batch.delete_cf(self.cf(CF_BLOB_SIZES), id.0);
+            if let Some(index) = self.pack_index() {
+                batch.delete_cf(index, id.0);
+            }
         }
         self.write_synced(batch)
     }
@@ -365,7 +416,8 @@ impl Backend for RocksStore {
     /// file with garbage; this is what `gc` pays to make `du` fall.
     fn reclaim_space(&self) -> Result<(), StoreError> {
         self.flush_all()?;
-        let cfs: Vec<&ColumnFamily> = ALL_CFS.iter().map(|name| self.cf(name)).collect();
+        self.reclaim_packs()?;
+        let cfs: Vec<&ColumnFamily> = self.cfs.iter().map(|name| self.cf(name)).collect();
         let blobs = self.cf(CF_BLOBS);
         self.db.set_options_cf(
             blobs,
@@ -405,7 +457,13 @@ impl Backend for RocksStore {
     /// Bytes the store occupies on disk: every file under `db/` except
     /// RocksDB's informational logs (`LOG*`), which are not store data.
     fn physical_bytes(&self) -> Result<u64, StoreError> {
-        dir_size(&Self::db_dir(&self.root), &|name| !name.starts_with("LOG"))
+        let packs = packs::packs_dir(&self.root);
+        let packed = if packs.exists() {
+            dir_size(&packs, &|_| true)?
+        } else {
+            0
+        };
+        Ok(dir_size(&Self::db_dir(&self.root), &|name| !name.starts_with("LOG"))? + packed)
     }
 
     fn shard_sink<'a>(
@@ -426,7 +484,7 @@ impl Backend for RocksStore {
 
     fn adopt_shards(&self, key: &PendingKey) -> Result<(), StoreError> {
         assert!(self._lock.is_some(), "only the writer adopts shards");
-        self.ingest_shards(key)
+        self.adopt_staged_packs(key)
     }
 
     fn drop_pending(&self, key: &PendingKey) -> Result<(), StoreError> {

@@ -3,34 +3,30 @@
 //! ```text
 //! <repo>/pending/<step:020>-<hash>/key          the PendingKey (JSON)
 //! <repo>/pending/<step:020>-<hash>/<K>/manifest shard K's manifest
-//! <repo>/pending/<step:020>-<hash>/<K>/blobs-<n>.sst, sizes-<n>.sst
+//! <repo>/pending/<step:020>-<hash>/<K>/blobs.pack, blobs.idx
 //! <repo>/pending/<step:020>-<hash>/tmp-<K>-<pid>-<nanos>/   being written
 //! ```
 //!
 //! RocksDB allows one writer process, so a shard cannot put its blobs into
-//! the database while other ranks do the same. It writes them instead into
-//! RocksDB table files of its own (`SstFileWriter`, sorted batches of up to
-//! [`BATCH_BYTES`]), which the sealer ingests under the writer lock: the
-//! files are moved into the database, not copied, so sealing costs no
-//! second write of the blobs. A shard appears when its directory is renamed
-//! from `tmp-…` to `<K>`, after every file in it was synced.
+//! the database while other ranks do the same. It appends them instead to a
+//! pack file of its own, which the sealer moves into `packs/` under the
+//! writer lock (see `packs.rs`): sealing costs a rename, not a second write
+//! of the blobs. A shard appears when its directory is renamed from
+//! `tmp-…` to `<K>`, after every file in it was synced.
 
 use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rocksdb::{IngestExternalFileOptions, SstFileWriter};
-
-use super::{CF_BLOB_SIZES, CF_BLOBS, RocksStore, cf_options};
+use super::RocksStore;
+use super::packs::{PackEntries, STAGED_INDEX, STAGED_PACK};
 use crate::store::StoreError;
 use crate::store::backend::BlobStore;
 use crate::store::object::ObjectId;
 use crate::store::pending::{BlobSink, PendingInfo, PendingKey, ShardSink};
-
-/// Blobs a shard holds in memory before writing them out as a sorted batch.
-const BATCH_BYTES: usize = 64 << 20;
 
 const KEY_FILE: &str = "key";
 const MANIFEST: &str = "manifest";
@@ -49,19 +45,23 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(io(dir))
 }
 
+pub(super) fn key_dir(root: &Path, key: &PendingKey) -> PathBuf {
+    pending_root(root).join(key.dir_name())
+}
+
 pub(super) struct RocksShardSink<'a> {
     store: &'a RocksStore,
     key_dir: PathBuf,
     tmp: PathBuf,
     shard: u32,
-    batch: Mutex<Batch>,
-    files: AtomicU32,
+    pack: Mutex<Pack>,
 }
 
-#[derive(Default)]
-struct Batch {
-    blobs: Vec<(ObjectId, Vec<u8>)>,
-    bytes: usize,
+/// The shard's pack being appended to.
+struct Pack {
+    file: BufWriter<File>,
+    len: u64,
+    entries: PackEntries,
     staged: HashSet<ObjectId>,
 }
 
@@ -71,7 +71,7 @@ impl<'a> RocksShardSink<'a> {
         key: &PendingKey,
         shard: u32,
     ) -> Result<Self, StoreError> {
-        let key_dir = pending_root(store.root()).join(key.dir_name());
+        let key_dir = key_dir(store.root(), key);
         std::fs::create_dir_all(&key_dir).map_err(io(&key_dir))?;
         let key_file = key_dir.join(KEY_FILE);
         if !key_file.exists() {
@@ -85,82 +85,60 @@ impl<'a> RocksShardSink<'a> {
             .map_or(0, |d| d.as_nanos());
         let tmp = key_dir.join(format!("tmp-{shard}-{}-{nanos}", std::process::id()));
         std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+        let pack_path = tmp.join(STAGED_PACK);
+        let file = File::create(&pack_path).map_err(io(&pack_path))?;
         Ok(RocksShardSink {
             store,
             key_dir,
             tmp,
             shard,
-            batch: Mutex::default(),
-            files: AtomicU32::new(0),
+            pack: Mutex::new(Pack {
+                file: BufWriter::with_capacity(1 << 20, file),
+                len: 0,
+                entries: Vec::new(),
+                staged: HashSet::new(),
+            }),
         })
-    }
-
-    /// Writes `blobs` as one pair of sorted table files.
-    fn write_batch(&self, mut blobs: Vec<(ObjectId, Vec<u8>)>) -> Result<(), StoreError> {
-        if blobs.is_empty() {
-            return Ok(());
-        }
-        blobs.sort_unstable_by_key(|(id, _)| *id);
-        blobs.dedup_by_key(|(id, _)| *id);
-        let n = self.files.fetch_add(1, Ordering::Relaxed);
-        let blob_opts = cf_options(CF_BLOBS);
-        let size_opts = cf_options(CF_BLOB_SIZES);
-        let blob_path = self.tmp.join(format!("blobs-{n:06}.sst"));
-        let size_path = self.tmp.join(format!("sizes-{n:06}.sst"));
-        let mut blob_file = SstFileWriter::create(&blob_opts);
-        let mut size_file = SstFileWriter::create(&size_opts);
-        blob_file.open(&blob_path)?;
-        size_file.open(&size_path)?;
-        for (id, bytes) in &blobs {
-            blob_file.put(id.0, bytes)?;
-            size_file.put(id.0, (bytes.len() as u64).to_le_bytes())?;
-        }
-        blob_file.finish()?;
-        size_file.finish()?;
-        Ok(())
     }
 }
 
 impl BlobSink for RocksShardSink<'_> {
     fn has_blob(&self, id: &ObjectId) -> Result<bool, StoreError> {
-        if self.batch.lock().expect("batch lock").staged.contains(id) {
+        if self.pack.lock().expect("pack lock").staged.contains(id) {
             return Ok(true);
         }
         self.store.has_blob(id)
     }
 
     fn put_blob(&self, id: &ObjectId, bytes: &[u8]) -> Result<(), StoreError> {
-        let full = {
-            let mut batch = self.batch.lock().expect("batch lock");
-            if !batch.staged.insert(*id) {
-                return Ok(());
-            }
-            batch.blobs.push((*id, bytes.to_vec()));
-            batch.bytes += bytes.len();
-            (batch.bytes >= BATCH_BYTES).then(|| {
-                batch.bytes = 0;
-                std::mem::take(&mut batch.blobs)
-            })
-        };
-        match full {
-            Some(blobs) => self.write_batch(blobs),
-            None => Ok(()),
+        let mut pack = self.pack.lock().expect("pack lock");
+        if !pack.staged.insert(*id) {
+            return Ok(());
         }
+        let path = self.tmp.join(STAGED_PACK);
+        pack.file.write_all(bytes).map_err(io(&path))?;
+        let offset = pack.len;
+        pack.entries.push((*id, offset, bytes.len() as u64));
+        pack.len += bytes.len() as u64;
+        Ok(())
     }
 }
 
 impl ShardSink for RocksShardSink<'_> {
     fn finish(self: Box<Self>, manifest: Vec<u8>) -> Result<(), StoreError> {
-        let last = std::mem::take(&mut self.batch.lock().expect("batch lock").blobs);
-        self.write_batch(last)?;
-        let path = self.tmp.join(MANIFEST);
-        std::fs::write(&path, manifest).map_err(io(&path))?;
-        for entry in std::fs::read_dir(&self.tmp).map_err(io(&self.tmp))? {
-            let entry = entry.map_err(io(&self.tmp))?;
-            std::fs::File::open(entry.path())
-                .and_then(|f| f.sync_all())
-                .map_err(io(&entry.path()))?;
+        let mut pack = self.pack.lock().expect("pack lock");
+        let pack_path = self.tmp.join(STAGED_PACK);
+        pack.file.flush().map_err(io(&pack_path))?;
+        let file = pack.file.get_ref();
+        if pack.entries.is_empty() {
+            std::fs::remove_file(&pack_path).map_err(io(&pack_path))?;
+        } else {
+            file.sync_all().map_err(io(&pack_path))?;
+            let idx = postcard::to_stdvec(&pack.entries).expect("serializing to a Vec cannot fail");
+            write_synced(&self.tmp.join(STAGED_INDEX), &idx)?;
         }
+        drop(pack);
+        write_synced(&self.tmp.join(MANIFEST), &manifest)?;
         sync_dir(&self.tmp)?;
         let done = self.key_dir.join(self.shard.to_string());
         // A shard committed again (a retry) replaces its earlier staging.
@@ -172,6 +150,13 @@ impl ShardSink for RocksShardSink<'_> {
     }
 }
 
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut file = File::create(path).map_err(io(path))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(io(path))
+}
+
 impl Drop for RocksShardSink<'_> {
     /// An abandoned shard (an error while encoding) leaves nothing behind;
     /// after `finish` the directory has been renamed and this is a no-op.
@@ -181,7 +166,7 @@ impl Drop for RocksShardSink<'_> {
 }
 
 /// The shard directories of a pending step: (shard, directory).
-fn shard_dirs(key_dir: &Path) -> Result<Vec<(u32, PathBuf)>, StoreError> {
+pub(super) fn shard_dirs(key_dir: &Path) -> Result<Vec<(u32, PathBuf)>, StoreError> {
     let mut out = Vec::new();
     let entries = match std::fs::read_dir(key_dir) {
         Ok(entries) => entries,
@@ -256,39 +241,6 @@ fn mtime(path: &Path) -> SystemTime {
 }
 
 impl RocksStore {
-    /// Ingests every shard's table files: blobs first, then their sizes, so
-    /// a size entry never claims a blob that is not there.
-    pub(super) fn ingest_shards(&self, key: &PendingKey) -> Result<(), StoreError> {
-        let key_dir = pending_root(self.root()).join(key.dir_name());
-        let mut blobs = Vec::new();
-        let mut sizes = Vec::new();
-        for (_, dir) in shard_dirs(&key_dir)? {
-            for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
-                let path = entry.map_err(io(&dir))?.path();
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                if name.starts_with("blobs-") && name.ends_with(".sst") {
-                    blobs.push(path);
-                } else if name.starts_with("sizes-") && name.ends_with(".sst") {
-                    sizes.push(path);
-                }
-            }
-        }
-        let mut opts = IngestExternalFileOptions::default();
-        opts.set_move_files(true);
-        for (cf, files) in [(CF_BLOBS, blobs), (CF_BLOB_SIZES, sizes)] {
-            // One file per call: batches of different shards overlap in key
-            // range, and RocksDB places each overlapping file on its own.
-            for file in files {
-                self.db
-                    .ingest_external_file_cf_opts(self.cf(cf), &opts, vec![&file])?;
-                // Moved files are linked into the database; the name here
-                // goes, so a second sealing attempt does not ingest it again.
-                let _ = std::fs::remove_file(&file);
-            }
-        }
-        Ok(())
-    }
-
     pub(super) fn remove_pending(&self, key: &PendingKey) -> Result<(), StoreError> {
         let key_dir = pending_root(self.root()).join(key.dir_name());
         match std::fs::remove_dir_all(&key_dir) {

@@ -54,7 +54,10 @@ impl MetaStore for RocksStore {
     }
 
     fn get_commit_bytes(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db().get_cf(self.cf(CF_COMMITS), id.0)?)
+        match self.db().get_pinned_cf(self.cf(CF_COMMITS), id.0)? {
+            Some(stored) => record_bytes(id, &stored).map(|b| Some(b.into_owned())),
+            None => Ok(None),
+        }
     }
 
     /// A commit's summary (everything but its file list), for `log`. Unlike
@@ -63,10 +66,10 @@ impl MetaStore for RocksStore {
     /// and the id check (which needs the whole, possibly large, record) is
     /// left to the operations that use the content and to `fsck`.
     fn get_commit_summary(&self, id: &ObjectId) -> Result<Option<CommitSummary>, StoreError> {
-        let Some(bytes) = self.db().get_pinned_cf(self.cf(CF_COMMITS), id.0)? else {
+        let Some(stored) = self.db().get_pinned_cf(self.cf(CF_COMMITS), id.0)? else {
             return Ok(None);
         };
-        decode_summary(id, &bytes).map(Some)
+        decode_summary(id, &record_bytes(id, &stored)?).map(Some)
     }
 
     /// Every commit's summary, in one sequential pass over the commit
@@ -92,7 +95,7 @@ impl MetaStore for RocksStore {
             let Some(id) = ObjectId::from_slice(&key) else {
                 continue;
             };
-            out.insert(id, decode_summary(&id, &bytes)?);
+            out.insert(id, decode_summary(&id, &record_bytes(&id, &bytes)?)?);
         }
         Ok(Some(out))
     }
@@ -154,7 +157,7 @@ impl MetaStore for RocksStore {
                 ancestor.0,
             );
         }
-        batch.put_cf(self.cf(CF_COMMITS), id.0, &bytes);
+        batch.put_cf(self.cf(CF_COMMITS), id.0, stored_record(&bytes));
         let branch_key = format!("{BRANCH_PREFIX}{}", record.branch);
         batch.put_cf(self.cf(CF_REFS), branch_key.as_bytes(), id.0);
         batch.put_cf(self.cf(CF_REFS), REF_HEAD, record.branch.as_bytes());
@@ -198,7 +201,7 @@ impl MetaStore for RocksStore {
             batch.put_cf(refs, REF_HEAD, head.as_bytes());
         }
         for (id, bytes) in &edit.put_commits {
-            batch.put_cf(self.cf(CF_COMMITS), id.0, bytes);
+            batch.put_cf(self.cf(CF_COMMITS), id.0, stored_record(bytes));
         }
         self.write_synced(batch)
     }
@@ -297,4 +300,42 @@ fn step_range(branch: &str) -> (Vec<u8>, Vec<u8>) {
     let mut end = branch.as_bytes().to_vec();
     end.push(1);
     (start, end)
+}
+
+/// Marks a commit record stored zstd-compressed (store version 2). No
+/// record starts with it: a record starts with its version, at least 1.
+const COMPRESSED: u8 = 0;
+
+/// How a record is kept: as it is, or compressed when that saves a tenth
+/// (the verbatim bytes of a distributed checkpoint's torch zips, ~470 KB
+/// per commit of a 2.5M-parameter model, compress 15-fold).
+fn stored_record(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if bytes.len() >= 4096
+        && let Ok(packed) = zstd::bulk::compress(bytes, 3)
+        && packed.len() + 1 < bytes.len() / 10 * 9
+    {
+        let mut out = Vec::with_capacity(packed.len() + 1);
+        out.push(COMPRESSED);
+        out.extend_from_slice(&packed);
+        return out.into();
+    }
+    bytes.into()
+}
+
+/// A record's bytes from how they are kept.
+fn record_bytes<'a>(
+    id: &ObjectId,
+    stored: &'a [u8],
+) -> Result<std::borrow::Cow<'a, [u8]>, StoreError> {
+    match stored.split_first() {
+        Some((&COMPRESSED, packed)) => {
+            zstd::stream::decode_all(packed)
+                .map(Into::into)
+                .map_err(|e| StoreError::Corrupt {
+                    what: format!("commit {id}"),
+                    detail: format!("compressed record does not decompress: {e}"),
+                })
+        }
+        _ => Ok(stored.into()),
+    }
 }
