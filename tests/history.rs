@@ -497,3 +497,46 @@ fn long_histories_keep_table_files_few() {
     let log = env.json(&["log"]);
     assert_eq!(log.as_array().unwrap().len(), 60);
 }
+
+/// A store written by the previous release (layout version 1, records of
+/// version 2, in tests/data/store-v1) keeps reading, and its first writer
+/// upgrades it to version 2 (pack index, compressed records).
+#[test]
+fn a_version_1_store_reads_and_is_upgraded_by_its_first_writer() {
+    let env = Env::new();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/store-v1");
+    copy_tree(&source, &env.repo());
+    let format = || std::fs::read_to_string(env.repo().join("FORMAT")).unwrap();
+    assert_eq!(format().trim(), "ckptvc-store 1");
+    let log = env.json(&["log", "--all"]);
+    assert_eq!(log.as_array().unwrap().len(), 3);
+    let keyframe = env.checkout("main@20", "k20");
+    assert_same_files(&fixture(20), &keyframe);
+    let trainer = env.checkout("trainer@50", "t50");
+    assert_same_files(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/trainer-run/checkpoint-10"),
+        &trainer,
+    );
+    env.checkout("main@40", "l40");
+    env.cmd().arg("fsck").assert().success();
+    assert_eq!(format().trim(), "ckptvc-store 1", "reading changes nothing");
+    env.commit_on("main", &fixture(60), 60);
+    assert_eq!(format().trim(), "ckptvc-store 2");
+    assert_eq!(env.json(&["log"]).as_array().unwrap().len(), 3);
+    let again = env.checkout("main@20", "k20-again");
+    assert_same_files(&fixture(20), &again);
+    env.cmd().arg("fsck").assert().success();
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
