@@ -156,6 +156,19 @@ fn json_output_matches_the_documented_schemas() {
     check("commit", commit(20));
     check("commit", commit(40));
     commit(60);
+    let shard = |k: u32| {
+        json(&[
+            "commit",
+            "--step",
+            "80",
+            "--shard",
+            &format!("{k}/2"),
+            fixture(80).to_str().unwrap(),
+        ])
+    };
+    check("commit-shard", shard(0));
+    check("status", json(&["status"]));
+    check("commit-shard", shard(1));
     let out = env.path("out");
     check(
         "checkout",

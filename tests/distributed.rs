@@ -504,3 +504,49 @@ fn shards_that_do_not_fit_are_refused_and_the_store_is_unchanged() {
     assert_eq!(before, env.snapshot());
     assert!(!env.repo().join("pending").exists());
 }
+
+#[test]
+fn gc_gives_back_the_space_of_dead_packs() {
+    let env = Env::init();
+    let step = env.path("step");
+    synthetic_step(&step, 2, 1, 1 << 18);
+    let single = env.path("single");
+    std::fs::create_dir_all(&single).unwrap();
+    std::fs::write(single.join("notes.txt"), "main only").unwrap();
+    env.commit(&single, 1);
+    // tmp: both ranks' shards of a step (a new branch, so a root commit).
+    for rank in 0..2 {
+        let out = shard_command(&env, &step, 5, rank, 2)
+            .args(["--branch", "tmp"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let packs = || std::fs::read_dir(env.repo().join("packs")).unwrap().count();
+    assert_eq!(packs(), 2, "each rank staged a pack");
+    // main takes rank 0's file: its blobs are found in rank 0's pack.
+    std::fs::copy(
+        step.join("rank0.safetensors"),
+        single.join("rank0.safetensors"),
+    )
+    .unwrap();
+    env.commit_on("main", &single, 2);
+    env.cmd().args(["switch", "main"]).assert().success();
+    env.cmd().args(["branch", "-d", "tmp"]).assert().success();
+    let before = env.json(&["stats"])["physical_bytes"].as_u64().unwrap();
+    let gc = env.json(&["gc", "--grace", "0"]);
+    assert!(gc["blobs_removed"].as_u64().unwrap() > 0, "{gc}");
+    // Rank 1's pack was all dead and is deleted; rank 0's still held
+    // main's blobs beside a dead one (meta.json), so those moved into the
+    // database before it was deleted.
+    assert_eq!(packs(), 0);
+    let after = env.json(&["stats"])["physical_bytes"].as_u64().unwrap();
+    assert!(after < before, "{before} -> {after}");
+    let out = env.checkout("main@2", "main2");
+    assert_same_files(&single, &out);
+    env.cmd().arg("fsck").assert().success();
+}

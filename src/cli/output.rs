@@ -172,6 +172,9 @@ pub fn print_show(report: &ShowReport) {
             bytes(e.bytes_out),
             e.rel_error
         );
+        if let Some(note) = &e.note {
+            println!("{:<24} note: {note}", "");
+        }
     }
 }
 

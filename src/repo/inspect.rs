@@ -114,6 +114,20 @@ pub struct TensorReport {
     pub bytes_out: u64,
     /// Relative L2 error of the stored tensor (0 when lossless).
     pub rel_error: f32,
+    /// For a file stored as opaque bytes that looks like a tensor file:
+    /// that it was not read as one.
+    pub note: Option<String>,
+}
+
+/// Why an opaque file may deserve a word in `show`: its name says it holds
+/// tensors, yet it was stored byte for byte (its commit said why).
+fn opaque_note(name: &str) -> Option<String> {
+    let tensor_file = [".pt", ".pth", ".bin", ".ckpt", ".distcp", ".safetensors"]
+        .iter()
+        .any(|ext| name.ends_with(ext));
+    tensor_file.then(|| {
+        "stored byte for byte: not read as a tensor file (the commit's notes say why)".to_string()
+    })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -158,6 +172,7 @@ pub fn show(store: &Repo, rev: &str) -> anyhow::Result<ShowReport> {
                 bytes_in: file.size,
                 bytes_out: chunks.iter().map(|c| c.stored_len).sum(),
                 rel_error: 0.0,
+                note: opaque_note(&file.name),
             }),
             FileContent::Safetensors { .. } | FileContent::Torch(_) => {
                 entries.extend(file.tensors().iter().map(|t| TensorReport {
@@ -170,6 +185,7 @@ pub fn show(store: &Repo, rev: &str) -> anyhow::Result<ShowReport> {
                     bytes_in: t.raw_bytes(),
                     bytes_out: t.stored_bytes(),
                     rel_error: t.rel_error,
+                    note: None,
                 }))
             }
         }
