@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use ckptvc::format::{MemoryCheckpoint, MemoryFile, MemoryTensor};
 use ckptvc::repo::load::{Snapshot, open_fresh};
+use ckptvc::repo::seal::Shard;
 use ckptvc::repo::{self, CheckoutOptions, CommitOptions, NoProgress, Repo};
 use ckptvc::store::StoreConfig;
 use pyo3::buffer::PyUntypedBuffer;
@@ -268,6 +269,68 @@ impl NativeRepo {
         json(&outcome)
     }
 
+    /// Commits checkpoint directory `dir` as `step`, or with `shard`
+    /// (rank, world size) only that rank's files of a step all ranks commit
+    /// at once (see `ckptvc commit --shard`). Returns the outcome as JSON.
+    #[pyo3(signature = (dir, step, shard=None, group=None, branch=None, message=None, policy_name=None, wait=0.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn commit_dir(
+        &self,
+        py: Python<'_>,
+        dir: PathBuf,
+        step: u64,
+        shard: Option<(u32, u32)>,
+        group: Option<String>,
+        branch: Option<String>,
+        message: Option<String>,
+        policy_name: Option<String>,
+        wait: f64,
+    ) -> PyResult<String> {
+        let options = CommitOptions {
+            step,
+            branch,
+            message: message.unwrap_or_default(),
+            policy: policy_name.as_deref().map(policy).transpose()?,
+            lock_wait: Duration::from_secs_f64(wait.max(0.0)),
+            ..CommitOptions::default()
+        };
+        let shard = shard
+            .map(|(index, count)| format!("{index}/{count}").parse::<Shard>())
+            .transpose()
+            .map_err(|e| to_py(anyhow::anyhow!(e)))?;
+        let outcome = self.with(|repo| {
+            py.detach(|| match shard {
+                Some(shard) => {
+                    let input = repo::commit::open_input(repo, &dir)?;
+                    let group = group.unwrap_or_default();
+                    let out = repo::commit::commit_shard(
+                        repo,
+                        input,
+                        &options,
+                        shard,
+                        &group,
+                        &NoProgress,
+                    )?;
+                    Ok(serde_json::to_value(&out)?)
+                }
+                None => Ok(serde_json::to_value(repo::commit(
+                    repo,
+                    &dir,
+                    &options,
+                    &NoProgress,
+                )?)?),
+            })
+        })?;
+        self.refresh()?;
+        json(&outcome)
+    }
+
+    /// Steps whose shards have not all arrived, as JSON.
+    fn pending(&self) -> PyResult<String> {
+        self.with(|repo| repo::seal::pending(&repo.reopen()?))
+            .and_then(|p| json(&p))
+    }
+
     #[pyo3(signature = (branch=None, all=false))]
     fn log(&self, branch: Option<String>, all: bool) -> PyResult<String> {
         self.with(|repo| repo::log(&repo.reopen()?, branch.as_deref(), all))
@@ -359,18 +422,24 @@ impl NativeRepo {
         self.with(|repo| Ok(repo.reopen()?.head_branch()?))
     }
 
-    #[pyo3(signature = (rev, output, force=false))]
+    #[pyo3(signature = (rev, output, force=false, shard=None))]
     fn checkout(
         &self,
         py: Python<'_>,
         rev: &str,
         output: PathBuf,
         force: bool,
+        shard: Option<(u32, u32)>,
     ) -> PyResult<String> {
+        let shard = shard
+            .map(|(index, count)| format!("{index}/{count}").parse::<Shard>())
+            .transpose()
+            .map_err(|e| to_py(anyhow::anyhow!(e)))?;
         let outcome = self.with(|repo| {
             py.detach(|| {
                 let options = CheckoutOptions {
                     force,
+                    shard,
                     ..CheckoutOptions::default()
                 };
                 repo::checkout(&repo.reopen()?, rev, &output, options, &NoProgress)

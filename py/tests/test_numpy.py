@@ -210,3 +210,45 @@ def test_checkout_and_the_command_line(tmp_path):
         text=True,
     )
     assert bad.returncode == 1 and "no ckptvc store" in bad.stderr
+
+
+DCP = os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "dcp")
+
+
+def _tree(root):
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def test_ranks_commit_their_shards_of_a_dcp_step(tmp_path):
+    repo = ckptvc.Repo.init(str(tmp_path / "store"), policy="lossless")
+    for step in (2, 4):
+        folder = os.path.join(DCP, f"step-{step:06d}")
+        first = repo.commit_dir(folder, step, shard=(1, 2))
+        assert first["sealed"] is None and first["files"] == 1
+        assert [p["arrived"] for p in repo.pending()] == [[1]]
+        last = repo.commit_dir(folder, step, shard=(0, 2))
+        assert last["sealed"]["step"] == step and last["sealed"]["by_this_process"]
+        assert repo.pending() == []
+    out = tmp_path / "out"
+    repo.checkout("4", str(out))
+    assert _tree(out) == _tree(os.path.join(DCP, "step-000004"))
+    mine = tmp_path / "rank1"
+    repo.checkout("4", str(mine), shard=(1, 2))
+    assert sorted(_tree(mine)) == ["__1_0.distcp"]
+    with pytest.raises(ckptvc.CkptvcError, match="belongs to rank 1"):
+        repo.commit_dir(os.path.join(DCP, "step-000006"), 6, shard=(0, 1))
+    assert [e["step"] for e in repo.log()] == [4, 2]
+
+
+def test_commit_distributed_outside_torch_distributed_commits_the_folder(tmp_path):
+    from ckptvc.integrations import commit_distributed
+
+    outcome = commit_distributed(str(tmp_path / "store"), os.path.join(DCP, "step-000002"), 2,
+                                 policy="lossless")
+    assert outcome["step"] == 2 and outcome["input_bytes"] > 0

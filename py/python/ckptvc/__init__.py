@@ -331,9 +331,37 @@ class Repo:
     def show(self, rev: str) -> dict:
         return json.loads(self._native.show(rev))
 
-    def checkout(self, rev: str, dir: str, force: bool = False) -> dict:
-        """Writes the commit's files into ``dir``, as ``ckptvc checkout``."""
-        return json.loads(self._native.checkout(rev, str(dir), force=force))
+    def checkout(self, rev: str, dir: str, force: bool = False,
+                 shard: Optional[tuple] = None) -> dict:
+        """Writes the commit's files into ``dir``, as ``ckptvc checkout``.
+
+        ``shard=(rank, world_size)`` writes only that rank's files of a
+        sharded step (``__<rank>_*.distcp``, ``zero_pp_rank_<rank>_*``, …).
+        """
+        return json.loads(self._native.checkout(rev, str(dir), force=force, shard=shard))
+
+    def commit_dir(self, dir: str, step: int, shard: Optional[tuple] = None,
+                   group: Optional[str] = None, branch: Optional[str] = None,
+                   message: Optional[str] = None, policy: Optional[str] = None,
+                   wait: float = 0.0) -> dict:
+        """Commits a checkpoint directory (as ``ckptvc commit``).
+
+        With ``shard=(rank, world_size)``, commits only that rank's files of
+        a step every rank commits at once (PyTorch DCP, DeepSpeed ZeRO): the
+        step becomes one commit when the last shard is in; the outcome's
+        ``sealed`` is then set. ``group`` names the attempt (see
+        ``ckptvc commit --group``).
+        """
+        self._finish_pending()
+        text = self._native.commit_dir(
+            str(dir), int(step), shard=None if shard is None else (int(shard[0]), int(shard[1])),
+            group=group, branch=branch, message=message, policy_name=policy, wait=float(wait),
+        )
+        return json.loads(text)
+
+    def pending(self) -> list:
+        """Steps whose shards have not all arrived (as ``ckptvc status``)."""
+        return json.loads(self._native.pending())
 
     def files(self, rev: str) -> list:
         """The commit's files and their tensors (name, dtype, shape, bytes)."""

@@ -170,3 +170,40 @@ def CheckpointIO(repo: "Repo | str" = ".ckptvc", policy: Optional[str] = None,
             store.delete_tag(_tag_for(path))
 
     return _IO()
+
+
+def _default_group() -> str:
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if run_id is None:
+        return ""
+    return run_id if restart is None else f"{run_id}.{restart}"
+
+
+def commit_distributed(repo: "Repo | str", checkpoint_dir: str, step: int,
+                       policy: Optional[str] = None, message: Optional[str] = None,
+                       branch: Optional[str] = None, group: Optional[str] = None,
+                       wait: float = 600.0) -> dict:
+    """Commits this rank's part of a sharded checkpoint, on every rank.
+
+    Call it on every rank after ``torch.distributed.checkpoint.save`` (or
+    DeepSpeed's ``save_checkpoint``) has written ``checkpoint_dir``: each
+    rank commits its own files (``--shard rank/world_size``) with no lock
+    held while it encodes, and the step becomes one commit when the last
+    rank is in. Outside ``torch.distributed`` the whole folder is committed.
+    ``group`` defaults to torchrun's run id and restart count.
+    """
+    store = _open(repo, policy)
+    shard = None
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            shard = (dist.get_rank(), dist.get_world_size())
+    except ImportError:
+        pass
+    return store.commit_dir(
+        checkpoint_dir, step, shard=shard,
+        group=_default_group() if group is None else group,
+        branch=branch, message=message, policy=policy, wait=wait,
+    )
