@@ -550,3 +550,34 @@ fn gc_gives_back_the_space_of_dead_packs() {
     assert_same_files(&single, &out);
     env.cmd().arg("fsck").assert().success();
 }
+
+/// Accelerate's FSDP layout: the model and the optimizer in two DCP
+/// folders of one checkpoint; moments pair with weights across them.
+#[test]
+fn accelerate_checkpoints_pair_across_their_two_dcp_folders() {
+    let checkpoint = |step: u64| fixtures(&format!("dcp-accelerate/checkpoint-{step}"));
+    let lossless = Env::init();
+    let lossy = Env::init_with(&["--policy", "balanced"]);
+    for step in [2, 4] {
+        let out = lossless.commit_json(&checkpoint(step), step);
+        assert!(
+            out["notes"]
+                .to_string()
+                .contains("24 of 24 Adam moment chunks paired"),
+            "{}",
+            out["notes"]
+        );
+        lossy.commit(&checkpoint(step), step);
+    }
+    let out = lossless.checkout("4", "out4");
+    assert_same_files(&checkpoint(4), &out);
+    let shown = entries(&lossy, "4");
+    for name in [
+        "model.fc1.weight[0:128,0:64]",
+        "optimizer.state.fc1.weight.exp_avg[0:128,0:64]",
+        "optimizer.state.fc1.weight.exp_avg_sq[128:255,0:64]",
+    ] {
+        let e = entry(&shown, name);
+        assert!(e["codecs"].to_string().contains("quant"), "{name}: {e}");
+    }
+}

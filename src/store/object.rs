@@ -356,6 +356,45 @@ fn check_version(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Marks a commit record kept zstd-compressed (local store version 2, and
+/// in buckets). No record starts with it: a record starts with its version,
+/// at least 1, so an older reader refuses a compressed record as version 0.
+const COMPRESSED: u8 = 0;
+
+/// How a record is kept: as it is, or compressed when that saves a tenth
+/// (the verbatim bytes of a distributed checkpoint's torch zips, ~470 KB
+/// per commit of a 2.5M-parameter model, compress 15-fold).
+pub fn pack_record(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if bytes.len() >= 4096
+        && let Ok(packed) = zstd::bulk::compress(bytes, 3)
+        && packed.len() + 1 < bytes.len() / 10 * 9
+    {
+        let mut out = Vec::with_capacity(packed.len() + 1);
+        out.push(COMPRESSED);
+        out.extend_from_slice(&packed);
+        return out.into();
+    }
+    bytes.into()
+}
+
+/// A record's bytes from how they are kept.
+pub fn unpack_record<'a>(
+    id: &ObjectId,
+    stored: &'a [u8],
+) -> Result<std::borrow::Cow<'a, [u8]>, super::StoreError> {
+    match stored.split_first() {
+        Some((&COMPRESSED, packed)) => {
+            zstd::stream::decode_all(packed)
+                .map(Into::into)
+                .map_err(|e| super::StoreError::Corrupt {
+                    what: format!("commit {id}"),
+                    detail: format!("compressed record does not decompress: {e}"),
+                })
+        }
+        _ => Ok(stored.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,6 +461,29 @@ mod tests {
         record.version = 7;
         let err = CommitRecord::from_bytes(&record.to_bytes()).unwrap_err();
         assert!(err.contains("version 7"), "{err}");
+    }
+
+    #[test]
+    fn large_records_are_kept_compressed_and_read_back() {
+        let mut record = sample();
+        record.message = "x".repeat(10_000);
+        let bytes = record.to_bytes();
+        let packed = pack_record(&bytes);
+        assert!(packed.len() < bytes.len() / 10 && packed[0] == COMPRESSED);
+        assert_eq!(
+            unpack_record(&record.id(), &packed).unwrap().as_ref(),
+            &bytes[..]
+        );
+        let small = sample().to_bytes();
+        assert_eq!(
+            pack_record(&small).as_ref(),
+            &small[..],
+            "small records stay as they are"
+        );
+        assert_eq!(
+            unpack_record(&record.id(), &small).unwrap().as_ref(),
+            &small[..]
+        );
     }
 
     #[test]

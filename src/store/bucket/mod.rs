@@ -41,7 +41,7 @@ use layout::{PackBuilder, PackEntry, PackIndex, RefEntry};
 use super::StoreError;
 use super::backend::{Backend, BlobStore, MetaStore, RefKind};
 use super::config::StoreConfig;
-use super::object::{CommitRecord, ObjectId};
+use super::object::{CommitRecord, ObjectId, pack_record, unpack_record};
 use super::pending::{PendingInfo, PendingKey, ShardSink};
 use super::refs::RefEdit;
 
@@ -944,7 +944,10 @@ impl MetaStore for BucketStore {
     }
 
     fn get_commit_bytes(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError> {
-        self.get_opt(&layout::commit_key(id))
+        match self.get_opt(&layout::commit_key(id))? {
+            Some(stored) => Ok(Some(unpack_record(id, &stored)?.into_owned())),
+            None => Ok(None),
+        }
     }
 
     fn commit_ids(&self) -> Result<Vec<ObjectId>, StoreError> {
@@ -1022,7 +1025,7 @@ impl MetaStore for BucketStore {
     ) -> Result<ObjectId, StoreError> {
         let bytes = record.to_bytes();
         let id = ObjectId::of(&bytes);
-        self.put_create(&layout::commit_key(&id), bytes)?;
+        self.put_create(&layout::commit_key(&id), pack_record(&bytes).into_owned())?;
         let current = self.branch_tip(&record.branch)?;
         let expected = match current {
             Some(tip) if Some(tip) != record.first_parent() => {
@@ -1044,7 +1047,7 @@ impl MetaStore for BucketStore {
     /// Step-index edits are ignored (a bucket derives steps from history).
     fn apply(&self, edit: &RefEdit) -> Result<(), StoreError> {
         for (id, bytes) in &edit.put_commits {
-            self.put_create(&layout::commit_key(id), bytes.clone())?;
+            self.put_create(&layout::commit_key(id), pack_record(bytes).into_owned())?;
         }
         for (name, id) in &edit.set_branches {
             self.set_ref(RefKind::Branch, name, Some(*id))?;

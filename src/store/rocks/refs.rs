@@ -12,6 +12,7 @@ use crate::store::StoreError;
 use crate::store::backend::{MetaStore, RefKind, decode_summary};
 use crate::store::config::StoreConfig;
 use crate::store::object::{CommitRecord, CommitSummary, ObjectId};
+use crate::store::object::{pack_record, unpack_record};
 use crate::store::refs::RefEdit;
 
 impl RocksStore {
@@ -55,7 +56,7 @@ impl MetaStore for RocksStore {
 
     fn get_commit_bytes(&self, id: &ObjectId) -> Result<Option<Vec<u8>>, StoreError> {
         match self.db().get_pinned_cf(self.cf(CF_COMMITS), id.0)? {
-            Some(stored) => record_bytes(id, &stored).map(|b| Some(b.into_owned())),
+            Some(stored) => unpack_record(id, &stored).map(|b| Some(b.into_owned())),
             None => Ok(None),
         }
     }
@@ -69,7 +70,7 @@ impl MetaStore for RocksStore {
         let Some(stored) = self.db().get_pinned_cf(self.cf(CF_COMMITS), id.0)? else {
             return Ok(None);
         };
-        decode_summary(id, &record_bytes(id, &stored)?).map(Some)
+        decode_summary(id, &unpack_record(id, &stored)?).map(Some)
     }
 
     /// Every commit's summary, in one sequential pass over the commit
@@ -95,7 +96,7 @@ impl MetaStore for RocksStore {
             let Some(id) = ObjectId::from_slice(&key) else {
                 continue;
             };
-            out.insert(id, decode_summary(&id, &record_bytes(&id, &bytes)?)?);
+            out.insert(id, decode_summary(&id, &unpack_record(&id, &bytes)?)?);
         }
         Ok(Some(out))
     }
@@ -157,7 +158,7 @@ impl MetaStore for RocksStore {
                 ancestor.0,
             );
         }
-        batch.put_cf(self.cf(CF_COMMITS), id.0, stored_record(&bytes));
+        batch.put_cf(self.cf(CF_COMMITS), id.0, pack_record(&bytes));
         let branch_key = format!("{BRANCH_PREFIX}{}", record.branch);
         batch.put_cf(self.cf(CF_REFS), branch_key.as_bytes(), id.0);
         batch.put_cf(self.cf(CF_REFS), REF_HEAD, record.branch.as_bytes());
@@ -201,7 +202,7 @@ impl MetaStore for RocksStore {
             batch.put_cf(refs, REF_HEAD, head.as_bytes());
         }
         for (id, bytes) in &edit.put_commits {
-            batch.put_cf(self.cf(CF_COMMITS), id.0, stored_record(bytes));
+            batch.put_cf(self.cf(CF_COMMITS), id.0, pack_record(bytes));
         }
         self.write_synced(batch)
     }
@@ -300,42 +301,4 @@ fn step_range(branch: &str) -> (Vec<u8>, Vec<u8>) {
     let mut end = branch.as_bytes().to_vec();
     end.push(1);
     (start, end)
-}
-
-/// Marks a commit record stored zstd-compressed (store version 2). No
-/// record starts with it: a record starts with its version, at least 1.
-const COMPRESSED: u8 = 0;
-
-/// How a record is kept: as it is, or compressed when that saves a tenth
-/// (the verbatim bytes of a distributed checkpoint's torch zips, ~470 KB
-/// per commit of a 2.5M-parameter model, compress 15-fold).
-fn stored_record(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    if bytes.len() >= 4096
-        && let Ok(packed) = zstd::bulk::compress(bytes, 3)
-        && packed.len() + 1 < bytes.len() / 10 * 9
-    {
-        let mut out = Vec::with_capacity(packed.len() + 1);
-        out.push(COMPRESSED);
-        out.extend_from_slice(&packed);
-        return out.into();
-    }
-    bytes.into()
-}
-
-/// A record's bytes from how they are kept.
-fn record_bytes<'a>(
-    id: &ObjectId,
-    stored: &'a [u8],
-) -> Result<std::borrow::Cow<'a, [u8]>, StoreError> {
-    match stored.split_first() {
-        Some((&COMPRESSED, packed)) => {
-            zstd::stream::decode_all(packed)
-                .map(Into::into)
-                .map_err(|e| StoreError::Corrupt {
-                    what: format!("commit {id}"),
-                    detail: format!("compressed record does not decompress: {e}"),
-                })
-        }
-        _ => Ok(stored.into()),
-    }
 }
