@@ -188,7 +188,7 @@ fn dcp_lossy_checkouts_load_into_other_world_sizes() {
 
 #[test]
 fn zero_checkpoints_round_trip_with_partitions_cut_into_parameters() {
-    for stage in [2, 3] {
+    for stage in [1, 2, 3] {
         let env = Env::init();
         for step in [2, 4, 6] {
             env.commit(&zero(stage, step), step);
@@ -216,7 +216,7 @@ fn zero_checkpoints_round_trip_with_partitions_cut_into_parameters() {
 
 #[test]
 fn zero_lossy_checkouts_resume_in_deepspeed() {
-    for stage in [2u32, 3] {
+    for stage in [1u32, 2, 3] {
         let env = Env::init_with(&["--policy", "balanced"]);
         for step in [2, 4, 6] {
             env.commit(&zero(stage, step), step);

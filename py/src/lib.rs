@@ -301,7 +301,7 @@ impl NativeRepo {
         let outcome = self.with(|repo| {
             py.detach(|| match shard {
                 Some(shard) => {
-                    let input = repo::commit::open_input(repo, &dir)?;
+                    let input = repo::commit::open_shard_input(repo, &dir, shard)?;
                     let group = group.unwrap_or_default();
                     let out = repo::commit::commit_shard(
                         repo,

@@ -654,7 +654,7 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
                 let group = group.clone().unwrap_or_else(default_group);
                 let outcome = repo::commit::commit_shard(
                     repo,
-                    repo::commit::open_input(repo, dir)?,
+                    repo::commit::open_shard_input(repo, dir, *shard)?,
                     &options,
                     *shard,
                     &group,

@@ -213,6 +213,20 @@ impl Checkpoint {
     /// Like [`Checkpoint::open`], skipping the directory `exclude` if it lies
     /// inside `dir` (a store kept in the checkpoint folder is not part of it).
     pub fn open_excluding(dir: &Path, exclude: Option<&Path>) -> Result<Self, FormatError> {
+        Self::open_selected(dir, exclude, &|_| true)
+    }
+
+    /// Like [`Checkpoint::open_excluding`], opening only the files `wanted`
+    /// names, plus those that describe the others (a DCP `.metadata`, a
+    /// DeepSpeed `*model_states.pt` with `param_shapes`): one rank of 512
+    /// then reads its own files, not every rank's. The describing files are
+    /// read for pairing; drop them with [`Checkpoint::retain_files`] if they
+    /// are not the caller's to commit.
+    pub fn open_selected(
+        dir: &Path,
+        exclude: Option<&Path>,
+        wanted: &dyn Fn(&str) -> bool,
+    ) -> Result<Self, FormatError> {
         let meta = std::fs::metadata(dir).map_err(|e| FormatError::Directory {
             path: dir.to_path_buf(),
             what: format!("cannot read checkpoint directory: {e}"),
@@ -232,6 +246,7 @@ impl Checkpoint {
                 what: "checkpoint directory contains no files".into(),
             });
         }
+        names.retain(|name| wanted(name) || describes_others(name));
         names.sort();
         let mut notes = Vec::new();
         let files: Vec<InputFile> = names
@@ -346,6 +361,13 @@ fn read_dcp_directories(
     let (aliases, dcp_notes) = dcp::pair_moments(&located);
     notes.extend(dcp_notes);
     aliases
+}
+
+/// Files whose content other files are read by: a DCP directory's
+/// `.metadata`, DeepSpeed's model states (their `param_shapes`).
+fn describes_others(name: &str) -> bool {
+    let (_, base) = parent_and_base(name);
+    base == dcp::METADATA || base.ends_with("model_states.pt")
 }
 
 /// `("a/b", "c")` for `a/b/c`, `("", "c")` for `c`.

@@ -48,7 +48,7 @@ use crate::store::{
 use plan::{OPAQUE, Plan, Work};
 
 pub use plan::MIN_LOSSY_ELEMENTS;
-pub use shard::{ShardOutcome, commit_shard};
+pub use shard::{ShardOutcome, commit_shard, open_shard_input};
 
 #[derive(Debug, Clone, Default)]
 pub struct CommitOptions {

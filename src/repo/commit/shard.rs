@@ -220,6 +220,27 @@ pub fn commit_shard(
     })
 }
 
+/// Opens rank `shard.index`'s files of step directory `dir` (and the files
+/// that describe them), refusing a file of a rank the step does not have.
+pub fn open_shard_input(repo: &Repo, dir: &Path, shard: Shard) -> anyhow::Result<Checkpoint> {
+    let outside = std::cell::RefCell::new(None);
+    let checkpoint = Checkpoint::open_selected(dir, repo.local_root(), &|name| {
+        let rank = shard_of(name);
+        if rank >= shard.count {
+            outside.borrow_mut().get_or_insert((name.to_string(), rank));
+        }
+        rank == shard.index
+    })?;
+    if let Some((name, rank)) = outside.into_inner() {
+        anyhow::bail!(
+            "{}: belongs to rank {rank}, but the step has {} shards (--shard {shard})",
+            dir.join(name).display(),
+            shard.count
+        );
+    }
+    Ok(checkpoint)
+}
+
 /// Every file's rank must be one of the step's shards.
 fn check_ranks(checkpoint: &Checkpoint, shard: Shard) -> anyhow::Result<()> {
     for file in &checkpoint.files {
