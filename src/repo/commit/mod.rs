@@ -23,7 +23,7 @@ use crate::repo::error::RepoError;
 use crate::repo::inspect::LogEntry;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use rayon::prelude::*;
@@ -264,9 +264,7 @@ pub fn commit_checkpoint(
         parents: session.parent.into_iter().collect(),
         branch: target.branch.clone(),
         step: options.step,
-        time_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+        time_ms: crate::repo::seal::now_ms(),
         message: options.message.clone(),
         keyframe,
         chain_depth: if keyframe {
