@@ -234,7 +234,7 @@ pub fn commit_checkpoint(
         (Some(cache_writer(&store, &target, &plan.layout)?), None)
     };
     let sink = StoreSink(store.backend());
-    let session = Session {
+    let mut session = Session {
         sink: &sink,
         reconstructor: Reconstructor::new(&store),
         parent: target.parent.as_ref().map(|(id, _)| *id),
@@ -243,15 +243,7 @@ pub fn commit_checkpoint(
         allow_delta: !keyframe,
     };
 
-    let encoded = match encode_all(&session, &plan, &policy, progress) {
-        Ok(encoded) => encoded,
-        Err(e) => {
-            if let Some(cache) = session.cache {
-                cache.abandon();
-            }
-            return Err(e);
-        }
-    };
+    let encoded = encode_or_abandon(&mut session, &plan, &policy, progress)?;
     let (new_blobs, stored_bytes) = new_blob_totals(&encoded);
     let view = store.hold_readers()?;
     store.flush_blobs()?;
@@ -323,6 +315,22 @@ fn cache_writer(
             store.cache_dir().display()
         )
     })
+}
+
+/// [`encode_all`]; on failure the commit's half-written cache file goes.
+fn encode_or_abandon(
+    session: &mut Session<'_>,
+    plan: &Plan<'_>,
+    policy: &Policy,
+    progress: &dyn Progress,
+) -> anyhow::Result<Vec<Encoded>> {
+    let encoded = encode_all(session, plan, policy, progress);
+    if encoded.is_err()
+        && let Some(cache) = session.cache.take()
+    {
+        cache.abandon();
+    }
+    encoded
 }
 
 /// Every chunk, after the whole-tensor plans of the policies that need them.

@@ -14,8 +14,8 @@ use anyhow::Context;
 use serde::Serialize;
 
 use super::{
-    CommitOptions, Session, assemble_manifest, encode_all, needs_keyframe, new_blob_totals, plan,
-    role_sums, tensor_errors,
+    CommitOptions, Session, assemble_manifest, encode_or_abandon, needs_keyframe, new_blob_totals,
+    plan, role_sums, tensor_errors,
 };
 use crate::codec::policy::Policy;
 use crate::format::Checkpoint;
@@ -151,7 +151,7 @@ pub fn commit_shard(
         (Some(writer), None)
     };
     let sink = view.shard_sink(&key, shard.index)?;
-    let session = Session {
+    let mut session = Session {
         sink: sink.as_ref(),
         reconstructor,
         parent: base.as_ref().map(|(id, _)| *id),
@@ -159,15 +159,7 @@ pub fn commit_shard(
         sources,
         allow_delta: !keyframe,
     };
-    let encoded = match encode_all(&session, &plan, &policy, progress) {
-        Ok(encoded) => encoded,
-        Err(e) => {
-            if let Some(cache) = session.cache {
-                cache.abandon();
-            }
-            return Err(e);
-        }
-    };
+    let encoded = encode_or_abandon(&mut session, &plan, &policy, progress)?;
     let (new_blobs, stored_bytes) = new_blob_totals(&encoded);
     let errors = tensor_errors(&encoded);
     let manifest = ShardManifest {
