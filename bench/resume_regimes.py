@@ -349,6 +349,8 @@ def run_regime(name, cfg, texts, args):
             loss = train_steps(model, opt, text, seed, s - every + 1, s, sched, cfg)
             save(model, opt, s, loss, ckpt(s))
         print(f"  trained {total} steps: loss {loss:.4f} ({time.time() - t0:.0f} s)", flush=True)
+    if args.train_only:
+        return {"what": cfg["what"], "parameters": n_params, "checkpoints": len(steps), "trained_only": True}
 
     def resume(path, p):
         model, opt = load(path, p, cfg)
@@ -477,6 +479,7 @@ def main():
     ap.add_argument("--regimes", default=",".join(REGIMES))
     ap.add_argument("--quick", action="store_true", help="tiny models and runs: a smoke test, not a measurement")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--train-only", action="store_true", help="make (or keep) the runs' checkpoints, measure nothing")
     ap.add_argument("--bin", help="ckptvc binary to copy (default: $CARGO_TARGET_DIR or ~/.cache/ckptvc-target, release)")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
@@ -509,7 +512,8 @@ def main():
             json.dump(results, f, indent=2)
     print(f"\n## Results ({version}, {torch.get_num_threads()} threads, text A: {sources['A']}, B: {sources['B']})")
     for name, res in results["regimes"].items():
-        report(name, res)
+        if not res.get("trained_only"):
+            report(name, res)
     print(f"\ntotal {results['seconds']:.0f} s wall, {results['cpu_seconds']:.0f} s CPU; raw numbers in {out_path}")
 
 

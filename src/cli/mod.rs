@@ -125,7 +125,13 @@ enum Command {
         /// Tuned policies: W step as a fraction of RMS(W) (makes the policy `custom`).
         #[arg(long)]
         w_step: Option<f32>,
-        /// Tuned policies: m step as a fraction of RMS(m) (makes the policy `custom`).
+        /// Tuned policies: W step bound as a fraction of RMS(W − Ŵ_parent),
+        /// the change since the parent (makes the policy `custom`).
+        #[arg(long)]
+        w_update_step: Option<f32>,
+        /// Tuned policies: m step as a fraction of the RMS of m in units of
+        /// the parent's √v̂ + ε, i.e. of Adam's update (before 2026-11-30's
+        /// presets: of RMS(m)) (makes the policy `custom`).
         #[arg(long)]
         m_step: Option<f32>,
         /// Tuned policies: v step in natural-log units (makes the policy `custom`).
@@ -627,6 +633,7 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
             beta,
             bits,
             w_step,
+            w_update_step,
             m_step,
             v_log_step,
             shard,
@@ -637,6 +644,7 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
                 beta: *beta,
                 bits: *bits,
                 w_step: *w_step,
+                w_update_step: *w_update_step,
                 m_step: *m_step,
                 v_log_step: *v_log_step,
             };

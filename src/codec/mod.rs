@@ -133,6 +133,8 @@ pub enum CodecError {
     RawLength(u64),
     #[error("{0} blob needs its base chunk, none was given")]
     MissingBase(Codec),
+    #[error("blob needs the side chunk of tensor `{0}` from its base commit, none was given")]
+    MissingSide(String),
     #[error("base chunk is {base} bytes but the blob encodes {raw} bytes")]
     BaseLength { base: usize, raw: usize },
     #[error("payload does not decompress: {0}")]
@@ -323,9 +325,22 @@ fn decode_quant(
     header: &BlobHeader,
     payload: &[u8],
     base: Option<&[u8]>,
+    side: Option<&[u8]>,
 ) -> Result<Vec<u8>, CodecError> {
     let q = quant::read_payload(payload, header.raw_len as usize / header.elem_size)?;
-    reconstruct_quant(header, q, base)
+    reconstruct_quant(header, q, base, side)
+}
+
+/// The side chunk a blob needs besides its base (a lossy chunk coded in a
+/// scaled domain), read from its payload's first bytes: `None` for every
+/// other blob. The caller fetches it from the same commit and passes it to
+/// [`decode_with`] or [`decode_onto`].
+pub fn side_of(blob: &[u8]) -> Result<Option<quant::Side>, CodecError> {
+    let header = BlobHeader::parse(blob)?;
+    if !matches!(header.codec, Codec::Quant | Codec::QuantDelta) {
+        return Ok(None);
+    }
+    Ok(quant::read_side(&blob[HEADER_LEN..])?)
 }
 
 /// The decoded bytes of a parsed quantized blob, after checking it against
@@ -334,6 +349,7 @@ fn reconstruct_quant(
     header: &BlobHeader,
     q: quant::Quantized,
     base: Option<&[u8]>,
+    side: Option<&[u8]>,
 ) -> Result<Vec<u8>, CodecError> {
     let raw_len = header.raw_len as usize;
     if q.symbols.len() * q.float.size() != raw_len {
@@ -346,7 +362,12 @@ fn reconstruct_quant(
         return Err(quant::QuantError::Invalid("domain does not match the blob's codec").into());
     }
     let base = base.map(|b| q.float.to_f32(b));
-    let values = quant::reconstruct(&q, base.as_deref())?;
+    let side = match (&q.side, side) {
+        (Some(s), Some(bytes)) => Some(s.float.to_f32(bytes)),
+        (Some(s), None) => return Err(CodecError::MissingSide(s.tensor.clone())),
+        (None, _) => None,
+    };
+    let values = quant::reconstruct(&q, base.as_deref(), side.as_deref())?;
     Ok(q.float.from_f32(&values))
 }
 
@@ -370,12 +391,23 @@ fn checked_base<'a>(
 }
 
 /// Decodes a blob back to the raw chunk. `base` is the decoded parent chunk for
-/// codecs that need one.
+/// codecs that need one. A blob that needs a side chunk ([`side_of`]) fails
+/// here: see [`decode_with`].
 pub fn decode(blob: &[u8], base: Option<&[u8]>) -> Result<Vec<u8>, CodecError> {
+    decode_with(blob, base, None)
+}
+
+/// [`decode`] with the side chunk (decoded bytes) a blob in a scaled domain
+/// needs; ignored by every other blob.
+pub fn decode_with(
+    blob: &[u8],
+    base: Option<&[u8]>,
+    side: Option<&[u8]>,
+) -> Result<Vec<u8>, CodecError> {
     let header = BlobHeader::parse(blob)?;
     let base = checked_base(&header, base)?;
     if !header.codec.is_lossless() {
-        return decode_quant(&header, &blob[HEADER_LEN..], base);
+        return decode_quant(&header, &blob[HEADER_LEN..], base, side);
     }
     let raw_len = header.raw_len as usize;
     match (header.codec, base) {
@@ -416,11 +448,15 @@ pub fn decode(blob: &[u8], base: Option<&[u8]>) -> Result<Vec<u8>, CodecError> {
     }
 }
 
-/// [`decode`] of a delta blob, given its base by value: the result is
+/// [`decode_with`] of a delta blob, given its base by value: the result is
 /// computed in the base's buffer where the codec allows (f32 quantized
 /// residuals and ratios, xor-deltas), so that a chain of deltas decodes
-/// without a fresh chunk-sized buffer per link. Same result as [`decode`].
-pub fn decode_onto(blob: &[u8], mut base: Vec<u8>) -> Result<Vec<u8>, CodecError> {
+/// without a fresh chunk-sized buffer per link. Same result as [`decode_with`].
+pub fn decode_onto(
+    blob: &[u8],
+    mut base: Vec<u8>,
+    side: Option<&[u8]>,
+) -> Result<Vec<u8>, CodecError> {
     let header = BlobHeader::parse(blob)?;
     checked_base(&header, Some(&base))?;
     let payload = &blob[HEADER_LEN..];
@@ -429,9 +465,10 @@ pub fn decode_onto(blob: &[u8], mut base: Vec<u8>) -> Result<Vec<u8>, CodecError
             let q = quant::read_payload_runs(payload, header.raw_len as usize / header.elem_size)?;
             let in_place = q.float == float::FloatType::F32
                 && cfg!(target_endian = "little")
-                && q.domain.needs_base();
+                && q.domain.needs_base()
+                && !q.domain.needs_side();
             if !in_place {
-                return reconstruct_quant(&header, q.expand(), Some(&base));
+                return reconstruct_quant(&header, q.expand(), Some(&base), side);
             }
             quant::reconstruct_f32_onto(&q, &mut base)?;
             Ok(base)
@@ -441,7 +478,7 @@ pub fn decode_onto(blob: &[u8], mut base: Vec<u8>) -> Result<Vec<u8>, CodecError
             base.iter_mut().zip(&delta).for_each(|(b, d)| *b ^= d);
             Ok(base)
         }
-        _ => decode(blob, Some(&base)),
+        _ => decode_with(blob, Some(&base), side),
     }
 }
 
@@ -585,6 +622,7 @@ mod tests {
             let q = quant::Quantized {
                 domain: quant::Domain::Residual,
                 float: float::FloatType::F32,
+                side: None,
                 levels: quant::Levels::Linear(0.01),
                 symbols: raw.iter().map(|x| if x.is_finite() { 127 } else { quant::ESCAPE }).collect(),
                 escapes: raw.iter().copied().filter(|x| !x.is_finite()).collect(),
@@ -597,8 +635,8 @@ mod tests {
                 }
                 let _ = decode(&blob, Some(&base));
                 let _ = decode(&blob[..cut % blob.len()], Some(&base));
-                let _ = decode_onto(&blob, base.clone());
-                let _ = decode_onto(&blob[..cut % blob.len()], base.clone());
+                let _ = decode_onto(&blob, base.clone(), None);
+                let _ = decode_onto(&blob[..cut % blob.len()], base.clone(), None);
             }
         }
 
@@ -632,7 +670,7 @@ mod tests {
             } else {
                 quant::Levels::Linear(0.01)
             };
-            let q = quant::Quantized { domain, float, levels, symbols, escapes };
+            let q = quant::Quantized { domain, float, side: None, levels, symbols, escapes };
             let base_values: Vec<f32> = (0..len).map(|i| match i % 50 {
                 0 => -0.0,
                 1 => f32::NAN,
@@ -641,9 +679,9 @@ mod tests {
             let base = float.from_f32(&base_values);
             let blob = encode_quant(&q);
             let expected = decode(&blob, Some(&base)).unwrap();
-            prop_assert_eq!(decode_onto(&blob, base.clone()).unwrap(), expected);
+            prop_assert_eq!(decode_onto(&blob, base.clone(), None).unwrap(), expected);
             let delta = encode_xor_delta(&base.iter().map(|b| b ^ 0x11).collect::<Vec<u8>>(), &base, 4);
-            prop_assert_eq!(decode_onto(&delta, base.clone()).unwrap(), decode(&delta, Some(&base)).unwrap());
+            prop_assert_eq!(decode_onto(&delta, base.clone(), None).unwrap(), decode(&delta, Some(&base)).unwrap());
         }
 
         #[test]
@@ -682,6 +720,7 @@ mod tests {
         let q = quant::Quantized {
             domain: quant::Domain::Residual,
             float: float::FloatType::F32,
+            side: None,
             levels: quant::Levels::Linear(0.5),
             symbols: vec![127; 16],
             escapes: vec![],

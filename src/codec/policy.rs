@@ -18,11 +18,23 @@
 //!   reconstructed v (v moves slowly, β2 ≈ 0.999), so v̂ is never 0 where v
 //!   was not and its relative error is bounded by the step. Symbols are
 //!   rANS-coded; out-of-range values and NaN/Inf are stored exactly.
+//!   What the presets were until 2026-11-30; records made then name it.
+//! - [`Policy::Guided`] — the presets since: the tuned coding with each
+//!   error tied to what resuming from it does. W's step is also bounded by
+//!   a fraction of how far W moved since the parent (late in a run the
+//!   change is small against W, and an error of a fixed fraction of W would
+//!   dwarf it). m is coded in units of Adam's update: element i's step is a
+//!   fraction of RMS(m/(√v̂ + ε)) times √v̂ᵢ + ε, with v̂ the commit's own
+//!   reconstructed v (a side chunk, decoded first), so that every element's update, not
+//!   m's plain value, gets the same relative precision; a uniform step on m
+//!   had let the update of elements with small v (rare tokens, norms) carry
+//!   most of the resumed drift. And every step follows the precision the
+//!   tensor is stored in ([`precision_factor`]).
 
 use serde::{Deserialize, Serialize};
 
 use super::float::FloatType;
-use super::quant::{Domain, ESCAPE, Levels, MAX_LEVEL, Quantized};
+use super::quant::{Domain, ESCAPE, Levels, MAX_LEVEL, Quantized, Side};
 
 /// How a commit codes parameters that have Adam state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,15 +56,46 @@ pub enum Policy {
         /// v quantizer step in natural-log units (≈ relative error bound × 2).
         v_log_step: f32,
     },
+    /// The presets since 2026-11-30 (module docs); `preset` as for `Tuned`.
+    Guided {
+        preset: String,
+        /// W step as a fraction of RMS(W)…
+        w_step: f32,
+        /// …or of RMS(W − Ŵ_parent), whichever is smaller (0: no such bound).
+        w_update_step: f32,
+        /// m step as a fraction of RMS(m / (√v̂ + ε)), element i's step
+        /// scaled by √v̂ᵢ + ε (v̂: this commit's reconstructed v).
+        m_step: f32,
+        /// v quantizer step in natural-log units.
+        v_log_step: f32,
+    },
+}
+
+/// Adam's ε as torch's AdamW defaults it: the floor of m's per-element
+/// scale, √v̂ + ε, as in Adam's update.
+pub const ADAM_EPS: f32 = 1e-8;
+
+/// How much coarser than in fp32 a tensor stored as `float` is coded under
+/// the same preset. A preset promises drift against the damage of the
+/// stored precision: rounding to bf16 for fp32 and fp16 tensors, but one
+/// ulp for a tensor already in bf16 (rounding it to bf16 changes nothing),
+/// whose RMS error is 2√3 times rounding's (an ulp against a uniform error
+/// of ±½ ulp).
+pub fn precision_factor(float: FloatType) -> f32 {
+    match float {
+        FloatType::BF16 => 2.0 * 3f32.sqrt(),
+        FloatType::F32 | FloatType::F16 => 1.0,
+    }
 }
 
 impl Policy {
     pub const PRESETS: [&str; 5] = ["lossless", "excp", "compact", "balanced", "faithful"];
 
     pub fn preset(name: &str) -> Option<Policy> {
-        let tuned = |w_step, m_step, v_log_step| Policy::Tuned {
+        let guided = |w_step, w_update_step, m_step, v_log_step| Policy::Guided {
             preset: name.to_string(),
             w_step,
+            w_update_step,
             m_step,
             v_log_step,
         };
@@ -63,12 +106,16 @@ impl Policy {
                 beta: 2.0,
                 bits: 4,
             },
-            // Chosen on the resumed-training benchmark (docs/benchmarks.md):
-            // drift follows the weight error almost one for one, while m and v
-            // tolerate coarse steps, so the bits go to W.
-            "compact" => tuned(0.065, 6.0, 1.5),
-            "balanced" => tuned(0.02, 3.0, 0.8),
-            "faithful" => tuned(0.008, 1.0, 0.3),
+            // Chosen on the regimes benchmark (docs/benchmarks.md, "Presets
+            // across kinds of run"): four kinds of run, each mark at two
+            // points of each.
+            // W's step is not bounded by the change (w_update_step 0): the
+            // change is measured against the parent's reconstruction, so a
+            // bound shrinks with the parent's own error, and a checkpoint
+            // committed twice was coded ever finer (tests/lossy.rs).
+            "compact" => guided(0.065, 0.0, 6.0, 1.5),
+            "balanced" => guided(0.02, 0.0, 3.0, 0.8),
+            "faithful" => guided(0.008, 0.0, 1.0, 0.3),
             _ => return None,
         })
     }
@@ -77,7 +124,20 @@ impl Policy {
         match self {
             Policy::Lossless => "lossless",
             Policy::Excp { .. } => "excp",
-            Policy::Tuned { preset, .. } => preset,
+            Policy::Tuned { preset, .. } | Policy::Guided { preset, .. } => preset,
+        }
+    }
+
+    /// The policy a commit codes with: a store's default policy recorded
+    /// before the presets changed (`Tuned` named `compact`, `balanced` or
+    /// `faithful`) means the preset, so it becomes today's; anything else
+    /// (`custom` knobs included) is kept as it is.
+    pub fn current(self) -> Policy {
+        match &self {
+            Policy::Tuned { preset, .. } if preset != "custom" => {
+                Policy::preset(preset).unwrap_or(self)
+            }
+            _ => self,
         }
     }
 
@@ -106,6 +166,15 @@ impl Policy {
                 m_step,
                 v_log_step,
             } => format!("{preset}(w_step={w_step}, m_step={m_step}, v_log_step={v_log_step})"),
+            Policy::Guided {
+                preset,
+                w_step,
+                w_update_step,
+                m_step,
+                v_log_step,
+            } => format!(
+                "{preset}(w_step={w_step}, w_update_step={w_update_step}, m_step={m_step} of the update, v_log_step={v_log_step})"
+            ),
         }
     }
 }
@@ -117,6 +186,7 @@ pub struct Knobs {
     pub beta: Option<f32>,
     pub bits: Option<u8>,
     pub w_step: Option<f32>,
+    pub w_update_step: Option<f32>,
     pub m_step: Option<f32>,
     pub v_log_step: Option<f32>,
 }
@@ -131,36 +201,56 @@ impl Knobs {
             beta,
             bits,
             w_step,
+            w_update_step,
             m_step,
             v_log_step,
         } = self;
         let excp_knobs = alpha.is_some() || beta.is_some() || bits.is_some();
-        let tuned_knobs = w_step.is_some() || m_step.is_some() || v_log_step.is_some();
+        let tuned_knobs =
+            w_step.is_some() || w_update_step.is_some() || m_step.is_some() || v_log_step.is_some();
         if excp_knobs && tuned_knobs {
             return Err(
-            "the excp knobs (alpha, beta, bits) and the tuned knobs (w_step, m_step, v_log_step) do not mix".into()
+            "the excp knobs (alpha, beta, bits) and the step knobs (w_step, w_update_step, m_step, v_log_step) do not mix".into()
         );
         }
         if tuned_knobs {
-            let base = policy.unwrap_or_else(|| Policy::preset("balanced").expect("preset"));
-            let Policy::Tuned {
-                w_step: w,
-                m_step: m,
-                v_log_step: v,
-                ..
-            } = base
-            else {
-                return Err(
-                    "w_step, m_step and v_log_step apply to compact, balanced and faithful only"
+            let base = policy.map_or_else(
+                || Policy::preset("balanced").expect("preset"),
+                Policy::current,
+            );
+            return match base {
+                Policy::Guided {
+                    w_step: w,
+                    w_update_step: u,
+                    m_step: m,
+                    v_log_step: v,
+                    ..
+                } => Ok(Some(Policy::Guided {
+                    preset: "custom".into(),
+                    w_step: w_step.unwrap_or(w),
+                    w_update_step: w_update_step.unwrap_or(u),
+                    m_step: m_step.unwrap_or(m),
+                    v_log_step: v_log_step.unwrap_or(v),
+                })),
+                Policy::Tuned { .. } if w_update_step.is_some() => {
+                    Err("w_update_step applies to the presets made since 2026-11-30 only".into())
+                }
+                Policy::Tuned {
+                    w_step: w,
+                    m_step: m,
+                    v_log_step: v,
+                    ..
+                } => Ok(Some(Policy::Tuned {
+                    preset: "custom".into(),
+                    w_step: w_step.unwrap_or(w),
+                    m_step: m_step.unwrap_or(m),
+                    v_log_step: v_log_step.unwrap_or(v),
+                })),
+                _ => Err(
+                    "w_step, w_update_step, m_step and v_log_step apply to compact, balanced and faithful only"
                         .into(),
-                );
+                ),
             };
-            return Ok(Some(Policy::Tuned {
-                preset: "custom".into(),
-                w_step: w_step.unwrap_or(w),
-                m_step: m_step.unwrap_or(m),
-                v_log_step: v_log_step.unwrap_or(v),
-            }));
         }
         if !excp_knobs {
             return Ok(policy);
@@ -199,6 +289,13 @@ pub struct GroupStats {
     pub sum_v: f64,
     /// Σ (m − m̂_parent)²: whether m is cheaper coded as a residual.
     pub sum_dm2: f64,
+    /// Σ (W − Ŵ_parent)² (guided policies).
+    pub sum_dw2: f64,
+    /// Σ u² and Σ (u − û_parent)², u = m / (√v_parent + ε): m in units of
+    /// Adam's update, near enough for planning (guided policies with a
+    /// side; the coding itself scales by this commit's v̂).
+    pub sum_u2: f64,
+    pub sum_du2: f64,
     pub samples: Vec<Sample>,
 }
 
@@ -219,6 +316,7 @@ impl GroupStats {
             stats.sum_w2 += (wi as f64).powi(2);
             stats.sum_m2 += (mi as f64).powi(2);
             stats.sum_dm2 += (dm as f64).powi(2);
+            stats.sum_dw2 += (dw as f64).powi(2);
             stats.sum_abs_m += mi.abs() as f64;
             stats.sum_v += vi as f64;
             if (first + i as u64).is_multiple_of(stride) {
@@ -237,8 +335,22 @@ impl GroupStats {
         crate::with_avx2!(tuned_sums(chunk: &GroupChunk<'_>) -> GroupStats)
     }
 
+    /// What the guided policies plan from: [`GroupStats::tuned_sums_of_chunk`]
+    /// and `sum_dw2`, `sum_u2`, `sum_du2` (the latter two only with a side).
+    pub fn guided_sums_of_chunk(chunk: &GroupChunk<'_>) -> GroupStats {
+        let mut stats = GroupStats::tuned_sums_of_chunk(chunk);
+        stats.sum_dw2 = sum_squared_differences(chunk.w, chunk.parent_w);
+        if chunk.side_tensor.is_some() {
+            (stats.sum_u2, stats.sum_du2) = sum_updates(chunk);
+        }
+        stats
+    }
+
     pub fn merge(mut self, other: GroupStats) -> GroupStats {
         self.count += other.count;
+        self.sum_dw2 += other.sum_dw2;
+        self.sum_u2 += other.sum_u2;
+        self.sum_du2 += other.sum_du2;
         self.sum_w2 += other.sum_w2;
         self.sum_m2 += other.sum_m2;
         self.sum_abs_m += other.sum_abs_m;
@@ -296,6 +408,57 @@ fn tuned_sums(chunk: &GroupChunk<'_>) -> GroupStats {
     }
 }
 
+fn sum_squared_differences(x: &[f32], parent: &[f32]) -> f64 {
+    crate::with_avx2!(squared_differences(x: &[f32], parent: &[f32]) -> f64)
+}
+
+fn sum_updates(chunk: &GroupChunk<'_>) -> (f64, f64) {
+    crate::with_avx2!(update_sums(chunk: &GroupChunk<'_>) -> (f64, f64))
+}
+
+/// Σ (x − parent)² over the finite differences, in eight lanes.
+#[inline(always)]
+fn squared_differences(x: &[f32], parent: &[f32]) -> f64 {
+    const LANES: usize = 8;
+    let mut sums = [0f64; LANES];
+    let add = |sum: &mut f64, x: f32, p: f32| {
+        let d = (x - p) as f64;
+        *sum += if d.is_finite() { d * d } else { 0.0 };
+    };
+    let (xs, ps) = (x.chunks_exact(LANES), parent.chunks_exact(LANES));
+    let (x_tail, p_tail) = (xs.remainder(), ps.remainder());
+    for (x, p) in xs.zip(ps) {
+        for lane in 0..LANES {
+            add(&mut sums[lane], x[lane], p[lane]);
+        }
+    }
+    for (lane, (&x, &p)) in x_tail.iter().zip(p_tail).enumerate() {
+        add(&mut sums[lane], x, p);
+    }
+    sums.iter().sum()
+}
+
+/// (Σ u², Σ (u − û_parent)²) with u = m / scale, the per-element scale of
+/// m's side (√v̂_parent + ε), over the finite terms.
+#[inline(always)]
+fn update_sums(chunk: &GroupChunk<'_>) -> (f64, f64) {
+    let (mut u2, mut du2) = ([0f64; 8], [0f64; 8]);
+    for (i, ((&m, &pm), &pv)) in chunk
+        .m
+        .iter()
+        .zip(chunk.parent_m)
+        .zip(chunk.parent_v)
+        .enumerate()
+    {
+        let scale = Side::scale(ADAM_EPS, pv);
+        let (u, du) = ((m / scale) as f64, ((m - pm) / scale) as f64);
+        let ok = u.is_finite() && du.is_finite();
+        u2[i % 8] += if ok { u * u } else { 0.0 };
+        du2[i % 8] += if ok { du * du } else { 0.0 };
+    }
+    (u2.iter().sum(), du2.iter().sum())
+}
+
 /// Per-tensor decisions, shared by all chunks of the tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TensorPlan {
@@ -313,9 +476,21 @@ pub enum TensorPlan {
         m_residual: bool,
         v_log_step: f32,
     },
+    Guided {
+        w_step: f32,
+        /// In units of m's per-element scale when `m_scaled`, else of m.
+        m_step: f32,
+        m_residual: bool,
+        /// m coded in units of √v̂_parent + ε (it has a side).
+        m_scaled: bool,
+        v_log_step: f32,
+    },
 }
 
-pub fn plan(policy: &Policy, stats: &GroupStats) -> Option<TensorPlan> {
+/// The plan of a group whose W, m and v are stored as `floats`, from its
+/// statistics (for the guided policies, [`GroupStats::guided_sums_of_chunk`]
+/// of the same chunk, whose `side_tensor` says whether m can be scaled).
+pub fn plan(policy: &Policy, stats: &GroupStats, floats: [FloatType; 3]) -> Option<TensorPlan> {
     match policy {
         Policy::Lossless => None,
         Policy::Excp { alpha, beta, bits } => {
@@ -360,6 +535,40 @@ pub fn plan(policy: &Policy, stats: &GroupStats) -> Option<TensorPlan> {
             m_residual: stats.sum_dm2 < 0.5 * stats.sum_m2,
             v_log_step: *v_log_step,
         }),
+        Policy::Guided {
+            w_step,
+            w_update_step,
+            m_step,
+            v_log_step,
+            ..
+        } => {
+            let rms = |sum: f64| stats.mean(sum).sqrt();
+            let [wf, mf, vf] = floats.map(|f| precision_factor(f) as f64);
+            // The change bounds the step only where there is one: a frozen
+            // tensor's residual is all zeros at any step.
+            let by_weights = *w_step as f64 * rms(stats.sum_w2);
+            let by_update = *w_update_step as f64 * rms(stats.sum_dw2);
+            let w_step = if by_update > 0.0 && by_update.is_finite() {
+                by_weights.min(by_update)
+            } else {
+                by_weights
+            } * wf;
+            // With no side (m and v in different files), m is coded as the
+            // tuned policies code it, in its own units.
+            let m_scaled = stats.sum_u2 > 0.0;
+            let (m2, dm2) = if m_scaled {
+                (stats.sum_u2, stats.sum_du2)
+            } else {
+                (stats.sum_m2, stats.sum_dm2)
+            };
+            Some(TensorPlan::Guided {
+                w_step: w_step as f32,
+                m_step: (*m_step as f64 * rms(m2) * mf) as f32,
+                m_residual: dm2 < 0.5 * m2,
+                m_scaled,
+                v_log_step: (*v_log_step as f64 * vf) as f32,
+            })
+        }
     }
 }
 
@@ -424,6 +633,10 @@ pub struct GroupChunk<'a> {
     pub w_float: FloatType,
     pub m_float: FloatType,
     pub v_float: FloatType,
+    /// The name v is stored under, when a decoder finds it at the same
+    /// position (same file and chunk index) as m: then m can be coded in
+    /// units of the parent's √v̂ (guided policies).
+    pub side_tensor: Option<&'a str>,
 }
 
 /// Quantizes one chunk: (W, m, v).
@@ -460,42 +673,105 @@ fn quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> [Quantized; 3] {
             m_step,
             m_residual,
             v_log_step,
+        } => uniform_streams(chunk, [*w_step, *m_step, *v_log_step], *m_residual, None),
+        TensorPlan::Guided {
+            w_step,
+            m_step,
+            m_residual,
+            m_scaled,
+            v_log_step,
         } => {
-            let n = chunk.w.len();
-            let mut w = uniform_stream(Domain::Residual, chunk.w_float, Levels::Linear(*w_step), n);
-            let m_domain = if *m_residual {
-                Domain::Residual
-            } else {
-                Domain::Value
-            };
-            let mut m = uniform_stream(m_domain, chunk.m_float, Levels::Linear(*m_step), n);
-            let mut v = uniform_stream(Domain::Ratio, chunk.v_float, Levels::Exp(*v_log_step), n);
-            fill_uniform(
-                &mut w,
-                *w_step,
-                chunk.w,
-                differences(chunk.w, chunk.parent_w),
-            );
-            if *m_residual {
-                fill_uniform(
-                    &mut m,
-                    *m_step,
-                    chunk.m,
-                    differences(chunk.m, chunk.parent_m),
-                );
-            } else {
-                fill_uniform(&mut m, *m_step, chunk.m, chunk.m.iter().copied());
-            }
-            let log_ratios = chunk.v.iter().zip(chunk.parent_v);
-            fill_uniform(
-                &mut v,
-                *v_log_step,
-                chunk.v,
-                log_ratios.map(|(&v, &p)| log_ratio(v, p)),
-            );
-            [w, m, v]
+            let side = chunk.side_tensor.filter(|_| *m_scaled);
+            uniform_streams(chunk, [*w_step, *m_step, *v_log_step], *m_residual, side)
         }
     }
+}
+
+/// The uniform quantizers' streams: W as a residual, m as a residual or a
+/// value (scaled by its side when one is named), v as a log ratio.
+#[inline(always)]
+fn uniform_streams(
+    chunk: &GroupChunk<'_>,
+    [w_step, m_step, v_log_step]: [f32; 3],
+    m_residual: bool,
+    m_side: Option<&str>,
+) -> [Quantized; 3] {
+    let n = chunk.w.len();
+    let mut w = uniform_stream(Domain::Residual, chunk.w_float, Levels::Linear(w_step), n);
+    fill_uniform(
+        &mut w,
+        w_step,
+        chunk.w,
+        differences(chunk.w, chunk.parent_w),
+    );
+    let mut v = uniform_stream(Domain::Ratio, chunk.v_float, Levels::Exp(v_log_step), n);
+    let log_ratios = chunk.v.iter().zip(chunk.parent_v);
+    fill_uniform(
+        &mut v,
+        v_log_step,
+        chunk.v,
+        log_ratios.map(|(&v, &p)| log_ratio(v, p)),
+    );
+    let m = match m_side {
+        Some(tensor) => {
+            // m's side is v as the decoder will have it: this commit's v̂.
+            let v_hat = super::quant::reconstruct(&v, Some(chunk.parent_v), None)
+                .expect("the v stream just made is valid");
+            scaled_m(chunk, tensor, &v_hat, m_step, m_residual)
+        }
+        None => plain_m(chunk, m_step, m_residual),
+    };
+    [w, m, v]
+}
+
+/// m in its own units, as a residual against m̂_parent or as a value.
+#[inline(always)]
+fn plain_m(chunk: &GroupChunk<'_>, step: f32, residual: bool) -> Quantized {
+    let domain = if residual {
+        Domain::Residual
+    } else {
+        Domain::Value
+    };
+    let mut q = uniform_stream(domain, chunk.m_float, Levels::Linear(step), chunk.m.len());
+    if residual {
+        fill_uniform(&mut q, step, chunk.m, differences(chunk.m, chunk.parent_m));
+    } else {
+        fill_uniform(&mut q, step, chunk.m, chunk.m.iter().copied());
+    }
+    q
+}
+
+/// m in units of √v̂ + ε, v̂ the commit's reconstructed v: its side.
+#[inline(always)]
+fn scaled_m(
+    chunk: &GroupChunk<'_>,
+    side_tensor: &str,
+    v_hat: &[f32],
+    step: f32,
+    residual: bool,
+) -> Quantized {
+    let domain = if residual {
+        Domain::ScaledResidual
+    } else {
+        Domain::ScaledValue
+    };
+    let mut q = uniform_stream(domain, chunk.m_float, Levels::Linear(step), chunk.m.len());
+    q.side = Some(Side {
+        tensor: side_tensor.to_string(),
+        float: chunk.v_float,
+        floor: ADAM_EPS,
+    });
+    let scales = v_hat.iter().map(|&v| Side::scale(ADAM_EPS, v));
+    if residual {
+        let coded = differences(chunk.m, chunk.parent_m)
+            .zip(scales)
+            .map(|(d, s)| d / s);
+        fill_uniform(&mut q, step, chunk.m, coded);
+    } else {
+        let coded = chunk.m.iter().zip(scales).map(|(m, s)| m / s);
+        fill_uniform(&mut q, step, chunk.m, coded);
+    }
+    q
 }
 
 fn codebook_stream(domain: Domain, float: FloatType, centres: &[f32], len: usize) -> Quantized {
@@ -504,6 +780,7 @@ fn codebook_stream(domain: Domain, float: FloatType, centres: &[f32], len: usize
     Quantized {
         domain,
         float,
+        side: None,
         levels: Levels::Table(levels),
         symbols: Vec::with_capacity(len),
         escapes: Vec::new(),
@@ -528,6 +805,7 @@ fn uniform_stream(domain: Domain, float: FloatType, levels: Levels, len: usize) 
     Quantized {
         domain,
         float,
+        side: None,
         levels,
         symbols: Vec::with_capacity(len),
         escapes: Vec::new(),
@@ -688,8 +966,11 @@ mod tests {
             w_float: FloatType::F32,
             m_float: FloatType::F32,
             v_float: FloatType::F32,
+            side_tensor: None,
         }
     }
+
+    const F32S: [FloatType; 3] = [FloatType::F32; 3];
 
     #[test]
     fn fast_ln_matches_ln() {
@@ -810,11 +1091,37 @@ mod tests {
             w_step: Some(0.5),
             ..none
         };
-        let Ok(Some(Policy::Tuned { preset, w_step, .. })) = step.apply(Policy::preset("faithful"))
+        let Ok(Some(Policy::Guided { preset, w_step, .. })) =
+            step.apply(Policy::preset("faithful"))
         else {
             panic!()
         };
         assert_eq!((preset.as_str(), w_step), ("custom", 0.5));
+        // A store's default recorded before the presets changed: the preset
+        // means today's, its knobs still apply, and old custom knobs stay.
+        let old = Policy::Tuned {
+            preset: "faithful".into(),
+            w_step: 0.008,
+            m_step: 1.0,
+            v_log_step: 0.3,
+        };
+        assert_eq!(old.clone().current(), Policy::preset("faithful").unwrap());
+        assert!(matches!(
+            step.apply(Some(old)),
+            Ok(Some(Policy::Guided { .. }))
+        ));
+        let old_custom = Policy::Tuned {
+            preset: "custom".into(),
+            w_step: 0.01,
+            m_step: 1.0,
+            v_log_step: 0.3,
+        };
+        assert_eq!(old_custom.clone().current(), old_custom);
+        let update = Knobs {
+            w_update_step: Some(1.0),
+            ..none
+        };
+        assert!(update.apply(Some(old_custom)).is_err());
         assert!(step.apply(Policy::preset("excp")).is_err());
         assert!(alpha.apply(Policy::preset("balanced")).is_err());
         assert!(
@@ -842,11 +1149,12 @@ mod tests {
             w_float: FloatType::F32,
             m_float: FloatType::F32,
             v_float: FloatType::F32,
+            side_tensor: None,
         };
         let policy = Policy::preset("compact").unwrap();
-        let plan = plan(&policy, &GroupStats::of_chunk(0, 3, &input)).unwrap();
+        let plan = plan(&policy, &GroupStats::of_chunk(0, 3, &input), F32S).unwrap();
         let [_, _, qv] = quantize(&plan, &input);
-        let v_hat = reconstruct(&qv, Some(&vp)).unwrap();
+        let v_hat = reconstruct(&qv, Some(&vp), None).unwrap();
         assert_eq!(&v_hat[..2], &v[..2]);
         assert!(v_hat.iter().all(|x| x.is_finite()));
     }
@@ -877,14 +1185,15 @@ mod tests {
         let v: Vec<f32> = vp.iter().map(|x| x * 1.01).collect();
         let policy = Policy::preset("balanced").unwrap();
         let input = chunk(&w, &m, &v, &p, &vp);
-        let plan = plan(&policy, &GroupStats::of_chunk(0, n as u64, &input)).unwrap();
+        let plan = plan(&policy, &GroupStats::of_chunk(0, n as u64, &input), F32S).unwrap();
         let [qw, qm, qv] = quantize(&plan, &input);
-        let w_hat = reconstruct(&qw, Some(&p)).unwrap();
-        let m_hat = reconstruct(&qm, None).unwrap();
-        let v_hat = reconstruct(&qv, Some(&vp)).unwrap();
-        let TensorPlan::Tuned {
+        let w_hat = reconstruct(&qw, Some(&p), None).unwrap();
+        let m_hat = reconstruct(&qm, None, None).unwrap();
+        let v_hat = reconstruct(&qv, Some(&vp), None).unwrap();
+        let TensorPlan::Guided {
             w_step,
             m_step,
+            m_scaled: false,
             v_log_step,
             ..
         } = plan
@@ -906,7 +1215,7 @@ mod tests {
         let v: Vec<f32> = m.iter().map(|x| x * x + 1e-9).collect();
         let policy = Policy::preset("excp").unwrap();
         let input = chunk(&w, &m, &v, &p, &v);
-        let plan = plan(&policy, &GroupStats::of_chunk(0, n as u64, &input)).unwrap();
+        let plan = plan(&policy, &GroupStats::of_chunk(0, n as u64, &input), F32S).unwrap();
         let [qw, qm, qv] = quantize(&plan, &input);
         assert!(qw.symbols.contains(&0) && qw.symbols.iter().any(|&s| s > 0));
         for i in 0..n {
@@ -919,7 +1228,7 @@ mod tests {
                 assert_ne!(qw.symbols[i], 0, "m kept only where dW kept");
             }
         }
-        assert!(reconstruct(&qv, None).unwrap().contains(&0.0));
+        assert!(reconstruct(&qv, None, None).unwrap().contains(&0.0));
     }
 
     #[test]
@@ -934,11 +1243,11 @@ mod tests {
         for name in ["excp", "balanced"] {
             let policy = Policy::preset(name).unwrap();
             let input = chunk(&w, &m, &v, &p, &v);
-            let plan = plan(&policy, &GroupStats::of_chunk(0, 8, &input)).unwrap();
+            let plan = plan(&policy, &GroupStats::of_chunk(0, 8, &input), F32S).unwrap();
             let [qw, qm, qv] = quantize(&plan, &input);
-            let w_hat = reconstruct(&qw, Some(&p)).unwrap();
-            let m_hat = reconstruct(&qm, None).unwrap();
-            let v_hat = reconstruct(&qv, Some(&v)).unwrap();
+            let w_hat = reconstruct(&qw, Some(&p), None).unwrap();
+            let m_hat = reconstruct(&qm, None, None).unwrap();
+            let v_hat = reconstruct(&qv, Some(&v), None).unwrap();
             assert!(
                 w_hat[3].is_nan() && m_hat[5] == f32::INFINITY && v_hat[6] == f32::NEG_INFINITY
             );
@@ -949,5 +1258,93 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A guided plan's m error is bounded element by element in units of
+    /// the side (√v̂_parent + ε), so elements with a small v get a fine step;
+    /// its W step is the smaller of its two bounds; bf16 tensors get steps
+    /// 2√3 times coarser; the streams decode with the side as the decoder
+    /// gets it.
+    #[test]
+    fn guided_errors_follow_the_update() {
+        let n = 10_000;
+        let (p, w, m) = moving_weights(n);
+        // v spanning eight decades: a uniform m step would swamp the small ones.
+        let vp: Vec<f32> = (0..n)
+            .map(|i| 10f32.powi(-((i % 9) as i32)) * 1e-4)
+            .collect();
+        let v: Vec<f32> = vp.iter().map(|x| x * 1.01).collect();
+        let m: Vec<f32> = m
+            .iter()
+            .zip(&vp)
+            .map(|(x, v)| x * v.sqrt() * 50.0)
+            .collect();
+        let pm = vec![0.0f32; n];
+        let policy = Knobs {
+            w_update_step: Some(1.0),
+            ..Knobs::default()
+        }
+        .apply(Policy::preset("faithful"))
+        .unwrap()
+        .unwrap();
+        let input = GroupChunk {
+            parent_m: &pm,
+            side_tensor: Some("x.exp_avg_sq"),
+            ..chunk(&w, &m, &v, &p, &vp)
+        };
+        let stats = GroupStats::guided_sums_of_chunk(&input);
+        let plan = plan(&policy, &stats, F32S).unwrap();
+        let TensorPlan::Guided {
+            w_step,
+            m_step,
+            m_scaled: true,
+            ..
+        } = plan
+        else {
+            panic!("{plan:?}")
+        };
+        let rms_dw = (stats.sum_dw2 / n as f64).sqrt() as f32;
+        assert!(w_step <= 1.0001 * rms_dw, "W step bounded by the change");
+        let [qw, qm, qv] = quantize(&plan, &input);
+        assert_eq!(qm.side.as_ref().unwrap().tensor, "x.exp_avg_sq");
+        assert!(
+            reconstruct(&qm, Some(&pm), None).is_err(),
+            "the side is required"
+        );
+        let v_hat = reconstruct(&qv, Some(&vp), None).unwrap();
+        let m_hat = reconstruct(&qm, Some(&pm), Some(&v_hat)).unwrap();
+        let w_hat = reconstruct(&qw, Some(&p), None).unwrap();
+        for i in 0..n {
+            let scale = Side::scale(ADAM_EPS, v_hat[i]);
+            assert!((m_hat[i] - m[i]).abs() <= 0.51 * m_step * scale, "m {i}");
+            assert!((w_hat[i] - w[i]).abs() <= 0.51 * w_step, "w {i}");
+        }
+        let bf16 = plan_for_floats(&policy, &stats, [FloatType::BF16; 3]);
+        let ratio = |a: f32, b: f32| (a / b - 2.0 * 3f32.sqrt()).abs() < 1e-3;
+        let TensorPlan::Guided {
+            w_step: w16,
+            m_step: m16,
+            v_log_step: v16,
+            ..
+        } = bf16
+        else {
+            panic!()
+        };
+        let TensorPlan::Guided { v_log_step, .. } = plan else {
+            panic!()
+        };
+        assert!(ratio(w16, w_step) && ratio(m16, m_step) && ratio(v16, v_log_step));
+        // Without a side, m is coded in its own units, as before.
+        let plain = GroupChunk {
+            side_tensor: None,
+            ..input
+        };
+        let plan = super::plan(&policy, &GroupStats::guided_sums_of_chunk(&plain), F32S).unwrap();
+        let [_, qm, _] = quantize(&plan, &plain);
+        assert!(qm.side.is_none() && !qm.domain.needs_side());
+    }
+
+    fn plan_for_floats(policy: &Policy, stats: &GroupStats, floats: [FloatType; 3]) -> TensorPlan {
+        plan(policy, stats, floats).unwrap()
     }
 }

@@ -7,7 +7,14 @@
 //! - domain `Value`: `level[s]`;
 //! - domain `Residual`: `base[i] + level[s]`;
 //! - domain `Ratio`: `base[i] * level[s]` (log-domain coding of positive
-//!   values such as Adam's v: the level table holds the factors).
+//!   values such as Adam's v: the level table holds the factors);
+//! - domains `ScaledValue` and `ScaledResidual`: `level[s] * scale[i]`, and
+//!   `base[i]` plus that, with `scale[i] = sqrt(max(side[i], 0)) + floor`,
+//!   `side` being another tensor's chunk at the same position (file and chunk
+//!   index) of the same commit (Adam's m coded in units of its own update:
+//!   the side is the commit's v̂, so the step of each element follows √v̂
+//!   as Adam's division by √v does, and every element's update gets the
+//!   same relative precision).
 //!
 //! all in f32, then rounded to the stored float type. Encoder and decoder use
 //! the same [`reconstruct`], so the encoder knows the decoder's output
@@ -29,25 +36,62 @@ pub enum Domain {
     Value,
     Residual,
     Ratio,
+    ScaledValue,
+    ScaledResidual,
 }
 
 impl Domain {
+    const ALL: [Domain; 5] = [
+        Domain::Value,
+        Domain::Residual,
+        Domain::Ratio,
+        Domain::ScaledValue,
+        Domain::ScaledResidual,
+    ];
+
     fn id(self) -> u8 {
         match self {
             Domain::Value => 0,
             Domain::Residual => 1,
             Domain::Ratio => 2,
+            Domain::ScaledValue => 3,
+            Domain::ScaledResidual => 4,
         }
     }
 
     fn from_id(id: u8) -> Option<Domain> {
-        [Domain::Value, Domain::Residual, Domain::Ratio]
-            .into_iter()
-            .find(|d| d.id() == id)
+        Domain::ALL.into_iter().find(|d| d.id() == id)
     }
 
+    /// Whether decoding needs the chunk at the same position of the base
+    /// commit.
     pub fn needs_base(self) -> bool {
-        self != Domain::Value
+        !matches!(self, Domain::Value | Domain::ScaledValue)
+    }
+
+    /// Whether the level is multiplied by a scale taken from a side chunk.
+    pub fn needs_side(self) -> bool {
+        matches!(self, Domain::ScaledValue | Domain::ScaledResidual)
+    }
+}
+
+/// The side chunk of a scaled domain: the chunk at the same position (file,
+/// chunk index) of tensor `tensor` in the same commit, stored as `float`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Side {
+    pub tensor: String,
+    pub float: FloatType,
+    /// Added to √side, so that elements whose side is 0 get a nonzero step
+    /// (Adam's ε plays this part in its update).
+    pub floor: f32,
+}
+
+impl Side {
+    /// The per-element scale: √max(side, 0) + floor, in f32 (NaN sides
+    /// count as 0: `max` returns the number).
+    #[inline(always)]
+    pub fn scale(floor: f32, side: f32) -> f32 {
+        side.max(0.0).sqrt() + floor
     }
 }
 
@@ -107,6 +151,8 @@ impl Levels {
 pub struct Quantized {
     pub domain: Domain,
     pub float: FloatType,
+    /// For the scaled domains; `None` otherwise.
+    pub side: Option<Side>,
     pub levels: Levels,
     pub symbols: Vec<u8>,
     pub escapes: Vec<f32>,
@@ -123,15 +169,32 @@ pub enum QuantError {
 }
 
 /// The reconstructed values of a quantized chunk, in f32 rounded to the
-/// stored type. `base` (f32) is required for the Residual and Ratio domains.
-pub fn reconstruct(q: &Quantized, base: Option<&[f32]>) -> Result<Vec<f32>, QuantError> {
-    crate::with_avx2!(reconstruct_values(q: &Quantized, base: Option<&[f32]>) -> Result<Vec<f32>, QuantError>)
+/// stored type. `base` (f32) is required for the Residual, Ratio and
+/// ScaledResidual domains, `side` (f32) for the scaled ones.
+pub fn reconstruct(
+    q: &Quantized,
+    base: Option<&[f32]>,
+    side: Option<&[f32]>,
+) -> Result<Vec<f32>, QuantError> {
+    crate::with_avx2!(reconstruct_values(q: &Quantized, base: Option<&[f32]>, side: Option<&[f32]>) -> Result<Vec<f32>, QuantError>)
 }
 
 #[inline(always)]
-fn reconstruct_values(q: &Quantized, base: Option<&[f32]>) -> Result<Vec<f32>, QuantError> {
+fn reconstruct_values(
+    q: &Quantized,
+    base: Option<&[f32]>,
+    side: Option<&[f32]>,
+) -> Result<Vec<f32>, QuantError> {
     if q.domain.needs_base() && base.is_none_or(|b| b.len() != q.symbols.len()) {
         return Err(QuantError::Invalid("base missing or of the wrong length"));
+    }
+    if q.domain.needs_side() != q.side.is_some() {
+        return Err(QuantError::Invalid("side does not match the domain"));
+    }
+    if q.domain.needs_side() && side.is_none_or(|s| s.len() != q.symbols.len()) {
+        return Err(QuantError::Invalid(
+            "side chunk missing or of the wrong length",
+        ));
     }
     let levels = q.levels.table();
     if q.symbols
@@ -144,12 +207,22 @@ fn reconstruct_values(q: &Quantized, base: Option<&[f32]>) -> Result<Vec<f32>, Q
         return Err(QuantError::Invalid("escape count does not match"));
     }
     let base = base.unwrap_or(&[]);
+    let (side, floor) = (
+        side.unwrap_or(&[]),
+        q.side.as_ref().map_or(0.0, |s| s.floor),
+    );
     // One monomorphized loop per domain: the per-element work is a table
-    // lookup and at most one add or multiply.
+    // lookup and at most one add or multiply (scaled: a square root more).
     let mut out = match q.domain {
         Domain::Value => decode_loop(q, &levels, |_, level| level),
         Domain::Residual => decode_loop(q, &levels, |i, level| base[i] + level),
         Domain::Ratio => decode_loop(q, &levels, |i, level| base[i] * level),
+        Domain::ScaledValue => {
+            decode_loop(q, &levels, |i, level| level * Side::scale(floor, side[i]))
+        }
+        Domain::ScaledResidual => decode_loop(q, &levels, |i, level| {
+            base[i] + level * Side::scale(floor, side[i])
+        }),
     };
     if q.float != FloatType::F32 {
         out.iter_mut().for_each(|x| *x = q.float.round(*x));
@@ -179,6 +252,7 @@ fn decode_loop(q: &Quantized, levels: &[f32], value: impl Fn(usize, f32) -> f32)
 pub struct Decoded {
     pub domain: Domain,
     pub float: FloatType,
+    pub side: Option<Side>,
     pub levels: Levels,
     pub symbols: rans::Symbols,
     pub escapes: Vec<f32>,
@@ -190,6 +264,7 @@ impl Decoded {
         Quantized {
             domain: self.domain,
             float: self.float,
+            side: self.side,
             levels: self.levels,
             symbols: self.symbols.expand(),
             escapes: self.escapes,
@@ -204,7 +279,7 @@ impl Decoded {
 /// costs one vectorized add or multiply per element instead of a table
 /// lookup and a branch.
 pub fn reconstruct_f32_onto(q: &Decoded, values: &mut [u8]) -> Result<(), QuantError> {
-    if q.float != FloatType::F32 || !q.domain.needs_base() {
+    if q.float != FloatType::F32 || !matches!(q.domain, Domain::Residual | Domain::Ratio) {
         return Err(QuantError::Invalid(
             "in place: only f32 residuals and ratios",
         ));
@@ -218,7 +293,9 @@ pub fn reconstruct_f32_onto(q: &Decoded, values: &mut [u8]) -> Result<(), QuantE
     let result = match q.domain {
         Domain::Residual => apply_onto(q, &levels, &mut escapes, values, |b, l| b + l),
         Domain::Ratio => apply_onto(q, &levels, &mut escapes, values, |b, l| b * l),
-        Domain::Value => unreachable!("checked above"),
+        Domain::Value | Domain::ScaledValue | Domain::ScaledResidual => {
+            unreachable!("checked above")
+        }
     };
     result?;
     if escapes.next().is_some() {
@@ -392,6 +469,16 @@ fn map_f32(bytes: &mut [u8], f: impl Fn(f32) -> f32) {
 pub fn write_payload(q: &Quantized, out: &mut Vec<u8>) {
     out.push(q.domain.id());
     out.push(q.float.id());
+    if let Some(side) = &q.side {
+        out.push(side.float.id());
+        out.extend_from_slice(&side.floor.to_le_bytes());
+        assert!(
+            side.tensor.len() <= u16::MAX as usize,
+            "tensor names fit a u16"
+        );
+        out.extend_from_slice(&(side.tensor.len() as u16).to_le_bytes());
+        out.extend_from_slice(side.tensor.as_bytes());
+    }
     q.levels.write(out);
     out.extend_from_slice(&(q.escapes.len() as u32).to_le_bytes());
     q.escapes
@@ -406,16 +493,55 @@ pub fn read_payload(bytes: &[u8], expected: usize) -> Result<Quantized, QuantErr
     Ok(read_payload_runs(bytes, expected)?.expand())
 }
 
+/// The side a payload's scaled domain names (`None` for other domains),
+/// without decoding its symbols: what a decoder must fetch first.
+pub fn read_side(bytes: &[u8]) -> Result<Option<Side>, QuantError> {
+    let mut reader = Reader { bytes, pos: 0 };
+    Ok(read_head(&mut reader)?.2)
+}
+
+/// A cursor over a payload.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], QuantError> {
+        let end = self.pos.checked_add(n).ok_or(QuantError::Truncated)?;
+        let slice = self.bytes.get(self.pos..end).ok_or(QuantError::Truncated)?;
+        self.pos = end;
+        Ok(slice)
+    }
+}
+
+/// Domain, float type and side: the payload's first fields.
+fn read_head(r: &mut Reader<'_>) -> Result<(Domain, FloatType, Option<Side>), QuantError> {
+    let domain = Domain::from_id(r.take(1)?[0]).ok_or(QuantError::Invalid("domain"))?;
+    let float = FloatType::from_id(r.take(1)?[0]).ok_or(QuantError::Invalid("float type"))?;
+    if !domain.needs_side() {
+        return Ok((domain, float, None));
+    }
+    let side_float =
+        FloatType::from_id(r.take(1)?[0]).ok_or(QuantError::Invalid("side float type"))?;
+    let floor = f32s(r.take(4)?)[0];
+    let len = u16::from_le_bytes(r.take(2)?.try_into().expect("2")) as usize;
+    let tensor = std::str::from_utf8(r.take(len)?)
+        .map_err(|_| QuantError::Invalid("side tensor name is not UTF-8"))?
+        .to_string();
+    let side = Side {
+        tensor,
+        float: side_float,
+        floor,
+    };
+    Ok((domain, float, Some(side)))
+}
+
 /// [`read_payload`], leaving the symbols as runs where the stream has them.
 pub fn read_payload_runs(bytes: &[u8], expected: usize) -> Result<Decoded, QuantError> {
-    let mut pos = 0;
-    let mut take = |n: usize| -> Result<&[u8], QuantError> {
-        let slice = bytes.get(pos..pos + n).ok_or(QuantError::Truncated)?;
-        pos += n;
-        Ok(slice)
-    };
-    let domain = Domain::from_id(take(1)?[0]).ok_or(QuantError::Invalid("domain"))?;
-    let float = FloatType::from_id(take(1)?[0]).ok_or(QuantError::Invalid("float type"))?;
+    let mut reader = Reader { bytes, pos: 0 };
+    let (domain, float, side) = read_head(&mut reader)?;
+    let mut take = |n: usize| reader.take(n);
     let levels = match take(1)?[0] {
         0 => {
             let n = u16::from_le_bytes(take(2)?.try_into().expect("2")) as usize;
@@ -435,6 +561,7 @@ pub fn read_payload_runs(bytes: &[u8], expected: usize) -> Result<Decoded, Quant
     let escapes = f32s(take(
         n_escapes.checked_mul(4).ok_or(QuantError::Truncated)?,
     )?);
+    let pos = reader.pos;
     let (symbols, used) = rans::decode_symbols(&bytes[pos..], expected)?;
     if pos + used != bytes.len() {
         return Err(QuantError::Invalid("trailing bytes"));
@@ -442,6 +569,7 @@ pub fn read_payload_runs(bytes: &[u8], expected: usize) -> Result<Decoded, Quant
     Ok(Decoded {
         domain,
         float,
+        side,
         levels,
         symbols,
         escapes,
@@ -490,16 +618,19 @@ mod tests {
                         &Quantized {
                             domain,
                             float: FloatType::F32,
+                            side: None,
                             levels: levels.clone(),
                             symbols: dense.clone(),
                             escapes: vec![],
                         },
                         Some(&base),
+                        None,
                     )
                     .unwrap();
                     let decoded = Decoded {
                         domain,
                         float: FloatType::F32,
+                        side: None,
                         levels: levels.clone(),
                         symbols: symbols.clone(),
                         escapes: vec![],
@@ -521,6 +652,7 @@ mod tests {
         let q = Quantized {
             domain: Domain::Residual,
             float: FloatType::F32,
+            side: None,
             levels: Levels::Table(vec![0.0, 0.5, -0.5]),
             symbols: vec![0, 1, 2, ESCAPE, 1],
             escapes: vec![f32::NAN],
@@ -531,15 +663,60 @@ mod tests {
         assert_eq!(back.symbols, q.symbols);
         assert!(back.escapes[0].is_nan());
         let base = [1.0, 1.0, 1.0, 1.0, 2.0];
-        let x = reconstruct(&back, Some(&base)).unwrap();
+        let x = reconstruct(&back, Some(&base), None).unwrap();
         assert_eq!(&x[..3], &[1.0, 1.5, 0.5]);
         assert!(x[3].is_nan());
         assert_eq!(x[4], 2.5);
-        assert!(reconstruct(&back, None).is_err());
+        assert!(reconstruct(&back, None, None).is_err());
         assert!(read_payload(&bytes, 6).is_err(), "symbol count is checked");
         assert_eq!(
             read_payload(&bytes[..bytes.len() - 1], 5).unwrap_err(),
             QuantError::Rans(rans::RansError::Truncated)
         );
+    }
+
+    /// A scaled payload names its side; it round-trips, needs the side to
+    /// reconstruct, and scales each level by √side + floor (NaN or negative
+    /// sides count as 0).
+    #[test]
+    fn scaled_payload_names_its_side() {
+        let q = Quantized {
+            domain: Domain::ScaledResidual,
+            float: FloatType::F32,
+            side: Some(Side {
+                tensor: "layer.exp_avg_sq".into(),
+                float: FloatType::BF16,
+                floor: 0.5,
+            }),
+            levels: Levels::Linear(0.25),
+            symbols: vec![127 + 2, 127, ESCAPE, 127 - 4],
+            escapes: vec![7.0],
+        };
+        let mut bytes = Vec::new();
+        write_payload(&q, &mut bytes);
+        assert_eq!(read_side(&bytes).unwrap(), q.side);
+        let back = read_payload(&bytes, 4).unwrap();
+        assert_eq!(back, q);
+        let base = [1.0, 2.0, 3.0, 4.0];
+        let side = [4.0, f32::NAN, 9.0, -1.0];
+        let x = reconstruct(&back, Some(&base), Some(&side)).unwrap();
+        assert_eq!(x, vec![1.0 + 0.5 * 2.5, 2.0, 7.0, 4.0 - 1.0 * 0.5]);
+        assert!(reconstruct(&back, Some(&base), None).is_err());
+        assert!(reconstruct(&back, Some(&base), Some(&side[..3])).is_err());
+        let value = Quantized {
+            domain: Domain::ScaledValue,
+            ..q.clone()
+        };
+        let x = reconstruct(&value, None, Some(&side)).unwrap();
+        assert_eq!(x[0], 0.5 * 2.5);
+        assert_eq!(read_side(&bytes[..8]), Err(QuantError::Truncated));
+        let unscaled = Quantized {
+            domain: Domain::Residual,
+            side: None,
+            ..q
+        };
+        let mut bytes = Vec::new();
+        write_payload(&unscaled, &mut bytes);
+        assert_eq!(read_side(&bytes).unwrap(), None);
     }
 }

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::reconstruct::ChunkAddr;
+use super::reconstruct::{ChunkAddr, Reconstructor};
 use super::walk::{Position, Reachable, positioned_chunks, reachable};
 use crate::codec;
 use crate::store::{ChunkRef, CommitRecord, ObjectId};
@@ -309,10 +309,13 @@ fn decode_all(
         .flat_map(positions)
         .map(|p| (p, ()))
         .collect();
+    // Sides (m's chunks coded in units of the parent's v̂) are decoded
+    // across positions, through one reconstructor that keeps the records.
+    let sides = Reconstructor::new(store);
     let results: Vec<(usize, Vec<Problem>)> = all_positions
         .par_iter()
         .map(|(position, _)| {
-            decode_position(store, records, &by_position, &order, needed, position)
+            decode_position(&sides, records, &by_position, &order, needed, position)
         })
         .collect();
     results
@@ -328,7 +331,7 @@ fn decode_all(
 type ByPosition<'r> = HashMap<ObjectId, HashMap<Position, &'r ChunkRef>>;
 
 fn decode_position(
-    store: &Repo,
+    sides: &Reconstructor<'_>,
     records: &HashMap<ObjectId, CommitRecord>,
     by_position: &ByPosition<'_>,
     order: &[ObjectId],
@@ -373,7 +376,7 @@ fn decode_position(
             Some(base) => decoded.get(&base).map(Vec::as_slice),
             None => None,
         };
-        match decode_one(store, chunk, base) {
+        match decode_one(sides, &id, chunk, base, addr) {
             Ok(raw) => {
                 count += 1;
                 if uses.get(&id).copied().unwrap_or(0) > 0 {
@@ -401,15 +404,39 @@ fn decode_position(
     (count, problems)
 }
 
-fn decode_one(store: &Repo, chunk: &ChunkRef, base: Option<&[u8]>) -> Result<Vec<u8>, String> {
-    let blob = store.get_blob(&chunk.blob).map_err(|e| e.to_string())?;
+/// Decodes one chunk against its decoded base; a chunk coded in units of
+/// another tensor gets that side chunk (checked) through `sides`.
+fn decode_one(
+    sides: &Reconstructor<'_>,
+    id: &ObjectId,
+    chunk: &ChunkRef,
+    base: Option<&[u8]>,
+    addr: ChunkAddr<'_>,
+) -> Result<Vec<u8>, String> {
+    let blob = sides
+        .store()
+        .get_blob(&chunk.blob)
+        .map_err(|e| e.to_string())?;
     if ObjectId::of(&blob) != chunk.blob {
         return Err("blob content does not match its hash".into());
     }
     if chunk.codec.needs_base() && base.is_none() {
         return Err("its residual base is not available".into());
     }
-    let raw = codec::decode(&blob, base).map_err(|e| e.to_string())?;
+    let side = match codec::side_of(&blob).map_err(|e| e.to_string())? {
+        Some(side) => {
+            let side_addr = ChunkAddr {
+                tensor: Some(&side.tensor),
+                ..addr
+            };
+            let bytes = sides
+                .chunk(id, side_addr)
+                .map_err(|e| format!("its side chunk: {e:#}"))?;
+            Some(bytes)
+        }
+        None => None,
+    };
+    let raw = codec::decode_with(&blob, base, side.as_deref()).map_err(|e| e.to_string())?;
     if ObjectId::of(&raw) != chunk.raw_hash {
         return Err("decoded bytes do not match the recorded checksum".into());
     }

@@ -204,11 +204,43 @@ fn rewrite(store: &Repo, plan: &Plan) -> anyhow::Result<(RefEdit, usize, usize)>
         // the dropped chain of bases the chunk decodes through; gc then keeps
         // just those chunks. The margin covers what the estimate misses: a
         // dropped chunk may stay anyway because another chunk needs it.
+        // A chunk coded in units of a side (m in units of its commit's √v̂)
+        // that keeps a dropped base needs that base's v too (the base's m
+        // was coded in units of it): gc keeps a dropped commit's chunks by
+        // position, following bases, not sides. So such an m keeps v's
+        // base with it, or (when v is not coded against the same dropped
+        // commit) is rebased.
+        let costs: HashMap<Addr, (u64, u64)> = candidates
+            .iter()
+            .map(|(addr, _, blob)| {
+                let original = find_position(record, addr).expect("position of this record");
+                let keep_cost = dropped_chain_cost(&by_id, &dropped, original, addr);
+                (addr.clone(), (blob.len() as u64, keep_cost))
+            })
+            .collect();
+        let cheaper = |(rebased, kept): (u64, u64)| rebased * 10 < kept * 9;
+        let mut rebase: HashMap<Addr, bool> = costs
+            .iter()
+            .map(|(a, &c)| (a.clone(), cheaper(c)))
+            .collect();
+        for (addr, _, _) in &candidates {
+            let original = find_position(record, addr).expect("position of this record");
+            if rebase[addr] {
+                continue;
+            }
+            let Some(side) = side_position(store, original, addr)? else {
+                continue;
+            };
+            match rebase.get_mut(&side) {
+                Some(side_rebased) => *side_rebased = false,
+                None => {
+                    rebase.insert(addr.clone(), true);
+                }
+            }
+        }
         let mut rebuilt: HashMap<Addr, ChunkRef> = HashMap::new();
         for (addr, chunk, blob) in candidates {
-            let original = find_position(record, &addr).expect("position of this record");
-            let keep_cost = dropped_chain_cost(&by_id, &dropped, original, &addr);
-            if blob.len() as u64 * 10 >= keep_cost * 9 {
+            if !rebase[&addr] {
                 continue;
             }
             if !store.has_blob(&chunk.blob)? {
@@ -261,6 +293,16 @@ fn rewrite(store: &Repo, plan: &Plan) -> anyhow::Result<(RefEdit, usize, usize)>
         }
     }
     Ok((edit, rewritten, rebased))
+}
+
+/// The position of the side a chunk is coded in units of (same file and
+/// index, the tensor its blob names), if any.
+fn side_position(store: &Repo, chunk: &ChunkRef, addr: &Addr) -> anyhow::Result<Option<Addr>> {
+    if !matches!(chunk.codec, codec::Codec::QuantDelta | codec::Codec::Quant) {
+        return Ok(None);
+    }
+    let side = codec::side_of(&store.get_blob(&chunk.blob)?)?;
+    Ok(side.map(|side| (addr.0.clone(), Some(side.tensor), addr.2)))
 }
 
 fn for_each_chunk_mut(record: &mut CommitRecord, mut f: impl FnMut(Addr, &mut ChunkRef)) {

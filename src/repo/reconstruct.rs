@@ -64,6 +64,10 @@ impl<'s> Reconstructor<'s> {
         }
     }
 
+    pub fn store(&self) -> &'s Repo {
+        self.store
+    }
+
     /// Serves commit `id`'s chunks from `reader` (or decodes them, with
     /// `None`) instead of the branch-tip cache named by `id`: a rank's
     /// shard keeps the cache of its own files only, under their own name.
@@ -222,26 +226,32 @@ impl<'s> Reconstructor<'s> {
         if checked && ObjectId::of(&blob) != chunk.blob {
             bail!("{}: blob content does not match its hash", context());
         }
-        let base = if chunk.codec.needs_base() {
-            let base = chunk
-                .base
-                .ok_or_else(|| anyhow!("{}: delta chunk without a base commit", context()))?;
-            Some(if checked {
-                self.chunk(&base, addr)?
-            } else {
-                let record = self.record(&base)?;
-                let base_chunk = self.require(&base, &record, addr)?;
-                match self.cached::<u8>(&base, &record, addr, base_chunk) {
-                    Some(bytes) => bytes,
-                    None => self.decode_blob(&base, addr, base_chunk, false)?,
-                }
-            })
-        } else {
-            None
+        let base_id = chunk.base.filter(|_| chunk.codec.needs_base());
+        if chunk.codec.needs_base() && base_id.is_none() {
+            bail!("{}: delta chunk without a base commit", context());
+        }
+        let base = match &base_id {
+            Some(id) => Some(self.base_chunk(id, addr, checked)?),
+            None => None,
+        };
+        // A lossy chunk coded in units of another tensor (m in units of
+        // √v̂) takes that tensor's chunk at the same position of its commit.
+        let side = match codec::side_of(&blob).with_context(context)? {
+            Some(side) => {
+                let side_addr = ChunkAddr {
+                    tensor: Some(&side.tensor),
+                    ..addr
+                };
+                let bytes = self
+                    .base_chunk(id, side_addr, checked)
+                    .with_context(|| format!("{}: its side chunk", context()))?;
+                Some(bytes)
+            }
+            None => None,
         };
         let raw = match base {
-            Some(base) => codec::decode_onto(&blob, base),
-            None => codec::decode(&blob, None),
+            Some(base) => codec::decode_onto(&blob, base, side.as_deref()),
+            None => codec::decode_with(&blob, None, side.as_deref()),
         }
         .with_context(context)?;
         if checked && ObjectId::of(&raw) != chunk.raw_hash {
@@ -251,6 +261,28 @@ impl<'s> Reconstructor<'s> {
             );
         }
         Ok(raw)
+    }
+}
+
+impl Reconstructor<'_> {
+    /// The chunk at `addr` of commit `base`, which a delta (or a scaled
+    /// chunk's side) is decoded against: checked through [`Reconstructor::chunk`]
+    /// with `checked`, else from a cache or decoded without checks.
+    fn base_chunk(
+        &self,
+        base: &ObjectId,
+        addr: ChunkAddr<'_>,
+        checked: bool,
+    ) -> anyhow::Result<Vec<u8>> {
+        if checked {
+            return self.chunk(base, addr);
+        }
+        let record = self.record(base)?;
+        let base_chunk = self.require(base, &record, addr)?;
+        match self.cached::<u8>(base, &record, addr, base_chunk) {
+            Some(bytes) => Ok(bytes),
+            None => self.decode_blob(base, addr, base_chunk, false),
+        }
     }
 }
 

@@ -364,7 +364,7 @@ fn sealed_record(
     }
     let relative = |(e, n): (f64, f64)| if n > 0.0 { (e / n).sqrt() as f32 } else { 0.0 };
     Ok(CommitRecord {
-        version: version_for(&files),
+        version: version_for(&files, &policy),
         parents: parent.into_iter().collect(),
         branch: key.branch.clone(),
         step: key.step,

@@ -14,11 +14,16 @@ use crate::codec::policy::Policy;
 /// without it, so both are read. Version 3 lets a torch tensor have no CRC
 /// fields, its storage's CRC continuing into the next tensor (a storage cut
 /// into pieces); records that need it are written as version 3, all others
-/// as version 2, so that older builds keep reading them.
-pub const COMMIT_VERSION: u32 = 3;
+/// as version 2, so that older builds keep reading them. Version 4 may hold
+/// [`Policy::Guided`] (the presets since 2026-11-30), which older builds
+/// cannot parse; only records that do are written as version 4.
+pub const COMMIT_VERSION: u32 = 4;
 
-/// The version a record with these files is written as.
-pub fn version_for(files: &[FileEntry]) -> u32 {
+/// The version a record with these files and this policy is written as.
+pub fn version_for(files: &[FileEntry], policy: &Policy) -> u32 {
+    if matches!(policy, Policy::Guided { .. }) {
+        return 4;
+    }
     let cut_storage = files.iter().any(|f| match &f.content {
         FileContent::Torch(t) => t.crc_fields.iter().any(Vec::is_empty),
         _ => false,

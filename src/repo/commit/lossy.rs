@@ -22,6 +22,8 @@ struct Loaded {
     parent_m: Vec<f32>,
     parent_v: Vec<f32>,
     floats: [FloatType; 3],
+    /// v's tensor name, when m's side can be v (see [`side_tensor`]).
+    side_tensor: Option<String>,
 }
 
 impl Loaded {
@@ -36,6 +38,7 @@ impl Loaded {
             w_float: self.floats[0],
             m_float: self.floats[1],
             v_float: self.floats[2],
+            side_tensor: self.side_tensor.as_deref(),
         }
     }
 
@@ -58,8 +61,7 @@ fn load(
     for_stats: bool,
 ) -> anyhow::Result<Loaded> {
     let parent = session.parent.context("lossy coding needs a parent")?;
-    let float = |s: usize| plan.slots[s].float().expect("groups hold float tensors");
-    let floats = [float(group.w), float(group.m), float(group.v)];
+    let floats = floats(plan, group);
     let input = |s: usize, f: FloatType| plan.slots[s].read_values(index, f);
     let recon = |s: usize, f: FloatType| {
         session
@@ -84,7 +86,18 @@ fn load(
         parent_m,
         parent_v,
         floats,
+        side_tensor: side_tensor(plan, group, index),
     })
+}
+
+/// v's name, when a decoder of m's chunk `index` finds v's chunk of the
+/// same elements at the same position of the base commit: same file, same
+/// chunk length (the decoder looks the side up by file, name and index).
+fn side_tensor(plan: &Plan<'_>, group: Group, index: usize) -> Option<String> {
+    let (m, v) = (&plan.slots[group.m], &plan.slots[group.v]);
+    let (m_addr, v_addr) = (m.addr(index), v.addr(index));
+    let same_elements = m.chunk_len == v.chunk_len && m.info.dtype == v.info.dtype;
+    (m_addr.file == v_addr.file && same_elements).then(|| v.info.name.clone())
 }
 
 /// Statistics of chunk `index` of `group`, for ExCP's whole-tensor plan.
@@ -101,11 +114,20 @@ pub fn chunk_stats(
 }
 
 /// Plans a group from the statistics of all its chunks, in chunk order.
-pub fn plan_group(policy: &Policy, stats: Vec<GroupStats>) -> Option<TensorPlan> {
+pub fn plan_group(
+    plan: &Plan<'_>,
+    group: Group,
+    policy: &Policy,
+    stats: Vec<GroupStats>,
+) -> Option<TensorPlan> {
     let total = stats
         .into_iter()
         .fold(GroupStats::default(), GroupStats::merge);
-    codec::policy::plan(policy, &total)
+    codec::policy::plan(policy, &total, floats(plan, group))
+}
+
+fn floats(plan: &Plan<'_>, group: Group) -> [FloatType; 3] {
+    [group.w, group.m, group.v].map(|s| plan.slots[s].float().expect("groups hold float tensors"))
 }
 
 /// Quantizes chunk `index` of `group`: three encoded chunks, W, m, v.
@@ -124,8 +146,11 @@ pub fn encode_chunk(
     let tensor_plan = match tensor_plan {
         Some(p) => p,
         None => {
-            let stats = GroupStats::tuned_sums_of_chunk(&x.chunk());
-            chunk_plan = codec::policy::plan(policy, &stats)
+            let stats = match policy {
+                Policy::Guided { .. } => GroupStats::guided_sums_of_chunk(&x.chunk()),
+                _ => GroupStats::tuned_sums_of_chunk(&x.chunk()),
+            };
+            chunk_plan = codec::policy::plan(policy, &stats, x.floats)
                 .context("lossy group without a lossy policy")?;
             &chunk_plan
         }
@@ -133,12 +158,24 @@ pub fn encode_chunk(
     let streams = codec::policy::quantize(tensor_plan, &x.chunk());
     let inputs = [&x.w, &x.m, &x.v];
     let mut out = Vec::with_capacity(3);
+    // v first: a scaled m's side is this commit's v̂, as decoders find it.
+    let mut recons: [Option<Vec<f32>>; 3] = [None, None, None];
+    for role in [2, 0, 1] {
+        let q = &streams[role];
+        let base_values = q.domain.needs_base().then(|| x.base(role));
+        let side_values = q
+            .domain
+            .needs_side()
+            .then(|| recons[2].as_deref())
+            .flatten();
+        let recon = codec::quant::reconstruct(q, base_values, side_values)
+            .context("quantizer produced an invalid stream")?;
+        recons[role] = Some(recon);
+    }
     for (role, (q, slot_index)) in streams.iter().zip([group.w, group.m, group.v]).enumerate() {
         let slot = &plan.slots[slot_index];
         let input = inputs[role];
-        let base_values = q.domain.needs_base().then(|| x.base(role));
-        let recon = codec::quant::reconstruct(q, base_values)
-            .context("quantizer produced an invalid stream")?;
+        let recon = recons[role].take().expect("reconstructed above");
         let raw = q.float.bytes_of(&recon);
         session.cache_chunk(slot.cache_offset(index), &raw)?;
         let base = q.domain.needs_base().then_some(session.parent).flatten();

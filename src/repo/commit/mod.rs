@@ -205,7 +205,7 @@ pub fn commit_checkpoint(
     let policy = options
         .policy
         .clone()
-        .unwrap_or_else(|| config.policy.clone());
+        .unwrap_or_else(|| config.policy.clone().current());
     let parent_record = target.parent.as_ref().map(|(_, r)| r);
     let keyframe = options.force_keyframe
         || parent_record.is_none_or(|p| needs_keyframe(p, checkpoint.total_bytes(), &config));
@@ -251,8 +251,9 @@ pub fn commit_checkpoint(
     let tensor_errors = tensor_errors(&encoded);
     let errors = error_totals(&plan, &tensor_errors);
     let files = assemble_manifest(checkpoint, encoded, &tensor_errors);
+    let policy = if keyframe { Policy::Lossless } else { policy };
     let record = CommitRecord {
-        version: version_for(&files),
+        version: version_for(&files, &policy),
         parents: session.parent.into_iter().collect(),
         branch: target.branch.clone(),
         step: options.step,
@@ -264,7 +265,7 @@ pub fn commit_checkpoint(
         } else {
             parent_record.map_or(0, |p| p.chain_depth + 1)
         },
-        policy: if keyframe { Policy::Lossless } else { policy },
+        policy,
         input_bytes: checkpoint.total_bytes(),
         stored_bytes,
         errors,
@@ -405,8 +406,9 @@ fn whole_tensor_plans(
     }
     per_group
         .into_iter()
-        .map(|stats| {
-            lossy::plan_group(policy, stats)
+        .enumerate()
+        .map(|(group, stats)| {
+            lossy::plan_group(plan, plan.groups[group], policy, stats)
                 .context("lossy group without a lossy policy")
                 .map(Some)
         })

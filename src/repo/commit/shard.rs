@@ -120,7 +120,10 @@ pub fn commit_shard(
         (*id, sub)
     });
     let config = view.config()?;
-    let policy = options.policy.clone().unwrap_or(config.policy.clone());
+    let policy = options
+        .policy
+        .clone()
+        .unwrap_or_else(|| config.policy.clone().current());
     let keyframe = options.force_keyframe
         || base
             .as_ref()
