@@ -16,9 +16,11 @@ fuzz_target!(|data: &[u8]| {
     };
     assert_eq!(q.symbols.len(), expected);
     let base = vec![0.5f32; expected];
-    if let Ok(values) = quant::reconstruct(&q, Some(&base)) {
+    // The same values stand in for a scaled domain's side chunk.
+    if let Ok(values) = quant::reconstruct(&q, Some(&base), Some(&base)) {
         assert_eq!(values.len(), expected);
     }
-    let _ = quant::reconstruct(&q, None);
-    let _ = quant::reconstruct(&q, Some(&base[..expected / 2]));
+    let _ = quant::reconstruct(&q, None, None);
+    let _ = quant::reconstruct(&q, Some(&base), None);
+    let _ = quant::reconstruct(&q, Some(&base[..expected / 2]), Some(&base[..expected / 2]));
 });
