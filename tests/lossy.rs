@@ -358,13 +358,18 @@ fn an_unchanged_checkpoint_costs_nearly_nothing() {
     let env = Env::init_with(&["--policy", "balanced"]);
     env.commit(&fixture(20), 20);
     env.commit(&fixture(40), 40);
-    // Committed again: every tensor equals its parent's input, and the
-    // residuals against the reconstruction fall inside the quantizer's zero.
-    env.commit(&fixture(40), 41);
-    let log = env.json(&["log"]);
-    let stored = log[0]["stored_bytes"].as_f64().unwrap();
-    let input = log[0]["input_bytes"].as_f64().unwrap();
-    assert!(stored < input * 0.01, "{stored} of {input}");
+    // Committed again, four times: every tensor equals its parent's input,
+    // and the residuals against the reconstruction fall inside the
+    // quantizer's zero. Regression: a W step bounded by the change since
+    // the parent's reconstruction (its own error, when nothing moved)
+    // shrank commit after commit.
+    for step in 41..45 {
+        env.commit(&fixture(40), step);
+        let log = env.json(&["log"]);
+        let stored = log[0]["stored_bytes"].as_f64().unwrap();
+        let input = log[0]["input_bytes"].as_f64().unwrap();
+        assert!(stored < input * 0.01, "step {step}: {stored} of {input}");
+    }
 }
 
 #[test]

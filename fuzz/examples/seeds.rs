@@ -49,6 +49,7 @@ fn quantized(domain: Domain, float: FloatType, levels: Levels, n: usize) -> Quan
     Quantized {
         domain,
         float,
+        side: None,
         levels,
         symbols,
         escapes,
