@@ -146,9 +146,28 @@ fn main() {
             FloatType::F16,
             Levels::Table(vec![1.0, 3.0]),
         ),
+        (
+            "scaled-residual",
+            Domain::ScaledResidual,
+            FloatType::F32,
+            Levels::Linear(0.1),
+        ),
+        (
+            "scaled-value-bf16",
+            Domain::ScaledValue,
+            FloatType::BF16,
+            Levels::Linear(0.1),
+        ),
     ];
     for (name, domain, float, levels) in cases {
-        let q = quantized(domain, float, levels, 200);
+        let mut q = quantized(domain, float, levels, 200);
+        if domain.needs_side() {
+            q.side = Some(quant::Side {
+                tensor: "w.exp_avg_sq".into(),
+                float,
+                floor: 1e-8,
+            });
+        }
         write(
             "blob_decode",
             &format!("quant-{name}"),

@@ -61,7 +61,8 @@ pub enum Policy {
         preset: String,
         /// W step as a fraction of RMS(W)…
         w_step: f32,
-        /// …or of RMS(W − Ŵ_parent), whichever is smaller (0: no such bound).
+        /// …or of the RMS of W's change since the parent (W − Ŵ_parent less
+        /// the parent's own error), whichever is smaller (0: no such bound).
         w_update_step: f32,
         /// m step as a fraction of RMS(m / (√v̂ + ε)), element i's step
         /// scaled by √v̂ᵢ + ε (v̂: this commit's reconstructed v).
@@ -109,15 +110,12 @@ impl Policy {
             // Chosen on the regimes benchmark (docs/benchmarks.md, "Presets
             // across kinds of run"): four kinds of run, each mark at two
             // points of each.
-            // W's step is also bounded by 4 × RMS(W − Ŵ_parent). The change
-            // is measured against the parent's reconstruction, so when W
-            // stands still it is the parent's own error, RMS = step/√12: a
-            // factor below √12 would shrink the step commit after commit
-            // (a checkpoint committed twice was coded ever finer,
-            // tests/lossy.rs); at 4 the step holds.
-            "compact" => guided(0.065, 4.0, 6.0, 1.5),
-            "balanced" => guided(0.02, 4.0, 3.0, 0.8),
-            "faithful" => guided(0.008, 4.0, 1.0, 0.3),
+            // W's step is also bounded by a multiple of W's change since
+            // the parent (see `update_bound`): late in a run the change is
+            // far smaller than a fixed fraction of W.
+            "compact" => guided(0.065, 3.0, 6.0, 1.5),
+            "balanced" => guided(0.02, 1.0, 3.0, 0.8),
+            "faithful" => guided(0.008, 1.0, 0.8, 0.3),
             _ => return None,
         })
     }
@@ -293,6 +291,9 @@ pub struct GroupStats {
     pub sum_dm2: f64,
     /// Σ (W − Ŵ_parent)² (guided policies).
     pub sum_dw2: f64,
+    /// The chunk's `parent_w_error` (guided policies; the largest of merged
+    /// chunks').
+    pub parent_w_error: f32,
     /// Σ u² and Σ (u − û_parent)², u = m / (√v_parent + ε): m in units of
     /// Adam's update, near enough for planning (guided policies with a
     /// side; the coding itself scales by this commit's v̂).
@@ -342,6 +343,7 @@ impl GroupStats {
     pub fn guided_sums_of_chunk(chunk: &GroupChunk<'_>) -> GroupStats {
         let mut stats = GroupStats::tuned_sums_of_chunk(chunk);
         stats.sum_dw2 = sum_squared_differences(chunk.w, chunk.parent_w);
+        stats.parent_w_error = chunk.parent_w_error;
         if chunk.side_tensor.is_some() {
             (stats.sum_u2, stats.sum_du2) = sum_updates(chunk);
         }
@@ -351,6 +353,7 @@ impl GroupStats {
     pub fn merge(mut self, other: GroupStats) -> GroupStats {
         self.count += other.count;
         self.sum_dw2 += other.sum_dw2;
+        self.parent_w_error = self.parent_w_error.max(other.parent_w_error);
         self.sum_u2 += other.sum_u2;
         self.sum_du2 += other.sum_du2;
         self.sum_w2 += other.sum_w2;
@@ -416,6 +419,28 @@ fn sum_squared_differences(x: &[f32], parent: &[f32]) -> f64 {
 
 fn sum_updates(chunk: &GroupChunk<'_>) -> (f64, f64) {
     crate::with_avx2!(update_sums(chunk: &GroupChunk<'_>) -> (f64, f64))
+}
+
+/// `w_update_step` × the RMS of how far W moved since the parent, or
+/// infinity where that is not known to be more than the parent's own
+/// error. W − Ŵ_parent is the change plus the parent's error (independent
+/// of it, of RMS `parent_w_error` × RMS(W)), so the change's RMS is
+/// √(RMS(W − Ŵ_parent)² − error²). Only a change clearly larger than the
+/// error (its square above twice the error's) is trusted: a checkpoint
+/// committed again, or a frozen tensor, has no change beyond the error and
+/// gets no bound, so its residual stays in the quantizer's zero. In steady
+/// state the bound holds the error at w_update_step/√12 of the change,
+/// which keeps it engaged (change² + error² > 2 error²) for
+/// w_update_step < √12.
+fn update_bound(w_update_step: f32, stats: &GroupStats) -> f64 {
+    let (moved2, error2) = (
+        stats.mean(stats.sum_dw2),
+        (stats.parent_w_error as f64).powi(2) * stats.mean(stats.sum_w2),
+    );
+    if w_update_step <= 0.0 || moved2 <= 2.0 * error2 {
+        return f64::INFINITY;
+    }
+    w_update_step as f64 * (moved2 - error2).sqrt()
 }
 
 /// Σ (x − parent)² over the finite differences, in eight lanes.
@@ -546,15 +571,8 @@ pub fn plan(policy: &Policy, stats: &GroupStats, floats: [FloatType; 3]) -> Opti
         } => {
             let rms = |sum: f64| stats.mean(sum).sqrt();
             let [wf, mf, vf] = floats.map(|f| precision_factor(f) as f64);
-            // The change bounds the step only where there is one: a frozen
-            // tensor's residual is all zeros at any step.
-            let by_weights = *w_step as f64 * rms(stats.sum_w2);
-            let by_update = *w_update_step as f64 * rms(stats.sum_dw2);
-            let w_step = if by_update > 0.0 && by_update.is_finite() {
-                by_weights.min(by_update)
-            } else {
-                by_weights
-            } * wf;
+            let w_step =
+                (*w_step as f64 * rms(stats.sum_w2)).min(update_bound(*w_update_step, stats)) * wf;
             // With no side (m and v in different files), m is coded as the
             // tuned policies code it, in its own units.
             let m_scaled = stats.sum_u2 > 0.0;
@@ -635,6 +653,9 @@ pub struct GroupChunk<'a> {
     pub w_float: FloatType,
     pub m_float: FloatType,
     pub v_float: FloatType,
+    /// Relative L2 error of the parent's W (its record's `rel_error`; 0
+    /// when exact): what of W − Ŵ_parent is the parent's error, not change.
+    pub parent_w_error: f32,
     /// The name v is stored under, when a decoder finds it at the same
     /// position (same file and chunk index) as m: then m can be coded in
     /// units of the parent's √v̂ (guided policies).
@@ -968,6 +989,7 @@ mod tests {
             w_float: FloatType::F32,
             m_float: FloatType::F32,
             v_float: FloatType::F32,
+            parent_w_error: 0.0,
             side_tensor: None,
         }
     }
@@ -1151,6 +1173,7 @@ mod tests {
             w_float: FloatType::F32,
             m_float: FloatType::F32,
             v_float: FloatType::F32,
+            parent_w_error: 0.0,
             side_tensor: None,
         };
         let policy = Policy::preset("compact").unwrap();
@@ -1307,6 +1330,23 @@ mod tests {
         };
         let rms_dw = (stats.sum_dw2 / n as f64).sqrt() as f32;
         assert!(w_step <= 1.0001 * rms_dw, "W step bounded by the change");
+        // All of W − Ŵ_parent the parent's own error (a checkpoint committed
+        // again): no bound, the step is the weights'.
+        let rms_w = (stats.sum_w2 / n as f64).sqrt() as f32;
+        let repeat = GroupStats {
+            parent_w_error: rms_dw / rms_w,
+            ..stats.clone()
+        };
+        let Some(TensorPlan::Guided {
+            w_step: w_repeat, ..
+        }) = super::plan(&policy, &repeat, F32S)
+        else {
+            panic!()
+        };
+        assert!(
+            (w_repeat - 0.008 * rms_w).abs() <= 1e-6 * rms_w,
+            "{w_repeat} vs {rms_w}"
+        );
         let [qw, qm, qv] = quantize(&plan, &input);
         assert_eq!(qm.side.as_ref().unwrap().tensor, "x.exp_avg_sq");
         assert!(

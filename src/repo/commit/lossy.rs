@@ -24,6 +24,8 @@ struct Loaded {
     floats: [FloatType; 3],
     /// v's tensor name, when m's side can be v (see [`side_tensor`]).
     side_tensor: Option<String>,
+    /// The parent's recorded relative error of W.
+    parent_w_error: f32,
 }
 
 impl Loaded {
@@ -38,6 +40,7 @@ impl Loaded {
             w_float: self.floats[0],
             m_float: self.floats[1],
             v_float: self.floats[2],
+            parent_w_error: self.parent_w_error,
             side_tensor: self.side_tensor.as_deref(),
         }
     }
@@ -87,6 +90,7 @@ fn load(
         parent_v,
         floats,
         side_tensor: side_tensor(plan, group, index),
+        parent_w_error: plan.slots[group.w].parent.map_or(0.0, |t| t.rel_error),
     })
 }
 
