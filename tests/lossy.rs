@@ -694,3 +694,44 @@ fn commit_from_memory_and_load_into_memory() {
         );
     }
 }
+
+/// The presets code each m in units of its own commit's v̂: lossy m chunks
+/// name their v as a side (found at the same file and chunk index), no
+/// other chunk names one, and fsck and checkout decode them (the same bytes
+/// twice).
+#[test]
+fn moments_are_coded_in_units_of_their_own_v() {
+    use ckptvc::codec;
+    use ckptvc::repo::{Repo, rev};
+    use ckptvc::store::FileContent;
+    let env = Env::init_with(&["--policy", "faithful"]);
+    for step in [20, 40, 60] {
+        env.commit(&fixture(step), step);
+    }
+    let before = env.checkout("60", "before");
+    let store = Repo::open(env.repo()).unwrap();
+    let id = rev::resolve(store.backend(), "60").unwrap();
+    let record = store.get_commit(&id).unwrap().unwrap();
+    let mut sides = 0;
+    for file in &record.files {
+        if !matches!(file.content, FileContent::Safetensors { .. }) {
+            continue;
+        }
+        for tensor in file.tensors() {
+            for chunk in &tensor.chunks {
+                let blob = store.get_blob(&chunk.blob).unwrap();
+                let Some(side) = codec::side_of(&blob).unwrap() else {
+                    continue;
+                };
+                assert!(tensor.name.ends_with(".exp_avg"), "{}", tensor.name);
+                assert_eq!(side.tensor, format!("{}_sq", tensor.name));
+                sides += 1;
+            }
+        }
+    }
+    assert!(sides > 0, "no m chunk names a side");
+    drop(store);
+    env.cmd().arg("fsck").assert().success();
+    let again = env.checkout("60", "again");
+    assert_same_files(&before, &again);
+}
