@@ -466,17 +466,12 @@ fn squared_differences(x: &[f32], parent: &[f32]) -> f64 {
 }
 
 /// (Σ u², Σ (u − û_parent)²) with u = m / scale, the per-element scale of
-/// m's side (√v̂_parent + ε), over the finite terms.
+/// m's side (√v_parent + ε), over the finite terms.
 #[inline(always)]
 fn update_sums(chunk: &GroupChunk<'_>) -> (f64, f64) {
     let (mut u2, mut du2) = ([0f64; 8], [0f64; 8]);
-    for (i, ((&m, &pm), &pv)) in chunk
-        .m
-        .iter()
-        .zip(chunk.parent_m)
-        .zip(chunk.parent_v)
-        .enumerate()
-    {
+    let elements = chunk.m.iter().zip(chunk.parent_m).zip(chunk.parent_v);
+    for (i, ((&m, &pm), &pv)) in elements.enumerate() {
         let scale = Side::scale(ADAM_EPS, pv);
         let (u, du) = ((m / scale) as f64, ((m - pm) / scale) as f64);
         let ok = u.is_finite() && du.is_finite();
@@ -666,11 +661,20 @@ pub struct GroupChunk<'a> {
 
 /// Quantizes one chunk: (W, m, v).
 pub fn quantize(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> [Quantized; 3] {
-    crate::with_avx2!(quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> [Quantized; 3])
+    quantize_keeping_v(plan, chunk).0
+}
+
+/// [`quantize`], and v's reconstruction when the quantizer made it (m in
+/// units of v̂ needs it), so the caller need not make it again.
+pub fn quantize_keeping_v(
+    plan: &TensorPlan,
+    chunk: &GroupChunk<'_>,
+) -> ([Quantized; 3], Option<Vec<f32>>) {
+    crate::with_avx2!(quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3], Option<Vec<f32>>))
 }
 
 #[inline(always)]
-fn quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> [Quantized; 3] {
+fn quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3], Option<Vec<f32>>) {
     match plan {
         TensorPlan::Excp {
             w_threshold,
@@ -691,7 +695,7 @@ fn quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> [Quantized; 3] {
                 push_codebook(&mut m, m_centres, chunk.m[i], chunk.m[i], keep_m);
                 push_codebook(&mut v, v_centres, chunk.v[i], chunk.v[i], keep_m);
             }
-            [w, m, v]
+            ([w, m, v], None)
         }
         TensorPlan::Tuned {
             w_step,
@@ -720,7 +724,7 @@ fn uniform_streams(
     [w_step, m_step, v_log_step]: [f32; 3],
     m_residual: bool,
     m_side: Option<&str>,
-) -> [Quantized; 3] {
+) -> ([Quantized; 3], Option<Vec<f32>>) {
     let n = chunk.w.len();
     let mut w = uniform_stream(Domain::Residual, chunk.w_float, Levels::Linear(w_step), n);
     fill_uniform(
@@ -737,16 +741,16 @@ fn uniform_streams(
         chunk.v,
         log_ratios.map(|(&v, &p)| log_ratio(v, p)),
     );
-    let m = match m_side {
+    match m_side {
         Some(tensor) => {
             // m's side is v as the decoder will have it: this commit's v̂.
             let v_hat = super::quant::reconstruct(&v, Some(chunk.parent_v), None)
                 .expect("the v stream just made is valid");
-            scaled_m(chunk, tensor, &v_hat, m_step, m_residual)
+            let m = scaled_m(chunk, tensor, &v_hat, m_step, m_residual);
+            ([w, m, v], Some(v_hat))
         }
-        None => plain_m(chunk, m_step, m_residual),
-    };
-    [w, m, v]
+        None => ([w, plain_m(chunk, m_step, m_residual), v], None),
+    }
 }
 
 /// m in its own units, as a residual against m̂_parent or as a value.

@@ -159,12 +159,16 @@ pub fn encode_chunk(
             &chunk_plan
         }
     };
-    let streams = codec::policy::quantize(tensor_plan, &x.chunk());
+    let (streams, v_hat) = codec::policy::quantize_keeping_v(tensor_plan, &x.chunk());
     let inputs = [&x.w, &x.m, &x.v];
     let mut out = Vec::with_capacity(3);
-    // v first: a scaled m's side is this commit's v̂, as decoders find it.
-    let mut recons: [Option<Vec<f32>>; 3] = [None, None, None];
+    // v first: a scaled m's side is this commit's v̂, as decoders find it
+    // (the quantizer has made it then).
+    let mut recons: [Option<Vec<f32>>; 3] = [None, None, v_hat];
     for role in [2, 0, 1] {
+        if recons[role].is_some() {
+            continue;
+        }
         let q = &streams[role];
         let base_values = q.domain.needs_base().then(|| x.base(role));
         let side_values = q
