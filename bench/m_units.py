@@ -56,16 +56,10 @@ def main():
     cfg = dict(R.REGIMES[args.regime])
     texts, _ = R.load_texts()
     text, _ = texts[cfg["text"]]
-    every, total, resume_steps = cfg["every"], cfg["steps"], cfg["resume"]
-    steps = list(range(every, total + 1, every))
-    points = cfg.get("points") or [steps[len(steps) // 2 - 1], steps[-2]]
-    sched = (cfg["lr"], cfg["warmup"], total + resume_steps)
-    ckpt = lambda s: f"{args.work}/{args.regime}/ckpt/step-{s:06d}"
-
-    def resume(path, p):
-        model, opt = R.load(path, p, cfg)
-        R.train_steps(model, opt, text, 1, p + 1, p + resume_steps, sched, cfg)
-        return R.flat_weights(model)
+    every = cfg["every"]
+    _, points, sched = R.layout(cfg)
+    ckpt = lambda s: R.ckpt_dir(args.work, args.regime, s)
+    resume = lambda path, p: R.flat_weights(R.resumed(path, p, cfg, text, sched, 1))
 
     for p in points:
         reference = resume(ckpt(p), p)

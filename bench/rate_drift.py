@@ -43,16 +43,9 @@ def ours():
 
 def run(name, cfg, texts, work):
     text, _ = texts[cfg["text"]]
-    every, total, rs = cfg["every"], cfg["steps"], cfg["resume"]
-    steps = list(range(every, total + 1, every))
-    points = cfg.get("points") or [steps[len(steps) // 2 - 1], steps[-2]]
-    sched = (cfg["lr"], cfg["warmup"], total + rs)
-    ckpt = lambda s: f"{work}/{name}/ckpt/step-{s:06d}"
-
-    def resume(path, p):
-        model, opt = R.load(path, p, cfg)
-        R.train_steps(model, opt, text, 1, p + 1, p + rs, sched, cfg)
-        return R.flat_weights(model)
+    steps, points, sched = R.layout(cfg)
+    ckpt = lambda s: R.ckpt_dir(work, name, s)
+    resume = lambda path, p: R.flat_weights(R.resumed(path, p, cfg, text, sched, 1))
 
     reference = {p: resume(ckpt(p), p) for p in points}
     rows = []

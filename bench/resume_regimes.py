@@ -319,15 +319,35 @@ def bf16_zstd_ratio(path):
 
 # ---------------------------------------------------------------- one regime
 
+def layout(cfg):
+    """A regime's checkpoint steps, its two resume points and its learning-rate
+    schedule (what bench/m_units.py and bench/rate_drift.py reuse too)."""
+    every, total = cfg["every"], cfg["steps"]
+    steps = list(range(every, total + 1, every))
+    points = cfg.get("points") or [steps[len(steps) // 2 - 1], steps[-2]]
+    return steps, points, (cfg["lr"], cfg["warmup"], total + cfg["resume"])
+
+
+def ckpt_dir(work, name, step):
+    """Where `--work WORK` keeps regime `name`'s checkpoint of `step`."""
+    return f"{work}/{name}/ckpt/step-{step:06d}"
+
+
+def resumed(path, p, cfg, text, sched, seed):
+    """The model after resuming the regime's run from checkpoint `path` (at
+    step p) for the regime's resume steps."""
+    model, opt = load(path, p, cfg)
+    train_steps(model, opt, text, seed, p + 1, p + cfg["resume"], sched, cfg)
+    return model
+
+
 def run_regime(name, cfg, texts, args):
     t_start, c_start = time.time(), cpu_seconds()
     work = os.path.join(args.work, name)
     text, held = texts[cfg["text"]]
     every, total, R = cfg["every"], cfg["steps"], cfg["resume"]
-    steps = list(range(every, total + 1, every))
-    points = cfg.get("points") or [steps[len(steps) // 2 - 1], steps[-2]]
-    sched = (cfg["lr"], cfg["warmup"], total + R)
-    ckpt = lambda s: f"{work}/ckpt/step-{s:06d}"
+    steps, points, sched = layout(cfg)
+    ckpt = lambda s: ckpt_dir(args.work, name, s)
     seed = args.seed
     torch.manual_seed(seed)
     n_params = sum(p.numel() for p in new_model(cfg).parameters())
@@ -353,8 +373,7 @@ def run_regime(name, cfg, texts, args):
         return {"what": cfg["what"], "parameters": n_params, "checkpoints": len(steps), "trained_only": True}
 
     def resume(path, p):
-        model, opt = load(path, p, cfg)
-        train_steps(model, opt, text, seed, p + 1, p + R, sched, cfg)
+        model = resumed(path, p, cfg, text, sched, seed)
         return flat_weights(model), held_out_loss(model, held, seed, cfg)
 
     res = {"what": cfg["what"], "parameters": n_params, "checkpoints": len(steps), "every": every,

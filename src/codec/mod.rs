@@ -133,7 +133,9 @@ pub enum CodecError {
     RawLength(u64),
     #[error("{0} blob needs its base chunk, none was given")]
     MissingBase(Codec),
-    #[error("blob needs the side chunk of tensor `{0}` from its base commit, none was given")]
+    #[error(
+        "blob needs the side chunk of tensor `{0}` (same commit, file and index), none was given"
+    )]
     MissingSide(String),
     #[error("base chunk is {base} bytes but the blob encodes {raw} bytes")]
     BaseLength { base: usize, raw: usize },

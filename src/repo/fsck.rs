@@ -423,19 +423,9 @@ fn decode_one(
     if chunk.codec.needs_base() && base.is_none() {
         return Err("its residual base is not available".into());
     }
-    let side = match codec::side_of(&blob).map_err(|e| e.to_string())? {
-        Some(side) => {
-            let side_addr = ChunkAddr {
-                tensor: Some(&side.tensor),
-                ..addr
-            };
-            let bytes = sides
-                .chunk(id, side_addr)
-                .map_err(|e| format!("its side chunk: {e:#}"))?;
-            Some(bytes)
-        }
-        None => None,
-    };
+    let side = sides
+        .side_chunk(id, addr, &blob, true)
+        .map_err(|e| format!("its side chunk: {e:#}"))?;
     let raw = codec::decode_with(&blob, base, side.as_deref()).map_err(|e| e.to_string())?;
     if ObjectId::of(&raw) != chunk.raw_hash {
         return Err("decoded bytes do not match the recorded checksum".into());

@@ -234,21 +234,9 @@ impl<'s> Reconstructor<'s> {
             Some(id) => Some(self.base_chunk(id, addr, checked)?),
             None => None,
         };
-        // A lossy chunk coded in units of another tensor (m in units of
-        // √v̂) takes that tensor's chunk at the same position of its commit.
-        let side = match codec::side_of(&blob).with_context(context)? {
-            Some(side) => {
-                let side_addr = ChunkAddr {
-                    tensor: Some(&side.tensor),
-                    ..addr
-                };
-                let bytes = self
-                    .base_chunk(id, side_addr, checked)
-                    .with_context(|| format!("{}: its side chunk", context()))?;
-                Some(bytes)
-            }
-            None => None,
-        };
+        let side = self
+            .side_chunk(id, addr, &blob, checked)
+            .with_context(|| format!("{}: its side chunk", context()))?;
         let raw = match base {
             Some(base) => codec::decode_onto(&blob, base, side.as_deref()),
             None => codec::decode_with(&blob, None, side.as_deref()),
@@ -265,6 +253,27 @@ impl<'s> Reconstructor<'s> {
 }
 
 impl Reconstructor<'_> {
+    /// The side chunk `blob` (at `addr` of commit `id`) is decoded with, if
+    /// it names one: a lossy chunk coded in units of another tensor (m in
+    /// units of √v̂) takes that tensor's chunk at the same file and index of
+    /// the same commit. Checked as [`Reconstructor::base_chunk`] checks.
+    pub fn side_chunk(
+        &self,
+        id: &ObjectId,
+        addr: ChunkAddr<'_>,
+        blob: &[u8],
+        checked: bool,
+    ) -> anyhow::Result<Option<Vec<u8>>> {
+        let Some(side) = codec::side_of(blob)? else {
+            return Ok(None);
+        };
+        let side_addr = ChunkAddr {
+            tensor: Some(&side.tensor),
+            ..addr
+        };
+        Ok(Some(self.base_chunk(id, side_addr, checked)?))
+    }
+
     /// The chunk at `addr` of commit `base`, which a delta (or a scaled
     /// chunk's side) is decoded against: checked through [`Reconstructor::chunk`]
     /// with `checked`, else from a cache or decoded without checks.

@@ -95,8 +95,8 @@ fn load(
 }
 
 /// v's name, when a decoder of m's chunk `index` finds v's chunk of the
-/// same elements at the same position of the base commit: same file, same
-/// chunk length (the decoder looks the side up by file, name and index).
+/// same elements in the same commit: same file, same chunk length and
+/// dtype (the decoder looks the side up by file, name and index).
 fn side_tensor(plan: &Plan<'_>, group: Group, index: usize) -> Option<String> {
     let (m, v) = (&plan.slots[group.m], &plan.slots[group.v]);
     let (m_addr, v_addr) = (m.addr(index), v.addr(index));
