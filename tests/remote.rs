@@ -53,6 +53,45 @@ fn stderr_of(out: &assert_cmd::assert::Assert) -> String {
     String::from_utf8_lossy(&out.get_output().stderr).into_owned()
 }
 
+/// A lossy store's chunks decode with side chunks (W with m and v of its
+/// commit and of its base; m with v): a lazy clone downloads those too,
+/// and after a prune (chunks that keep dropped bases, whose sides a push
+/// must send) the clone's checkout equals the original store's.
+#[test]
+fn lazy_clone_of_a_pruned_lossy_store_fetches_side_chunks() {
+    let env = Env::init_with(&["--policy", "faithful"]);
+    for step in &STEPS[..5] {
+        env.commit(&fixture(*step), *step);
+    }
+    env.cmd()
+        .args(["prune", "--keep-last", "2", "--keep-every", "1000"])
+        .assert()
+        .success();
+    let expected = env.checkout("main@100", "expected");
+    for url in remotes("lazy-lossy", env.tmp.path()) {
+        let name = format!("l{}", url.len());
+        env.cmd()
+            .args(["remote", "add", &name, &url])
+            .assert()
+            .success();
+        env.cmd().args(["push", &name]).assert().success();
+        let clone = env.path(&format!("clone-{name}"));
+        at(&clone)
+            .args(["clone", &url])
+            .arg(&clone)
+            .arg("--lazy")
+            .assert()
+            .success();
+        let dest = env.path(&format!("out-{name}"));
+        let checkout = json_at(
+            &clone,
+            &["checkout", "main@100", "--output", dest.to_str().unwrap()],
+        );
+        assert!(checkout["blobs_downloaded"].as_u64().unwrap() > 0);
+        assert_same_files(&expected, &dest);
+    }
+}
+
 #[test]
 fn push_then_lazy_clone_checks_out_one_step_with_its_chunks_only() {
     let env = store_with_steps(4);

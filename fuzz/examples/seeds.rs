@@ -50,6 +50,7 @@ fn quantized(domain: Domain, float: FloatType, levels: Levels, n: usize) -> Quan
         domain,
         float,
         side: None,
+        predictor: None,
         levels,
         symbols,
         escapes,
@@ -158,6 +159,12 @@ fn main() {
             FloatType::BF16,
             Levels::Linear(0.1),
         ),
+        (
+            "predicted-residual",
+            Domain::PredictedResidual,
+            FloatType::F32,
+            Levels::Linear(0.1),
+        ),
     ];
     for (name, domain, float, levels) in cases {
         let mut q = quantized(domain, float, levels, 200);
@@ -166,6 +173,17 @@ fn main() {
                 tensor: "w.exp_avg_sq".into(),
                 float,
                 floor: 1e-8,
+            });
+        }
+        if domain.needs_prediction() {
+            q.predictor = Some(quant::Predictor {
+                file: "optimizer.safetensors".into(),
+                m: "w.exp_avg".into(),
+                v: "w.exp_avg_sq".into(),
+                m_float: float,
+                v_float: float,
+                floor: 1e-8,
+                coef: [-1e-3, 2e-4, -1e-5],
             });
         }
         write(

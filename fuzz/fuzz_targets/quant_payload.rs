@@ -20,6 +20,15 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(values) = quant::reconstruct(&q, Some(&base), Some(&base)) {
         assert_eq!(values.len(), expected);
     }
+    // A predicted chunk's prediction from the moments it names.
+    if let Some(p) = &q.predictor {
+        let sides = vec![base.clone(); q.side_refs().len()];
+        if let Ok(pred) = quant::prediction(p, &base, &sides) {
+            assert_eq!(pred.len(), expected);
+            let _ = quant::reconstruct(&q, Some(&base), Some(&pred));
+        }
+        let _ = quant::prediction(p, &base, &sides[..sides.len() / 2]);
+    }
     let _ = quant::reconstruct(&q, None, None);
     let _ = quant::reconstruct(&q, Some(&base), None);
     let _ = quant::reconstruct(&q, Some(&base[..expected / 2]), Some(&base[..expected / 2]));

@@ -137,6 +137,10 @@ enum Command {
         /// Tuned policies: v step in natural-log units (makes the policy `custom`).
         #[arg(long)]
         v_log_step: Option<f32>,
+        /// Presets: code W without predicting its change from Adam's m̂ and
+        /// v̂ (makes the policy `custom`; for comparisons).
+        #[arg(long)]
+        no_w_prediction: bool,
         /// Commit only rank K's files of a step that N ranks commit at once
         /// (`__K_*.distcp`, `zero_pp_rank_K_*`, `rankK*`; files of no rank
         /// go with rank 0). The step appears once all N shards are in.
@@ -636,6 +640,7 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
             w_update_step,
             m_step,
             v_log_step,
+            no_w_prediction,
             shard,
             group,
         } => {
@@ -647,6 +652,7 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
                 w_update_step: *w_update_step,
                 m_step: *m_step,
                 v_log_step: *v_log_step,
+                w_predicted: no_w_prediction.then_some(false),
             };
             let options = CommitOptions {
                 step: *step,

@@ -134,7 +134,7 @@ pub enum CodecError {
     #[error("{0} blob needs its base chunk, none was given")]
     MissingBase(Codec),
     #[error(
-        "blob needs the side chunk of tensor `{0}` (same commit, file and index), none was given"
+        "blob needs the side chunk of tensor `{0}` (same chunk index, of this commit or its base), none was given"
     )]
     MissingSide(String),
     #[error("base chunk is {base} bytes but the blob encodes {raw} bytes")]
@@ -327,22 +327,23 @@ fn decode_quant(
     header: &BlobHeader,
     payload: &[u8],
     base: Option<&[u8]>,
-    side: Option<&[u8]>,
+    sides: &[Vec<u8>],
 ) -> Result<Vec<u8>, CodecError> {
     let q = quant::read_payload(payload, header.raw_len as usize / header.elem_size)?;
-    reconstruct_quant(header, q, base, side)
+    reconstruct_quant(header, q, base, sides)
 }
 
-/// The side chunk a blob needs besides its base (a lossy chunk coded in a
-/// scaled domain), read from its payload's first bytes: `None` for every
-/// other blob. The caller fetches it from the same commit and passes it to
-/// [`decode_with`] or [`decode_onto`].
-pub fn side_of(blob: &[u8]) -> Result<Option<quant::Side>, CodecError> {
+/// The chunks a blob needs besides its base (a lossy chunk coded in a
+/// scaled domain, or W predicted from Adam's moments), read from its
+/// payload's first bytes: empty for every other blob. The caller fetches
+/// them (decoded) and passes them, in this order, to [`decode_with`] or
+/// [`decode_onto`].
+pub fn sides_of(blob: &[u8]) -> Result<Vec<quant::SideRef>, CodecError> {
     let header = BlobHeader::parse(blob)?;
     if !matches!(header.codec, Codec::Quant | Codec::QuantDelta) {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    Ok(quant::read_side(&blob[HEADER_LEN..])?)
+    Ok(quant::read_side_refs(&blob[HEADER_LEN..])?)
 }
 
 /// The decoded bytes of a parsed quantized blob, after checking it against
@@ -351,7 +352,7 @@ fn reconstruct_quant(
     header: &BlobHeader,
     q: quant::Quantized,
     base: Option<&[u8]>,
-    side: Option<&[u8]>,
+    sides: &[Vec<u8>],
 ) -> Result<Vec<u8>, CodecError> {
     let raw_len = header.raw_len as usize;
     if q.symbols.len() * q.float.size() != raw_len {
@@ -364,10 +365,19 @@ fn reconstruct_quant(
         return Err(quant::QuantError::Invalid("domain does not match the blob's codec").into());
     }
     let base = base.map(|b| q.float.to_f32(b));
-    let side = match (&q.side, side) {
-        (Some(s), Some(bytes)) => Some(s.float.to_f32(bytes)),
-        (Some(s), None) => return Err(CodecError::MissingSide(s.tensor.clone())),
-        (None, _) => None,
+    let refs = q.side_refs();
+    if let Some(missing) = refs.get(sides.len()) {
+        return Err(CodecError::MissingSide(missing.tensor.clone()));
+    }
+    let sides: Vec<Vec<f32>> = refs
+        .iter()
+        .zip(sides)
+        .map(|(r, bytes)| r.float.to_f32(bytes))
+        .collect();
+    let side = match (&q.predictor, &base) {
+        (Some(p), Some(base)) => Some(quant::prediction(p, base, &sides)?),
+        (Some(_), None) => return Err(CodecError::MissingBase(header.codec)),
+        (None, _) => sides.into_iter().next(),
     };
     let values = quant::reconstruct(&q, base.as_deref(), side.as_deref())?;
     Ok(q.float.from_f32(&values))
@@ -396,20 +406,20 @@ fn checked_base<'a>(
 /// codecs that need one. A blob that needs a side chunk ([`side_of`]) fails
 /// here: see [`decode_with`].
 pub fn decode(blob: &[u8], base: Option<&[u8]>) -> Result<Vec<u8>, CodecError> {
-    decode_with(blob, base, None)
+    decode_with(blob, base, &[])
 }
 
-/// [`decode`] with the side chunk (decoded bytes) a blob in a scaled domain
-/// needs; ignored by every other blob.
+/// [`decode`] with the side chunks (decoded bytes, in [`sides_of`] order) a
+/// blob needs; every other blob takes none.
 pub fn decode_with(
     blob: &[u8],
     base: Option<&[u8]>,
-    side: Option<&[u8]>,
+    sides: &[Vec<u8>],
 ) -> Result<Vec<u8>, CodecError> {
     let header = BlobHeader::parse(blob)?;
     let base = checked_base(&header, base)?;
     if !header.codec.is_lossless() {
-        return decode_quant(&header, &blob[HEADER_LEN..], base, side);
+        return decode_quant(&header, &blob[HEADER_LEN..], base, sides);
     }
     let raw_len = header.raw_len as usize;
     match (header.codec, base) {
@@ -457,7 +467,7 @@ pub fn decode_with(
 pub fn decode_onto(
     blob: &[u8],
     mut base: Vec<u8>,
-    side: Option<&[u8]>,
+    sides: &[Vec<u8>],
 ) -> Result<Vec<u8>, CodecError> {
     let header = BlobHeader::parse(blob)?;
     checked_base(&header, Some(&base))?;
@@ -468,9 +478,10 @@ pub fn decode_onto(
             let in_place = q.float == float::FloatType::F32
                 && cfg!(target_endian = "little")
                 && q.domain.needs_base()
-                && !q.domain.needs_side();
+                && !q.domain.needs_side()
+                && !q.domain.needs_prediction();
             if !in_place {
-                return reconstruct_quant(&header, q.expand(), Some(&base), side);
+                return reconstruct_quant(&header, q.expand(), Some(&base), sides);
             }
             quant::reconstruct_f32_onto(&q, &mut base)?;
             Ok(base)
@@ -480,7 +491,7 @@ pub fn decode_onto(
             base.iter_mut().zip(&delta).for_each(|(b, d)| *b ^= d);
             Ok(base)
         }
-        _ => decode_with(blob, Some(&base), side),
+        _ => decode_with(blob, Some(&base), sides),
     }
 }
 
@@ -625,6 +636,7 @@ mod tests {
                 domain: quant::Domain::Residual,
                 float: float::FloatType::F32,
                 side: None,
+                predictor: None,
                 levels: quant::Levels::Linear(0.01),
                 symbols: raw.iter().map(|x| if x.is_finite() { 127 } else { quant::ESCAPE }).collect(),
                 escapes: raw.iter().copied().filter(|x| !x.is_finite()).collect(),
@@ -637,8 +649,8 @@ mod tests {
                 }
                 let _ = decode(&blob, Some(&base));
                 let _ = decode(&blob[..cut % blob.len()], Some(&base));
-                let _ = decode_onto(&blob, base.clone(), None);
-                let _ = decode_onto(&blob[..cut % blob.len()], base.clone(), None);
+                let _ = decode_onto(&blob, base.clone(), &[]);
+                let _ = decode_onto(&blob[..cut % blob.len()], base.clone(), &[]);
             }
         }
 
@@ -672,7 +684,7 @@ mod tests {
             } else {
                 quant::Levels::Linear(0.01)
             };
-            let q = quant::Quantized { domain, float, side: None, levels, symbols, escapes };
+            let q = quant::Quantized { domain, float, side: None, predictor: None, levels, symbols, escapes };
             let base_values: Vec<f32> = (0..len).map(|i| match i % 50 {
                 0 => -0.0,
                 1 => f32::NAN,
@@ -681,9 +693,9 @@ mod tests {
             let base = float.from_f32(&base_values);
             let blob = encode_quant(&q);
             let expected = decode(&blob, Some(&base)).unwrap();
-            prop_assert_eq!(decode_onto(&blob, base.clone(), None).unwrap(), expected);
+            prop_assert_eq!(decode_onto(&blob, base.clone(), &[]).unwrap(), expected);
             let delta = encode_xor_delta(&base.iter().map(|b| b ^ 0x11).collect::<Vec<u8>>(), &base, 4);
-            prop_assert_eq!(decode_onto(&delta, base.clone(), None).unwrap(), decode(&delta, Some(&base)).unwrap());
+            prop_assert_eq!(decode_onto(&delta, base.clone(), &[]).unwrap(), decode(&delta, Some(&base)).unwrap());
         }
 
         #[test]
@@ -723,6 +735,7 @@ mod tests {
             domain: quant::Domain::Residual,
             float: float::FloatType::F32,
             side: None,
+            predictor: None,
             levels: quant::Levels::Linear(0.5),
             symbols: vec![127; 16],
             escapes: vec![],

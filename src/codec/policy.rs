@@ -30,11 +30,20 @@
 //!   had let the update of elements with small v (rare tokens, norms) carry
 //!   most of the resumed drift. And every step follows the precision the
 //!   tensor is stored in ([`precision_factor`]).
+//! - [`Policy::Predictive`] — today's presets: the guided coding, with W
+//!   coded after its own m and v as what a prediction from them misses.
+//!   AdamW moved each weight by about lr·m̂/(√v̂ + ε) per step (and shrank it
+//!   by its weight decay), so W − Ŵ_parent is predicted as the sum
+//!   a·u + b·u_parent + c·Ŵ_parent, u being that update direction from this
+//!   commit's m̂ and v̂ and u_parent from the parent's; a, b, c are fitted
+//!   per chunk by least squares and stored (quant domain
+//!   `PredictedResidual`). The step is the guided one; the residual coded is
+//!   smaller, and where it falls below the step, so does the error.
 
 use serde::{Deserialize, Serialize};
 
 use super::float::FloatType;
-use super::quant::{Domain, ESCAPE, Levels, MAX_LEVEL, Quantized, Side};
+use super::quant::{Domain, ESCAPE, Levels, MAX_LEVEL, Predictor, Quantized, Side};
 
 /// How a commit codes parameters that have Adam state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,7 +65,7 @@ pub enum Policy {
         /// v quantizer step in natural-log units (≈ relative error bound × 2).
         v_log_step: f32,
     },
-    /// The presets since 2026-11-30 (module docs); `preset` as for `Tuned`.
+    /// The presets of 2026-11-30 (module docs); `preset` as for `Tuned`.
     Guided {
         preset: String,
         /// W step as a fraction of RMS(W)…
@@ -68,6 +77,15 @@ pub enum Policy {
         /// scaled by √v̂ᵢ + ε (v̂: this commit's reconstructed v).
         m_step: f32,
         /// v quantizer step in natural-log units.
+        v_log_step: f32,
+    },
+    /// The presets since W is predicted (2026-11-30, after Guided): `Guided`
+    /// with W predicted from the moments (module docs); the same knobs.
+    Predictive {
+        preset: String,
+        w_step: f32,
+        w_update_step: f32,
+        m_step: f32,
         v_log_step: f32,
     },
 }
@@ -93,7 +111,7 @@ impl Policy {
     pub const PRESETS: [&str; 5] = ["lossless", "excp", "compact", "balanced", "faithful"];
 
     pub fn preset(name: &str) -> Option<Policy> {
-        let guided = |w_step, w_update_step, m_step, v_log_step| Policy::Guided {
+        let guided = |w_step, w_update_step, m_step, v_log_step| Policy::Predictive {
             preset: name.to_string(),
             w_step,
             w_update_step,
@@ -124,20 +142,69 @@ impl Policy {
         match self {
             Policy::Lossless => "lossless",
             Policy::Excp { .. } => "excp",
-            Policy::Tuned { preset, .. } | Policy::Guided { preset, .. } => preset,
+            Policy::Tuned { preset, .. }
+            | Policy::Guided { preset, .. }
+            | Policy::Predictive { preset, .. } => preset,
         }
     }
 
     /// The policy a commit codes with: a store's default policy recorded
-    /// before the presets changed (`Tuned` named `compact`, `balanced` or
-    /// `faithful`) means the preset, so it becomes today's; anything else
-    /// (`custom` knobs included) is kept as it is.
+    /// before the presets changed (`Tuned` or `Guided` named `compact`,
+    /// `balanced` or `faithful`) means the preset, so it becomes today's;
+    /// anything else (`custom` knobs included) is kept as it is.
     pub fn current(self) -> Policy {
         match &self {
-            Policy::Tuned { preset, .. } if preset != "custom" => {
+            Policy::Tuned { preset, .. } | Policy::Guided { preset, .. } if preset != "custom" => {
                 Policy::preset(preset).unwrap_or(self)
             }
             _ => self,
+        }
+    }
+
+    /// The guided knobs (w_step, w_update_step, m_step, v_log_step) and
+    /// whether W is predicted, for `Guided` and `Predictive`.
+    fn guided_knobs(&self) -> Option<([f32; 4], bool)> {
+        match *self {
+            Policy::Guided {
+                w_step,
+                w_update_step,
+                m_step,
+                v_log_step,
+                ..
+            } => Some(([w_step, w_update_step, m_step, v_log_step], false)),
+            Policy::Predictive {
+                w_step,
+                w_update_step,
+                m_step,
+                v_log_step,
+                ..
+            } => Some(([w_step, w_update_step, m_step, v_log_step], true)),
+            _ => None,
+        }
+    }
+
+    /// A guided policy from its knobs: `Predictive` when W is predicted.
+    fn guided(
+        preset: String,
+        [w_step, w_update_step, m_step, v_log_step]: [f32; 4],
+        predict: bool,
+    ) -> Policy {
+        if predict {
+            Policy::Predictive {
+                preset,
+                w_step,
+                w_update_step,
+                m_step,
+                v_log_step,
+            }
+        } else {
+            Policy::Guided {
+                preset,
+                w_step,
+                w_update_step,
+                m_step,
+                v_log_step,
+            }
         }
     }
 
@@ -175,6 +242,15 @@ impl Policy {
             } => format!(
                 "{preset}(w_step={w_step}, w_update_step={w_update_step}, m_step={m_step} of the update, v_log_step={v_log_step})"
             ),
+            Policy::Predictive {
+                preset,
+                w_step,
+                w_update_step,
+                m_step,
+                v_log_step,
+            } => format!(
+                "{preset}(w_step={w_step}, w_update_step={w_update_step}, m_step={m_step} of the update, v_log_step={v_log_step}, W predicted from m̂ and v̂)"
+            ),
         }
     }
 }
@@ -189,6 +265,8 @@ pub struct Knobs {
     pub w_update_step: Option<f32>,
     pub m_step: Option<f32>,
     pub v_log_step: Option<f32>,
+    /// `Some(false)`: code W without predicting it from the moments.
+    pub w_predicted: Option<bool>,
 }
 
 impl Knobs {
@@ -204,13 +282,17 @@ impl Knobs {
             w_update_step,
             m_step,
             v_log_step,
+            w_predicted,
         } = self;
         let excp_knobs = alpha.is_some() || beta.is_some() || bits.is_some();
-        let tuned_knobs =
-            w_step.is_some() || w_update_step.is_some() || m_step.is_some() || v_log_step.is_some();
+        let tuned_knobs = w_step.is_some()
+            || w_update_step.is_some()
+            || m_step.is_some()
+            || v_log_step.is_some()
+            || w_predicted.is_some();
         if excp_knobs && tuned_knobs {
             return Err(
-            "the excp knobs (alpha, beta, bits) and the step knobs (w_step, w_update_step, m_step, v_log_step) do not mix".into()
+            "the excp knobs (alpha, beta, bits) and the step knobs (w_step, w_update_step, m_step, v_log_step, W prediction) do not mix".into()
         );
         }
         if tuned_knobs {
@@ -218,23 +300,21 @@ impl Knobs {
                 || Policy::preset("balanced").expect("preset"),
                 Policy::current,
             );
+            if let Some(([w, u, m, v], predicted)) = base.guided_knobs() {
+                let knobs = [
+                    w_step.unwrap_or(w),
+                    w_update_step.unwrap_or(u),
+                    m_step.unwrap_or(m),
+                    v_log_step.unwrap_or(v),
+                ];
+                let predict = w_predicted.unwrap_or(predicted);
+                return Ok(Some(Policy::guided("custom".into(), knobs, predict)));
+            }
             return match base {
-                Policy::Guided {
-                    w_step: w,
-                    w_update_step: u,
-                    m_step: m,
-                    v_log_step: v,
-                    ..
-                } => Ok(Some(Policy::Guided {
-                    preset: "custom".into(),
-                    w_step: w_step.unwrap_or(w),
-                    w_update_step: w_update_step.unwrap_or(u),
-                    m_step: m_step.unwrap_or(m),
-                    v_log_step: v_log_step.unwrap_or(v),
-                })),
-                Policy::Tuned { .. } if w_update_step.is_some() => {
-                    Err("w_update_step applies to the presets made since 2026-11-30 only".into())
-                }
+                Policy::Tuned { .. } if w_update_step.is_some() || w_predicted.is_some() => Err(
+                    "w_update_step and W prediction apply to the presets made since 2026-11-30 only"
+                        .into(),
+                ),
                 Policy::Tuned {
                     w_step: w,
                     m_step: m,
@@ -506,6 +586,9 @@ pub enum TensorPlan {
         /// m coded in units of √v̂_parent + ε (it has a side).
         m_scaled: bool,
         v_log_step: f32,
+        /// W coded as what its prediction from m̂ and v̂ misses, where the
+        /// chunk's moments can be found by a decoder (`Predictive`).
+        w_predicted: bool,
     },
 }
 
@@ -557,13 +640,11 @@ pub fn plan(policy: &Policy, stats: &GroupStats, floats: [FloatType; 3]) -> Opti
             m_residual: stats.sum_dm2 < 0.5 * stats.sum_m2,
             v_log_step: *v_log_step,
         }),
-        Policy::Guided {
-            w_step,
-            w_update_step,
-            m_step,
-            v_log_step,
-            ..
-        } => {
+        Policy::Guided { .. } | Policy::Predictive { .. } => {
+            let ([w_step, w_update_step, m_step, v_log_step], w_predicted) =
+                policy.guided_knobs().expect("a guided policy");
+            let (w_step, w_update_step, m_step, v_log_step) =
+                (&w_step, &w_update_step, &m_step, &v_log_step);
             let rms = |sum: f64| stats.mean(sum).sqrt();
             let [wf, mf, vf] = floats.map(|f| precision_factor(f) as f64);
             // The stored precision scales the weights' step, not the bound
@@ -584,6 +665,7 @@ pub fn plan(policy: &Policy, stats: &GroupStats, floats: [FloatType; 3]) -> Opti
                 m_residual: dm2 < 0.5 * m2,
                 m_scaled,
                 v_log_step: (*v_log_step as f64 * vf) as f32,
+                w_predicted,
             })
         }
     }
@@ -657,24 +739,40 @@ pub struct GroupChunk<'a> {
     /// position (same file and chunk index) as m: then m can be coded in
     /// units of the parent's √v̂ (guided policies).
     pub side_tensor: Option<&'a str>,
+    /// Where a decoder of W's chunk finds this group's m and v (same chunk
+    /// index, this commit and the parent): then W can be predicted from
+    /// them (`Predictive`).
+    pub moments: Option<Moments<'a>>,
+}
+
+/// The file and tensor names of a group's m and v.
+#[derive(Debug, Clone, Copy)]
+pub struct Moments<'a> {
+    pub file: &'a str,
+    pub m: &'a str,
+    pub v: &'a str,
 }
 
 /// Quantizes one chunk: (W, m, v).
 pub fn quantize(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> [Quantized; 3] {
-    quantize_keeping_v(plan, chunk).0
+    quantize_keeping_recons(plan, chunk).0
 }
 
-/// [`quantize`], and v's reconstruction when the quantizer made it (m in
-/// units of v̂ needs it), so the caller need not make it again.
-pub fn quantize_keeping_v(
+/// Reconstructions (W, m, v) a quantizer made on the way (m in units of v̂
+/// needs v̂; W predicted from the moments needs all three).
+pub type Recons = [Option<Vec<f32>>; 3];
+
+/// [`quantize`], and the reconstructions the quantizer made, so the caller
+/// need not make them again.
+pub fn quantize_keeping_recons(
     plan: &TensorPlan,
     chunk: &GroupChunk<'_>,
-) -> ([Quantized; 3], Option<Vec<f32>>) {
-    crate::with_avx2!(quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3], Option<Vec<f32>>))
+) -> ([Quantized; 3], Recons) {
+    crate::with_avx2!(quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3], Recons))
 }
 
 #[inline(always)]
-fn quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3], Option<Vec<f32>>) {
+fn quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3], Recons) {
     match plan {
         TensorPlan::Excp {
             w_threshold,
@@ -695,25 +793,177 @@ fn quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3],
                 push_codebook(&mut m, m_centres, chunk.m[i], chunk.m[i], keep_m);
                 push_codebook(&mut v, v_centres, chunk.v[i], chunk.v[i], keep_m);
             }
-            ([w, m, v], None)
+            ([w, m, v], [None, None, None])
         }
         TensorPlan::Tuned {
             w_step,
             m_step,
             m_residual,
             v_log_step,
-        } => uniform_streams(chunk, [*w_step, *m_step, *v_log_step], *m_residual, None),
+        } => {
+            let steps = [*w_step, *m_step, *v_log_step];
+            let (streams, v_hat) = uniform_streams(chunk, steps, *m_residual, None);
+            (streams, [None, None, v_hat])
+        }
         TensorPlan::Guided {
             w_step,
             m_step,
             m_residual,
             m_scaled,
             v_log_step,
+            w_predicted,
         } => {
             let side = chunk.side_tensor.filter(|_| *m_scaled);
-            uniform_streams(chunk, [*w_step, *m_step, *v_log_step], *m_residual, side)
+            let steps = [*w_step, *m_step, *v_log_step];
+            let (streams, v_hat) = uniform_streams(chunk, steps, *m_residual, side);
+            match chunk.moments.filter(|_| *w_predicted) {
+                Some(moments) => predict_w(chunk, streams, v_hat, *w_step, moments),
+                None => (streams, [None, None, v_hat]),
+            }
         }
     }
+}
+
+/// W recoded as what its prediction from this commit's m̂ and v̂ (and the
+/// parent's) misses, when the prediction removes enough of W's change to
+/// pay for itself; else the streams as they were. Returns the three
+/// reconstructions either way (made for the prediction).
+#[inline(always)]
+fn predict_w(
+    chunk: &GroupChunk<'_>,
+    [w, m, v]: [Quantized; 3],
+    v_hat: Option<Vec<f32>>,
+    w_step: f32,
+    moments: Moments<'_>,
+) -> ([Quantized; 3], Recons) {
+    let valid = "the streams just made are valid";
+    let v_hat = v_hat
+        .unwrap_or_else(|| super::quant::reconstruct(&v, Some(chunk.parent_v), None).expect(valid));
+    let m_base = m.domain.needs_base().then_some(chunk.parent_m);
+    let m_side = m.domain.needs_side().then_some(v_hat.as_slice());
+    let m_hat = super::quant::reconstruct(&m, m_base, m_side).expect(valid);
+    let u: Vec<f32> = m_hat
+        .iter()
+        .zip(&v_hat)
+        .map(|(&m, &v)| Predictor::update(ADAM_EPS, m, v))
+        .collect();
+    let u_parent: Vec<f32> = chunk
+        .parent_m
+        .iter()
+        .zip(chunk.parent_v)
+        .map(|(&m, &v)| Predictor::update(ADAM_EPS, m, v))
+        .collect();
+    let fitted = fit_prediction(chunk.w, chunk.parent_w, &u, &u_parent).map(|coef| {
+        let pred: Vec<f32> = (0..u.len())
+            .map(|i| Predictor::predict(coef, u[i], u_parent[i], chunk.parent_w[i]))
+            .collect();
+        (coef, pred)
+    });
+    let Some((coef, pred)) = fitted.filter(|(_, pred)| prediction_pays(chunk, pred)) else {
+        let w_hat = super::quant::reconstruct(&w, Some(chunk.parent_w), None).expect(valid);
+        return ([w, m, v], [Some(w_hat), Some(m_hat), Some(v_hat)]);
+    };
+    let mut predicted = uniform_stream(
+        Domain::PredictedResidual,
+        chunk.w_float,
+        Levels::Linear(w_step),
+        chunk.w.len(),
+    );
+    predicted.predictor = Some(Predictor {
+        file: moments.file.to_string(),
+        m: moments.m.to_string(),
+        v: moments.v.to_string(),
+        m_float: chunk.m_float,
+        v_float: chunk.v_float,
+        floor: ADAM_EPS,
+        coef,
+    });
+    let targets = chunk.parent_w.iter().zip(&pred).map(|(&b, &p)| b + p);
+    let coded = chunk.w.iter().zip(targets).map(|(&x, t)| x - t);
+    fill_uniform(&mut predicted, w_step, chunk.w, coded);
+    let w_hat =
+        super::quant::reconstruct(&predicted, Some(chunk.parent_w), Some(&pred)).expect(valid);
+    ([predicted, m, v], [Some(w_hat), Some(m_hat), Some(v_hat)])
+}
+
+/// Whether the prediction leaves at most this share of W's change (energy)
+/// to code: below a tenth less, the bits saved (½·log2 of the ratio per
+/// element) do not pay for reading the moments at decode.
+const PREDICTION_MIN_GAIN: f64 = 0.9;
+
+fn prediction_pays(chunk: &GroupChunk<'_>, pred: &[f32]) -> bool {
+    let (mut before, mut after) = (0f64, 0f64);
+    for ((&w, &b), &p) in chunk.w.iter().zip(chunk.parent_w).zip(pred) {
+        let d = w as f64 - b as f64;
+        if d.is_finite() {
+            before += d * d;
+            after += (d - p as f64).powi(2);
+        }
+    }
+    after <= PREDICTION_MIN_GAIN * before
+}
+
+/// Least-squares weights (a, b, c) of W − Ŵ_parent ≈ a·u + b·u_parent +
+/// c·Ŵ_parent over the finite elements, in f64; `None` when the system is
+/// degenerate (no finite elements, a frozen tensor).
+fn fit_prediction(w: &[f32], base: &[f32], u: &[f32], u_parent: &[f32]) -> Option<[f32; 3]> {
+    let mut ata = [[0f64; 3]; 3];
+    let mut atd = [0f64; 3];
+    for i in 0..w.len() {
+        let x = [u[i] as f64, u_parent[i] as f64, base[i] as f64];
+        let d = w[i] as f64 - base[i] as f64;
+        if !(d.is_finite() && x.iter().all(|v| v.is_finite())) {
+            continue;
+        }
+        for r in 0..3 {
+            atd[r] += x[r] * d;
+            for c in 0..3 {
+                ata[r][c] += x[r] * x[c];
+            }
+        }
+    }
+    let coef = solve3(ata, atd)?;
+    let coef = coef.map(|c| c as f32);
+    coef.iter().all(|c| c.is_finite()).then_some(coef)
+}
+
+/// Solves a symmetric 3×3 system by Gaussian elimination with partial
+/// pivoting; a variable whose pivot is negligible (a feature that is zero
+/// or a multiple of another) gets weight 0.
+fn solve3(mut a: [[f64; 3]; 3], mut b: [f64; 3]) -> Option<[f64; 3]> {
+    let scale = (0..3).map(|i| a[i][i]).fold(0f64, f64::max);
+    if scale.is_nan() || scale <= 0.0 {
+        return None;
+    }
+    let tiny = scale * 1e-12;
+    let mut used = [false; 3];
+    for col in 0..3 {
+        let pivot = (col..3).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
+        if a[pivot][col].abs() <= tiny {
+            continue;
+        }
+        a.swap(col, pivot);
+        b.swap(col, pivot);
+        used[col] = true;
+        for row in 0..3 {
+            if row != col {
+                let f = a[row][col] / a[col][col];
+                let pivot_row = a[col];
+                for (x, p) in a[row].iter_mut().zip(pivot_row) {
+                    *x -= f * p;
+                }
+                b[row] -= f * b[col];
+            }
+        }
+    }
+    // After full elimination each used row has one nonzero in its column.
+    let mut x = [0f64; 3];
+    for i in 0..3 {
+        if used[i] {
+            x[i] = b[i] / a[i][i];
+        }
+    }
+    used.iter().any(|&u| u).then_some(x)
 }
 
 /// The uniform quantizers' streams: W as a residual, m as a residual or a
@@ -810,6 +1060,7 @@ fn codebook_stream(domain: Domain, float: FloatType, centres: &[f32], len: usize
         domain,
         float,
         side: None,
+        predictor: None,
         levels: Levels::Table(levels),
         symbols: Vec::with_capacity(len),
         escapes: Vec::new(),
@@ -835,6 +1086,7 @@ fn uniform_stream(domain: Domain, float: FloatType, levels: Levels, len: usize) 
         domain,
         float,
         side: None,
+        predictor: None,
         levels,
         symbols: Vec::with_capacity(len),
         escapes: Vec::new(),
@@ -997,6 +1249,7 @@ mod tests {
             v_float: FloatType::F32,
             parent_w_error: 0.0,
             side_tensor: None,
+            moments: None,
         }
     }
 
@@ -1121,12 +1374,32 @@ mod tests {
             w_step: Some(0.5),
             ..none
         };
-        let Ok(Some(Policy::Guided { preset, w_step, .. })) =
+        let Ok(Some(Policy::Predictive { preset, w_step, .. })) =
             step.apply(Policy::preset("faithful"))
         else {
             panic!()
         };
         assert_eq!((preset.as_str(), w_step), ("custom", 0.5));
+        // Without W's prediction: the guided coding of 2026-11-30.
+        let unpredicted = Knobs {
+            w_predicted: Some(false),
+            ..none
+        };
+        let Ok(Some(Policy::Guided { preset, w_step, .. })) =
+            unpredicted.apply(Policy::preset("faithful"))
+        else {
+            panic!()
+        };
+        assert_eq!((preset.as_str(), w_step), ("custom", 0.008));
+        // A store made with 2026-11-30's presets codes with today's.
+        let guided = Policy::Guided {
+            preset: "balanced".into(),
+            w_step: 0.02,
+            w_update_step: 1.0,
+            m_step: 3.0,
+            v_log_step: 0.8,
+        };
+        assert_eq!(guided.current(), Policy::preset("balanced").unwrap());
         // A store's default recorded before the presets changed: the preset
         // means today's, its knobs still apply, and old custom knobs stay.
         let old = Policy::Tuned {
@@ -1138,7 +1411,7 @@ mod tests {
         assert_eq!(old.clone().current(), Policy::preset("faithful").unwrap());
         assert!(matches!(
             step.apply(Some(old)),
-            Ok(Some(Policy::Guided { .. }))
+            Ok(Some(Policy::Predictive { .. }))
         ));
         let old_custom = Policy::Tuned {
             preset: "custom".into(),
@@ -1181,6 +1454,7 @@ mod tests {
             v_float: FloatType::F32,
             parent_w_error: 0.0,
             side_tensor: None,
+            moments: None,
         };
         let policy = Policy::preset("compact").unwrap();
         let plan = plan(&policy, &GroupStats::of_chunk(0, 3, &input), F32S).unwrap();
@@ -1291,6 +1565,92 @@ mod tests {
         }
     }
 
+    /// Under a preset, W whose change is mostly Adam's update (−lr·m/√v,
+    /// with weight decay) is coded as what the prediction from this
+    /// commit's m̂ and v̂ misses: the fitted weight is close to −lr, the
+    /// stream decodes from the moments as a decoder gets them, and the same
+    /// step costs fewer bits than without the prediction. A change the
+    /// moments do not predict is coded as before.
+    #[test]
+    fn w_is_coded_as_what_the_moments_do_not_predict() {
+        use super::super::quant::{prediction, reconstruct};
+        let n = 20_000;
+        let p = series(n, 1, 0.1);
+        let m = series(n, 3, 1e-3);
+        let v: Vec<f32> = series(n, 4, 1e-6).iter().map(|x| x.abs() + 1e-8).collect();
+        let noise = series(n, 5, 2e-5);
+        let lr = 1e-3f32;
+        let w: Vec<f32> = (0..n)
+            .map(|i| p[i] * (1.0 - lr * 0.01) - lr * m[i] / (v[i].sqrt() + ADAM_EPS) + noise[i])
+            .collect();
+        let moments = Moments {
+            file: "optimizer.safetensors",
+            m: "x.exp_avg",
+            v: "x.exp_avg_sq",
+        };
+        let input = GroupChunk {
+            parent_m: &m,
+            side_tensor: Some("x.exp_avg_sq"),
+            moments: Some(moments),
+            ..chunk(&w, &m, &v, &p, &v)
+        };
+        let faithful = Policy::preset("faithful").unwrap();
+        let stats = GroupStats::guided_sums_of_chunk(&input);
+        let plan = plan(&faithful, &stats, F32S).unwrap();
+        let ([qw, qm, qv], recons) = quantize_keeping_recons(&plan, &input);
+        assert_eq!(qw.domain, Domain::PredictedResidual);
+        let predictor = qw.predictor.clone().unwrap();
+        assert!(
+            (predictor.coef[0] / -lr - 1.0).abs() < 0.05,
+            "{:?}",
+            predictor.coef
+        );
+        assert_eq!(predictor.file, "optimizer.safetensors");
+        let v_hat = reconstruct(&qv, Some(&v), None).unwrap();
+        let m_hat = reconstruct(&qm, Some(&m), Some(&v_hat)).unwrap();
+        // The parent's moments equal this commit's here (u and u_parent
+        // collinear): their weight is 0 and they are not read.
+        assert_eq!(predictor.coef[1], 0.0);
+        assert_eq!(qw.side_refs().len(), 2);
+        let sides = [m_hat.clone(), v_hat.clone()];
+        let pred = prediction(&predictor, &p, &sides).unwrap();
+        let w_hat = reconstruct(&qw, Some(&p), Some(&pred)).unwrap();
+        assert_eq!(recons[0].as_deref(), Some(w_hat.as_slice()));
+        assert_eq!(recons[1].as_deref(), Some(m_hat.as_slice()));
+        let bits = |q: &Quantized| {
+            let mut out = Vec::new();
+            super::super::quant::write_payload(q, &mut out);
+            out.len()
+        };
+        let guided = Knobs {
+            w_predicted: Some(false),
+            ..Knobs::default()
+        }
+        .apply(Some(faithful.clone()))
+        .unwrap()
+        .unwrap();
+        let plain_plan = super::plan(&guided, &stats, F32S).unwrap();
+        let [plain_w, _, _] = quantize(&plain_plan, &input);
+        assert_eq!(plain_w.domain, Domain::Residual);
+        assert!(
+            bits(&qw) * 2 < bits(&plain_w),
+            "{} vs {}",
+            bits(&qw),
+            bits(&plain_w)
+        );
+        // A change unrelated to the moments: no prediction.
+        let moved: Vec<f32> = p
+            .iter()
+            .zip(series(n, 6, 2e-3))
+            .map(|(a, b)| a + b)
+            .collect();
+        let unrelated = GroupChunk { w: &moved, ..input };
+        let stats = GroupStats::guided_sums_of_chunk(&unrelated);
+        let plan = super::plan(&faithful, &stats, F32S).unwrap();
+        let [qw, _, _] = quantize(&plan, &unrelated);
+        assert_eq!(qw.domain, Domain::Residual);
+    }
+
     /// A guided plan's m error is bounded element by element in units of
     /// the side (√v̂_parent + ε), so elements with a small v get a fine step;
     /// its W step is the smaller of its two bounds; bf16 tensors get steps
@@ -1398,6 +1758,7 @@ mod tests {
         // Without a side, m is coded in its own units, as before.
         let plain = GroupChunk {
             side_tensor: None,
+            moments: None,
             ..input
         };
         let plan = super::plan(&policy, &GroupStats::guided_sums_of_chunk(&plain), F32S).unwrap();

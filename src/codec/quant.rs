@@ -14,7 +14,14 @@
 //!   index) of the same commit (Adam's m coded in units of its own update:
 //!   the side is the commit's v̂, so the step of each element follows √v̂
 //!   as Adam's division by √v does, and every element's update gets the
-//!   same relative precision).
+//!   same relative precision);
+//! - domain `PredictedResidual`: `base[i] + pred[i] + level[s]`, where
+//!   `pred[i] = a·u[i] + b·u_base[i] + c·base[i]` predicts W's change from
+//!   Adam's moments: `u = m̂ / (√max(v̂, 0) + floor)` is the update
+//!   direction of this commit's m̂ and v̂ (`u_base`: of the base commit's),
+//!   read from the optimizer's chunks at the same chunk index, and `a`, `b`,
+//!   `c` are fitted per chunk by the encoder (a non-finite prediction counts
+//!   as 0);
 //!
 //! all in f32, then rounded to the stored float type. Encoder and decoder use
 //! the same [`reconstruct`], so the encoder knows the decoder's output
@@ -38,15 +45,17 @@ pub enum Domain {
     Ratio,
     ScaledValue,
     ScaledResidual,
+    PredictedResidual,
 }
 
 impl Domain {
-    const ALL: [Domain; 5] = [
+    const ALL: [Domain; 6] = [
         Domain::Value,
         Domain::Residual,
         Domain::Ratio,
         Domain::ScaledValue,
         Domain::ScaledResidual,
+        Domain::PredictedResidual,
     ];
 
     fn id(self) -> u8 {
@@ -56,6 +65,7 @@ impl Domain {
             Domain::Ratio => 2,
             Domain::ScaledValue => 3,
             Domain::ScaledResidual => 4,
+            Domain::PredictedResidual => 5,
         }
     }
 
@@ -72,6 +82,12 @@ impl Domain {
     /// Whether the level is multiplied by a scale taken from a side chunk.
     pub fn needs_side(self) -> bool {
         matches!(self, Domain::ScaledValue | Domain::ScaledResidual)
+    }
+
+    /// Whether a prediction from other tensors' chunks is added (W's change
+    /// predicted from Adam's moments).
+    pub fn needs_prediction(self) -> bool {
+        matches!(self, Domain::PredictedResidual)
     }
 }
 
@@ -93,6 +109,120 @@ impl Side {
     pub fn scale(floor: f32, side: f32) -> f32 {
         side.max(0.0).sqrt() + floor
     }
+}
+
+/// How a `PredictedResidual` chunk predicts W's change from Adam's moments:
+/// where m and v are and the fitted coefficients (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Predictor {
+    /// The file holding m and v (the optimizer's), and their tensor names.
+    pub file: String,
+    pub m: String,
+    pub v: String,
+    pub m_float: FloatType,
+    pub v_float: FloatType,
+    /// Added to √v̂ (Adam's ε).
+    pub floor: f32,
+    /// Weights of this commit's update direction, the base commit's, and
+    /// the base value (weight decay). A zero second weight means the base
+    /// commit's moments are not read.
+    pub coef: [f32; 3],
+}
+
+impl Predictor {
+    /// Adam's update direction for one element, in f32 (shared by encoder
+    /// and decoder, so that both compute the same bits).
+    #[inline(always)]
+    pub fn update(floor: f32, m: f32, v: f32) -> f32 {
+        m / (v.max(0.0).sqrt() + floor)
+    }
+
+    /// The prediction of one element from its updates and base value; 0
+    /// where that is not finite.
+    #[inline(always)]
+    pub fn predict(coef: [f32; 3], u: f32, u_base: f32, base: f32) -> f32 {
+        let p = coef[0] * u + coef[1] * u_base + coef[2] * base;
+        if p.is_finite() { p } else { 0.0 }
+    }
+
+    fn uses_base_moments(&self) -> bool {
+        self.coef[1] != 0.0
+    }
+}
+
+/// A chunk a decoder needs besides the base: chunk index as the decoded
+/// chunk's, of `tensor` in `file` (`None`: the decoded chunk's file), of
+/// the same commit or (`in_base`) of the base commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SideRef {
+    pub file: Option<String>,
+    pub tensor: String,
+    pub float: FloatType,
+    pub in_base: bool,
+}
+
+/// What a payload with this side or predictor needs fetched, in the order
+/// the decoder takes the chunks.
+fn side_refs(side: Option<&Side>, predictor: Option<&Predictor>) -> Vec<SideRef> {
+    let mut refs = Vec::new();
+    if let Some(side) = side {
+        refs.push(SideRef {
+            file: None,
+            tensor: side.tensor.clone(),
+            float: side.float,
+            in_base: false,
+        });
+    }
+    if let Some(p) = predictor {
+        let commits: &[bool] = if p.uses_base_moments() {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &in_base in commits {
+            for (tensor, float) in [(&p.m, p.m_float), (&p.v, p.v_float)] {
+                refs.push(SideRef {
+                    file: Some(p.file.clone()),
+                    tensor: tensor.clone(),
+                    float,
+                    in_base,
+                });
+            }
+        }
+    }
+    refs
+}
+
+/// The prediction of a `PredictedResidual` chunk from its base and its side
+/// chunks as f32, in [`side_refs`] order (m, v of this commit, then of the
+/// base commit when used).
+pub fn prediction(p: &Predictor, base: &[f32], sides: &[Vec<f32>]) -> Result<Vec<f32>, QuantError> {
+    let wanted = if p.uses_base_moments() { 4 } else { 2 };
+    if sides.len() != wanted || sides.iter().any(|s| s.len() != base.len()) {
+        return Err(QuantError::Invalid(
+            "moment chunks missing or of the wrong length",
+        ));
+    }
+    let (m, v) = (&sides[0], &sides[1]);
+    let floor = p.floor;
+    let out = if p.uses_base_moments() {
+        let (mb, vb) = (&sides[2], &sides[3]);
+        (0..base.len())
+            .map(|i| {
+                let u = Predictor::update(floor, m[i], v[i]);
+                let ub = Predictor::update(floor, mb[i], vb[i]);
+                Predictor::predict(p.coef, u, ub, base[i])
+            })
+            .collect()
+    } else {
+        (0..base.len())
+            .map(|i| {
+                let u = Predictor::update(floor, m[i], v[i]);
+                Predictor::predict(p.coef, u, 0.0, base[i])
+            })
+            .collect()
+    };
+    Ok(out)
 }
 
 /// Largest |level index| of a uniform quantizer: symbols 0..=254 stand for
@@ -153,6 +283,8 @@ pub struct Quantized {
     pub float: FloatType,
     /// For the scaled domains; `None` otherwise.
     pub side: Option<Side>,
+    /// For `PredictedResidual`; `None` otherwise.
+    pub predictor: Option<Predictor>,
     pub levels: Levels,
     pub symbols: Vec<u8>,
     pub escapes: Vec<f32>,
@@ -168,9 +300,17 @@ pub enum QuantError {
     Rans(#[from] rans::RansError),
 }
 
+impl Quantized {
+    /// The chunks a decoder must fetch besides the base (see [`SideRef`]).
+    pub fn side_refs(&self) -> Vec<SideRef> {
+        side_refs(self.side.as_ref(), self.predictor.as_ref())
+    }
+}
+
 /// The reconstructed values of a quantized chunk, in f32 rounded to the
-/// stored type. `base` (f32) is required for the Residual, Ratio and
-/// ScaledResidual domains, `side` (f32) for the scaled ones.
+/// stored type. `base` (f32) is required for every domain but the two
+/// value domains; `side` (f32) for the scaled ones (the side chunk) and for
+/// `PredictedResidual` (the [`prediction`]).
 pub fn reconstruct(
     q: &Quantized,
     base: Option<&[f32]>,
@@ -191,7 +331,11 @@ fn reconstruct_values(
     if q.domain.needs_side() != q.side.is_some() {
         return Err(QuantError::Invalid("side does not match the domain"));
     }
-    if q.domain.needs_side() && side.is_none_or(|s| s.len() != q.symbols.len()) {
+    if q.domain.needs_prediction() != q.predictor.is_some() {
+        return Err(QuantError::Invalid("predictor does not match the domain"));
+    }
+    let takes_side = q.domain.needs_side() || q.domain.needs_prediction();
+    if takes_side && side.is_none_or(|s| s.len() != q.symbols.len()) {
         return Err(QuantError::Invalid(
             "side chunk missing or of the wrong length",
         ));
@@ -223,6 +367,7 @@ fn reconstruct_values(
         Domain::ScaledResidual => decode_loop(q, &levels, |i, level| {
             base[i] + level * Side::scale(floor, side[i])
         }),
+        Domain::PredictedResidual => decode_loop(q, &levels, |i, level| base[i] + side[i] + level),
     };
     if q.float != FloatType::F32 {
         out.iter_mut().for_each(|x| *x = q.float.round(*x));
@@ -253,6 +398,7 @@ pub struct Decoded {
     pub domain: Domain,
     pub float: FloatType,
     pub side: Option<Side>,
+    pub predictor: Option<Predictor>,
     pub levels: Levels,
     pub symbols: rans::Symbols,
     pub escapes: Vec<f32>,
@@ -265,6 +411,7 @@ impl Decoded {
             domain: self.domain,
             float: self.float,
             side: self.side,
+            predictor: self.predictor,
             levels: self.levels,
             symbols: self.symbols.expand(),
             escapes: self.escapes,
@@ -293,7 +440,10 @@ pub fn reconstruct_f32_onto(q: &Decoded, values: &mut [u8]) -> Result<(), QuantE
     let result = match q.domain {
         Domain::Residual => apply_onto(q, &levels, &mut escapes, values, |b, l| b + l),
         Domain::Ratio => apply_onto(q, &levels, &mut escapes, values, |b, l| b * l),
-        Domain::Value | Domain::ScaledValue | Domain::ScaledResidual => {
+        Domain::Value
+        | Domain::ScaledValue
+        | Domain::ScaledResidual
+        | Domain::PredictedResidual => {
             unreachable!("checked above")
         }
     };
@@ -479,12 +629,29 @@ pub fn write_payload(q: &Quantized, out: &mut Vec<u8>) {
         out.extend_from_slice(&(side.tensor.len() as u16).to_le_bytes());
         out.extend_from_slice(side.tensor.as_bytes());
     }
+    if let Some(p) = &q.predictor {
+        for name in [&p.file, &p.m, &p.v] {
+            write_name(name, out);
+        }
+        out.push(p.m_float.id());
+        out.push(p.v_float.id());
+        out.extend_from_slice(&p.floor.to_le_bytes());
+        p.coef
+            .iter()
+            .for_each(|c| out.extend_from_slice(&c.to_le_bytes()));
+    }
     q.levels.write(out);
     out.extend_from_slice(&(q.escapes.len() as u32).to_le_bytes());
     q.escapes
         .iter()
         .for_each(|e| out.extend_from_slice(&e.to_le_bytes()));
     rans::encode(&q.symbols, out);
+}
+
+fn write_name(name: &str, out: &mut Vec<u8>) {
+    assert!(name.len() <= u16::MAX as usize, "names fit a u16");
+    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    out.extend_from_slice(name.as_bytes());
 }
 
 /// Parses a payload that must hold `expected` symbols (known from the blob
@@ -494,10 +661,18 @@ pub fn read_payload(bytes: &[u8], expected: usize) -> Result<Quantized, QuantErr
 }
 
 /// The side a payload's scaled domain names (`None` for other domains),
-/// without decoding its symbols: what a decoder must fetch first.
+/// without decoding its symbols.
 pub fn read_side(bytes: &[u8]) -> Result<Option<Side>, QuantError> {
     let mut reader = Reader { bytes, pos: 0 };
-    Ok(read_head(&mut reader)?.2)
+    Ok(read_head(&mut reader)?.side)
+}
+
+/// The chunks a payload needs besides its base, without decoding its
+/// symbols: what a decoder must fetch first (empty for most payloads).
+pub fn read_side_refs(bytes: &[u8]) -> Result<Vec<SideRef>, QuantError> {
+    let mut reader = Reader { bytes, pos: 0 };
+    let head = read_head(&mut reader)?;
+    Ok(side_refs(head.side.as_ref(), head.predictor.as_ref()))
 }
 
 /// A cursor over a payload.
@@ -515,32 +690,73 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Domain, float type and side: the payload's first fields.
-fn read_head(r: &mut Reader<'_>) -> Result<(Domain, FloatType, Option<Side>), QuantError> {
-    let domain = Domain::from_id(r.take(1)?[0]).ok_or(QuantError::Invalid("domain"))?;
-    let float = FloatType::from_id(r.take(1)?[0]).ok_or(QuantError::Invalid("float type"))?;
-    if !domain.needs_side() {
-        return Ok((domain, float, None));
-    }
-    let side_float =
-        FloatType::from_id(r.take(1)?[0]).ok_or(QuantError::Invalid("side float type"))?;
-    let floor = f32s(r.take(4)?)[0];
+/// A payload's first fields.
+struct Head {
+    domain: Domain,
+    float: FloatType,
+    side: Option<Side>,
+    predictor: Option<Predictor>,
+}
+
+fn read_float(r: &mut Reader<'_>, what: &'static str) -> Result<FloatType, QuantError> {
+    FloatType::from_id(r.take(1)?[0]).ok_or(QuantError::Invalid(what))
+}
+
+fn read_name(r: &mut Reader<'_>) -> Result<String, QuantError> {
     let len = u16::from_le_bytes(r.take(2)?.try_into().expect("2")) as usize;
-    let tensor = std::str::from_utf8(r.take(len)?)
+    Ok(std::str::from_utf8(r.take(len)?)
         .map_err(|_| QuantError::Invalid("side tensor name is not UTF-8"))?
-        .to_string();
-    let side = Side {
-        tensor,
-        float: side_float,
-        floor,
+        .to_string())
+}
+
+/// Domain, float type, side and predictor: the payload's first fields.
+fn read_head(r: &mut Reader<'_>) -> Result<Head, QuantError> {
+    let domain = Domain::from_id(r.take(1)?[0]).ok_or(QuantError::Invalid("domain"))?;
+    let float = read_float(r, "float type")?;
+    let mut head = Head {
+        domain,
+        float,
+        side: None,
+        predictor: None,
     };
-    Ok((domain, float, Some(side)))
+    if domain.needs_side() {
+        let side_float = read_float(r, "side float type")?;
+        let floor = f32s(r.take(4)?)[0];
+        let tensor = read_name(r)?;
+        head.side = Some(Side {
+            tensor,
+            float: side_float,
+            floor,
+        });
+    }
+    if domain.needs_prediction() {
+        let (file, m, v) = (read_name(r)?, read_name(r)?, read_name(r)?);
+        let m_float = read_float(r, "m float type")?;
+        let v_float = read_float(r, "v float type")?;
+        let floor = f32s(r.take(4)?)[0];
+        let c = f32s(r.take(12)?);
+        head.predictor = Some(Predictor {
+            file,
+            m,
+            v,
+            m_float,
+            v_float,
+            floor,
+            coef: [c[0], c[1], c[2]],
+        });
+    }
+    Ok(head)
 }
 
 /// [`read_payload`], leaving the symbols as runs where the stream has them.
 pub fn read_payload_runs(bytes: &[u8], expected: usize) -> Result<Decoded, QuantError> {
     let mut reader = Reader { bytes, pos: 0 };
-    let (domain, float, side) = read_head(&mut reader)?;
+    let Head {
+        domain,
+        float,
+        side,
+        predictor,
+    } = read_head(&mut reader)?;
     let mut take = |n: usize| reader.take(n);
     let levels = match take(1)?[0] {
         0 => {
@@ -570,6 +786,7 @@ pub fn read_payload_runs(bytes: &[u8], expected: usize) -> Result<Decoded, Quant
         domain,
         float,
         side,
+        predictor,
         levels,
         symbols,
         escapes,
@@ -619,6 +836,7 @@ mod tests {
                             domain,
                             float: FloatType::F32,
                             side: None,
+                            predictor: None,
                             levels: levels.clone(),
                             symbols: dense.clone(),
                             escapes: vec![],
@@ -631,6 +849,7 @@ mod tests {
                         domain,
                         float: FloatType::F32,
                         side: None,
+                        predictor: None,
                         levels: levels.clone(),
                         symbols: symbols.clone(),
                         escapes: vec![],
@@ -653,6 +872,7 @@ mod tests {
             domain: Domain::Residual,
             float: FloatType::F32,
             side: None,
+            predictor: None,
             levels: Levels::Table(vec![0.0, 0.5, -0.5]),
             symbols: vec![0, 1, 2, ESCAPE, 1],
             escapes: vec![f32::NAN],
@@ -688,6 +908,7 @@ mod tests {
                 float: FloatType::BF16,
                 floor: 0.5,
             }),
+            predictor: None,
             levels: Levels::Linear(0.25),
             symbols: vec![127 + 2, 127, ESCAPE, 127 - 4],
             escapes: vec![7.0],
@@ -718,5 +939,79 @@ mod tests {
         let mut bytes = Vec::new();
         write_payload(&unscaled, &mut bytes);
         assert_eq!(read_side(&bytes).unwrap(), None);
+    }
+
+    /// A predicted payload names m and v of its commit, and of the base
+    /// only when their weight is nonzero; it round-trips, and decodes as
+    /// base + prediction + level, the prediction 0 where not finite.
+    #[test]
+    fn predicted_payload_names_its_moments() {
+        let predictor = Predictor {
+            file: "optimizer.safetensors".into(),
+            m: "w.exp_avg".into(),
+            v: "w.exp_avg_sq".into(),
+            m_float: FloatType::F32,
+            v_float: FloatType::BF16,
+            floor: 1e-8,
+            coef: [-0.5, 0.25, -0.125],
+        };
+        let q = Quantized {
+            domain: Domain::PredictedResidual,
+            float: FloatType::F32,
+            side: None,
+            predictor: Some(predictor.clone()),
+            levels: Levels::Linear(0.5),
+            symbols: vec![127, 128, 127, 127],
+            escapes: vec![],
+        };
+        let mut bytes = Vec::new();
+        write_payload(&q, &mut bytes);
+        assert_eq!(read_payload(&bytes, 4).unwrap(), q);
+        let refs = read_side_refs(&bytes).unwrap();
+        let names: Vec<(&str, bool)> = refs
+            .iter()
+            .map(|r| (r.tensor.as_str(), r.in_base))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("w.exp_avg", false),
+                ("w.exp_avg_sq", false),
+                ("w.exp_avg", true),
+                ("w.exp_avg_sq", true)
+            ]
+        );
+        assert!(
+            refs.iter()
+                .all(|r| r.file.as_deref() == Some("optimizer.safetensors"))
+        );
+        assert_eq!(refs[1].float, FloatType::BF16);
+        let base = vec![1.0, 2.0, 4.0, 8.0];
+        let m = vec![2.0, 0.0, f32::INFINITY, 1.0];
+        let v = vec![4.0, 1.0, 1.0, -1.0];
+        let sides = [m.clone(), v.clone(), vec![1.0; 4], vec![1.0; 4]];
+        let pred = prediction(&predictor, &base, &sides).unwrap();
+        // u = m / (√max(v,0) + 1e-8); pred = -0.5·u + 0.25·1 − 0.125·base
+        assert!((pred[0] - (-0.5 * 1.0 + 0.25 - 0.125)).abs() < 1e-6);
+        assert_eq!(pred[2], 0.0, "a non-finite prediction counts as 0");
+        let x = reconstruct(&q, Some(&base), Some(&pred)).unwrap();
+        assert_eq!(x[1], 2.0 + pred[1] + 0.5);
+        assert!(reconstruct(&q, Some(&base), None).is_err());
+        assert!(prediction(&predictor, &base, &sides[..2]).is_err());
+        let own_only = Predictor {
+            coef: [1.0, 0.0, 0.0],
+            ..predictor
+        };
+        let q = Quantized {
+            predictor: Some(own_only),
+            ..q
+        };
+        let mut bytes = Vec::new();
+        write_payload(&q, &mut bytes);
+        assert_eq!(
+            read_side_refs(&bytes).unwrap().len(),
+            2,
+            "the base's moments are not read"
+        );
     }
 }

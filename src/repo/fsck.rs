@@ -423,10 +423,10 @@ fn decode_one(
     if chunk.codec.needs_base() && base.is_none() {
         return Err("its residual base is not available".into());
     }
-    let side = sides
-        .side_chunk(id, addr, &blob, true)
-        .map_err(|e| format!("its side chunk: {e:#}"))?;
-    let raw = codec::decode_with(&blob, base, side.as_deref()).map_err(|e| e.to_string())?;
+    let side_chunks = sides
+        .side_chunks(id, chunk.base.as_ref(), addr, &blob, true)
+        .map_err(|e| format!("its side chunks: {e:#}"))?;
+    let raw = codec::decode_with(&blob, base, &side_chunks).map_err(|e| e.to_string())?;
     if ObjectId::of(&raw) != chunk.raw_hash {
         return Err("decoded bytes do not match the recorded checksum".into());
     }

@@ -8,11 +8,14 @@
 //! 2. rewrite each kept commit above the first dropped one, oldest first:
 //!    its parent becomes the nearest kept ancestor. A chunk coded against a
 //!    dropped commit is *rebased* when that is cheaper than keeping the
-//!    chain of dropped chunks it decodes through: its exact reconstruction
-//!    (what checkout returned before) is re-encoded losslessly, as a
-//!    keyframe or an xor-delta against the new parent's chunk. Otherwise it
-//!    keeps its base, and gc keeps just the dropped chunks it needs (see
-//!    `gc`). Either way every kept commit checks out bit-identically;
+//!    dropped chunks it decodes through (down bases and side chunks): its
+//!    exact reconstruction (what checkout returned before) is re-encoded
+//!    losslessly, as a keyframe or an xor-delta against the new parent's
+//!    chunk. Otherwise it keeps its base, and gc keeps just the dropped
+//!    chunks it needs (see `gc`). A dropped commit above a rewritten one
+//!    gets a new record too, its bases renamed, so that what is kept
+//!    decodes through the rewritten commits and never through superseded
+//!    ones. Either way every kept commit checks out bit-identically;
 //! 3. publish in one synced batch: new records, the branch tip, its step
 //!    index, and tags moved to the rewritten commits;
 //! 4. gc: the dropped and the superseded records and their blobs go.
@@ -176,6 +179,14 @@ fn rewrite(store: &Repo, plan: &Plan) -> anyhow::Result<(RefEdit, usize, usize)>
     let (mut rewritten, mut rebased) = (0, 0);
     for (old_id, record, keep) in &plan.chain {
         if !keep {
+            // A dropped commit whose chunks a kept one may still decode
+            // through gets its bases renamed too, so that such chains run
+            // through the rewritten commits, not the superseded ones (which
+            // gc can then delete, with what only they needed).
+            if let Some((id, bytes)) = renamed_bases(record, &renamed) {
+                edit.put_commits.push((id, bytes));
+                renamed.insert(*old_id, id);
+            }
             continue;
         }
         let mut new = record.clone();
@@ -186,10 +197,11 @@ fn rewrite(store: &Repo, plan: &Plan) -> anyhow::Result<(RefEdit, usize, usize)>
         let mut rebase_jobs = Vec::new();
         for_each_chunk_mut(&mut new, |addr, chunk| {
             if let Some(base) = chunk.base {
+                if dropped.contains(&base) {
+                    rebase_jobs.push(addr);
+                }
                 if let Some(renamed_base) = renamed.get(&base) {
                     chunk.base = Some(*renamed_base);
-                } else if dropped.contains(&base) {
-                    rebase_jobs.push(addr);
                 }
             }
         });
@@ -201,43 +213,35 @@ fn rewrite(store: &Repo, plan: &Plan) -> anyhow::Result<(RefEdit, usize, usize)>
             })
             .collect::<anyhow::Result<_>>()?;
         // Rebase only where it is clearly cheaper (by a tenth) than keeping
-        // the dropped chain of bases the chunk decodes through; gc then keeps
-        // just those chunks. The margin covers what the estimate misses: a
-        // dropped chunk may stay anyway because another chunk needs it.
-        // A chunk coded in units of a side (m in units of its commit's √v̂)
-        // that keeps a dropped base needs that base's v too (the base's m
-        // was coded in units of it): gc keeps a dropped commit's chunks by
-        // position, following bases, not sides. So such an m keeps v's
-        // base with it, or (when v is not coded against the same dropped
-        // commit) is rebased.
+        // what the chunk decodes through that would otherwise go (dropped
+        // chunks, and old chunks of rewritten commits that were rebased,
+        // down bases and sides); gc then keeps just those chunks. The margin
+        // covers what the estimate misses: a chunk may stay anyway because
+        // another chunk needs it.
+        // A chunk that keeps a dropped base may also decode with side
+        // chunks of that commit or its base (m's v̂, W's moments): gc keeps
+        // those as it keeps bases (walk::reachable follows both). Their
+        // chains stay then, so rebasing the chunks at those positions would
+        // only add bytes: they keep their bases too (`keep_with_sides`).
+        let doomed = Doomed {
+            store,
+            records: &by_id,
+            dropped: &dropped,
+        };
         let costs: HashMap<Addr, (u64, u64)> = candidates
             .iter()
             .map(|(addr, _, blob)| {
                 let original = find_position(record, addr).expect("position of this record");
-                let keep_cost = dropped_chain_cost(&by_id, &dropped, original, addr);
-                (addr.clone(), (blob.len() as u64, keep_cost))
+                let keep_cost = doomed.keep_cost(*old_id, original, addr)?;
+                Ok((addr.clone(), (blob.len() as u64, keep_cost)))
             })
-            .collect();
+            .collect::<anyhow::Result<_>>()?;
         let cheaper = |(rebased, kept): (u64, u64)| rebased * 10 < kept * 9;
         let mut rebase: HashMap<Addr, bool> = costs
             .iter()
             .map(|(a, &c)| (a.clone(), cheaper(c)))
             .collect();
-        for (addr, _, _) in &candidates {
-            let original = find_position(record, addr).expect("position of this record");
-            if rebase[addr] {
-                continue;
-            }
-            let Some(side) = side_position(store, original, addr)? else {
-                continue;
-            };
-            match rebase.get_mut(&side) {
-                Some(side_rebased) => *side_rebased = false,
-                None => {
-                    rebase.insert(addr.clone(), true);
-                }
-            }
-        }
+        keep_with_sides(store, &by_id, &dropped, record, &mut rebase)?;
         let mut rebuilt: HashMap<Addr, ChunkRef> = HashMap::new();
         for (addr, chunk, blob) in candidates {
             if !rebase[&addr] {
@@ -295,14 +299,88 @@ fn rewrite(store: &Repo, plan: &Plan) -> anyhow::Result<(RefEdit, usize, usize)>
     Ok((edit, rewritten, rebased))
 }
 
-/// The position of the side a chunk is coded in units of (same file and
-/// index, the tensor its blob names), if any.
-fn side_position(store: &Repo, chunk: &ChunkRef, addr: &Addr) -> anyhow::Result<Option<Addr>> {
-    if !matches!(chunk.codec, codec::Codec::QuantDelta | codec::Codec::Quant) {
-        return Ok(None);
+/// Makes every rebase candidate whose position a kept-base candidate (or a
+/// chunk down its chain of dropped bases) names as a side keep its base
+/// too, until no decision changes (W names m and v; m names v).
+fn keep_with_sides(
+    store: &Repo,
+    records: &HashMap<ObjectId, &CommitRecord>,
+    dropped: &HashSet<ObjectId>,
+    record: &CommitRecord,
+    rebase: &mut HashMap<Addr, bool>,
+) -> anyhow::Result<()> {
+    let mut sides: HashMap<Addr, Vec<Addr>> = HashMap::new();
+    for addr in rebase.keys() {
+        let mut chunk = find_position(record, addr).expect("position of this record");
+        let mut named = side_positions(store, chunk, addr)?;
+        while let Some(id) = chunk.base.filter(|b| dropped.contains(b)) {
+            let Some(base_chunk) = records.get(&id).and_then(|r| find_position(r, addr)) else {
+                break;
+            };
+            named.extend(side_positions(store, base_chunk, addr)?);
+            chunk = base_chunk;
+        }
+        named.sort();
+        named.dedup();
+        sides.insert(addr.clone(), named);
     }
-    let side = codec::side_of(&store.get_blob(&chunk.blob)?)?;
-    Ok(side.map(|side| (addr.0.clone(), Some(side.tensor), addr.2)))
+    let mut changed = true;
+    while changed {
+        changed = false;
+        for (addr, named) in &sides {
+            if rebase[addr] {
+                continue;
+            }
+            for side in named {
+                if let Some(decision) = rebase.get_mut(side)
+                    && *decision
+                {
+                    *decision = false;
+                    changed = true;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The positions of the side chunks a lossy chunk decodes with.
+fn side_positions(store: &Repo, chunk: &ChunkRef, addr: &Addr) -> anyhow::Result<Vec<Addr>> {
+    if !matches!(chunk.codec, codec::Codec::QuantDelta | codec::Codec::Quant) {
+        return Ok(Vec::new());
+    }
+    let sides = codec::sides_of(&store.get_blob(&chunk.blob)?)?;
+    Ok(sides
+        .into_iter()
+        .map(|side| {
+            let file = side.file.unwrap_or_else(|| addr.0.clone());
+            (file, Some(side.tensor), addr.2)
+        })
+        .collect())
+}
+
+/// `record` with every base (and parent) that was rewritten renamed, as a
+/// new record and its id; `None` when nothing it names was rewritten.
+fn renamed_bases(
+    record: &CommitRecord,
+    renamed: &HashMap<ObjectId, ObjectId>,
+) -> Option<(ObjectId, Vec<u8>)> {
+    let mut new = record.clone();
+    for parent in &mut new.parents {
+        if let Some(r) = renamed.get(parent) {
+            *parent = *r;
+        }
+    }
+    for_each_chunk_mut(&mut new, |_, chunk| {
+        if let Some(r) = chunk.base.and_then(|b| renamed.get(&b)) {
+            chunk.base = Some(*r);
+        }
+    });
+    if new == *record {
+        return None;
+    }
+    let bytes = new.to_bytes();
+    Some((ObjectId::of(&bytes), bytes))
 }
 
 fn for_each_chunk_mut(record: &mut CommitRecord, mut f: impl FnMut(Addr, &mut ChunkRef)) {
@@ -370,22 +448,60 @@ fn find_position<'r>(record: &'r CommitRecord, addr: &Addr) -> Option<&'r ChunkR
     )
 }
 
-/// Stored bytes of the chunks at `addr` of the dropped commits that `chunk`
-/// decodes through, down to the first kept base.
-fn dropped_chain_cost(
-    records: &HashMap<ObjectId, &CommitRecord>,
-    dropped: &HashSet<ObjectId>,
-    chunk: &ChunkRef,
-    addr: &Addr,
-) -> u64 {
-    let mut cost = 0;
-    let mut base = chunk.base;
-    while let Some(id) = base.filter(|b| dropped.contains(b)) {
-        let Some(base_chunk) = records.get(&id).and_then(|r| find_position(r, addr)) else {
-            break;
-        };
-        cost += base_chunk.stored_len;
-        base = base_chunk.base;
+/// What prune is about to let go: the dropped commits.
+struct Doomed<'a> {
+    store: &'a Repo,
+    records: &'a HashMap<ObjectId, &'a CommitRecord>,
+    dropped: &'a HashSet<ObjectId>,
+}
+
+impl Doomed<'_> {
+    fn contains(&self, id: &ObjectId) -> bool {
+        self.dropped.contains(id)
     }
-    cost
+
+    /// Stored bytes of the doomed chunks that `chunk` (at `addr` of the kept
+    /// commit `commit`) decodes through, down bases and side chunks: what
+    /// keeping its base keeps alive.
+    fn keep_cost(&self, commit: ObjectId, chunk: &ChunkRef, addr: &Addr) -> anyhow::Result<u64> {
+        let mut seen: HashSet<(ObjectId, Addr)> = HashSet::new();
+        let mut stack = self.needs(commit, chunk, addr)?;
+        let mut cost = 0;
+        while let Some((id, at)) = stack.pop() {
+            if !self.contains(&id) || !seen.insert((id, at.clone())) {
+                continue;
+            }
+            let Some(needed) = self.records.get(&id).and_then(|r| find_position(r, &at)) else {
+                continue;
+            };
+            cost += needed.stored_len;
+            stack.extend(self.needs(id, needed, &at)?);
+        }
+        Ok(cost)
+    }
+
+    /// The chunks decoding `chunk` (at `addr` of `commit`) reads: its base
+    /// and its side chunks, as (commit, position).
+    fn needs(
+        &self,
+        commit: ObjectId,
+        chunk: &ChunkRef,
+        addr: &Addr,
+    ) -> anyhow::Result<Vec<(ObjectId, Addr)>> {
+        let mut needs: Vec<(ObjectId, Addr)> =
+            chunk.base.map(|b| (b, addr.clone())).into_iter().collect();
+        if !matches!(chunk.codec, codec::Codec::QuantDelta | codec::Codec::Quant) {
+            return Ok(needs);
+        }
+        for side in codec::sides_of(&self.store.get_blob(&chunk.blob)?)? {
+            let at = if side.in_base {
+                chunk.base
+            } else {
+                Some(commit)
+            };
+            let file = side.file.unwrap_or_else(|| addr.0.clone());
+            needs.extend(at.map(|id| (id, (file, Some(side.tensor), addr.2))));
+        }
+        Ok(needs)
+    }
 }

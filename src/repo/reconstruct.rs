@@ -234,12 +234,12 @@ impl<'s> Reconstructor<'s> {
             Some(id) => Some(self.base_chunk(id, addr, checked)?),
             None => None,
         };
-        let side = self
-            .side_chunk(id, addr, &blob, checked)
-            .with_context(|| format!("{}: its side chunk", context()))?;
+        let sides = self
+            .side_chunks(id, base_id.as_ref(), addr, &blob, checked)
+            .with_context(|| format!("{}: its side chunks", context()))?;
         let raw = match base {
-            Some(base) => codec::decode_onto(&blob, base, side.as_deref()),
-            None => codec::decode_with(&blob, None, side.as_deref()),
+            Some(base) => codec::decode_onto(&blob, base, &sides),
+            None => codec::decode_with(&blob, None, &sides),
         }
         .with_context(context)?;
         if checked && ObjectId::of(&raw) != chunk.raw_hash {
@@ -253,25 +253,36 @@ impl<'s> Reconstructor<'s> {
 }
 
 impl Reconstructor<'_> {
-    /// The side chunk `blob` (at `addr` of commit `id`) is decoded with, if
-    /// it names one: a lossy chunk coded in units of another tensor (m in
-    /// units of √v̂) takes that tensor's chunk at the same file and index of
-    /// the same commit. Checked as [`Reconstructor::base_chunk`] checks.
-    pub fn side_chunk(
+    /// The side chunks `blob` (at `addr` of commit `id`, coded against
+    /// commit `base`) is decoded with, in [`codec::sides_of`] order: a lossy
+    /// chunk coded in units of another tensor (m in units of √v̂) or
+    /// predicted from other tensors (W from Adam's m̂ and v̂) takes their
+    /// chunks at the same index, of this commit or of its base. Checked as
+    /// [`Reconstructor::base_chunk`] checks.
+    pub fn side_chunks(
         &self,
         id: &ObjectId,
+        base: Option<&ObjectId>,
         addr: ChunkAddr<'_>,
         blob: &[u8],
         checked: bool,
-    ) -> anyhow::Result<Option<Vec<u8>>> {
-        let Some(side) = codec::side_of(blob)? else {
-            return Ok(None);
-        };
-        let side_addr = ChunkAddr {
-            tensor: Some(&side.tensor),
-            ..addr
-        };
-        Ok(Some(self.base_chunk(id, side_addr, checked)?))
+    ) -> anyhow::Result<Vec<Vec<u8>>> {
+        codec::sides_of(blob)?
+            .iter()
+            .map(|side| {
+                let commit = match (side.in_base, base) {
+                    (false, _) => id,
+                    (true, Some(base)) => base,
+                    (true, None) => bail!("a side chunk of the base, but no base commit"),
+                };
+                let side_addr = ChunkAddr {
+                    file: side.file.as_deref().unwrap_or(addr.file),
+                    tensor: Some(&side.tensor),
+                    index: addr.index,
+                };
+                self.base_chunk(commit, side_addr, checked)
+            })
+            .collect()
     }
 
     /// The chunk at `addr` of commit `base`, which a delta (or a scaled

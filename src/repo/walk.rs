@@ -6,13 +6,16 @@
 //! - [`reachable_commits`]: every commit the refs reach, children first
 //!   (ordered by [`generations`]);
 //! - [`reachable`] / [`reachable_from`]: what refs keep alive, down to the
-//!   chunk positions of residual bases that `prune` left behind, and the
-//!   blobs; [`Position`] names a chunk inside a commit.
+//!   chunk positions of residual bases that `prune` left behind (and the
+//!   side chunks those decode with), and the blobs; [`Position`] names a
+//!   chunk inside a commit;
+//! - [`checkout_blobs`]: every blob one commit's checkout reads.
 
 use std::collections::{HashMap, HashSet};
 
 use anyhow::Context;
 
+use crate::codec::{self, Codec};
 use crate::store::{Backend, ChunkRef, CommitRecord, FileContent, ObjectId};
 
 /// A commit that must be in the store (a parent, a tip, a base).
@@ -188,11 +191,14 @@ pub fn reachable_from(store: &dyn Backend, roots: Vec<ObjectId>) -> anyhow::Resu
     }
     let mut blobs = HashSet::new();
     let mut bases: Vec<(ObjectId, Position)> = Vec::new();
-    for record in records.values() {
+    for (id, record) in &records {
         for (position, chunk) in positioned_chunks(record) {
             blobs.insert(chunk.blob);
-            if let Some(base) = chunk.base.filter(|b| !history.contains(b)) {
-                bases.push((base, position));
+            // A chunk's sides are in its own commit or its base: only a
+            // base outside the history can make anything else live.
+            if chunk.base.is_some_and(|b| !history.contains(&b)) {
+                let needs = dependencies(store, *id, &position, chunk)?.unwrap_or_default();
+                bases.extend(needs.into_iter().filter(|(c, _)| !history.contains(c)));
             }
         }
     }
@@ -204,9 +210,8 @@ pub fn reachable_from(store: &dyn Backend, roots: Vec<ObjectId>) -> anyhow::Resu
         }
         let chunk = chunks.chunk_at(&id, &position)?;
         blobs.insert(chunk.blob);
-        if let Some(base) = chunk.base.filter(|b| !history.contains(b)) {
-            bases.push((base, position));
-        }
+        let needs = dependencies(store, id, &position, &chunk)?.unwrap_or_default();
+        bases.extend(needs.into_iter().filter(|(c, _)| !history.contains(c)));
     }
     Ok(Reachable {
         history,
@@ -216,8 +221,11 @@ pub fn reachable_from(store: &dyn Backend, roots: Vec<ObjectId>) -> anyhow::Resu
 }
 
 /// Every blob that decoding commit `id` reads: its chunks', and down each
-/// chunk's chain of residual bases, the base commits' chunks at the same
-/// position. What a lazy clone must download to check `id` out.
+/// chunk's chain of residual bases and side chunks, the chunks of those
+/// commits. What a lazy clone must download to check `id` out. The sides
+/// a blob names are known only once the blob is here: a blob missing from
+/// the store is in the set, but not the sides it needs, so a lazy clone
+/// downloads the set and asks again until nothing is missing.
 pub fn checkout_blobs(store: &dyn Backend, id: &ObjectId) -> anyhow::Result<HashSet<ObjectId>> {
     let record = require_commit(store, id)?;
     let mut wanted: Vec<(ObjectId, Position)> = positioned_chunks(&record)
@@ -233,11 +241,64 @@ pub fn checkout_blobs(store: &dyn Backend, id: &ObjectId) -> anyhow::Result<Hash
         }
         let chunk = chunks.chunk_at(&commit, &position)?;
         blobs.insert(chunk.blob);
-        if let Some(base) = chunk.base {
-            wanted.push((base, position));
+        match dependencies(store, commit, &position, &chunk)? {
+            Some(needs) => wanted.extend(needs),
+            None => wanted.extend(chunk.base.map(|base| (base, position))),
         }
     }
     Ok(blobs)
+}
+
+/// What decoding `chunk` (at `position` of `commit`) reads besides its own
+/// blob: its base commit's chunk at the same position, and the side chunks
+/// its blob names (m's v̂; W's m̂ and v̂, of this commit and of the base).
+/// `None` when the blob is not in the store (a lazy clone's, not yet
+/// downloaded), whose sides cannot be known yet.
+fn dependencies(
+    store: &dyn Backend,
+    commit: ObjectId,
+    position: &Position,
+    chunk: &ChunkRef,
+) -> anyhow::Result<Option<Vec<(ObjectId, Position)>>> {
+    let mut needs: Vec<(ObjectId, Position)> = chunk
+        .base
+        .map(|b| (b, position.clone()))
+        .into_iter()
+        .collect();
+    if !matches!(chunk.codec, Codec::Quant | Codec::QuantDelta) {
+        return Ok(Some(needs));
+    }
+    if !store.has_blob(&chunk.blob)? {
+        return Ok(None);
+    }
+    let sides = codec::sides_of(&blob_head(store, &chunk.blob)?)
+        .with_context(|| format!("blob {}: its side chunks", chunk.blob.short()))?;
+    for side in sides {
+        let at = if side.in_base {
+            chunk.base.with_context(|| {
+                format!(
+                    "blob {} names a side in a base it lacks",
+                    chunk.blob.short()
+                )
+            })?
+        } else {
+            commit
+        };
+        let file = side.file.unwrap_or_else(|| position.0.clone());
+        needs.push((at, (file, Some(side.tensor), position.2)));
+    }
+    Ok(Some(needs))
+}
+
+/// A blob's first bytes, enough for its header and side references (the
+/// whole blob when they are longer).
+fn blob_head(store: &dyn Backend, id: &ObjectId) -> anyhow::Result<Vec<u8>> {
+    const HEAD: u64 = 4096;
+    let head = store.get_blob_range(id, 0..HEAD)?;
+    if (head.len() as u64) < HEAD || codec::sides_of(&head).is_ok() {
+        return Ok(head);
+    }
+    Ok(store.get_blob(id)?)
 }
 
 /// Chunks of commits by position, each commit's record read and indexed

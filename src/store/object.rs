@@ -16,13 +16,18 @@ use crate::codec::policy::Policy;
 /// into pieces); records that need it are written as version 3, all others
 /// as version 2, so that older builds keep reading them. Version 4 may hold
 /// [`Policy::Guided`] (the presets since 2026-11-30), which older builds
-/// cannot parse; only records that do are written as version 4.
-pub const COMMIT_VERSION: u32 = 4;
+/// cannot parse; only records that do are written as version 4. Version 5
+/// may hold [`Policy::Predictive`] (the presets since W is predicted, 2026-11-30), whose
+/// blobs older builds cannot decode (quant domain 5); only records that do
+/// are written as version 5.
+pub const COMMIT_VERSION: u32 = 5;
 
 /// The version a record with these files and this policy is written as.
 pub fn version_for(files: &[FileEntry], policy: &Policy) -> u32 {
-    if matches!(policy, Policy::Guided { .. }) {
-        return 4;
+    match policy {
+        Policy::Predictive { .. } => return 5,
+        Policy::Guided { .. } => return 4,
+        _ => {}
     }
     let cut_storage = files.iter().any(|f| match &f.content {
         FileContent::Torch(t) => t.crc_fields.iter().any(Vec::is_empty),

@@ -11,7 +11,7 @@ use super::plan::{Group, Plan};
 use super::{Encoded, Session};
 use crate::codec;
 use crate::codec::float::FloatType;
-use crate::codec::policy::{GroupChunk, GroupStats, Policy, TensorPlan};
+use crate::codec::policy::{GroupChunk, GroupStats, Moments, Policy, TensorPlan};
 
 /// Input and parent values of one chunk of a group, as f32.
 struct Loaded {
@@ -26,6 +26,9 @@ struct Loaded {
     side_tensor: Option<String>,
     /// The parent's recorded relative error of W.
     parent_w_error: f32,
+    /// m's file and m's and v's names, when W's decoder finds them (see
+    /// [`moments`]).
+    moments: Option<(String, String, String)>,
 }
 
 impl Loaded {
@@ -42,6 +45,10 @@ impl Loaded {
             v_float: self.floats[2],
             parent_w_error: self.parent_w_error,
             side_tensor: self.side_tensor.as_deref(),
+            moments: self
+                .moments
+                .as_ref()
+                .map(|(file, m, v)| Moments { file, m, v }),
         }
     }
 
@@ -90,6 +97,7 @@ fn load(
         parent_v,
         floats,
         side_tensor: side_tensor(plan, group, index),
+        moments: moments(plan, group, index),
         parent_w_error: plan.slots[group.w].parent.map_or(0.0, |t| t.rel_error),
     })
 }
@@ -102,6 +110,28 @@ fn side_tensor(plan: &Plan<'_>, group: Group, index: usize) -> Option<String> {
     let (m_addr, v_addr) = (m.addr(index), v.addr(index));
     let same_elements = m.chunk_len == v.chunk_len && m.info.dtype == v.info.dtype;
     (m_addr.file == v_addr.file && same_elements).then(|| v.info.name.clone())
+}
+
+/// Where a decoder of W's chunk `index` finds the same elements of m and v:
+/// m's file and m's and v's names, when their chunks hold as many elements
+/// as W's (the decoder looks them up by file, name and index).
+fn moments(plan: &Plan<'_>, group: Group, index: usize) -> Option<(String, String, String)> {
+    let (w, m, v) = (
+        &plan.slots[group.w],
+        &plan.slots[group.m],
+        &plan.slots[group.v],
+    );
+    let elements =
+        |s: &super::plan::TensorSlot<'_>| s.chunk_len * 8 / s.info.dtype.bitsize() as u64;
+    let aligned = elements(w) == elements(m) && elements(w) == elements(v);
+    let (m_addr, v_addr) = (m.addr(index), v.addr(index));
+    (aligned && m_addr.file == v_addr.file).then(|| {
+        (
+            m_addr.file.to_string(),
+            m.info.name.clone(),
+            v.info.name.clone(),
+        )
+    })
 }
 
 /// Statistics of chunk `index` of `group`, for ExCP's whole-tensor plan.
@@ -151,7 +181,9 @@ pub fn encode_chunk(
         Some(p) => p,
         None => {
             let stats = match policy {
-                Policy::Guided { .. } => GroupStats::guided_sums_of_chunk(&x.chunk()),
+                Policy::Guided { .. } | Policy::Predictive { .. } => {
+                    GroupStats::guided_sums_of_chunk(&x.chunk())
+                }
                 _ => GroupStats::tuned_sums_of_chunk(&x.chunk()),
             };
             chunk_plan = codec::policy::plan(policy, &stats, x.floats)
@@ -159,12 +191,11 @@ pub fn encode_chunk(
             &chunk_plan
         }
     };
-    let (streams, v_hat) = codec::policy::quantize_keeping_v(tensor_plan, &x.chunk());
+    let (streams, mut recons) = codec::policy::quantize_keeping_recons(tensor_plan, &x.chunk());
     let inputs = [&x.w, &x.m, &x.v];
     let mut out = Vec::with_capacity(3);
     // v first: a scaled m's side is this commit's v̂, as decoders find it
-    // (the quantizer has made it then).
-    let mut recons: [Option<Vec<f32>>; 3] = [None, None, v_hat];
+    // (a predicted W's reconstruction the quantizer has made).
     for role in [2, 0, 1] {
         if recons[role].is_some() {
             continue;

@@ -693,18 +693,40 @@ pub fn fill_for_checkout(
     let Some(lazy) = remotes.lazy.clone() else {
         return Ok((0, 0));
     };
+    let missing = missing_for_checkout(repo, id)?;
+    if missing.is_empty() {
+        return Ok((0, 0));
+    }
+    let bucket = open_remote(remotes.get(&lazy)?)?;
+    let (writer, ()) = repo.write(wait, |_| Ok(()))?;
+    let mut total = (0, 0);
+    let mut missing = missing;
+    // A blob names its side chunks (W's moments, m's v̂) only once it is
+    // here: download what is known to be needed, then look again (through
+    // the writer, which sees what it wrote).
+    while !missing.is_empty() {
+        let (n, bytes) = download_into(&writer, &bucket, missing.clone(), progress)
+            .with_context(|| format!("downloading commit {} from remote `{lazy}`", id.short()))?;
+        total = (total.0 + n, total.1 + bytes);
+        let still = missing_for_checkout(&writer, id)?;
+        if still.iter().any(|blob| missing.contains(blob)) {
+            bail!(
+                "commit {}: remote `{lazy}` did not provide every blob it needs",
+                id.short()
+            );
+        }
+        missing = still;
+    }
+    Ok(total)
+}
+
+/// The blobs checking `id` out reads that `repo` does not hold.
+fn missing_for_checkout(repo: &Repo, id: &ObjectId) -> anyhow::Result<Vec<ObjectId>> {
     let mut missing = Vec::new();
     for blob in checkout_blobs(repo.backend(), id)? {
         if !repo.has_blob(&blob)? {
             missing.push(blob);
         }
     }
-    if missing.is_empty() {
-        return Ok((0, 0));
-    }
-    let remote = remotes.get(&lazy)?.clone();
-    let bucket = open_remote(&remote)?;
-    let (writer, ()) = repo.write(wait, |_| Ok(()))?;
-    download_into(&writer, &bucket, missing, progress)
-        .with_context(|| format!("downloading commit {} from remote `{lazy}`", id.short()))
+    Ok(missing)
 }
