@@ -859,7 +859,9 @@ fn predict_w(
             .collect();
         (coef, pred)
     });
-    let Some((coef, pred)) = fitted.filter(|(_, pred)| prediction_pays(chunk, pred)) else {
+    let header = moments.file.len() + moments.m.len() + moments.v.len() + PREDICTOR_FIXED_BYTES;
+    let pays = |pred: &[f32]| prediction_pays(chunk, pred, header);
+    let Some((coef, pred)) = fitted.filter(|(_, pred)| pays(pred)) else {
         let w_hat = super::quant::reconstruct(&w, Some(chunk.parent_w), None).expect(valid);
         return ([w, m, v], [Some(w_hat), Some(m_hat), Some(v_hat)]);
     };
@@ -886,12 +888,20 @@ fn predict_w(
     ([predicted, m, v], [Some(w_hat), Some(m_hat), Some(v_hat)])
 }
 
-/// Whether the prediction leaves at most this share of W's change (energy)
-/// to code: below a tenth less, the bits saved (½·log2 of the ratio per
-/// element) do not pay for reading the moments at decode.
+/// The prediction must leave at most this share of W's change (energy) to
+/// code: below a tenth less, the bits saved do not pay for reading the
+/// moments at decode.
 const PREDICTION_MIN_GAIN: f64 = 0.9;
 
-fn prediction_pays(chunk: &GroupChunk<'_>, pred: &[f32]) -> bool {
+/// A predictor's payload bytes besides the three names (their lengths,
+/// float types, floor, weights).
+const PREDICTOR_FIXED_BYTES: usize = 3 * 2 + 2 + 4 + 12;
+
+/// Whether predicting pays: at most [`PREDICTION_MIN_GAIN`] of the change's
+/// energy left, and the bits it saves (½·log2 of the energy ratio per
+/// element, what a Gaussian residual at a fine step saves; less at a coarse
+/// one) at least twice the predictor's `header` bytes.
+fn prediction_pays(chunk: &GroupChunk<'_>, pred: &[f32], header: usize) -> bool {
     let (mut before, mut after) = (0f64, 0f64);
     for ((&w, &b), &p) in chunk.w.iter().zip(chunk.parent_w).zip(pred) {
         let d = w as f64 - b as f64;
@@ -900,7 +910,8 @@ fn prediction_pays(chunk: &GroupChunk<'_>, pred: &[f32]) -> bool {
             after += (d - p as f64).powi(2);
         }
     }
-    after <= PREDICTION_MIN_GAIN * before
+    let saved_bytes = 0.5 * (before / after).log2() * pred.len() as f64 / 8.0;
+    after <= PREDICTION_MIN_GAIN * before && saved_bytes >= 2.0 * header as f64
 }
 
 /// Least-squares weights (a, b, c) of W − Ŵ_parent ≈ a·u + b·u_parent +
