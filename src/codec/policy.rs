@@ -814,24 +814,30 @@ fn quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3],
             w_predicted,
         } => {
             let side = chunk.side_tensor.filter(|_| *m_scaled);
-            let steps = [*w_step, *m_step, *v_log_step];
-            let (streams, v_hat) = uniform_streams(chunk, steps, *m_residual, side);
             match chunk.moments.filter(|_| *w_predicted) {
-                Some(moments) => predict_w(chunk, streams, v_hat, *w_step, moments),
-                None => (streams, [None, None, v_hat]),
+                Some(moments) => {
+                    let (m, v, v_hat) =
+                        moment_streams(chunk, [*m_step, *v_log_step], *m_residual, side);
+                    predict_w(chunk, [m, v], v_hat, *w_step, moments)
+                }
+                None => {
+                    let steps = [*w_step, *m_step, *v_log_step];
+                    let (streams, v_hat) = uniform_streams(chunk, steps, *m_residual, side);
+                    (streams, [None, None, v_hat])
+                }
             }
         }
     }
 }
 
-/// W recoded as what its prediction from this commit's m̂ and v̂ (and the
-/// parent's) misses, when the prediction removes enough of W's change to
-/// pay for itself; else the streams as they were. Returns the three
-/// reconstructions either way (made for the prediction).
+/// W coded, after m and v, as what its prediction from this commit's m̂
+/// and v̂ (and the parent's) misses, when the prediction removes enough of
+/// W's change to pay for itself; else as a plain residual. Returns the
+/// three reconstructions either way (made for the prediction).
 #[inline(always)]
 fn predict_w(
     chunk: &GroupChunk<'_>,
-    [w, m, v]: [Quantized; 3],
+    [m, v]: [Quantized; 2],
     v_hat: Option<Vec<f32>>,
     w_step: f32,
     moments: Moments<'_>,
@@ -842,29 +848,33 @@ fn predict_w(
     let m_base = m.domain.needs_base().then_some(chunk.parent_m);
     let m_side = m.domain.needs_side().then_some(v_hat.as_slice());
     let m_hat = super::quant::reconstruct(&m, m_base, m_side).expect(valid);
-    let u: Vec<f32> = m_hat
-        .iter()
-        .zip(&v_hat)
-        .map(|(&m, &v)| Predictor::update(ADAM_EPS, m, v))
-        .collect();
-    let u_parent: Vec<f32> = chunk
-        .parent_m
-        .iter()
-        .zip(chunk.parent_v)
-        .map(|(&m, &v)| Predictor::update(ADAM_EPS, m, v))
-        .collect();
-    let fitted = fit_prediction(chunk.w, chunk.parent_w, &u, &u_parent).map(|coef| {
-        let pred: Vec<f32> = (0..u.len())
-            .map(|i| Predictor::predict(coef, u[i], u_parent[i], chunk.parent_w[i]))
-            .collect();
-        (coef, pred)
-    });
+    let updates = Updates {
+        m: &m_hat,
+        v: &v_hat,
+        parent_m: chunk.parent_m,
+        parent_v: chunk.parent_v,
+    };
     let header = moments.file.len() + moments.m.len() + moments.v.len() + PREDICTOR_FIXED_BYTES;
-    let pays = |pred: &[f32]| prediction_pays(chunk, pred, header);
-    let Some((coef, pred)) = fitted.filter(|(_, pred)| pays(pred)) else {
+    let fit = fit_prediction(chunk.w, chunk.parent_w, &updates)
+        .filter(|fit| fit.pays(chunk.w.len(), header));
+    let Some(Fit { coef, .. }) = fit else {
+        let w = plain_w(chunk, w_step);
         let w_hat = super::quant::reconstruct(&w, Some(chunk.parent_w), None).expect(valid);
         return ([w, m, v], [Some(w_hat), Some(m_hat), Some(v_hat)]);
     };
+    // Zipped slices, not indices: no bounds checks, so the loop vectorizes.
+    let parent_updates = chunk.parent_m.iter().zip(chunk.parent_v);
+    let pred: Vec<f32> = m_hat
+        .iter()
+        .zip(&v_hat)
+        .zip(parent_updates)
+        .zip(chunk.parent_w)
+        .map(|(((&m, &v), (&pm, &pv)), &base)| {
+            let u = Predictor::update(ADAM_EPS, m, v);
+            let u_parent = Predictor::update(ADAM_EPS, pm, pv);
+            Predictor::predict(coef, u, u_parent, base)
+        })
+        .collect();
     let mut predicted = uniform_stream(
         Domain::PredictedResidual,
         chunk.w_float,
@@ -897,45 +907,94 @@ const PREDICTION_MIN_GAIN: f64 = 0.9;
 /// float types, floor, weights).
 const PREDICTOR_FIXED_BYTES: usize = 3 * 2 + 2 + 4 + 12;
 
-/// Whether predicting pays: at most [`PREDICTION_MIN_GAIN`] of the change's
-/// energy left, and the bits it saves (½·log2 of the energy ratio per
-/// element, what a Gaussian residual at a fine step saves; less at a coarse
-/// one) at least twice the predictor's `header` bytes.
-fn prediction_pays(chunk: &GroupChunk<'_>, pred: &[f32], header: usize) -> bool {
-    let (mut before, mut after) = (0f64, 0f64);
-    for ((&w, &b), &p) in chunk.w.iter().zip(chunk.parent_w).zip(pred) {
-        let d = w as f64 - b as f64;
-        if d.is_finite() {
-            before += d * d;
-            after += (d - p as f64).powi(2);
-        }
-    }
-    let saved_bytes = 0.5 * (before / after).log2() * pred.len() as f64 / 8.0;
-    after <= PREDICTION_MIN_GAIN * before && saved_bytes >= 2.0 * header as f64
+/// A fitted prediction of W's change: its weights, and the change's energy
+/// over the finite elements before and after it (the latter from the
+/// normal equations).
+struct Fit {
+    coef: [f32; 3],
+    before: f64,
+    after: f64,
 }
 
+impl Fit {
+    /// Whether predicting pays: at most [`PREDICTION_MIN_GAIN`] of the
+    /// change's energy left, and the bits it saves over `n` elements (½·log2
+    /// of the energy ratio each, what a Gaussian residual at a fine step
+    /// saves; less at a coarse one) at least twice the predictor's `header`
+    /// bytes.
+    fn pays(&self, n: usize, header: usize) -> bool {
+        let saved_bytes = 0.5 * (self.before / self.after).log2() * n as f64 / 8.0;
+        self.after <= PREDICTION_MIN_GAIN * self.before && saved_bytes >= 2.0 * header as f64
+    }
+}
+
+/// The moments a prediction reads: this commit's m̂, v̂ and the parent's.
+struct Updates<'a> {
+    m: &'a [f32],
+    v: &'a [f32],
+    parent_m: &'a [f32],
+    parent_v: &'a [f32],
+}
+
+impl Updates<'_> {
+    /// Element i's update direction, this commit's and the parent's (as the
+    /// decoder computes them).
+    #[inline(always)]
+    fn at(&self, i: usize) -> (f32, f32) {
+        (
+            Predictor::update(ADAM_EPS, self.m[i], self.v[i]),
+            Predictor::update(ADAM_EPS, self.parent_m[i], self.parent_v[i]),
+        )
+    }
+}
+
+/// Every how many elements the fit samples: three weights need far fewer
+/// than a chunk's million, and the fit is the predictor's main cost.
+const FIT_STRIDE: usize = 16;
+
 /// Least-squares weights (a, b, c) of W − Ŵ_parent ≈ a·u + b·u_parent +
-/// c·Ŵ_parent over the finite elements, in f64; `None` when the system is
+/// c·Ŵ_parent over the finite elements of every [`FIT_STRIDE`]th, in f64,
+/// with the energies scaled to the whole chunk; `None` when the system is
 /// degenerate (no finite elements, a frozen tensor).
-fn fit_prediction(w: &[f32], base: &[f32], u: &[f32], u_parent: &[f32]) -> Option<[f32; 3]> {
-    let mut ata = [[0f64; 3]; 3];
-    let mut atd = [0f64; 3];
-    for i in 0..w.len() {
-        let x = [u[i] as f64, u_parent[i] as f64, base[i] as f64];
-        let d = w[i] as f64 - base[i] as f64;
-        if !(d.is_finite() && x.iter().all(|v| v.is_finite())) {
+fn fit_prediction(w: &[f32], base: &[f32], updates: &Updates<'_>) -> Option<Fit> {
+    // The six distinct products of the symmetric normal matrix, the right
+    // side and Σd².
+    let mut sums = [0f64; 10];
+    for i in (0..w.len()).step_by(FIT_STRIDE) {
+        let (u, u_parent) = updates.at(i);
+        let (x0, x1, x2) = (u as f64, u_parent as f64, base[i] as f64);
+        let d = w[i] as f64 - x2;
+        if !(d.is_finite() && x0.is_finite() && x1.is_finite()) {
             continue;
         }
-        for r in 0..3 {
-            atd[r] += x[r] * d;
-            for c in 0..3 {
-                ata[r][c] += x[r] * x[c];
-            }
+        let terms = [
+            x0 * x0,
+            x0 * x1,
+            x0 * x2,
+            x1 * x1,
+            x1 * x2,
+            x2 * x2,
+            x0 * d,
+            x1 * d,
+            x2 * d,
+            d * d,
+        ];
+        for (sum, t) in sums.iter_mut().zip(terms) {
+            *sum += t;
         }
     }
-    let coef = solve3(ata, atd)?;
-    let coef = coef.map(|c| c as f32);
-    coef.iter().all(|c| c.is_finite()).then_some(coef)
+    let [s00, s01, s02, s11, s12, s22, b0, b1, b2, dd] = sums;
+    let ata = [[s00, s01, s02], [s01, s11, s12], [s02, s12, s22]];
+    let atd = [b0, b1, b2];
+    let x = solve3(ata, atd)?;
+    let coef = x.map(|c| c as f32);
+    let explained: f64 = x.iter().zip(atd).map(|(c, b)| c * b).sum();
+    let scale = FIT_STRIDE as f64;
+    coef.iter().all(|c| c.is_finite()).then_some(Fit {
+        coef,
+        before: dd * scale,
+        after: (dd - explained).max(0.0) * scale,
+    })
 }
 
 /// Solves a symmetric 3×3 system by Gaussian elimination with partial
@@ -986,6 +1045,14 @@ fn uniform_streams(
     m_residual: bool,
     m_side: Option<&str>,
 ) -> ([Quantized; 3], Option<Vec<f32>>) {
+    let w = plain_w(chunk, w_step);
+    let (m, v, v_hat) = moment_streams(chunk, [m_step, v_log_step], m_residual, m_side);
+    ([w, m, v], v_hat)
+}
+
+/// W as a residual against Ŵ_parent.
+#[inline(always)]
+fn plain_w(chunk: &GroupChunk<'_>, w_step: f32) -> Quantized {
     let n = chunk.w.len();
     let mut w = uniform_stream(Domain::Residual, chunk.w_float, Levels::Linear(w_step), n);
     fill_uniform(
@@ -994,6 +1061,19 @@ fn uniform_streams(
         chunk.w,
         differences(chunk.w, chunk.parent_w),
     );
+    w
+}
+
+/// m (as a residual or a value, scaled by its side when one is named) and
+/// v (as a log ratio), and v̂ when m's side needed it.
+#[inline(always)]
+fn moment_streams(
+    chunk: &GroupChunk<'_>,
+    [m_step, v_log_step]: [f32; 2],
+    m_residual: bool,
+    m_side: Option<&str>,
+) -> (Quantized, Quantized, Option<Vec<f32>>) {
+    let n = chunk.w.len();
     let mut v = uniform_stream(Domain::Ratio, chunk.v_float, Levels::Exp(v_log_step), n);
     let log_ratios = chunk.v.iter().zip(chunk.parent_v);
     fill_uniform(
@@ -1008,9 +1088,9 @@ fn uniform_streams(
             let v_hat = super::quant::reconstruct(&v, Some(chunk.parent_v), None)
                 .expect("the v stream just made is valid");
             let m = scaled_m(chunk, tensor, &v_hat, m_step, m_residual);
-            ([w, m, v], Some(v_hat))
+            (m, v, Some(v_hat))
         }
-        None => ([w, plain_m(chunk, m_step, m_residual), v], None),
+        None => (plain_m(chunk, m_step, m_residual), v, None),
     }
 }
 
