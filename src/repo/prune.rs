@@ -34,7 +34,7 @@ use serde::Serialize;
 use super::gc::{GcReport, gc_locked};
 use super::reconstruct::{ChunkAddr, Reconstructor, find_chunk};
 use super::walk::Position as Addr;
-use super::walk::ancestry;
+use super::walk::{ancestry, dependencies};
 use crate::codec;
 use crate::store::{ChunkRef, CommitRecord, FileContent, ObjectId, RefEdit, TensorEntry};
 
@@ -213,11 +213,10 @@ fn rewrite(store: &Repo, plan: &Plan) -> anyhow::Result<(RefEdit, usize, usize)>
             })
             .collect::<anyhow::Result<_>>()?;
         // Rebase only where it is clearly cheaper (by a tenth) than keeping
-        // what the chunk decodes through that would otherwise go (dropped
-        // chunks, and old chunks of rewritten commits that were rebased,
-        // down bases and sides); gc then keeps just those chunks. The margin
-        // covers what the estimate misses: a chunk may stay anyway because
-        // another chunk needs it.
+        // the dropped chunks the chunk decodes through (down bases and
+        // sides); gc then keeps just those chunks. The margin covers what
+        // the estimate misses: a chunk may stay anyway because another
+        // chunk needs it.
         // A chunk that keeps a dropped base may also decode with side
         // chunks of that commit or its base (m's v̂, W's moments): gc keeps
         // those as it keeps bases (walk::reachable follows both). Their
@@ -344,18 +343,17 @@ fn keep_with_sides(
     Ok(())
 }
 
-/// The positions of the side chunks a lossy chunk decodes with.
+/// The positions of the side chunks a chunk decodes with (in its commit or
+/// its base).
 fn side_positions(store: &Repo, chunk: &ChunkRef, addr: &Addr) -> anyhow::Result<Vec<Addr>> {
-    if !matches!(chunk.codec, codec::Codec::QuantDelta | codec::Codec::Quant) {
-        return Ok(Vec::new());
-    }
-    let sides = codec::sides_of(&store.get_blob(&chunk.blob)?)?;
-    Ok(sides
+    // Any commit id serves: only positions are kept, and the base is the
+    // one entry at the chunk's own position.
+    let any_commit = chunk.blob;
+    let needs = dependencies(store.backend(), any_commit, addr, chunk)?;
+    Ok(needs
         .into_iter()
-        .map(|side| {
-            let file = side.file.unwrap_or_else(|| addr.0.clone());
-            (file, Some(side.tensor), addr.2)
-        })
+        .map(|(_, position)| position)
+        .filter(|position| position != addr)
         .collect())
 }
 
@@ -488,20 +486,6 @@ impl Doomed<'_> {
         chunk: &ChunkRef,
         addr: &Addr,
     ) -> anyhow::Result<Vec<(ObjectId, Addr)>> {
-        let mut needs: Vec<(ObjectId, Addr)> =
-            chunk.base.map(|b| (b, addr.clone())).into_iter().collect();
-        if !matches!(chunk.codec, codec::Codec::QuantDelta | codec::Codec::Quant) {
-            return Ok(needs);
-        }
-        for side in codec::sides_of(&self.store.get_blob(&chunk.blob)?)? {
-            let at = if side.in_base {
-                chunk.base
-            } else {
-                Some(commit)
-            };
-            let file = side.file.unwrap_or_else(|| addr.0.clone());
-            needs.extend(at.map(|id| (id, (file, Some(side.tensor), addr.2))));
-        }
-        Ok(needs)
+        dependencies(self.store.backend(), commit, addr, chunk)
     }
 }

@@ -197,7 +197,7 @@ pub fn reachable_from(store: &dyn Backend, roots: Vec<ObjectId>) -> anyhow::Resu
             // A chunk's sides are in its own commit or its base: only a
             // base outside the history can make anything else live.
             if chunk.base.is_some_and(|b| !history.contains(&b)) {
-                let needs = dependencies(store, *id, &position, chunk)?.unwrap_or_default();
+                let needs = dependencies(store, *id, &position, chunk)?;
                 bases.extend(needs.into_iter().filter(|(c, _)| !history.contains(c)));
             }
         }
@@ -210,7 +210,7 @@ pub fn reachable_from(store: &dyn Backend, roots: Vec<ObjectId>) -> anyhow::Resu
         }
         let chunk = chunks.chunk_at(&id, &position)?;
         blobs.insert(chunk.blob);
-        let needs = dependencies(store, id, &position, &chunk)?.unwrap_or_default();
+        let needs = dependencies(store, id, &position, &chunk)?;
         bases.extend(needs.into_iter().filter(|(c, _)| !history.contains(c)));
     }
     Ok(Reachable {
@@ -241,10 +241,7 @@ pub fn checkout_blobs(store: &dyn Backend, id: &ObjectId) -> anyhow::Result<Hash
         }
         let chunk = chunks.chunk_at(&commit, &position)?;
         blobs.insert(chunk.blob);
-        match dependencies(store, commit, &position, &chunk)? {
-            Some(needs) => wanted.extend(needs),
-            None => wanted.extend(chunk.base.map(|base| (base, position))),
-        }
+        wanted.extend(dependencies(store, commit, &position, &chunk)?);
     }
     Ok(blobs)
 }
@@ -252,24 +249,24 @@ pub fn checkout_blobs(store: &dyn Backend, id: &ObjectId) -> anyhow::Result<Hash
 /// What decoding `chunk` (at `position` of `commit`) reads besides its own
 /// blob: its base commit's chunk at the same position, and the side chunks
 /// its blob names (m's v̂; W's m̂ and v̂, of this commit and of the base).
-/// `None` when the blob is not in the store (a lazy clone's, not yet
-/// downloaded), whose sides cannot be known yet.
-fn dependencies(
+/// A blob not in the store (a lazy clone's, not yet downloaded) gives its
+/// base only: its sides are known once it is here.
+pub(crate) fn dependencies(
     store: &dyn Backend,
     commit: ObjectId,
     position: &Position,
     chunk: &ChunkRef,
-) -> anyhow::Result<Option<Vec<(ObjectId, Position)>>> {
+) -> anyhow::Result<Vec<(ObjectId, Position)>> {
     let mut needs: Vec<(ObjectId, Position)> = chunk
         .base
         .map(|b| (b, position.clone()))
         .into_iter()
         .collect();
     if !matches!(chunk.codec, Codec::Quant | Codec::QuantDelta) {
-        return Ok(Some(needs));
+        return Ok(needs);
     }
     if !store.has_blob(&chunk.blob)? {
-        return Ok(None);
+        return Ok(needs);
     }
     let sides = codec::sides_of(&blob_head(store, &chunk.blob)?)
         .with_context(|| format!("blob {}: its side chunks", chunk.blob.short()))?;
@@ -287,7 +284,7 @@ fn dependencies(
         let file = side.file.unwrap_or_else(|| position.0.clone());
         needs.push((at, (file, Some(side.tensor), position.2)));
     }
-    Ok(Some(needs))
+    Ok(needs)
 }
 
 /// A blob's first bytes, enough for its header and side references (the
