@@ -660,13 +660,6 @@ pub fn read_payload(bytes: &[u8], expected: usize) -> Result<Quantized, QuantErr
     Ok(read_payload_runs(bytes, expected)?.expand())
 }
 
-/// The side a payload's scaled domain names (`None` for other domains),
-/// without decoding its symbols.
-pub fn read_side(bytes: &[u8]) -> Result<Option<Side>, QuantError> {
-    let mut reader = Reader { bytes, pos: 0 };
-    Ok(read_head(&mut reader)?.side)
-}
-
 /// The chunks a payload needs besides its base, without decoding its
 /// symbols: what a decoder must fetch first (empty for most payloads).
 pub fn read_side_refs(bytes: &[u8]) -> Result<Vec<SideRef>, QuantError> {
@@ -915,7 +908,13 @@ mod tests {
         };
         let mut bytes = Vec::new();
         write_payload(&q, &mut bytes);
-        assert_eq!(read_side(&bytes).unwrap(), q.side);
+        let named = SideRef {
+            file: None,
+            tensor: "layer.exp_avg_sq".into(),
+            float: FloatType::BF16,
+            in_base: false,
+        };
+        assert_eq!(read_side_refs(&bytes).unwrap(), vec![named]);
         let back = read_payload(&bytes, 4).unwrap();
         assert_eq!(back, q);
         let base = [1.0, 2.0, 3.0, 4.0];
@@ -930,7 +929,7 @@ mod tests {
         };
         let x = reconstruct(&value, None, Some(&side)).unwrap();
         assert_eq!(x[0], 0.5 * 2.5);
-        assert_eq!(read_side(&bytes[..8]), Err(QuantError::Truncated));
+        assert_eq!(read_side_refs(&bytes[..8]), Err(QuantError::Truncated));
         let unscaled = Quantized {
             domain: Domain::Residual,
             side: None,
@@ -938,7 +937,7 @@ mod tests {
         };
         let mut bytes = Vec::new();
         write_payload(&unscaled, &mut bytes);
-        assert_eq!(read_side(&bytes).unwrap(), None);
+        assert_eq!(read_side_refs(&bytes).unwrap(), vec![]);
     }
 
     /// A predicted payload names m and v of its commit, and of the base

@@ -240,7 +240,7 @@ fn rewrite(store: &Repo, plan: &Plan) -> anyhow::Result<(RefEdit, usize, usize)>
             .iter()
             .map(|(a, &c)| (a.clone(), cheaper(c)))
             .collect();
-        keep_with_sides(store, &by_id, &dropped, record, &mut rebase)?;
+        keep_with_sides(store, &by_id, &dropped, (*old_id, record), &mut rebase)?;
         let mut rebuilt: HashMap<Addr, ChunkRef> = HashMap::new();
         for (addr, chunk, blob) in candidates {
             if !rebase[&addr] {
@@ -305,18 +305,18 @@ fn keep_with_sides(
     store: &Repo,
     records: &HashMap<ObjectId, &CommitRecord>,
     dropped: &HashSet<ObjectId>,
-    record: &CommitRecord,
+    (commit, record): (ObjectId, &CommitRecord),
     rebase: &mut HashMap<Addr, bool>,
 ) -> anyhow::Result<()> {
     let mut sides: HashMap<Addr, Vec<Addr>> = HashMap::new();
     for addr in rebase.keys() {
         let mut chunk = find_position(record, addr).expect("position of this record");
-        let mut named = side_positions(store, chunk, addr)?;
+        let mut named = side_positions(store, commit, chunk, addr)?;
         while let Some(id) = chunk.base.filter(|b| dropped.contains(b)) {
             let Some(base_chunk) = records.get(&id).and_then(|r| find_position(r, addr)) else {
                 break;
             };
-            named.extend(side_positions(store, base_chunk, addr)?);
+            named.extend(side_positions(store, id, base_chunk, addr)?);
             chunk = base_chunk;
         }
         named.sort();
@@ -343,13 +343,16 @@ fn keep_with_sides(
     Ok(())
 }
 
-/// The positions of the side chunks a chunk decodes with (in its commit or
-/// its base).
-fn side_positions(store: &Repo, chunk: &ChunkRef, addr: &Addr) -> anyhow::Result<Vec<Addr>> {
-    // Any commit id serves: only positions are kept, and the base is the
-    // one entry at the chunk's own position.
-    let any_commit = chunk.blob;
-    let needs = dependencies(store.backend(), any_commit, addr, chunk)?;
+/// The positions of the side chunks `chunk` (at `addr` of `commit`)
+/// decodes with, in its commit or its base: its dependencies but the base,
+/// the one at its own position.
+fn side_positions(
+    store: &Repo,
+    commit: ObjectId,
+    chunk: &ChunkRef,
+    addr: &Addr,
+) -> anyhow::Result<Vec<Addr>> {
+    let needs = dependencies(store.backend(), commit, addr, chunk)?;
     Ok(needs
         .into_iter()
         .map(|(_, position)| position)
