@@ -403,7 +403,7 @@ fn checked_base<'a>(
 }
 
 /// Decodes a blob back to the raw chunk. `base` is the decoded parent chunk for
-/// codecs that need one. A blob that needs a side chunk ([`side_of`]) fails
+/// codecs that need one. A blob that needs a side chunk ([`sides_of`]) fails
 /// here: see [`decode_with`].
 pub fn decode(blob: &[u8], base: Option<&[u8]>) -> Result<Vec<u8>, CodecError> {
     decode_with(blob, base, &[])
