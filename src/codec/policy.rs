@@ -546,13 +546,19 @@ fn squared_differences(x: &[f32], parent: &[f32]) -> f64 {
 }
 
 /// (Σ u², Σ (u − û_parent)²) with u = m / scale, the per-element scale of
-/// m's side (√v_parent + ε), over the finite terms.
+/// m's side (√v + ε of this commit: v̂, what m is coded against, differs
+/// from v by less than v's log step), over the finite terms.
+///
+/// Not the parent's v: early in training v grows by 10× and more between
+/// commits for some elements, and m over the parent's √v̂ is then
+/// heavy-tailed where m over this commit's is bounded (Adam's update is);
+/// a step sized from the former zeroed every m of a ZeRO fixture's layer.
 #[inline(always)]
 fn update_sums(chunk: &GroupChunk<'_>) -> (f64, f64) {
     let (mut u2, mut du2) = ([0f64; 8], [0f64; 8]);
-    let elements = chunk.m.iter().zip(chunk.parent_m).zip(chunk.parent_v);
-    for (i, ((&m, &pm), &pv)) in elements.enumerate() {
-        let scale = Side::scale(ADAM_EPS, pv);
+    let elements = chunk.m.iter().zip(chunk.parent_m).zip(chunk.v);
+    for (i, ((&m, &pm), &v)) in elements.enumerate() {
+        let scale = Side::scale(ADAM_EPS, v);
         let (u, du) = ((m / scale) as f64, ((m - pm) / scale) as f64);
         let ok = u.is_finite() && du.is_finite();
         u2[i % 8] += if ok { u * u } else { 0.0 };
@@ -1740,6 +1746,53 @@ mod tests {
         let plan = super::plan(&faithful, &stats, F32S).unwrap();
         let [qw, _, _] = quantize(&plan, &unrelated);
         assert_eq!(qw.domain, Domain::Residual);
+    }
+
+    /// m's step is sized in the units m is coded in, this commit's √v̂:
+    /// where v grew a hundredfold since the parent (early training), m over
+    /// the parent's √v is heavy-tailed and a step sized from it zeroed
+    /// every m (a ZeRO fixture's layer, balanced: m's error was 100%).
+    #[test]
+    fn m_step_is_sized_against_this_commits_v() {
+        let n = 20_000;
+        let u = series(n, 7, 2.0);
+        let parent_v: Vec<f32> = series(n, 8, 1e-8).iter().map(|x| x.abs() + 1e-9).collect();
+        let v: Vec<f32> = parent_v
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| if i % 10 == 0 { p * 100.0 } else { p })
+            .collect();
+        let m: Vec<f32> = u.iter().zip(&v).map(|(u, v)| u * v.sqrt()).collect();
+        let (p, w, _) = moving_weights(n);
+        let pm = vec![0.0f32; n];
+        let input = GroupChunk {
+            parent_m: &pm,
+            side_tensor: Some("x.exp_avg_sq"),
+            ..chunk(&w, &m, &v, &p, &parent_v)
+        };
+        let balanced = Policy::preset("balanced").unwrap();
+        let stats = GroupStats::guided_sums_of_chunk(&input);
+        let Some(TensorPlan::Guided {
+            m_step,
+            m_scaled: true,
+            ..
+        }) = plan(&balanced, &stats, F32S)
+        else {
+            panic!("a scaled guided plan")
+        };
+        let ([_, _, knob, _], _) = balanced.guided_knobs().unwrap();
+        let rms_u = (u.iter().map(|x| (x * x) as f64).sum::<f64>() / n as f64).sqrt() as f32;
+        assert!(
+            (m_step / (knob * rms_u) - 1.0).abs() < 0.01,
+            "{m_step} vs {knob} × {rms_u}"
+        );
+        let [_, qm, qv] = quantize(&plan(&balanced, &stats, F32S).unwrap(), &input);
+        let v_hat = reconstruct(&qv, Some(&parent_v), None).unwrap();
+        let m_hat = reconstruct(&qm, Some(&pm), Some(&v_hat)).unwrap();
+        // A step of 3 RMS keeps the tails (|u| > 1.5 RMS): an eighth of a
+        // uniform u; none at a step sized from the parent's v (10 RMS).
+        let kept = m_hat.iter().filter(|x| **x != 0.0).count();
+        assert!(kept > n / 20, "{kept} of {n} m elements kept");
     }
 
     /// A guided plan's m error is bounded element by element in units of
