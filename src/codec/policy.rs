@@ -374,9 +374,9 @@ pub struct GroupStats {
     /// The chunk's `parent_w_error` (guided policies; the largest of merged
     /// chunks').
     pub parent_w_error: f32,
-    /// Σ u² and Σ (u − û_parent)², u = m / (√v_parent + ε): m in units of
-    /// Adam's update, near enough for planning (guided policies with a
-    /// side; the coding itself scales by this commit's v̂).
+    /// Σ u² and Σ (u − û_parent)², u = m / (√v + ε): m in units of Adam's
+    /// update, as it is coded (guided policies with a side; the coding
+    /// scales by this commit's v̂, within v's log step of v).
     pub sum_u2: f64,
     pub sum_du2: f64,
     pub samples: Vec<Sample>,
@@ -589,7 +589,7 @@ pub enum TensorPlan {
         /// In units of m's per-element scale when `m_scaled`, else of m.
         m_step: f32,
         m_residual: bool,
-        /// m coded in units of √v̂_parent + ε (it has a side).
+        /// m coded in units of √v̂ + ε, this commit's v̂ (it has a side).
         m_scaled: bool,
         v_log_step: f32,
         /// W coded as what its prediction from m̂ and v̂ misses, where the
@@ -743,7 +743,7 @@ pub struct GroupChunk<'a> {
     pub parent_w_error: f32,
     /// The name v is stored under, when a decoder finds it at the same
     /// position (same file and chunk index) as m: then m can be coded in
-    /// units of the parent's √v̂ (guided policies).
+    /// units of this commit's √v̂ (guided policies).
     pub side_tensor: Option<&'a str>,
     /// Where a decoder of W's chunk finds this group's m and v (same chunk
     /// index, this commit and the parent): then W can be predicted from
@@ -1796,7 +1796,7 @@ mod tests {
     }
 
     /// A guided plan's m error is bounded element by element in units of
-    /// the side (√v̂_parent + ε), so elements with a small v get a fine step;
+    /// the side (√v̂ + ε), so elements with a small v get a fine step;
     /// its W step is the smaller of its two bounds; bf16 tensors get steps
     /// 2√3 times coarser; the streams decode with the side as the decoder
     /// gets it.
