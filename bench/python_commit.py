@@ -16,7 +16,7 @@ checkpoints, in the same process and the same page-cache state, it times:
 Peak extra memory of commit and load is read from /proc/self/status (VmHWM
 reset through /proc/self/clear_refs before each, where the kernel allows).
 
-    python bench/python_commit.py [--model-bytes N] [--checkpoints K] [--dir D]
+    python bench/python_commit.py [--model-bytes N] [--checkpoints K] [--dir D] [--no-reserve]
 
 It needs torch, safetensors and the ckptvc wheel (scripts/python_test.sh
 builds it); CKPTVC is the ckptvc binary for the CLI path.
@@ -79,6 +79,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-bytes", type=int, default=1 << 30)
     parser.add_argument("--checkpoints", type=int, default=4)
+    parser.add_argument("--no-reserve", action="store_true",
+                        help="do not call Repo.reserve_snapshot after the first steps "
+                             "(the first commit_async then allocates its buffers)")
     parser.add_argument("--steps-between", type=int, default=5)
     parser.add_argument("--dir", default=os.path.expanduser("~/.cache/ckptvc-bench/python"))
     args = parser.parse_args()
@@ -97,6 +100,10 @@ def main():
     async_repo = ckptvc.Repo.init(os.path.join(args.dir, "async.ckptvc"), policy="balanced")
     subprocess.run([cli, "--repo", os.path.join(args.dir, "cli.ckptvc"), "-q", "init",
                     "--policy", "balanced"], check=True)
+    if not args.no_reserve:
+        # As the Trainer callback does after the first step: the buffers
+        # are prepared while training goes on.
+        async_repo.reserve_snapshot(model=model, optimizer=opt)
     rows = []
     for k in range(1, args.checkpoints + 1):
         step = k * args.steps_between

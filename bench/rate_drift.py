@@ -11,7 +11,8 @@ regime the frontier factor: for each ExCP point, ckptvc's ratio at the same
 drift (interpolated in log–log along ckptvc's curve) over ExCP's ratio, or
 a lower bound where ExCP drifts more than ckptvc's coarsest point.
 
-Usage: python3 bench/rate_drift.py --work DIR [--regimes bf16,long,finetune]
+Usage: python3 bench/rate_drift.py --work DIR [--regimes bf16,long,finetune,warmup]
+(regimes already in DIR/rate_drift.json and not named are kept)
 """
 
 import argparse
@@ -140,12 +141,18 @@ def main():
     os.makedirs(os.path.dirname(R.BIN), exist_ok=True)
     shutil.copy2(src, R.BIN)
     texts, _ = R.load_texts()
+    # Regimes measured before (another invocation) are kept: each regime
+    # takes its own 10–25 minutes, so they may be run one at a time.
+    path = os.path.join(args.work, "rate_drift.json")
     out = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            out = json.load(f)
     for name in args.regimes.split(","):
         rows = run(name, dict(R.REGIMES[name]), texts, args.work)
         out[name] = {"rows": rows, "frontier": frontier(rows)}
         plot(name, rows, os.path.join(args.work, f"rate_drift-{name}.png"))
-        with open(os.path.join(args.work, "rate_drift.json"), "w") as f:
+        with open(path, "w") as f:
             json.dump(out, f, indent=2)
         report(name, out[name]["frontier"])
 

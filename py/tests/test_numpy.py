@@ -3,6 +3,7 @@ and bad input. Run against the built wheel (`.ci/run` installs it in a fresh
 virtualenv)."""
 
 import fcntl
+import mmap
 import os
 import subprocess
 import sys
@@ -186,6 +187,53 @@ def test_commit_async_returns_a_handle_and_surfaces_errors(tmp_path):
     with pytest.raises(ckptvc.CkptvcError, match="already exists"):
         repo.commit(3, model={"w": np.ones(2, dtype=np.float32)})
     repo.commit(3, model={"w": np.ones(2, dtype=np.float32)})
+
+
+def mapping_of(array):
+    """The mmap under an array's chain of views, if any (numpy keeps a
+    memoryview of the buffer it was made from)."""
+    base = array.base
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return base if isinstance(base, mmap.mmap) else None
+
+
+def test_reserved_snapshot_buffers_are_the_ones_commit_async_fills(tmp_path):
+    repo = ckptvc.Repo.init(tmp_path / "store", policy="lossless")
+    model, optimizer = model_and_moments(5)
+    # Large enough for a mapped buffer (2 MiB), beside numpy-allocated small ones.
+    model["big"] = np.arange(512 * 1024, dtype=np.float32)
+    repo.reserve_snapshot(model=model, optimizer=optimizer)
+    thread, reserved = repo._reserving
+    thread.join()
+    handle = repo.commit_async(1, model=model, optimizer=optimizer)
+    buffers = repo._pool.buffers
+    assert reserved and all(buffers[key] is buffer for key, buffer in reserved.items())
+    big = buffers[("model.safetensors", "big")]
+    assert isinstance(mapping_of(big), mmap.mmap)  # not numpy's allocator (huge pages)
+    assert mapping_of(buffers[("model.safetensors", "head.bias")]) is None
+    assert handle.wait()["step"] == 1
+    # Every tensor went through a reserved buffer, and the commit holds the values.
+    assert set(buffers) == {("model.safetensors", n) for n in model} | {
+        ("optimizer.safetensors", f"{n}.{k}") for n in optimizer for k in optimizer[n]
+    }
+    state = repo.state_dict("1")
+    for name, array in model.items():
+        assert np.array_equal(state["model"][name], array), name
+    # Values changed after the snapshot land in the next commit, through the
+    # same buffer.
+    model["big"][:] = -1.0
+    repo.commit_async(2, model=model, optimizer=optimizer).wait()
+    assert repo._pool.buffers[("model.safetensors", "big")] is big
+    assert (repo.state_dict("2")["model"]["big"] == -1.0).all()
+    assert state["model"]["big"][7] == 7.0
+    # A reservation for other shapes replaces those buffers; commits stay right.
+    repo.reserve_snapshot(model={"big": np.zeros(3, dtype=np.float32)})
+    repo.commit_async(3, model=model, optimizer=optimizer).wait()
+    assert (repo.state_dict("3")["model"]["big"] == -1.0).all()
+    repo.close()
 
 
 def test_checkout_and_the_command_line(tmp_path):

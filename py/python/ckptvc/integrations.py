@@ -36,7 +36,8 @@ def TrainerCallback(repo: "Repo | str" = ".ckptvc", policy: Optional[str] = None
 
     ``delete_saved`` removes the ``checkpoint-N`` folder the Trainer wrote
     once its commit is in the store; ``asynchronous`` uses ``commit_async``
-    (training goes on while the commit encodes). Restore with
+    (training goes on while the commit encodes; its snapshot buffers are
+    reserved after the first step, see ``Repo.reserve_snapshot``). Restore with
     ``restore_trainer(repo, rev, model, optimizer, lr_scheduler)``.
     """
     from transformers import TrainerCallback as Base
@@ -44,6 +45,17 @@ def TrainerCallback(repo: "Repo | str" = ".ckptvc", policy: Optional[str] = None
     store = _open(repo, policy)
 
     class _Callback(Base):
+        _reserved = False
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            # Once, after the first optimizer step (Adam's moments exist from
+            # there): the first save's snapshot then copies into memory
+            # already mapped instead of blocking on fresh pages.
+            if asynchronous and not self._reserved and state.is_world_process_zero \
+                    and model is not None:
+                self._reserved = True
+                store.reserve_snapshot(model=model, optimizer=optimizer)
+
         def on_save(self, args, state, control, model=None, optimizer=None,
                     lr_scheduler=None, **kwargs):
             if not state.is_world_process_zero or model is None:
