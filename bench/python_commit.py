@@ -119,9 +119,11 @@ def main():
             os.makedirs(folder)
             save_file(model.state_dict(), os.path.join(folder, "model.safetensors"))
             torch.save(opt.state_dict(), os.path.join(folder, "optimizer.pt"))
-            names = [[n for n, _ in model.named_parameters()]]
+            # The names file python/ckptvc_torch.py writes (docs/format.md),
+            # so that the CLI pairs the moments as the memory path does.
+            names = [n for n, _ in model.named_parameters()]
             with open(os.path.join(folder, "ckptvc-params.json"), "w") as f:
-                json.dump({"param_groups": names}, f)
+                json.dump({"version": 1, "params": names}, f)
             subprocess.run([cli, "--repo", os.path.join(args.dir, "cli.ckptvc"), "-q", "commit",
                             folder, "--step", str(step)], check=True, stdout=subprocess.DEVNULL)
         t_today, _ = timed(today)

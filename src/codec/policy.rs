@@ -420,13 +420,17 @@ impl GroupStats {
 
     /// What the guided policies plan from: [`GroupStats::tuned_sums_of_chunk`]
     /// and `sum_dw2`, `sum_u2`, `sum_du2` (the latter two only with a side).
+    ///
+    /// One pass over the five inputs (three passes cost 19% of a commit's
+    /// CPU time, memory-bound), with the sums of each in the same lanes and
+    /// order as the separate passes made them, so the plans are identical.
     pub fn guided_sums_of_chunk(chunk: &GroupChunk<'_>) -> GroupStats {
-        let mut stats = GroupStats::tuned_sums_of_chunk(chunk);
-        stats.sum_dw2 = sum_squared_differences(chunk.w, chunk.parent_w);
+        let mut stats = if chunk.side_tensor.is_some() {
+            crate::with_avx2!(guided_sums_scaled(chunk: &GroupChunk<'_>) -> GroupStats)
+        } else {
+            crate::with_avx2!(guided_sums_unscaled(chunk: &GroupChunk<'_>) -> GroupStats)
+        };
         stats.parent_w_error = chunk.parent_w_error;
-        if chunk.side_tensor.is_some() {
-            (stats.sum_u2, stats.sum_du2) = sum_updates(chunk);
-        }
         stats
     }
 
@@ -493,12 +497,77 @@ fn tuned_sums(chunk: &GroupChunk<'_>) -> GroupStats {
     }
 }
 
-fn sum_squared_differences(x: &[f32], parent: &[f32]) -> f64 {
-    crate::with_avx2!(squared_differences(x: &[f32], parent: &[f32]) -> f64)
+#[inline(always)]
+fn guided_sums_scaled(chunk: &GroupChunk<'_>) -> GroupStats {
+    guided_sums::<true>(chunk)
 }
 
-fn sum_updates(chunk: &GroupChunk<'_>) -> (f64, f64) {
-    crate::with_avx2!(update_sums(chunk: &GroupChunk<'_>) -> (f64, f64))
+#[inline(always)]
+fn guided_sums_unscaled(chunk: &GroupChunk<'_>) -> GroupStats {
+    guided_sums::<false>(chunk)
+}
+
+/// The tuned sums, Σ (W − Ŵ_parent)² and (with `SCALED`) Σ u², Σ (u −
+/// û_parent)² in one pass: each term and its finiteness rule exactly as in
+/// [`tuned_sums`] and the separate passes this replaced (kept in the tests
+/// as its reference), lane i % 8.
+///
+/// u = m / (√v + ε) with this commit's v (v̂, what m is coded against,
+/// differs from v by less than v's log step). Not the parent's v: early in
+/// training v grows by 10× and more between commits for some elements, and
+/// m over the parent's √v̂ is then heavy-tailed where m over this commit's
+/// is bounded (Adam's update is); a step sized from the former zeroed every
+/// m of a ZeRO fixture's layer.
+#[inline(always)]
+fn guided_sums<const SCALED: bool>(chunk: &GroupChunk<'_>) -> GroupStats {
+    const LANES: usize = 8;
+    let n = chunk.w.len();
+    let (w, m, v) = (&chunk.w[..n], &chunk.m[..n], &chunk.v[..n]);
+    let (pw, pm) = (&chunk.parent_w[..n], &chunk.parent_m[..n]);
+    let mut count = [0u32; LANES];
+    let [mut w2, mut m2, mut dm2, mut dw2, mut u2, mut du2] = [[0f64; LANES]; 6];
+    let mut add = |lane: usize, wi: f32, mi: f32, vi: f32, pwi: f32, pmi: f32| {
+        let (dw, dm) = (wi - pwi, mi - pmi);
+        let finite = dw.is_finite() && dm.is_finite() && vi.is_finite();
+        let keep = |x: f32| if finite { x as f64 } else { 0.0 };
+        count[lane] += u32::from(finite);
+        w2[lane] += keep(wi) * keep(wi);
+        m2[lane] += keep(mi) * keep(mi);
+        dm2[lane] += keep(dm) * keep(dm);
+        let d = dw as f64;
+        dw2[lane] += if d.is_finite() { d * d } else { 0.0 };
+        if SCALED {
+            let scale = Side::scale(ADAM_EPS, vi);
+            let (u, du) = ((mi / scale) as f64, (dm / scale) as f64);
+            let ok = u.is_finite() && du.is_finite();
+            u2[lane] += if ok { u * u } else { 0.0 };
+            du2[lane] += if ok { du * du } else { 0.0 };
+        }
+    };
+    let groups = w
+        .chunks_exact(LANES)
+        .zip(m.chunks_exact(LANES))
+        .zip(v.chunks_exact(LANES))
+        .zip(pw.chunks_exact(LANES).zip(pm.chunks_exact(LANES)));
+    for (((w, m), v), (pw, pm)) in groups {
+        for lane in 0..LANES {
+            add(lane, w[lane], m[lane], v[lane], pw[lane], pm[lane]);
+        }
+    }
+    for i in n - n % LANES..n {
+        add(i % LANES, w[i], m[i], v[i], pw[i], pm[i]);
+    }
+    let total = |lanes: [f64; LANES]| lanes.iter().sum();
+    GroupStats {
+        count: count.iter().map(|&c| c as u64).sum(),
+        sum_w2: total(w2),
+        sum_m2: total(m2),
+        sum_dm2: total(dm2),
+        sum_dw2: total(dw2),
+        sum_u2: total(u2),
+        sum_du2: total(du2),
+        ..GroupStats::default()
+    }
 }
 
 /// `w_update_step` × the RMS of how far W moved since the parent, or
@@ -521,50 +590,6 @@ fn update_bound(w_update_step: f32, stats: &GroupStats) -> f64 {
         return f64::INFINITY;
     }
     w_update_step as f64 * (moved2 - error2).sqrt()
-}
-
-/// Σ (x − parent)² over the finite differences, in eight lanes.
-#[inline(always)]
-fn squared_differences(x: &[f32], parent: &[f32]) -> f64 {
-    const LANES: usize = 8;
-    let mut sums = [0f64; LANES];
-    let add = |sum: &mut f64, x: f32, p: f32| {
-        let d = (x - p) as f64;
-        *sum += if d.is_finite() { d * d } else { 0.0 };
-    };
-    let (xs, ps) = (x.chunks_exact(LANES), parent.chunks_exact(LANES));
-    let (x_tail, p_tail) = (xs.remainder(), ps.remainder());
-    for (x, p) in xs.zip(ps) {
-        for lane in 0..LANES {
-            add(&mut sums[lane], x[lane], p[lane]);
-        }
-    }
-    for (lane, (&x, &p)) in x_tail.iter().zip(p_tail).enumerate() {
-        add(&mut sums[lane], x, p);
-    }
-    sums.iter().sum()
-}
-
-/// (Σ u², Σ (u − û_parent)²) with u = m / scale, the per-element scale of
-/// m's side (√v + ε of this commit: v̂, what m is coded against, differs
-/// from v by less than v's log step), over the finite terms.
-///
-/// Not the parent's v: early in training v grows by 10× and more between
-/// commits for some elements, and m over the parent's √v̂ is then
-/// heavy-tailed where m over this commit's is bounded (Adam's update is);
-/// a step sized from the former zeroed every m of a ZeRO fixture's layer.
-#[inline(always)]
-fn update_sums(chunk: &GroupChunk<'_>) -> (f64, f64) {
-    let (mut u2, mut du2) = ([0f64; 8], [0f64; 8]);
-    let elements = chunk.m.iter().zip(chunk.parent_m).zip(chunk.v);
-    for (i, ((&m, &pm), &v)) in elements.enumerate() {
-        let scale = Side::scale(ADAM_EPS, v);
-        let (u, du) = ((m / scale) as f64, ((m - pm) / scale) as f64);
-        let ok = u.is_finite() && du.is_finite();
-        u2[i % 8] += if ok { u * u } else { 0.0 };
-        du2[i % 8] += if ok { du * du } else { 0.0 };
-    }
-    (u2.iter().sum(), du2.iter().sum())
 }
 
 /// Per-tensor decisions, shared by all chunks of the tensor.
@@ -1746,6 +1771,88 @@ mod tests {
         let plan = super::plan(&faithful, &stats, F32S).unwrap();
         let [qw, _, _] = quantize(&plan, &unrelated);
         assert_eq!(qw.domain, Domain::Residual);
+    }
+
+    // The separate passes guided_sums replaced, as its reference.
+    /// Σ (x − parent)² over the finite differences, in eight lanes.
+    fn squared_differences(x: &[f32], parent: &[f32]) -> f64 {
+        const LANES: usize = 8;
+        let mut sums = [0f64; LANES];
+        let add = |sum: &mut f64, x: f32, p: f32| {
+            let d = (x - p) as f64;
+            *sum += if d.is_finite() { d * d } else { 0.0 };
+        };
+        let (xs, ps) = (x.chunks_exact(LANES), parent.chunks_exact(LANES));
+        let (x_tail, p_tail) = (xs.remainder(), ps.remainder());
+        for (x, p) in xs.zip(ps) {
+            for lane in 0..LANES {
+                add(&mut sums[lane], x[lane], p[lane]);
+            }
+        }
+        for (lane, (&x, &p)) in x_tail.iter().zip(p_tail).enumerate() {
+            add(&mut sums[lane], x, p);
+        }
+        sums.iter().sum()
+    }
+
+    /// (Σ u², Σ (u − û_parent)²) with u = m / scale, the per-element scale of
+    /// m's side (√v + ε of this commit: v̂, what m is coded against, differs
+    /// from v by less than v's log step), over the finite terms.
+    ///
+    /// Not the parent's v: early in training v grows by 10× and more between
+    /// commits for some elements, and m over the parent's √v̂ is then
+    /// heavy-tailed where m over this commit's is bounded (Adam's update is);
+    /// a step sized from the former zeroed every m of a ZeRO fixture's layer.
+    fn update_sums(chunk: &GroupChunk<'_>) -> (f64, f64) {
+        let (mut u2, mut du2) = ([0f64; 8], [0f64; 8]);
+        let elements = chunk.m.iter().zip(chunk.parent_m).zip(chunk.v);
+        for (i, ((&m, &pm), &v)) in elements.enumerate() {
+            let scale = Side::scale(ADAM_EPS, v);
+            let (u, du) = ((m / scale) as f64, ((m - pm) / scale) as f64);
+            let ok = u.is_finite() && du.is_finite();
+            u2[i % 8] += if ok { u * u } else { 0.0 };
+            du2[i % 8] += if ok { du * du } else { 0.0 };
+        }
+        (u2.iter().sum(), du2.iter().sum())
+    }
+
+    /// The one-pass sums equal the separate passes' bit for bit, with
+    /// non-finite elements of every input and a tail beyond the lanes.
+    #[test]
+    fn one_pass_guided_sums_equal_the_separate_passes() {
+        let n = 10_003;
+        let mut w = series(n, 11, 1.0);
+        let mut m = series(n, 12, 1e-3);
+        let mut v: Vec<f32> = series(n, 13, 1e-6).iter().map(|x| x.abs()).collect();
+        let p = series(n, 14, 1.0);
+        let mut pm = series(n, 15, 1e-3);
+        w[3] = f32::NAN;
+        m[100] = f32::INFINITY;
+        v[2000] = f32::NAN;
+        pm[n - 1] = f32::NEG_INFINITY;
+        v[77] = 0.0;
+        for side in [None, Some("x.exp_avg_sq")] {
+            let input = GroupChunk {
+                parent_m: &pm,
+                side_tensor: side,
+                ..chunk(&w, &m, &v, &p, &v)
+            };
+            let fused = GroupStats::guided_sums_of_chunk(&input);
+            let tuned = GroupStats::tuned_sums_of_chunk(&input);
+            assert_eq!(fused.count, tuned.count);
+            assert_eq!(fused.sum_w2.to_bits(), tuned.sum_w2.to_bits());
+            assert_eq!(fused.sum_m2.to_bits(), tuned.sum_m2.to_bits());
+            assert_eq!(fused.sum_dm2.to_bits(), tuned.sum_dm2.to_bits());
+            let dw2 = squared_differences(&w, &p);
+            assert_eq!(fused.sum_dw2.to_bits(), dw2.to_bits());
+            let (u2, du2) = if side.is_some() {
+                update_sums(&input)
+            } else {
+                (0.0, 0.0)
+            };
+            assert_eq!(fused.sum_u2.to_bits(), u2.to_bits());
+            assert_eq!(fused.sum_du2.to_bits(), du2.to_bits());
+        }
     }
 
     /// m's step is sized in the units m is coded in, this commit's √v̂:
