@@ -426,9 +426,9 @@ impl GroupStats {
     /// order as the separate passes made them, so the plans are identical.
     pub fn guided_sums_of_chunk(chunk: &GroupChunk<'_>) -> GroupStats {
         let mut stats = if chunk.side_tensor.is_some() {
-            crate::with_avx2!(guided_sums_scaled(chunk: &GroupChunk<'_>) -> GroupStats)
+            sum_guided_scaled(chunk)
         } else {
-            crate::with_avx2!(guided_sums_unscaled(chunk: &GroupChunk<'_>) -> GroupStats)
+            sum_guided_unscaled(chunk)
         };
         stats.parent_w_error = chunk.parent_w_error;
         stats
@@ -495,6 +495,14 @@ fn tuned_sums(chunk: &GroupChunk<'_>) -> GroupStats {
         sum_dm2: dm2.iter().sum(),
         ..GroupStats::default()
     }
+}
+
+fn sum_guided_scaled(chunk: &GroupChunk<'_>) -> GroupStats {
+    crate::with_avx2!(guided_sums_scaled(chunk: &GroupChunk<'_>) -> GroupStats)
+}
+
+fn sum_guided_unscaled(chunk: &GroupChunk<'_>) -> GroupStats {
+    crate::with_avx2!(guided_sums_unscaled(chunk: &GroupChunk<'_>) -> GroupStats)
 }
 
 #[inline(always)]
@@ -1835,9 +1843,11 @@ mod tests {
             let input = GroupChunk {
                 parent_m: &pm,
                 side_tensor: side,
+                parent_w_error: 0.25,
                 ..chunk(&w, &m, &v, &p, &v)
             };
             let fused = GroupStats::guided_sums_of_chunk(&input);
+            assert_eq!(fused.parent_w_error, 0.25);
             let tuned = GroupStats::tuned_sums_of_chunk(&input);
             assert_eq!(fused.count, tuned.count);
             assert_eq!(fused.sum_w2.to_bits(), tuned.sum_w2.to_bits());

@@ -26,14 +26,15 @@ pub fn avx2_enabled() -> bool {
     })
 }
 
-/// The body of a function: calls `$f($args)` (an `#[inline(always)]`
-/// function) through a copy compiled for AVX2 when this CPU has it, else
-/// directly. A macro rather than a function taking a closure: the compiler
-/// may decline to inline a closure into the AVX2 copy, and then the copy only
-/// jumps to the baseline code.
+/// An expression: calls `$f($args)` (an `#[inline(always)]` function)
+/// through a copy compiled for AVX2 when this CPU has it, else directly. A
+/// macro rather than a function taking a closure: the compiler may decline
+/// to inline a closure into the AVX2 copy, and then the copy only jumps to
+/// the baseline code. It leaves a labeled block, not the caller (a `return`
+/// here once skipped the code after it in a caller that went on).
 #[macro_export]
 macro_rules! with_avx2 {
-    ($f:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty) => {{
+    ($f:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty) => {'dispatch: {
         #[cfg(target_arch = "x86_64")]
         {
             #[target_feature(enable = "avx2")]
@@ -42,7 +43,7 @@ macro_rules! with_avx2 {
             }
             if $crate::codec::simd::avx2_enabled() {
                 // SAFETY: avx2_enabled() checked that the CPU supports AVX2.
-                return unsafe { avx2($($arg),*) };
+                break 'dispatch unsafe { avx2($($arg),*) };
             }
         }
         $f($($arg),*)
@@ -64,6 +65,18 @@ mod tests {
 
     fn dispatched(x: &[f32]) -> [f32; 8] {
         crate::with_avx2!(sum_of_squares(x: &[f32]) -> [f32; 8])
+    }
+
+    /// The dispatch inside a body that goes on after it.
+    fn doubled(x: &[f32]) -> [f32; 8] {
+        let lanes = crate::with_avx2!(sum_of_squares(x: &[f32]) -> [f32; 8]);
+        lanes.map(|l| 2.0 * l)
+    }
+
+    #[test]
+    fn the_dispatch_is_an_expression_the_caller_goes_on_after() {
+        let x: Vec<f32> = (0..100).map(|i| i as f32).collect();
+        assert_eq!(doubled(&x), sum_of_squares(&x).map(|l| 2.0 * l));
     }
 
     #[test]
