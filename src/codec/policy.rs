@@ -426,9 +426,9 @@ impl GroupStats {
     /// order as the separate passes made them, so the plans are identical.
     pub fn guided_sums_of_chunk(chunk: &GroupChunk<'_>) -> GroupStats {
         let mut stats = if chunk.side_tensor.is_some() {
-            sum_guided_scaled(chunk)
+            crate::with_avx2!(guided_sums_scaled(chunk: &GroupChunk<'_>) -> GroupStats)
         } else {
-            sum_guided_unscaled(chunk)
+            crate::with_avx2!(guided_sums_unscaled(chunk: &GroupChunk<'_>) -> GroupStats)
         };
         stats.parent_w_error = chunk.parent_w_error;
         stats
@@ -460,65 +460,26 @@ impl GroupStats {
 
 #[inline(always)]
 fn tuned_sums(chunk: &GroupChunk<'_>) -> GroupStats {
-    const LANES: usize = 8;
-    let n = chunk.w.len();
-    let (w, m, v) = (&chunk.w[..n], &chunk.m[..n], &chunk.v[..n]);
-    let (pw, pm) = (&chunk.parent_w[..n], &chunk.parent_m[..n]);
-    let mut count = [0u32; LANES];
-    let [mut w2, mut m2, mut dm2] = [[0f64; LANES]; 3];
-    let mut add = |lane: usize, wi: f32, mi: f32, vi: f32, pwi: f32, pmi: f32| {
-        let (dw, dm) = (wi - pwi, mi - pmi);
-        let finite = dw.is_finite() && dm.is_finite() && vi.is_finite();
-        let keep = |x: f32| if finite { x as f64 } else { 0.0 };
-        count[lane] += u32::from(finite);
-        w2[lane] += keep(wi) * keep(wi);
-        m2[lane] += keep(mi) * keep(mi);
-        dm2[lane] += keep(dm) * keep(dm);
-    };
-    let groups = w
-        .chunks_exact(LANES)
-        .zip(m.chunks_exact(LANES))
-        .zip(v.chunks_exact(LANES))
-        .zip(pw.chunks_exact(LANES).zip(pm.chunks_exact(LANES)));
-    for (((w, m), v), (pw, pm)) in groups {
-        for lane in 0..LANES {
-            add(lane, w[lane], m[lane], v[lane], pw[lane], pm[lane]);
-        }
-    }
-    for i in n - n % LANES..n {
-        add(i % LANES, w[i], m[i], v[i], pw[i], pm[i]);
-    }
-    GroupStats {
-        count: count.iter().map(|&c| c as u64).sum(),
-        sum_w2: w2.iter().sum(),
-        sum_m2: m2.iter().sum(),
-        sum_dm2: dm2.iter().sum(),
-        ..GroupStats::default()
-    }
-}
-
-fn sum_guided_scaled(chunk: &GroupChunk<'_>) -> GroupStats {
-    crate::with_avx2!(guided_sums_scaled(chunk: &GroupChunk<'_>) -> GroupStats)
-}
-
-fn sum_guided_unscaled(chunk: &GroupChunk<'_>) -> GroupStats {
-    crate::with_avx2!(guided_sums_unscaled(chunk: &GroupChunk<'_>) -> GroupStats)
+    lane_sums::<false, false>(chunk)
 }
 
 #[inline(always)]
 fn guided_sums_scaled(chunk: &GroupChunk<'_>) -> GroupStats {
-    guided_sums::<true>(chunk)
+    lane_sums::<true, true>(chunk)
 }
 
 #[inline(always)]
 fn guided_sums_unscaled(chunk: &GroupChunk<'_>) -> GroupStats {
-    guided_sums::<false>(chunk)
+    lane_sums::<true, false>(chunk)
 }
 
-/// The tuned sums, Σ (W − Ŵ_parent)² and (with `SCALED`) Σ u², Σ (u −
-/// û_parent)² in one pass: each term and its finiteness rule exactly as in
-/// [`tuned_sums`] and the separate passes this replaced (kept in the tests
-/// as its reference), lane i % 8.
+/// The planning sums of a chunk in one pass: `count`, Σ W², Σ m², Σ (m −
+/// m̂_parent)² over the elements whose W and m changes and v are finite;
+/// with `GUIDED` also Σ (W − Ŵ_parent)² over the finite changes, and with
+/// `SCALED` Σ u², Σ (u − û_parent)² over the finite terms. Eight lanes
+/// (element i in lane i % 8) over zipped slices, no bounds checks, so the
+/// loop vectorizes; each sum in the lanes and order of the separate passes
+/// this replaced (kept in the tests as its reference).
 ///
 /// u = m / (√v + ε) with this commit's v (v̂, what m is coded against,
 /// differs from v by less than v's log step). Not the parent's v: early in
@@ -527,7 +488,7 @@ fn guided_sums_unscaled(chunk: &GroupChunk<'_>) -> GroupStats {
 /// is bounded (Adam's update is); a step sized from the former zeroed every
 /// m of a ZeRO fixture's layer.
 #[inline(always)]
-fn guided_sums<const SCALED: bool>(chunk: &GroupChunk<'_>) -> GroupStats {
+fn lane_sums<const GUIDED: bool, const SCALED: bool>(chunk: &GroupChunk<'_>) -> GroupStats {
     const LANES: usize = 8;
     let n = chunk.w.len();
     let (w, m, v) = (&chunk.w[..n], &chunk.m[..n], &chunk.v[..n]);
@@ -542,8 +503,10 @@ fn guided_sums<const SCALED: bool>(chunk: &GroupChunk<'_>) -> GroupStats {
         w2[lane] += keep(wi) * keep(wi);
         m2[lane] += keep(mi) * keep(mi);
         dm2[lane] += keep(dm) * keep(dm);
-        let d = dw as f64;
-        dw2[lane] += if d.is_finite() { d * d } else { 0.0 };
+        if GUIDED {
+            let d = dw as f64;
+            dw2[lane] += if d.is_finite() { d * d } else { 0.0 };
+        }
         if SCALED {
             let scale = Side::scale(ADAM_EPS, vi);
             let (u, du) = ((mi / scale) as f64, (dm / scale) as f64);
@@ -1781,7 +1744,45 @@ mod tests {
         assert_eq!(qw.domain, Domain::Residual);
     }
 
-    // The separate passes guided_sums replaced, as its reference.
+    // The separate passes lane_sums replaced, as its reference.
+    fn tuned_sums_reference(chunk: &GroupChunk<'_>) -> GroupStats {
+        const LANES: usize = 8;
+        let n = chunk.w.len();
+        let (w, m, v) = (&chunk.w[..n], &chunk.m[..n], &chunk.v[..n]);
+        let (pw, pm) = (&chunk.parent_w[..n], &chunk.parent_m[..n]);
+        let mut count = [0u32; LANES];
+        let [mut w2, mut m2, mut dm2] = [[0f64; LANES]; 3];
+        let mut add = |lane: usize, wi: f32, mi: f32, vi: f32, pwi: f32, pmi: f32| {
+            let (dw, dm) = (wi - pwi, mi - pmi);
+            let finite = dw.is_finite() && dm.is_finite() && vi.is_finite();
+            let keep = |x: f32| if finite { x as f64 } else { 0.0 };
+            count[lane] += u32::from(finite);
+            w2[lane] += keep(wi) * keep(wi);
+            m2[lane] += keep(mi) * keep(mi);
+            dm2[lane] += keep(dm) * keep(dm);
+        };
+        let groups = w
+            .chunks_exact(LANES)
+            .zip(m.chunks_exact(LANES))
+            .zip(v.chunks_exact(LANES))
+            .zip(pw.chunks_exact(LANES).zip(pm.chunks_exact(LANES)));
+        for (((w, m), v), (pw, pm)) in groups {
+            for lane in 0..LANES {
+                add(lane, w[lane], m[lane], v[lane], pw[lane], pm[lane]);
+            }
+        }
+        for i in n - n % LANES..n {
+            add(i % LANES, w[i], m[i], v[i], pw[i], pm[i]);
+        }
+        GroupStats {
+            count: count.iter().map(|&c| c as u64).sum(),
+            sum_w2: w2.iter().sum(),
+            sum_m2: m2.iter().sum(),
+            sum_dm2: dm2.iter().sum(),
+            ..GroupStats::default()
+        }
+    }
+
     /// Σ (x − parent)² over the finite differences, in eight lanes.
     fn squared_differences(x: &[f32], parent: &[f32]) -> f64 {
         const LANES: usize = 8;
@@ -1848,7 +1849,13 @@ mod tests {
             };
             let fused = GroupStats::guided_sums_of_chunk(&input);
             assert_eq!(fused.parent_w_error, 0.25);
-            let tuned = GroupStats::tuned_sums_of_chunk(&input);
+            let tuned = tuned_sums_reference(&input);
+            let tuned_pass = GroupStats::tuned_sums_of_chunk(&input);
+            assert_eq!(tuned_pass.count, tuned.count);
+            assert_eq!(tuned_pass.sum_w2.to_bits(), tuned.sum_w2.to_bits());
+            assert_eq!(tuned_pass.sum_m2.to_bits(), tuned.sum_m2.to_bits());
+            assert_eq!(tuned_pass.sum_dm2.to_bits(), tuned.sum_dm2.to_bits());
+            assert_eq!(tuned_pass.sum_dw2, 0.0);
             assert_eq!(fused.count, tuned.count);
             assert_eq!(fused.sum_w2.to_bits(), tuned.sum_w2.to_bits());
             assert_eq!(fused.sum_m2.to_bits(), tuned.sum_m2.to_bits());
