@@ -21,7 +21,8 @@ class Tiny(torch.nn.Module):
         return {"loss": loss, "logits": out}
 
 
-def test_trainer_callback_commits_each_save_from_memory(tmp_path):
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_trainer_callback_commits_each_save_from_memory(tmp_path, asynchronous):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     data = [{"x": torch.randn(64), "y": torch.randn(())} for _ in range(64)]
@@ -32,12 +33,18 @@ def test_trainer_callback_commits_each_save_from_memory(tmp_path):
     )
     store = tmp_path / "store"
     repo = ckptvc.Repo.init(store, policy="lossless")
+    reserved = []
+    reserve = repo.reserve_snapshot
+    repo.reserve_snapshot = lambda **kw: (reserved.append(sorted(kw)), reserve(**kw))[1]
     model = Tiny()
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=data,
-        callbacks=[integrations.TrainerCallback(repo, delete_saved=True)],
+        callbacks=[integrations.TrainerCallback(repo, delete_saved=True,
+                                                asynchronous=asynchronous)],
     )
     trainer.train()
+    # Asynchronous: the snapshot buffers were reserved once, after the first step.
+    assert reserved == ([["model", "optimizer"]] if asynchronous else [])
     assert [e["step"] for e in repo.log()] == [6, 3]
     assert not (tmp_path / "out" / "checkpoint-6").exists(), "deleted once committed"
     fresh = Tiny()
