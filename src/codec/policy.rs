@@ -1804,14 +1804,8 @@ mod tests {
         sums.iter().sum()
     }
 
-    /// (Σ u², Σ (u − û_parent)²) with u = m / scale, the per-element scale of
-    /// m's side (√v + ε of this commit: v̂, what m is coded against, differs
-    /// from v by less than v's log step), over the finite terms.
-    ///
-    /// Not the parent's v: early in training v grows by 10× and more between
-    /// commits for some elements, and m over the parent's √v̂ is then
-    /// heavy-tailed where m over this commit's is bounded (Adam's update is);
-    /// a step sized from the former zeroed every m of a ZeRO fixture's layer.
+    /// (Σ u², Σ (u − û_parent)²) with u = m / (√v + ε), v this commit's
+    /// (why: `lane_sums`), over the finite terms.
     fn update_sums(chunk: &GroupChunk<'_>) -> (f64, f64) {
         let (mut u2, mut du2) = ([0f64; 8], [0f64; 8]);
         let elements = chunk.m.iter().zip(chunk.parent_m).zip(chunk.v);

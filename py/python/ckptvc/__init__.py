@@ -197,9 +197,16 @@ class _SnapshotPool:
     def __init__(self) -> None:
         self.buffers: dict = {}
 
+    def _fitting(self, key: tuple, like: np.ndarray) -> Optional[np.ndarray]:
+        """The pool's buffer for ``key`` if it has ``like``'s shape and dtype."""
+        mine = self.buffers.get(key)
+        if mine is None or mine.shape != like.shape or mine.dtype != like.dtype:
+            return None
+        return mine
+
     def copy(self, key: tuple, array: np.ndarray) -> np.ndarray:
-        target = self.buffers.get(key)
-        if target is None or target.shape != array.shape or target.dtype != array.dtype:
+        target = self._fitting(key, array)
+        if target is None:
             target = _host_buffer(array.shape, array.dtype)
             self.buffers[key] = target
         np.copyto(target, array)
@@ -208,8 +215,7 @@ class _SnapshotPool:
     def adopt(self, reserved: dict) -> None:
         """Takes the reserved buffers this pool has no fitting buffer for."""
         for key, buffer in reserved.items():
-            mine = self.buffers.get(key)
-            if mine is None or mine.shape != buffer.shape or mine.dtype != buffer.dtype:
+            if self._fitting(key, buffer) is None:
                 self.buffers[key] = buffer
 
 
