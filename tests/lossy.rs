@@ -605,6 +605,8 @@ fn commit_from_memory_and_load_into_memory() {
         let tmp = tempfile::tempdir().unwrap();
         let config = StoreConfig {
             policy: ckptvc::codec::policy::Policy::preset(policy).unwrap(),
+            // Small chunks: the range reads below cross chunk boundaries.
+            chunk_bytes: 64 << 10,
             ..StoreConfig::default()
         };
         let store = Repo::init(tmp.path().join("store"), &config).unwrap();
@@ -664,6 +666,7 @@ fn commit_from_memory_and_load_into_memory() {
             for (name, dtype, _, original) in tensors {
                 let mut out = vec![0u8; original.len()];
                 snapshot.read_tensor_into(file, name, &mut out).unwrap();
+                assert_range_reads_match(&snapshot, file, name, &out);
                 if policy == "lossless" || dtype != "F32" {
                     assert_eq!(&out, original, "{policy}: {file} {name}");
                 } else {
@@ -692,6 +695,43 @@ fn commit_from_memory_and_load_into_memory() {
                 .to_string()
                 .contains("buffer given is 3 bytes")
         );
+        let size = snapshot.read_tensor("model.safetensors", "blocks.0.attn.in_proj_bias");
+        let size = size.unwrap().len() as u64;
+        let outside = snapshot.read_tensor_range_into(
+            "model.safetensors",
+            "blocks.0.attn.in_proj_bias",
+            size - 2,
+            &mut [0u8; 3],
+        );
+        let message = outside.unwrap_err().to_string();
+        assert!(message.contains("are outside tensor"), "{message}");
+    }
+}
+
+/// Reading a tensor piece by piece, in pieces that do not line up with its
+/// chunks (odd sizes, some spanning several chunks), gives its bytes.
+fn assert_range_reads_match(
+    snapshot: &ckptvc::repo::load::Snapshot<'_>,
+    file: &str,
+    tensor: &str,
+    whole: &[u8],
+) {
+    // 7-byte pieces only of small tensors: each piece decodes its chunks.
+    let pieces: &[usize] = if whole.len() <= 4096 {
+        &[7, 1000]
+    } else {
+        &[40_000, 150_001]
+    };
+    for &piece in pieces {
+        let mut joined = Vec::with_capacity(whole.len());
+        for offset in (0..whole.len()).step_by(piece) {
+            let mut out = vec![0u8; piece.min(whole.len() - offset)];
+            snapshot
+                .read_tensor_range_into(file, tensor, offset as u64, &mut out)
+                .unwrap();
+            joined.extend_from_slice(&out);
+        }
+        assert!(joined == whole, "{file} {tensor}: pieces of {piece} bytes");
     }
 }
 

@@ -378,6 +378,30 @@ impl NativeRepo {
         })
     }
 
+    /// Decodes bytes `offset..offset + len(buffer)` of tensor `tensor` of
+    /// `file` in `rev` into `buffer`, with the interpreter released: a
+    /// tensor that lives on a GPU is loaded through one bounded host buffer,
+    /// piece by piece.
+    fn read_range_into(
+        &self,
+        py: Python<'_>,
+        rev: &str,
+        file: &str,
+        tensor: &str,
+        offset: u64,
+        buffer: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let what = format!("{file}: tensor `{tensor}`");
+        let mut held = Held::get(buffer, &what)?;
+        self.with(|repo| {
+            py.detach(|| {
+                let fresh = open_fresh(repo, rev, Duration::ZERO)?;
+                let snapshot = Snapshot::open(&fresh, rev)?;
+                snapshot.read_tensor_range_into(file, tensor, offset, held.bytes_mut(&what)?)
+            })
+        })
+    }
+
     /// The bytes of file `file` of `rev` (a file kept as bytes).
     fn read_file<'py>(
         &self,

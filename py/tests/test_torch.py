@@ -89,3 +89,48 @@ def test_wrong_dtype_on_load_is_refused_before_writing(tmp_path):
         repo.load("1", other)
     for name, t in other.state_dict().items():
         assert torch.equal(t, before[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensors_off_the_host_cross_in_bounded_pieces(tmp_path, monkeypatch, dtype):
+    """The path of CUDA tensors, taken here by CPU tensors (no GPU in CI):
+    copied into host memory and decoded back in pieces of a bounded buffer
+    (1000 bytes here, so pieces end mid-tensor), bit for bit, through
+    commit, commit_async and load, a non-contiguous tensor included."""
+    monkeypatch.setattr(ckptvc, "_on_host", lambda t: False)
+    monkeypatch.setattr(ckptvc, "_DEVICE_PIECE_BYTES", 1000)
+    pieces = {"in": 0, "out": 0}
+    copy_from_device, read_range = ckptvc._copy_from_device, ckptvc._read_to_device
+
+    def counting_copy(t, host):
+        pieces["in"] += 1
+        copy_from_device(t, host)
+
+    def counting_read(*args):
+        pieces["out"] += 1
+        read_range(*args)
+
+    monkeypatch.setattr(ckptvc, "_copy_from_device", counting_copy)
+    monkeypatch.setattr(ckptvc, "_read_to_device", counting_read)
+    repo = ckptvc.Repo.init(tmp_path / "store", policy="lossless")
+    model, opt, sched = make(dtype=dtype)
+    train(model, opt, sched, 3, seed=1)
+    repo.commit(3, model=model, optimizer=opt)
+    train(model, opt, sched, 2, seed=2)
+    repo.commit_async(5, model=model, optimizer=opt).wait()
+    assert pieces["in"] == 2 * (len(model.state_dict()) + 3 * len(opt.state)), pieces
+
+    fresh, fresh_opt, _ = make(seed=7, dtype=dtype)
+    repo.load("5", fresh, fresh_opt)
+    assert pieces["out"] == len(fresh.state_dict()) + 3 * len(fresh_opt.state), pieces
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], fresh_opt.state[q][key]), key
+
+    weight = model[0].weight.detach()
+    repo.commit(6, model={"w_t": weight.t()})
+    target = torch.zeros(weight.shape, dtype=dtype).t()
+    repo.load("6", {"w_t": target})
+    assert not target.is_contiguous() and torch.equal(target, weight.t())

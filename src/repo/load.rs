@@ -18,7 +18,7 @@ use super::Repo;
 use super::progress::NoProgress;
 use super::reconstruct::{ChunkAddr, Reconstructor};
 use super::rev::resolve;
-use crate::store::{CommitRecord, FileContent, ObjectId};
+use crate::store::{CommitRecord, FileContent, ObjectId, TensorEntry};
 
 /// One tensor of a commit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -109,16 +109,7 @@ impl<'r> Snapshot<'r> {
     /// exactly its size: chunks are decoded in parallel, each written to its
     /// place and dropped.
     pub fn read_tensor_into(&self, file: &str, tensor: &str, out: &mut [u8]) -> anyhow::Result<()> {
-        let &(fi, ti) = self
-            .index
-            .get(&(file.to_string(), tensor.to_string()))
-            .with_context(|| {
-                format!(
-                    "commit {} has no tensor `{tensor}` in {file}",
-                    self.id.short()
-                )
-            })?;
-        let entry = &self.record.files[fi].tensors()[ti];
+        let entry = self.tensor_entry(file, tensor)?;
         if out.len() as u64 != entry.raw_bytes() {
             bail!(
                 "tensor `{tensor}` of {file} is {} bytes ({} {:?}); the buffer given is {} bytes",
@@ -128,22 +119,71 @@ impl<'r> Snapshot<'r> {
                 out.len()
             );
         }
-        let mut pieces: Vec<(usize, &mut [u8])> = Vec::with_capacity(entry.chunks.len());
+        self.read_tensor_range_into(file, tensor, 0, out)
+    }
+
+    /// Decodes bytes `offset..offset + out.len()` of tensor `tensor` of
+    /// file `file` into `out`, decoding only the chunks that overlap them:
+    /// a tensor too large to stage whole on the host (one bound for a GPU)
+    /// is read piece by piece into one bounded buffer.
+    pub fn read_tensor_range_into(
+        &self,
+        file: &str,
+        tensor: &str,
+        offset: u64,
+        out: &mut [u8],
+    ) -> anyhow::Result<()> {
+        let entry = self.tensor_entry(file, tensor)?;
+        let size = entry.raw_bytes();
+        let end = offset
+            .checked_add(out.len() as u64)
+            .filter(|&end| end <= size)
+            .with_context(|| {
+                format!(
+                    "bytes {offset}..{} are outside tensor `{tensor}` of {file} ({size} bytes)",
+                    offset as u128 + out.len() as u128
+                )
+            })?;
+        // (chunk index, where the range starts in the chunk, its part of `out`)
+        let mut pieces: Vec<(usize, usize, &mut [u8])> = Vec::new();
         let mut rest = out;
+        let mut chunk_start = 0u64;
         for (index, chunk) in entry.chunks.iter().enumerate() {
-            let (piece, tail) = rest.split_at_mut(chunk.raw_len as usize);
-            pieces.push((index, piece));
-            rest = tail;
+            let chunk_end = chunk_start + chunk.raw_len;
+            let (lo, hi) = (chunk_start.max(offset), chunk_end.min(end));
+            if lo < hi {
+                let (piece, tail) = std::mem::take(&mut rest).split_at_mut((hi - lo) as usize);
+                pieces.push((index, (lo - chunk_start) as usize, piece));
+                rest = tail;
+            }
+            if chunk_end >= end {
+                break;
+            }
+            chunk_start = chunk_end;
         }
-        pieces.into_par_iter().try_for_each(|(index, piece)| {
+        pieces.into_par_iter().try_for_each(|(index, skip, piece)| {
             let addr = ChunkAddr {
                 file,
                 tensor: Some(tensor),
                 index,
             };
-            piece.copy_from_slice(&self.reconstructor.chunk(&self.id, addr)?);
+            let bytes = self.reconstructor.chunk(&self.id, addr)?;
+            piece.copy_from_slice(&bytes[skip..skip + piece.len()]);
             anyhow::Ok(())
         })
+    }
+
+    fn tensor_entry(&self, file: &str, tensor: &str) -> anyhow::Result<&TensorEntry> {
+        let &(fi, ti) = self
+            .index
+            .get(&(file.to_string(), tensor.to_string()))
+            .with_context(|| {
+                format!(
+                    "commit {} has no tensor `{tensor}` in {file}",
+                    self.id.short()
+                )
+            })?;
+        Ok(&self.record.files[fi].tensors()[ti])
     }
 
     /// A tensor's bytes in a new buffer.

@@ -2,11 +2,13 @@
 
 ``Repo.commit`` reads a model's and an optimizer's tensors where they are
 (CPU tensors and numpy arrays by their buffers, without a copy; CUDA tensors
-copied to the host one at a time) and stores them in a ckptvc store, with
-each Adam moment paired to its parameter by name, so that the lossy
-policies apply. ``Repo.load`` decodes a commit straight into the tensors'
-memory. Plain numpy arrays work everywhere torch tensors do: the package
-needs numpy only; torch is used when it is given torch objects.
+copied to host memory in pieces of at most 64 MiB, with no temporary copy)
+and stores them in a ckptvc store, with each Adam moment paired to its
+parameter by name, so that the lossy policies apply. ``Repo.load`` decodes
+a commit straight into the tensors' memory (a CUDA tensor through one
+64 MiB host buffer, piece by piece). Plain numpy arrays work everywhere
+torch tensors do: the package needs numpy only; torch is used when it is
+given torch objects.
 
 Non-tensor state (``extra``, the optimizer's ``param_groups`` and scalar
 state) is stored as a pickle that round-trips exactly. Like
@@ -69,36 +71,88 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
 
 
-def _host_view(x: Any, what: str = "tensor") -> tuple[str, list[int], np.ndarray]:
-    """(safetensors dtype, shape, a C-contiguous numpy view of the bytes).
+# Tensors off the host (CUDA, …) cross to it in pieces of at most this many
+# bytes: a copy needs no host memory beyond its destination, whatever the
+# tensor's size.
+_DEVICE_PIECE_BYTES = 64 << 20
 
-    CPU tensors and contiguous arrays are viewed, not copied; CUDA tensors
-    are copied to the host, one tensor at a time; non-contiguous ones are
-    made contiguous (a copy).
+
+def _on_host(t: Any) -> bool:
+    """Whether torch tensor ``t``'s memory is host memory numpy can view."""
+    return t.device.type == "cpu"
+
+
+def _torch_spec(t: Any, what: str) -> tuple[str, np.dtype]:
+    """(safetensors dtype, numpy dtype of its host bytes) of a torch tensor."""
+    import torch
+
+    name = _TORCH_DTYPES.get(str(t.dtype))
+    if name is None:
+        raise CkptvcError(f"{what}: dtype {t.dtype} is not supported")
+    if t.dtype == torch.bfloat16:
+        return name, np.dtype("int16")
+    return name, torch.empty(0, dtype=t.dtype).numpy().dtype
+
+
+def _host_as_torch(array: np.ndarray, like: Any) -> Any:
+    """``array``'s memory as a flat torch tensor of ``like``'s dtype."""
+    import torch
+
+    flat = torch.from_numpy(array.reshape(-1))
+    return flat.view(torch.bfloat16) if like.dtype == torch.bfloat16 else flat
+
+
+def _copy_from_device(t: Any, host: np.ndarray) -> None:
+    """Copies torch tensor ``t`` (any device) into ``host``, piece by piece."""
+    src = t.detach().reshape(-1)
+    dst = _host_as_torch(host, t)
+    per = max(1, _DEVICE_PIECE_BYTES // max(1, src.element_size()))
+    for start in range(0, src.numel(), per):
+        dst[start:start + per].copy_(src[start:start + per])
+
+
+def _host_view(x: Any, what: str = "tensor", target: Any = None) -> tuple[str, list[int], np.ndarray]:
+    """(safetensors dtype, shape, a C-contiguous numpy array of the bytes).
+
+    Without ``target``, CPU tensors and contiguous arrays are viewed, not
+    copied; tensors on a device are copied to new host memory in bounded
+    pieces; non-contiguous ones are made contiguous (a copy). With
+    ``target``, a function ``(shape, numpy dtype) -> array``, the bytes are
+    copied into the array it gives (a snapshot).
     """
     if _is_torch(x):
-        import torch
-
         t = x.detach()
-        if t.device.type != "cpu":
-            t = t.to("cpu")
-        if not t.is_contiguous():
-            t = t.contiguous()
-        name = _TORCH_DTYPES.get(str(t.dtype))
-        if name is None:
-            raise CkptvcError(f"{what}: dtype {t.dtype} is not supported")
-        if t.dtype == torch.bfloat16:
-            array = t.view(torch.int16).numpy()
-        else:
-            array = t.numpy()
-        return name, list(t.shape), array
+        name, dtype = _torch_spec(t, what)
+        shape = tuple(t.shape)
+        if _on_host(t):
+            source = t.contiguous() if not t.is_contiguous() else t
+            view = _numpy_view(source)
+            if target is None:
+                return name, list(shape), view
+            array = target(shape, dtype)
+            np.copyto(array, view)
+            return name, list(shape), array
+        array = target(shape, dtype) if target is not None else _host_buffer(shape, dtype)
+        _copy_from_device(t, array)
+        return name, list(shape), array
     array = np.asarray(x)
-    if not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array)
     name = _NUMPY_DTYPES.get(array.dtype)
     if name is None:
         raise CkptvcError(f"{what}: dtype {array.dtype} is not supported")
+    if target is not None:
+        copy = target(array.shape, array.dtype)
+        np.copyto(copy, array)
+        return name, list(array.shape), copy
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
     return name, list(array.shape), array
+
+
+def _numpy_view(t: Any) -> np.ndarray:
+    """A contiguous host torch tensor's memory as a numpy array (bf16 as int16)."""
+    import torch
+
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _buffer(array: np.ndarray) -> np.ndarray:
@@ -197,25 +251,26 @@ class _SnapshotPool:
     def __init__(self) -> None:
         self.buffers: dict = {}
 
-    def _fitting(self, key: tuple, like: np.ndarray) -> Optional[np.ndarray]:
-        """The pool's buffer for ``key`` if it has ``like``'s shape and dtype."""
+    def _fitting(self, key: tuple, shape: tuple, dtype: np.dtype) -> Optional[np.ndarray]:
+        """The pool's buffer for ``key`` if it has this shape and dtype."""
         mine = self.buffers.get(key)
-        if mine is None or mine.shape != like.shape or mine.dtype != like.dtype:
+        if mine is None or mine.shape != tuple(shape) or mine.dtype != dtype:
             return None
         return mine
 
-    def copy(self, key: tuple, array: np.ndarray) -> np.ndarray:
-        target = self._fitting(key, array)
-        if target is None:
-            target = _host_buffer(array.shape, array.dtype)
-            self.buffers[key] = target
-        np.copyto(target, array)
-        return target
+    def buffer(self, key: tuple, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        """A buffer for ``key`` of this shape and dtype: the pool's, or a new
+        one that replaces it."""
+        mine = self._fitting(key, shape, dtype)
+        if mine is None:
+            mine = _host_buffer(shape, dtype)
+            self.buffers[key] = mine
+        return mine
 
     def adopt(self, reserved: dict) -> None:
         """Takes the reserved buffers this pool has no fitting buffer for."""
         for key, buffer in reserved.items():
-            if self._fitting(key, buffer) is None:
+            if self._fitting(key, buffer.shape, buffer.dtype) is None:
                 self.buffers[key] = buffer
 
 
@@ -223,11 +278,7 @@ def _host_spec(x: Any) -> tuple[tuple, np.dtype]:
     """The shape and numpy dtype ``_host_view`` gives ``x``, without
     copying it (a CUDA tensor stays where it is)."""
     if _is_torch(x):
-        import torch
-
-        if x.dtype == torch.bfloat16:
-            return tuple(x.shape), np.dtype("int16")
-        return tuple(x.shape), torch.empty(0, dtype=x.dtype).numpy().dtype
+        return tuple(x.shape), _torch_spec(x, "tensor")[1]
     array = np.asarray(x)
     return array.shape, array.dtype
 
@@ -241,16 +292,21 @@ def _files(model: Any, optimizer: Any, extra: Any, pool: "Optional[_SnapshotPool
     for file, tensors in ((MODEL_FILE, model_tensors), (OPTIMIZER_FILE, opt_tensors)):
         if not tensors:
             continue
-        views = [(name, *_host_view(value, what=f"{file}: tensor `{name}`"))
-                 for name, value in tensors.items()]
-        if pool is not None:
-            # numpy releases the interpreter while it copies: two threads
-            # copy two tensors at once.
+        if pool is None:
+            views = [(name, *_host_view(value, what=f"{file}: tensor `{name}`"))
+                     for name, value in tensors.items()]
+        else:
+            def snapshot(item: tuple, file: str = file) -> tuple:
+                name, value = item
+                target = lambda shape, dtype: pool.buffer((file, name), shape, dtype)  # noqa: E731
+                return (name, *_host_view(value, what=f"{file}: tensor `{name}`", target=target))
+
+            # numpy and torch release the interpreter while they copy: two
+            # threads copy two tensors at once.
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as workers:
-                copies = list(workers.map(lambda v: pool.copy((file, v[0]), v[3]), views))
-            views = [(n, d, s, c) for (n, d, s, _), c in zip(views, copies)]
+                views = list(workers.map(snapshot, tensors.items()))
         files.append((file, [(n, d, s, _buffer(a)) for n, d, s, a in views]))
     state = {"extra": extra, "optimizer": opt_rest, "format": 1}
     files.append((STATE_FILE, pickle.dumps(state, protocol=4)))
@@ -531,36 +587,29 @@ class Repo:
         Shapes and dtypes must match the commit's: a mismatch raises
         ``CkptvcError`` before anything is written.
         """
-        index = self._tensor_index(rev)
-        items, copies = [], []
+        plan = _ReadPlan(self._tensor_index(rev))
         for name, tensor in _model_tensors(model).items():
-            buffer, copy_back = _writable(tensor, index, MODEL_FILE, name)
-            items.append((MODEL_FILE, name, buffer))
-            if copy_back is not None:
-                copies.append(copy_back)
-        self._native.read_into(rev, items)
-        for copy_back in copies:
-            copy_back()
+            plan.add(tensor, MODEL_FILE, name)
+        plan.run(self._native, rev)
         state = self._state(rev)
         if optimizer is not None:
-            self._load_optimizer(rev, index, model, optimizer, state.get("optimizer") or {})
+            self._load_optimizer(rev, plan.index, model, optimizer, state.get("optimizer") or {})
         return state.get("extra")
 
     def _load_optimizer(self, rev, index, model, optimizer, rest) -> None:
         if isinstance(optimizer, Mapping):
-            items = []
+            plan = _ReadPlan(index)
             for param, keys in optimizer.items():
                 for key, array in keys.items():
-                    buffer, _ = _writable(array, index, OPTIMIZER_FILE, f"{param}.{key}")
-                    items.append((OPTIMIZER_FILE, f"{param}.{key}", buffer))
-            self._native.read_into(rev, items)
+                    plan.add(array, OPTIMIZER_FILE, f"{param}.{key}")
+            plan.run(self._native, rev)
             return
         import torch
 
         params = dict(model.named_parameters())
         order = [n for g in rest.get("param_groups", []) for n in g["params"]]
         position = {n: i for i, n in enumerate(order)}
-        state, items, copies = {}, [], []
+        state, plan = {}, _ReadPlan(index)
         for (file, tname), meta in index.items():
             if file != OPTIMIZER_FILE:
                 continue
@@ -574,15 +623,13 @@ class Repo:
             t = optimizer.state.get(like, {}).get(key)
             if not (_is_torch(t) and list(t.shape) == meta["shape"]
                     and _TORCH_DTYPES.get(str(t.dtype)) == meta["dtype"]):
-                t = torch.empty(meta["shape"], dtype=_torch_dtype(meta["dtype"]))
-            buffer, copy_back = _writable(t, index, OPTIMIZER_FILE, tname)
-            items.append((OPTIMIZER_FILE, tname, buffer))
-            if copy_back is not None:
-                copies.append(copy_back)
+                # Where load_state_dict would move it (Adam keeps `step` on
+                # the host), so that it is decoded there in bounded pieces.
+                device = like.device if key != "step" else "cpu"
+                t = torch.empty(meta["shape"], dtype=_torch_dtype(meta["dtype"]), device=device)
+            plan.add(t, OPTIMIZER_FILE, tname)
             state.setdefault(position[pname], {})[key] = (t, like.device)
-        self._native.read_into(rev, items)
-        for copy_back in copies:
-            copy_back()
+        plan.run(self._native, rev)
         full_state = {}
         for i, keys in state.items():
             full_state[i] = {k: (t.to(dev) if k != "step" else t) for k, (t, dev) in keys.items()}
@@ -607,34 +654,75 @@ def _torch_dtype(name: str):
     return {v: getattr(torch, k.split(".")[1]) for k, v in _TORCH_DTYPES.items()}[name]
 
 
-def _writable(tensor: Any, index: dict, file: str, name: str):
-    """A writable buffer for ``tensor``'s memory, checked against the
-    commit's entry, and a function that copies it back when the buffer is a
-    host copy (CUDA)."""
-    meta = index.get((file, name))
-    if meta is None:
-        raise CkptvcError(f"the commit has no tensor `{name}` in {file}")
-    dtype, shape, array = _host_view(tensor, what=f"{file}: tensor `{name}`")
-    if dtype != meta["dtype"] or shape != meta["shape"]:
-        raise CkptvcError(
-            f"{file}: tensor `{name}` is {meta['dtype']} {meta['shape']} in the commit, "
-            f"but {dtype} {shape} here"
-        )
-    copy_back = None
-    if _is_torch(tensor):
+class _ReadPlan:
+    """Where a load decodes each tensor, checked against the commit before
+    anything is written: straight into its memory (host tensors and
+    writable arrays), into a contiguous host copy that is copied back (a
+    non-contiguous host tensor), or piece by piece through one bounded host
+    buffer (a tensor on a device: no host copy of it whole)."""
+
+    def __init__(self, index: dict):
+        self.index = index
+        self.items: list = []
+        self.copies: list = []
+        self.on_device: list = []
+
+    def add(self, tensor: Any, file: str, name: str) -> None:
+        what = f"{file}: tensor `{name}`"
+        meta = self.index.get((file, name))
+        if meta is None:
+            raise CkptvcError(f"the commit has no tensor `{name}` in {file}")
+        if _is_torch(tensor):
+            dtype, shape = _torch_spec(tensor, what)[0], list(tensor.shape)
+        else:
+            dtype = _NUMPY_DTYPES.get(np.asarray(tensor).dtype, str(np.asarray(tensor).dtype))
+            shape = list(np.shape(tensor))
+        if (dtype, shape) != (meta["dtype"], meta["shape"]):
+            raise CkptvcError(
+                f"{what} is {meta['dtype']} {meta['shape']} in the commit, but {dtype} {shape} here"
+            )
+        if not _is_torch(tensor):
+            if not (isinstance(tensor, np.ndarray) and tensor.flags.c_contiguous
+                    and tensor.flags.writeable):
+                raise CkptvcError(f"{what}: load needs writable C-contiguous arrays")
+            self.items.append((file, name, _buffer(tensor)))
+            return
         t = tensor.detach()
-        shares = t.device.type == "cpu" and t.is_contiguous()
-        if not shares:
-            import torch
+        if not _on_host(t):
+            self.on_device.append((file, name, t))
+            return
+        if t.is_contiguous():
+            self.items.append((file, name, _buffer(_numpy_view(t))))
+            return
+        host = _numpy_view(t.contiguous())
+        self.items.append((file, name, _buffer(host)))
+        self.copies.append(lambda t=t, host=host: t.copy_(_host_as_torch(host, t).reshape(t.shape)))
 
-            host = array
+    def run(self, native: Any, rev: str) -> None:
+        native.read_into(rev, self.items)
+        for copy_back in self.copies:
+            copy_back()
+        staging = None
+        for file, name, t in self.on_device:
+            if staging is None:
+                staging = _host_buffer((_DEVICE_PIECE_BYTES,), np.dtype("uint8"))
+            _read_to_device(native, rev, file, name, t, staging)
 
-            def copy_back(t=t, host=host):
-                src = torch.from_numpy(host)
-                if t.dtype == torch.bfloat16:
-                    src = src.view(torch.bfloat16)
-                t.copy_(src.reshape(t.shape))
 
-    elif not (isinstance(tensor, np.ndarray) and tensor.flags.c_contiguous and tensor.flags.writeable):
-        raise CkptvcError(f"{file}: tensor `{name}`: load needs writable C-contiguous arrays")
-    return _buffer(array), copy_back
+def _read_to_device(native: Any, rev: str, file: str, name: str, t: Any, staging: np.ndarray) -> None:
+    """Decodes tensor ``name`` of ``rev`` into device tensor ``t`` through
+    the host buffer ``staging``, one piece of it at a time."""
+    import torch
+
+    dst = t if t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    flat = dst.view(-1)
+    size = t.element_size()
+    total = flat.numel() * size
+    host_dtype = _torch_spec(t, name)[1]
+    for offset in range(0, total, len(staging)):
+        piece = staging[:min(len(staging), total - offset)]
+        native.read_range_into(rev, file, name, offset, piece)
+        start = offset // size
+        flat[start:start + len(piece) // size].copy_(_host_as_torch(piece.view(host_dtype), t))
+    if dst is not t:
+        t.copy_(dst)
