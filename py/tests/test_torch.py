@@ -3,7 +3,6 @@ and loaded back into them. Skipped where torch is not installed."""
 
 import copy
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

@@ -23,7 +23,7 @@ import mmap
 import os
 import pickle
 import threading
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
