@@ -13,7 +13,7 @@ import ckptvc  # noqa: E402
 def make(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
-        # Layers of 8192 weights: tensors under 4096 elements are always lossless.
+        # Layers of 8192 weights: tensors under 64 elements are always lossless.
         torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.LayerNorm(128), torch.nn.Linear(128, 64)
     ).to(dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -16,9 +16,13 @@ use crate::repo::reconstruct::ChunkAddr;
 use crate::repo::tipcache::CacheLayout;
 use crate::store::{ChunkRef, CommitRecord, TensorEntry};
 
-/// Tensors smaller than this stay lossless: their share of the checkpoint is
-/// negligible and their statistics too noisy to plan a quantizer on.
-pub const MIN_LOSSY_ELEMENTS: u64 = 4096;
+/// Tensors smaller than this stay lossless: a step planned on fewer elements
+/// is noise. Biases and norms (a few hundred elements) are coded lossily
+/// with their moments: kept lossless they cost ~27 bits per element, which in
+/// a model of a few million parameters was a fifth of a residual commit's
+/// bytes for 0.5% of its elements (docs/benchmarks.md). ExCP, the reference
+/// method, compresses every parameter too.
+pub const MIN_LOSSY_ELEMENTS: u64 = 64;
 
 /// Index used in place of a tensor index for opaque files.
 pub const OPAQUE: usize = usize::MAX;
