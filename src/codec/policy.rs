@@ -131,7 +131,11 @@ impl Policy {
             // W's step is also bounded by a multiple of W's change since
             // the parent (see `update_bound`): late in a run the change is
             // far smaller than a fixed fraction of W.
-            "compact" => guided(0.065, 3.0, 6.0, 1.5),
+            // compact's change bound was 3 until 2026-11-30: at 3 the step
+            // rounded most of a long interval's residual to zero, and W's
+            // error, which carries into resumed training one for one, was
+            // 2× what a bound of 2 gives for 1% more of W's bits.
+            "compact" => guided(0.065, 2.0, 8.0, 2.25),
             "balanced" => guided(0.02, 1.0, 3.0, 0.8),
             "faithful" => guided(0.008, 1.0, 0.8, 0.3),
             _ => return None,
@@ -148,13 +152,18 @@ impl Policy {
         }
     }
 
-    /// The policy a commit codes with: a store's default policy recorded
-    /// before the presets changed (`Tuned` or `Guided` named `compact`,
-    /// `balanced` or `faithful`) means the preset, so it becomes today's;
+    /// The policy a commit codes with: a store's default policy named
+    /// `compact`, `balanced` or `faithful` means the preset, so it becomes
+    /// today's (the knobs recorded with it are those of the day the store
+    /// was made: `Tuned`, `Guided`, or `Predictive` with other steps);
     /// anything else (`custom` knobs included) is kept as it is.
     pub fn current(self) -> Policy {
         match &self {
-            Policy::Tuned { preset, .. } | Policy::Guided { preset, .. } if preset != "custom" => {
+            Policy::Tuned { preset, .. }
+            | Policy::Guided { preset, .. }
+            | Policy::Predictive { preset, .. }
+                if preset != "custom" =>
+            {
                 Policy::preset(preset).unwrap_or(self)
             }
             _ => self,
@@ -1493,6 +1502,24 @@ mod tests {
             v_log_step: 0.8,
         };
         assert_eq!(guided.current(), Policy::preset("balanced").unwrap());
+        // A store made with the first predictive `compact` (change bound 3,
+        // m step 6, v log step 1.5) codes with today's.
+        let first_compact = Policy::Predictive {
+            preset: "compact".into(),
+            w_step: 0.065,
+            w_update_step: 3.0,
+            m_step: 6.0,
+            v_log_step: 1.5,
+        };
+        assert_eq!(first_compact.current(), Policy::preset("compact").unwrap());
+        let custom = Policy::Predictive {
+            preset: "custom".into(),
+            w_step: 0.065,
+            w_update_step: 3.0,
+            m_step: 6.0,
+            v_log_step: 1.5,
+        };
+        assert_eq!(custom.clone().current(), custom);
         // A store's default recorded before the presets changed: the preset
         // means today's, its knobs still apply, and old custom knobs stay.
         let old = Policy::Tuned {
