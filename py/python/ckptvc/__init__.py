@@ -125,8 +125,7 @@ def _host_view(x: Any, what: str = "tensor", target: Any = None) -> tuple[str, l
         name, dtype = _torch_spec(t, what)
         shape = tuple(t.shape)
         if _on_host(t):
-            source = t.contiguous() if not t.is_contiguous() else t
-            view = _numpy_view(source)
+            view = _numpy_view(t.contiguous())  # the tensor itself when contiguous
             if target is None:
                 return name, list(shape), view
             array = target(shape, dtype)
@@ -675,8 +674,8 @@ class _ReadPlan:
         if _is_torch(tensor):
             dtype, shape = _torch_spec(tensor, what)[0], list(tensor.shape)
         else:
-            dtype = _NUMPY_DTYPES.get(np.asarray(tensor).dtype, str(np.asarray(tensor).dtype))
-            shape = list(np.shape(tensor))
+            array = np.asarray(tensor)
+            dtype, shape = _NUMPY_DTYPES.get(array.dtype, str(array.dtype)), list(array.shape)
         if (dtype, shape) != (meta["dtype"], meta["shape"]):
             raise CkptvcError(
                 f"{what} is {meta['dtype']} {meta['shape']} in the commit, but {dtype} {shape} here"
