@@ -811,14 +811,16 @@ fn weights_are_predicted_from_their_moments_and_survive_prune() {
     let store = Repo::open(env.repo()).unwrap();
     let id = rev::resolve(store.backend(), "120").unwrap();
     let record = store.get_commit(&id).unwrap().unwrap();
-    let mut predicted = 0;
+    let (mut predicted, mut split) = (0, 0);
     for file in &record.files {
         if !matches!(file.content, FileContent::Safetensors { .. }) {
             continue;
         }
         for tensor in file.tensors() {
             for chunk in &tensor.chunks {
-                let named = codec::sides_of(&store.get_blob(&chunk.blob).unwrap()).unwrap();
+                let blob = store.get_blob(&chunk.blob).unwrap();
+                split += usize::from(codec::is_context_split(&blob).unwrap());
+                let named = codec::sides_of(&blob).unwrap();
                 if named.first().is_none_or(|s| s.file.is_none()) {
                     continue;
                 }
@@ -838,6 +840,9 @@ fn weights_are_predicted_from_their_moments_and_survive_prune() {
         }
     }
     assert!(predicted > 0, "no W chunk is predicted");
+    // Context-split chunks (v's, by the parent's v̂) go through the same
+    // fsck, prune and checkouts below.
+    assert!(split > 0, "no chunk is context-split");
     drop(store);
     env.cmd().arg("fsck").assert().success();
     env.cmd()

@@ -12,6 +12,7 @@
 //! | 3..11 | raw (decoded) length, u64 little-endian |
 //! | 11..  | codec payload: a zstd frame, byte planes ([`planes`]) or a quantized stream ([`quant`]) |
 
+pub mod context;
 pub mod float;
 pub mod planes;
 pub mod policy;
@@ -307,6 +308,21 @@ pub fn encode_lossless(raw: &[u8], base: Option<&[u8]>, elem_size: usize) -> (Ve
 /// A lossy chunk: the quantized stream, decoded by [`decode`] to the stored
 /// float type. Its codec is `quant-delta` when it is coded against a base.
 pub fn encode_quant(q: &quant::Quantized) -> Vec<u8> {
+    encode_quant_split(q, None)
+}
+
+/// [`encode_quant`], the symbols split by a context when one pays
+/// ([`context`]), computed from the base and side the decoder will have (as
+/// [`quant::reconstruct`] takes them: for a predicted W, the prediction).
+pub fn encode_quant_in_context(
+    q: &quant::Quantized,
+    base: Option<&[f32]>,
+    side: Option<&[f32]>,
+) -> Vec<u8> {
+    encode_quant_split(q, quant::context_split(q, base, side).as_ref())
+}
+
+fn encode_quant_split(q: &quant::Quantized, split: Option<&quant::Split>) -> Vec<u8> {
     let codec = if q.domain.needs_base() {
         Codec::QuantDelta
     } else {
@@ -319,7 +335,7 @@ pub fn encode_quant(q: &quant::Quantized) -> Vec<u8> {
         raw_len: (q.symbols.len() * q.float.size()) as u64,
     }
     .write(&mut out);
-    quant::write_payload(q, &mut out);
+    quant::write_payload_split(q, split, &mut out);
     out
 }
 
@@ -329,7 +345,7 @@ fn decode_quant(
     base: Option<&[u8]>,
     sides: &[Vec<u8>],
 ) -> Result<Vec<u8>, CodecError> {
-    let q = quant::read_payload(payload, header.raw_len as usize / header.elem_size)?;
+    let q = quant::read_payload_runs(payload, header.raw_len as usize / header.elem_size)?;
     reconstruct_quant(header, q, base, sides)
 }
 
@@ -346,18 +362,26 @@ pub fn sides_of(blob: &[u8]) -> Result<Vec<quant::SideRef>, CodecError> {
     Ok(quant::read_side_refs(&blob[HEADER_LEN..])?)
 }
 
+/// Whether a blob is a lossy chunk whose symbols are split by context
+/// ([`context`]).
+pub fn is_context_split(blob: &[u8]) -> Result<bool, CodecError> {
+    let header = BlobHeader::parse(blob)?;
+    Ok(matches!(header.codec, Codec::Quant | Codec::QuantDelta)
+        && quant::is_context_split(&blob[HEADER_LEN..]))
+}
+
 /// The decoded bytes of a parsed quantized blob, after checking it against
 /// its header.
 fn reconstruct_quant(
     header: &BlobHeader,
-    q: quant::Quantized,
+    q: quant::Decoded,
     base: Option<&[u8]>,
     sides: &[Vec<u8>],
 ) -> Result<Vec<u8>, CodecError> {
     let raw_len = header.raw_len as usize;
-    if q.symbols.len() * q.float.size() != raw_len {
+    if q.len() * q.float.size() != raw_len {
         return Err(CodecError::Length {
-            got: q.symbols.len() * q.float.size(),
+            got: q.len() * q.float.size(),
             want: raw_len,
         });
     }
@@ -379,6 +403,7 @@ fn reconstruct_quant(
         (Some(_), None) => return Err(CodecError::MissingBase(header.codec)),
         (None, _) => sides.into_iter().next(),
     };
+    let q = q.resolve(base.as_deref(), side.as_deref())?.expand();
     let values = quant::reconstruct(&q, base.as_deref(), side.as_deref())?;
     Ok(q.float.from_f32(&values))
 }
@@ -481,8 +506,15 @@ pub fn decode_onto(
                 && !q.domain.needs_side()
                 && !q.domain.needs_prediction();
             if !in_place {
-                return reconstruct_quant(&header, q.expand(), Some(&base), sides);
+                return reconstruct_quant(&header, q, Some(&base), sides);
             }
+            let q = match q.contexts {
+                Some(_) => {
+                    let base_values = q.float.to_f32(&base);
+                    q.resolve(Some(&base_values), None)?
+                }
+                None => q,
+            };
             quant::reconstruct_f32_onto(&q, &mut base)?;
             Ok(base)
         }
@@ -642,7 +674,9 @@ mod tests {
                 escapes: raw.iter().copied().filter(|x| !x.is_finite()).collect(),
             };
             let base: Vec<u8> = raw.iter().flat_map(|x| x.to_le_bytes()).collect();
-            for mut blob in [encode_quant(&q), encode_keyframe(&base, 4), encode_xor_delta(&base, &base, 4)] {
+            let split = quant::Split { thresholds: vec![0.0], contexts: context::assign(&[0.0], &raw) };
+            let split = encode_quant_split(&q, Some(&split));
+            for mut blob in [encode_quant(&q), split, encode_keyframe(&base, 4), encode_xor_delta(&base, &base, 4)] {
                 for &(at, bits) in &flips {
                     let n = blob.len();
                     blob[at % n] ^= bits;
@@ -696,6 +730,70 @@ mod tests {
             prop_assert_eq!(decode_onto(&blob, base.clone(), &[]).unwrap(), expected);
             let delta = encode_xor_delta(&base.iter().map(|b| b ^ 0x11).collect::<Vec<u8>>(), &base, 4);
             prop_assert_eq!(decode_onto(&delta, base.clone(), &[]).unwrap(), decode(&delta, Some(&base)).unwrap());
+        }
+
+        /// A context-split chunk decodes (alone, onto its base, with its
+        /// side) to what the encoder reconstructed, in every domain that has
+        /// a context, whatever the split and its escapes.
+        #[test]
+        fn context_split_blobs_decode_as_they_were_coded(
+            len in prop_oneof![16_384usize..20_000, Just(70_001usize)],
+            seed in any::<u64>(),
+            escape_every in prop::sample::select(vec![0u64, 7, 500]),
+            domain in prop::sample::select(vec![
+                quant::Domain::Residual,
+                quant::Domain::Ratio,
+                quant::Domain::ScaledResidual,
+            ]),
+            bf16 in any::<bool>(),
+        ) {
+            let mut x = seed | 1;
+            let mut next = move || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
+            let float = if bf16 { float::FloatType::BF16 } else { float::FloatType::F32 };
+            // Bases spanning decades, NaN and -0.0 among them; symbols that
+            // spread with the base, so that a split pays.
+            let base_values: Vec<f32> = (0..len).map(|i| match i % 97 {
+                0 => f32::NAN,
+                1 => -0.0,
+                _ => 10f32.powi((next() % 6) as i32 - 3) * if next() % 2 == 0 { 1.0 } else { -1.0 },
+            }).collect();
+            // v, the ratio domain's tensor, is positive.
+            let base_values: Vec<f32> = match domain {
+                quant::Domain::Ratio => base_values.iter().map(|b| b.abs()).collect(),
+                _ => base_values,
+            };
+            let base_values = float.to_f32(&float.from_f32(&base_values));
+            let side_values: Vec<f32> = (0..len).map(|_| 1e-6 * (next() % 1000) as f32).collect();
+            let symbols: Vec<u8> = base_values.iter().map(|b| {
+                let r = next();
+                if escape_every > 0 && r.is_multiple_of(escape_every) { return quant::ESCAPE; }
+                let spread = if b.abs() >= 0.1 { 31 } else { 3 };
+                (127 + (r >> 20) % spread - spread / 2) as u8
+            }).collect();
+            let escapes: Vec<f32> = symbols.iter().filter(|&&s| s == quant::ESCAPE)
+                .map(|_| f32::from_bits(next() as u32)).collect();
+            let side = (domain == quant::Domain::ScaledResidual).then(|| quant::Side {
+                tensor: "v".into(),
+                float: float::FloatType::F32,
+                floor: 1e-8,
+            });
+            let levels = quant::Levels::Linear(0.01);
+            let q = quant::Quantized { domain, float, side, predictor: None, levels, symbols, escapes };
+            let side_arg = q.side.as_ref().map(|_| side_values.as_slice());
+            let split = quant::context_split(&q, Some(&base_values), side_arg);
+            prop_assert!(split.is_some(), "a split pays here");
+            let blob = encode_quant_in_context(&q, Some(&base_values), side_arg);
+            prop_assert!(blob[HEADER_LEN] & 0x80 != 0);
+            prop_assert!(blob.len() < encode_quant(&q).len());
+            let expected = float.from_f32(&quant::reconstruct(&q, Some(&base_values), side_arg).unwrap());
+            let base = float.from_f32(&base_values);
+            let sides: Vec<Vec<u8>> = side_arg.map(|s| float::FloatType::F32.from_f32(s)).into_iter().collect();
+            prop_assert_eq!(&decode_with(&blob, Some(&base), &sides).unwrap(), &expected);
+            prop_assert_eq!(&decode_onto(&blob, base.clone(), &sides).unwrap(), &expected);
+            prop_assert!(quant::read_payload(&blob[HEADER_LEN..], len).is_err(), "needs its base");
+            if q.side.is_some() {
+                prop_assert!(decode_with(&blob, Some(&base), &[]).is_err());
+            }
         }
 
         #[test]

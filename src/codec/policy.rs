@@ -773,17 +773,33 @@ pub fn quantize(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> [Quantized; 3] {
 /// needs v̂; W predicted from the moments needs all three).
 pub type Recons = [Option<Vec<f32>>; 3];
 
-/// [`quantize`], and the reconstructions the quantizer made, so the caller
-/// need not make them again.
+/// What a quantizer made on the way besides its streams, so the caller need
+/// not make it again: the [`Recons`], and W's prediction when W is coded
+/// against one (its context values: [`super::context`]).
+pub struct Made {
+    pub recons: Recons,
+    pub prediction: Option<Vec<f32>>,
+}
+
+impl Made {
+    fn recons(recons: Recons) -> Made {
+        Made {
+            recons,
+            prediction: None,
+        }
+    }
+}
+
+/// [`quantize`], and what the quantizer made on the way.
 pub fn quantize_keeping_recons(
     plan: &TensorPlan,
     chunk: &GroupChunk<'_>,
-) -> ([Quantized; 3], Recons) {
-    crate::with_avx2!(quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3], Recons))
+) -> ([Quantized; 3], Made) {
+    crate::with_avx2!(quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3], Made))
 }
 
 #[inline(always)]
-fn quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3], Recons) {
+fn quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3], Made) {
     match plan {
         TensorPlan::Excp {
             w_threshold,
@@ -804,7 +820,7 @@ fn quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3],
                 push_codebook(&mut m, m_centres, chunk.m[i], chunk.m[i], keep_m);
                 push_codebook(&mut v, v_centres, chunk.v[i], chunk.v[i], keep_m);
             }
-            ([w, m, v], [None, None, None])
+            ([w, m, v], Made::recons([None, None, None]))
         }
         TensorPlan::Tuned {
             w_step,
@@ -814,7 +830,7 @@ fn quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3],
         } => {
             let steps = [*w_step, *m_step, *v_log_step];
             let (streams, v_hat) = uniform_streams(chunk, steps, *m_residual, None);
-            (streams, [None, None, v_hat])
+            (streams, Made::recons([None, None, v_hat]))
         }
         TensorPlan::Guided {
             w_step,
@@ -834,7 +850,7 @@ fn quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3],
                 None => {
                     let steps = [*w_step, *m_step, *v_log_step];
                     let (streams, v_hat) = uniform_streams(chunk, steps, *m_residual, side);
-                    (streams, [None, None, v_hat])
+                    (streams, Made::recons([None, None, v_hat]))
                 }
             }
         }
@@ -852,7 +868,7 @@ fn predict_w(
     v_hat: Option<Vec<f32>>,
     w_step: f32,
     moments: Moments<'_>,
-) -> ([Quantized; 3], Recons) {
+) -> ([Quantized; 3], Made) {
     let valid = "the streams just made are valid";
     let v_hat = v_hat
         .unwrap_or_else(|| super::quant::reconstruct(&v, Some(chunk.parent_v), None).expect(valid));
@@ -871,7 +887,10 @@ fn predict_w(
     let Some(Fit { coef, .. }) = fit else {
         let w = plain_w(chunk, w_step);
         let w_hat = super::quant::reconstruct(&w, Some(chunk.parent_w), None).expect(valid);
-        return ([w, m, v], [Some(w_hat), Some(m_hat), Some(v_hat)]);
+        return (
+            [w, m, v],
+            Made::recons([Some(w_hat), Some(m_hat), Some(v_hat)]),
+        );
     };
     // Zipped slices, not indices: no bounds checks, so the loop vectorizes.
     let parent_updates = chunk.parent_m.iter().zip(chunk.parent_v);
@@ -906,7 +925,11 @@ fn predict_w(
     fill_uniform(&mut predicted, w_step, chunk.w, coded);
     let w_hat =
         super::quant::reconstruct(&predicted, Some(chunk.parent_w), Some(&pred)).expect(valid);
-    ([predicted, m, v], [Some(w_hat), Some(m_hat), Some(v_hat)])
+    let made = Made {
+        recons: [Some(w_hat), Some(m_hat), Some(v_hat)],
+        prediction: Some(pred),
+    };
+    ([predicted, m, v], made)
 }
 
 /// The prediction must leave at most this share of W's change (energy) to
@@ -1717,7 +1740,8 @@ mod tests {
         let faithful = Policy::preset("faithful").unwrap();
         let stats = GroupStats::guided_sums_of_chunk(&input);
         let plan = plan(&faithful, &stats, F32S).unwrap();
-        let ([qw, qm, qv], recons) = quantize_keeping_recons(&plan, &input);
+        let ([qw, qm, qv], made) = quantize_keeping_recons(&plan, &input);
+        let recons = made.recons;
         assert_eq!(qw.domain, Domain::PredictedResidual);
         let predictor = qw.predictor.clone().unwrap();
         assert!(

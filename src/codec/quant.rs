@@ -31,9 +31,19 @@
 //! levels (kind u8: 0 = table, then count u16 LE and f32 LE each; 1 = linear
 //! or 2 = exp, then the step as f32 LE), escape count u32 LE, escapes as f32
 //! LE, then the rANS stream of symbols.
+//!
+//! Context-split streams (see [`super::context`]): bit 7 of the domain byte
+//! set; after the escapes, the threshold count `t` (u8, at most 3) and the
+//! `t` thresholds as f32 LE, then `t + 1` rANS streams, context 0's first,
+//! each holding its context's symbols in element order. Builds before them
+//! refuse such a payload ("domain").
 
+use super::context;
 use super::float::FloatType;
 use super::rans;
+
+/// Bit of the domain byte that marks a context-split payload.
+const CONTEXTS_FLAG: u8 = 0x80;
 
 /// Symbol reserved for "exact value follows in the escape list".
 pub const ESCAPE: u8 = 255;
@@ -400,13 +410,70 @@ pub struct Decoded {
     pub side: Option<Side>,
     pub predictor: Option<Predictor>,
     pub levels: Levels,
+    /// Empty while `contexts` holds the symbols.
     pub symbols: rans::Symbols,
     pub escapes: Vec<f32>,
+    /// A context-split payload's symbols, until [`Decoded::resolve`] merges
+    /// them (it needs the base and side).
+    pub contexts: Option<ContextStreams>,
+}
+
+/// The symbols of a context-split payload: its thresholds and each
+/// context's symbols.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContextStreams {
+    pub thresholds: Vec<f32>,
+    pub streams: Vec<Vec<u8>>,
 }
 
 impl Decoded {
-    /// The chunk with one symbol byte per element.
+    /// The chunks a decoder must fetch besides the base (see [`SideRef`]).
+    pub fn side_refs(&self) -> Vec<SideRef> {
+        side_refs(self.side.as_ref(), self.predictor.as_ref())
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match &self.contexts {
+            Some(c) => c.streams.iter().map(Vec::len).sum(),
+            None => self.symbols.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The chunk with its context streams (if any) merged into one stream
+    /// of symbols, from the base and side (as [`reconstruct`] takes them)
+    /// their contexts are computed from.
+    pub fn resolve(
+        mut self,
+        base: Option<&[f32]>,
+        side: Option<&[f32]>,
+    ) -> Result<Decoded, QuantError> {
+        let Some(split) = self.contexts.take() else {
+            return Ok(self);
+        };
+        let floor = self.side.as_ref().map_or(0.0, |s| s.floor);
+        let values = context::values(self.domain, base, side, floor)
+            .filter(|v| v.len() == split.streams.iter().map(Vec::len).sum::<usize>())
+            .ok_or(QuantError::Invalid(
+                "base or side of a context-split chunk missing or of the wrong length",
+            ))?;
+        let contexts = context::assign(&split.thresholds, &values);
+        let merged = context::merge(&split.streams, &contexts).map_err(QuantError::Invalid)?;
+        self.symbols = rans::Symbols::Dense(merged);
+        Ok(self)
+    }
+
+    /// The chunk with one symbol byte per element. A context-split chunk
+    /// must be [`Decoded::resolve`]d first.
     pub fn expand(self) -> Quantized {
+        debug_assert!(
+            self.contexts.is_none(),
+            "resolve a context-split chunk first"
+        );
         Quantized {
             domain: self.domain,
             float: self.float,
@@ -426,6 +493,9 @@ impl Decoded {
 /// costs one vectorized add or multiply per element instead of a table
 /// lookup and a branch.
 pub fn reconstruct_f32_onto(q: &Decoded, values: &mut [u8]) -> Result<(), QuantError> {
+    if q.contexts.is_some() {
+        return Err(QuantError::Invalid("in place: resolve the contexts first"));
+    }
     if q.float != FloatType::F32 || !matches!(q.domain, Domain::Residual | Domain::Ratio) {
         return Err(QuantError::Invalid(
             "in place: only f32 residuals and ratios",
@@ -617,7 +687,34 @@ fn map_f32(bytes: &mut [u8], f: impl Fn(f32) -> f32) {
 
 /// Serializes a quantized chunk into `out` (the payload part of a blob).
 pub fn write_payload(q: &Quantized, out: &mut Vec<u8>) {
-    out.push(q.domain.id());
+    write_payload_split(q, None, out);
+}
+
+/// A context split of a chunk's symbols: the thresholds and each element's
+/// context ([`context::assign`]).
+pub struct Split {
+    pub thresholds: Vec<f32>,
+    pub contexts: Vec<u8>,
+}
+
+/// The context split that pays for `q`'s symbols ([`context::choose`]),
+/// given the base and side its decoder will have (as [`reconstruct`] takes
+/// them); `None` where none pays or the domain has no context.
+pub fn context_split(q: &Quantized, base: Option<&[f32]>, side: Option<&[f32]>) -> Option<Split> {
+    let floor = q.side.as_ref().map_or(0.0, |s| s.floor);
+    let values = context::values(q.domain, base, side, floor)?;
+    let thresholds = context::choose(&q.symbols, &values)?;
+    let contexts = context::assign(&thresholds, &values);
+    Some(Split {
+        thresholds,
+        contexts,
+    })
+}
+
+/// [`write_payload`], the symbols split by `split`'s contexts when given.
+pub fn write_payload_split(q: &Quantized, split: Option<&Split>, out: &mut Vec<u8>) {
+    let flag = if split.is_some() { CONTEXTS_FLAG } else { 0 };
+    out.push(q.domain.id() | flag);
     out.push(q.float.id());
     if let Some(side) = &q.side {
         out.push(side.float.id());
@@ -645,7 +742,18 @@ pub fn write_payload(q: &Quantized, out: &mut Vec<u8>) {
     q.escapes
         .iter()
         .for_each(|e| out.extend_from_slice(&e.to_le_bytes()));
-    rans::encode(&q.symbols, out);
+    let Some(split) = split else {
+        rans::encode(&q.symbols, out);
+        return;
+    };
+    assert!(split.thresholds.len() < context::MAX_CONTEXTS);
+    out.push(split.thresholds.len() as u8);
+    split
+        .thresholds
+        .iter()
+        .for_each(|t| out.extend_from_slice(&t.to_le_bytes()));
+    let streams = context::split(&q.symbols, &split.contexts, split.thresholds.len() + 1);
+    streams.iter().for_each(|s| rans::encode(s, out));
 }
 
 fn write_name(name: &str, out: &mut Vec<u8>) {
@@ -657,11 +765,22 @@ fn write_name(name: &str, out: &mut Vec<u8>) {
 /// Parses a payload that must hold `expected` symbols (known from the blob
 /// header), which bounds the work spent on a damaged one.
 pub fn read_payload(bytes: &[u8], expected: usize) -> Result<Quantized, QuantError> {
-    Ok(read_payload_runs(bytes, expected)?.expand())
+    let q = read_payload_runs(bytes, expected)?;
+    if q.contexts.is_some() {
+        return Err(QuantError::Invalid(
+            "a context-split chunk needs its base to decode",
+        ));
+    }
+    Ok(q.expand())
 }
 
 /// The chunks a payload needs besides its base, without decoding its
 /// symbols: what a decoder must fetch first (empty for most payloads).
+/// Whether a payload's symbols are context-split.
+pub fn is_context_split(payload: &[u8]) -> bool {
+    payload.first().is_some_and(|d| d & CONTEXTS_FLAG != 0)
+}
+
 pub fn read_side_refs(bytes: &[u8]) -> Result<Vec<SideRef>, QuantError> {
     let mut reader = Reader { bytes, pos: 0 };
     let head = read_head(&mut reader)?;
@@ -686,6 +805,7 @@ impl<'a> Reader<'a> {
 /// A payload's first fields.
 struct Head {
     domain: Domain,
+    contexted: bool,
     float: FloatType,
     side: Option<Side>,
     predictor: Option<Predictor>,
@@ -704,10 +824,16 @@ fn read_name(r: &mut Reader<'_>) -> Result<String, QuantError> {
 
 /// Domain, float type, side and predictor: the payload's first fields.
 fn read_head(r: &mut Reader<'_>) -> Result<Head, QuantError> {
-    let domain = Domain::from_id(r.take(1)?[0]).ok_or(QuantError::Invalid("domain"))?;
+    let byte = r.take(1)?[0];
+    let domain = Domain::from_id(byte & !CONTEXTS_FLAG).ok_or(QuantError::Invalid("domain"))?;
+    let contexted = byte & CONTEXTS_FLAG != 0;
+    if contexted && !domain.needs_base() {
+        return Err(QuantError::Invalid("context split of a value domain"));
+    }
     let float = read_float(r, "float type")?;
     let mut head = Head {
         domain,
+        contexted,
         float,
         side: None,
         predictor: None,
@@ -746,6 +872,7 @@ pub fn read_payload_runs(bytes: &[u8], expected: usize) -> Result<Decoded, Quant
     let mut reader = Reader { bytes, pos: 0 };
     let Head {
         domain,
+        contexted,
         float,
         side,
         predictor,
@@ -770,9 +897,15 @@ pub fn read_payload_runs(bytes: &[u8], expected: usize) -> Result<Decoded, Quant
     let escapes = f32s(take(
         n_escapes.checked_mul(4).ok_or(QuantError::Truncated)?,
     )?);
-    let pos = reader.pos;
-    let (symbols, used) = rans::decode_symbols(&bytes[pos..], expected)?;
-    if pos + used != bytes.len() {
+    let (symbols, contexts) = if contexted {
+        let split = read_context_streams(&mut reader, expected)?;
+        (rans::Symbols::Dense(Vec::new()), Some(split))
+    } else {
+        let (symbols, used) = rans::decode_symbols(&bytes[reader.pos..], expected)?;
+        reader.pos += used;
+        (symbols, None)
+    };
+    if reader.pos != bytes.len() {
         return Err(QuantError::Invalid("trailing bytes"));
     }
     Ok(Decoded {
@@ -783,6 +916,49 @@ pub fn read_payload_runs(bytes: &[u8], expected: usize) -> Result<Decoded, Quant
         levels,
         symbols,
         escapes,
+        contexts,
+    })
+}
+
+/// The thresholds and context streams of a context-split payload, which
+/// must hold `expected` symbols in all.
+fn read_context_streams(r: &mut Reader<'_>, expected: usize) -> Result<ContextStreams, QuantError> {
+    let count = r.take(1)?[0] as usize;
+    if count >= context::MAX_CONTEXTS {
+        return Err(QuantError::Invalid("too many context thresholds"));
+    }
+    let thresholds = f32s(r.take(4 * count)?);
+    if thresholds.iter().any(|t| t.is_nan()) {
+        return Err(QuantError::Invalid("a context threshold is NaN"));
+    }
+    let mut streams = Vec::with_capacity(count + 1);
+    let mut left = expected;
+    for _ in 0..=count {
+        let rest = &r.bytes[r.pos..];
+        let n = rest
+            .get(..4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4")) as usize)
+            .ok_or(QuantError::Truncated)?;
+        if n > left {
+            return Err(QuantError::Invalid(
+                "context streams hold more symbols than the chunk",
+            ));
+        }
+        let (symbols, used) = rans::decode(rest, n)?;
+        r.pos += used;
+        left -= n;
+        streams.push(symbols);
+    }
+    if left != 0 {
+        return Err(rans::RansError::Count {
+            found: expected - left,
+            expected,
+        }
+        .into());
+    }
+    Ok(ContextStreams {
+        thresholds,
+        streams,
     })
 }
 
@@ -846,6 +1022,7 @@ mod tests {
                         levels: levels.clone(),
                         symbols: symbols.clone(),
                         escapes: vec![],
+                        contexts: None,
                     };
                     let mut values: Vec<u8> = base.iter().flat_map(|x| x.to_le_bytes()).collect();
                     reconstruct_f32_onto(&decoded, &mut values).unwrap();

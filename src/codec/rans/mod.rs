@@ -575,7 +575,7 @@ impl Decoder<'_> {
 /// quantized frequencies cost the symbols, plus the table and the states.
 /// (Within a few bytes of what [`encode`] writes; unlike the entropy, it
 /// sees that a symbol rarer than 1/4096 still costs 12 bits.)
-fn coded_bits(counts: &[u64; 256]) -> f64 {
+pub fn coded_bits(counts: &[u64; 256]) -> f64 {
     let n: u64 = counts.iter().sum();
     let freqs = normalized_frequencies(counts, n);
     let symbols: f64 = counts

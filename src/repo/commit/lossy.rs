@@ -191,7 +191,8 @@ pub fn encode_chunk(
             &chunk_plan
         }
     };
-    let (streams, mut recons) = codec::policy::quantize_keeping_recons(tensor_plan, &x.chunk());
+    let (streams, made) = codec::policy::quantize_keeping_recons(tensor_plan, &x.chunk());
+    let mut recons = made.recons;
     let inputs = [&x.w, &x.m, &x.v];
     let mut out = Vec::with_capacity(3);
     // v first: a scaled m's side is this commit's v̂, as decoders find it
@@ -218,10 +219,23 @@ pub fn encode_chunk(
         let raw = q.float.bytes_of(&recon);
         session.cache_chunk(slot.cache_offset(index), &raw)?;
         let base = q.domain.needs_base().then_some(session.parent).flatten();
+        // What the decoder will have besides the symbols: the base, and the
+        // side (m's: this commit's v̂, still in `recons`; a predicted W's:
+        // its prediction).
+        let base_values = q.domain.needs_base().then(|| x.base(role));
+        let side_values = if q.domain.needs_prediction() {
+            made.prediction.as_deref()
+        } else {
+            q.domain
+                .needs_side()
+                .then(|| recons[2].as_deref())
+                .flatten()
+        };
+        let blob = codec::encode_quant_in_context(q, base_values, side_values);
         let mut encoded = session.finish_chunk(
             (slot.file_index, slot.tensor_index, index),
             &raw,
-            codec::encode_quant(q),
+            blob,
             base,
             None,
         )?;
