@@ -23,6 +23,8 @@
 //! decoder agree bit for bit. The encoder picks the thresholds as quantiles
 //! of the values and keeps the split only when it pays ([`choose`]).
 
+use std::borrow::Cow;
+
 use super::quant::{Domain, Side};
 use super::rans;
 
@@ -46,19 +48,19 @@ const MIN_SAVING_BYTES: f64 = 64.0;
 /// The context value of every element, for a domain that has one (see the
 /// module docs); `None` for the value domains or when a needed input is
 /// missing or of the wrong length.
-pub fn values(
+pub fn values<'a>(
     domain: Domain,
-    base: Option<&[f32]>,
+    base: Option<&'a [f32]>,
     side: Option<&[f32]>,
     floor: f32,
-) -> Option<Vec<f32>> {
-    let n = base.map(<[f32]>::len)?;
-    let side_ok = || side.filter(|s| s.len() == n);
+) -> Option<Cow<'a, [f32]>> {
+    let base = base?;
+    let side_ok = || side.filter(|s| s.len() == base.len());
     Some(match domain {
         Domain::Value | Domain::ScaledValue => return None,
-        Domain::Ratio => base?.to_vec(),
-        Domain::Residual => base?.iter().map(|b| b.abs()).collect(),
-        Domain::ScaledResidual => base?
+        Domain::Ratio => Cow::Borrowed(base),
+        Domain::Residual => base.iter().map(|b| b.abs()).collect(),
+        Domain::ScaledResidual => base
             .iter()
             .zip(side_ok()?)
             .map(|(&b, &s)| b.abs() / Side::scale(floor, s))
@@ -69,13 +71,9 @@ pub fn values(
 
 /// Element contexts: how many thresholds each value reaches.
 pub fn assign(thresholds: &[f32], values: &[f32]) -> Vec<u8> {
-    // Padding with NaN (which nothing reaches) keeps one branch-free loop.
-    let mut t = [f32::NAN; MAX_CONTEXTS - 1];
-    t[..thresholds.len()].copy_from_slice(thresholds);
-    values
-        .iter()
-        .map(|&x| u8::from(x >= t[0]) + u8::from(x >= t[1]) + u8::from(x >= t[2]))
-        .collect()
+    // Padding with NaN keeps one branch-free loop.
+    let t = padded(thresholds);
+    values.iter().map(|&x| context_of(&t, x)).collect()
 }
 
 /// The symbols of each context, in element order.
@@ -90,25 +88,60 @@ pub fn split(symbols: &[u8], contexts: &[u8], count: usize) -> Vec<Vec<u8>> {
 /// The inverse of [`split`]; an error when the streams' lengths do not match
 /// the contexts' counts.
 pub fn merge(streams: &[Vec<u8>], contexts: &[u8]) -> Result<Vec<u8>, &'static str> {
-    let mut counts = vec![0usize; streams.len()];
-    for &c in contexts {
-        *counts
-            .get_mut(c as usize)
-            .ok_or("an element's context has no stream")? += 1;
+    merge_with(streams, contexts.len(), contexts.iter().copied())
+}
+
+/// [`merge`] with each element's context computed from its value on the
+/// way (one pass, no context vector: the decoder's path).
+pub fn merge_by_values(
+    streams: &[Vec<u8>],
+    thresholds: &[f32],
+    values: &[f32],
+) -> Result<Vec<u8>, &'static str> {
+    let t = padded(thresholds);
+    merge_with(
+        streams,
+        values.len(),
+        values.iter().map(|&x| context_of(&t, x)),
+    )
+}
+
+fn merge_with(
+    streams: &[Vec<u8>],
+    len: usize,
+    contexts: impl Iterator<Item = u8>,
+) -> Result<Vec<u8>, &'static str> {
+    const MISMATCH: &str = "context streams do not match their contexts' sizes";
+    if streams.len() > MAX_CONTEXTS {
+        return Err(MISMATCH);
     }
-    if counts.iter().zip(streams).any(|(&c, s)| c != s.len()) {
-        return Err("context streams do not match their contexts' sizes");
+    let mut out = Vec::with_capacity(len);
+    let mut rest: [&[u8]; MAX_CONTEXTS] = [&[]; MAX_CONTEXTS];
+    for (r, s) in rest.iter_mut().zip(streams) {
+        *r = s;
     }
-    let mut next = vec![0usize; streams.len()];
-    Ok(contexts
-        .iter()
-        .map(|&c| {
-            let c = c as usize;
-            let s = streams[c][next[c]];
-            next[c] += 1;
-            s
-        })
-        .collect())
+    for c in contexts {
+        let stream = &mut rest[c as usize];
+        let (&s, tail) = stream.split_first().ok_or(MISMATCH)?;
+        *stream = tail;
+        out.push(s);
+    }
+    if rest.iter().any(|r| !r.is_empty()) {
+        return Err(MISMATCH);
+    }
+    Ok(out)
+}
+
+/// Thresholds padded to [`MAX_CONTEXTS`] − 1 with NaN, which nothing reaches.
+fn padded(thresholds: &[f32]) -> [f32; MAX_CONTEXTS - 1] {
+    let mut t = [f32::NAN; MAX_CONTEXTS - 1];
+    t[..thresholds.len()].copy_from_slice(thresholds);
+    t
+}
+
+#[inline(always)]
+fn context_of(t: &[f32; MAX_CONTEXTS - 1], x: f32) -> u8 {
+    u8::from(x >= t[0]) + u8::from(x >= t[1]) + u8::from(x >= t[2])
 }
 
 /// The thresholds to split `symbols` by, when a split by quantiles of
@@ -178,6 +211,10 @@ mod tests {
             let contexts = assign(&thresholds, &values);
             let streams = split(&symbols, &contexts, thresholds.len() + 1);
             assert_eq!(merge(&streams, &contexts).unwrap(), symbols);
+            assert_eq!(
+                merge_by_values(&streams, &thresholds, &values).unwrap(),
+                symbols
+            );
         }
     }
 

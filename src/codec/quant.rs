@@ -461,8 +461,8 @@ impl Decoded {
             .ok_or(QuantError::Invalid(
                 "base or side of a context-split chunk missing or of the wrong length",
             ))?;
-        let contexts = context::assign(&split.thresholds, &values);
-        let merged = context::merge(&split.streams, &contexts).map_err(QuantError::Invalid)?;
+        let merged = context::merge_by_values(&split.streams, &split.thresholds, &values)
+            .map_err(QuantError::Invalid)?;
         self.symbols = rans::Symbols::Dense(merged);
         Ok(self)
     }
@@ -747,6 +747,11 @@ pub fn write_payload_split(q: &Quantized, split: Option<&Split>, out: &mut Vec<u
         return;
     };
     assert!(split.thresholds.len() < context::MAX_CONTEXTS);
+    assert_eq!(
+        split.contexts.len(),
+        q.symbols.len(),
+        "a context per element"
+    );
     out.push(split.thresholds.len() as u8);
     split
         .thresholds
