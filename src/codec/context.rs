@@ -23,8 +23,6 @@
 //! decoder agree bit for bit. The encoder picks the thresholds as quantiles
 //! of the values and keeps the split only when it pays ([`choose`]).
 
-use std::borrow::Cow;
-
 use super::quant::{Domain, Side};
 use super::rans;
 
@@ -35,8 +33,11 @@ pub const MAX_CONTEXTS: usize = 4;
 /// states cost ~30 bytes, and a small chunk's savings are smaller.
 const MIN_ELEMENTS: usize = 1 << 14;
 
-/// Elements sampled to choose thresholds and to estimate what a split saves.
-const SAMPLE: usize = 1 << 18;
+/// Elements sampled to estimate what a split saves.
+const SAMPLE: usize = 1 << 16;
+
+/// Elements sampled to place the thresholds (quantiles need few).
+const QUANTILE_SAMPLE: usize = 1 << 12;
 
 /// A split must save this share of the unsplit stream's bytes: decoding a
 /// split stream costs a pass over the contexts and a scatter.
@@ -45,94 +46,138 @@ const MIN_SAVING: f64 = 0.015;
 /// And at least this many bytes.
 const MIN_SAVING_BYTES: f64 = 64.0;
 
-/// The context value of every element, for a domain that has one (see the
-/// module docs); `None` for the value domains or when a needed input is
-/// missing or of the wrong length.
-pub fn values<'a>(
-    domain: Domain,
-    base: Option<&'a [f32]>,
-    side: Option<&[f32]>,
+/// What the decoder knows of each element of a chunk, as a context value
+/// (see the module docs), computed on demand.
+#[derive(Clone, Copy)]
+pub struct ContextSource<'a> {
+    kind: Kind,
+    base: &'a [f32],
+    side: &'a [f32],
     floor: f32,
-) -> Option<Cow<'a, [f32]>> {
-    let base = base?;
-    let side_ok = || side.filter(|s| s.len() == base.len());
-    Some(match domain {
-        Domain::Value | Domain::ScaledValue => return None,
-        Domain::Ratio => Cow::Borrowed(base),
-        Domain::Residual => base.iter().map(|b| b.abs()).collect(),
-        Domain::ScaledResidual => base
-            .iter()
-            .zip(side_ok()?)
-            .map(|(&b, &s)| b.abs() / Side::scale(floor, s))
-            .collect(),
-        Domain::PredictedResidual => side_ok()?.iter().map(|p| p.abs()).collect(),
-    })
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Base,
+    AbsBase,
+    ScaledBase,
+    AbsSide,
+}
+
+impl<'a> ContextSource<'a> {
+    /// The context values of a chunk in `domain` with this base and side (as
+    /// [`super::quant::reconstruct`] takes them); `None` for the value
+    /// domains, or when a needed input is missing or of the wrong length.
+    pub fn new(
+        domain: Domain,
+        base: Option<&'a [f32]>,
+        side: Option<&'a [f32]>,
+        floor: f32,
+    ) -> Option<ContextSource<'a>> {
+        let base = base?;
+        let side_ok = || side.filter(|s| s.len() == base.len());
+        let (kind, side) = match domain {
+            Domain::Value | Domain::ScaledValue => return None,
+            Domain::Ratio => (Kind::Base, &[][..]),
+            Domain::Residual => (Kind::AbsBase, &[][..]),
+            Domain::ScaledResidual => (Kind::ScaledBase, side_ok()?),
+            Domain::PredictedResidual => (Kind::AbsSide, side_ok()?),
+        };
+        Some(ContextSource {
+            kind,
+            base,
+            side,
+            floor,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.base.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.base.is_empty()
+    }
+
+    /// Calls `f(i, value)` for every `stride`th element, in order (one loop
+    /// per kind, so that the kind is not matched per element).
+    #[inline(always)]
+    fn visit(&self, stride: usize, mut f: impl FnMut(usize, f32)) {
+        let (base, side, floor) = (self.base, self.side, self.floor);
+        let indices = (0..base.len()).step_by(stride);
+        match self.kind {
+            Kind::Base => indices.for_each(|i| f(i, base[i])),
+            Kind::AbsBase => indices.for_each(|i| f(i, base[i].abs())),
+            Kind::ScaledBase => {
+                indices.for_each(|i| f(i, base[i].abs() / Side::scale(floor, side[i])))
+            }
+            Kind::AbsSide => indices.for_each(|i| f(i, side[i].abs())),
+        }
+    }
 }
 
 /// Element contexts: how many thresholds each value reaches.
-pub fn assign(thresholds: &[f32], values: &[f32]) -> Vec<u8> {
-    // Padding with NaN keeps one branch-free loop.
+pub fn assign(thresholds: &[f32], source: &ContextSource<'_>) -> Vec<u8> {
     let t = padded(thresholds);
-    values.iter().map(|&x| context_of(&t, x)).collect()
+    let mut out = Vec::with_capacity(source.len());
+    source.visit(1, |_, x| out.push(context_of(&t, x)));
+    out
 }
 
 /// The symbols of each context, in element order.
-pub fn split(symbols: &[u8], contexts: &[u8], count: usize) -> Vec<Vec<u8>> {
-    let mut streams = vec![Vec::new(); count];
-    for (&s, &c) in symbols.iter().zip(contexts) {
-        streams[c as usize].push(s);
-    }
+pub fn split(symbols: &[u8], thresholds: &[f32], source: &ContextSource<'_>) -> Vec<Vec<u8>> {
+    assert_eq!(symbols.len(), source.len(), "a context per symbol");
+    let t = padded(thresholds);
+    let mut streams = vec![Vec::new(); thresholds.len() + 1];
+    source.visit(1, |i, x| {
+        streams[context_of(&t, x) as usize].push(symbols[i])
+    });
     streams
 }
 
 /// The inverse of [`split`]; an error when the streams' lengths do not match
-/// the contexts' counts.
-pub fn merge(streams: &[Vec<u8>], contexts: &[u8]) -> Result<Vec<u8>, &'static str> {
-    merge_with(streams, contexts.len(), contexts.iter().copied())
-}
-
-/// [`merge`] with each element's context computed from its value on the
-/// way (one pass, no context vector: the decoder's path).
-pub fn merge_by_values(
+/// their contexts' counts.
+pub fn merge(
     streams: &[Vec<u8>],
     thresholds: &[f32],
-    values: &[f32],
-) -> Result<Vec<u8>, &'static str> {
-    let t = padded(thresholds);
-    merge_with(
-        streams,
-        values.len(),
-        values.iter().map(|&x| context_of(&t, x)),
-    )
-}
-
-fn merge_with(
-    streams: &[Vec<u8>],
-    len: usize,
-    contexts: impl Iterator<Item = u8>,
+    source: &ContextSource<'_>,
 ) -> Result<Vec<u8>, &'static str> {
     const MISMATCH: &str = "context streams do not match their contexts' sizes";
-    if streams.len() > MAX_CONTEXTS {
+    if streams.len() != thresholds.len() + 1 || streams.len() > MAX_CONTEXTS {
         return Err(MISMATCH);
     }
-    let mut out = Vec::with_capacity(len);
+    let t = padded(thresholds);
     let mut rest: [&[u8]; MAX_CONTEXTS] = [&[]; MAX_CONTEXTS];
     for (r, s) in rest.iter_mut().zip(streams) {
         *r = s;
     }
-    for c in contexts {
-        let stream = &mut rest[c as usize];
-        let (&s, tail) = stream.split_first().ok_or(MISMATCH)?;
-        *stream = tail;
-        out.push(s);
-    }
-    if rest.iter().any(|r| !r.is_empty()) {
+    let mut out = Vec::with_capacity(source.len());
+    let mut short = false;
+    source.visit(1, |_, x| {
+        let stream = &mut rest[context_of(&t, x) as usize];
+        match stream.split_first() {
+            Some((&s, tail)) => {
+                *stream = tail;
+                out.push(s);
+            }
+            None => short = true,
+        }
+    });
+    if short || rest.iter().any(|r| !r.is_empty()) {
         return Err(MISMATCH);
     }
     Ok(out)
 }
 
-/// Thresholds padded to [`MAX_CONTEXTS`] − 1 with NaN, which nothing reaches.
+/// A stride that samples about `sample` of `n` elements, odd: tensors'
+/// rows are often a power of two long, and an even stride would see only
+/// some of their columns.
+fn odd_stride(n: usize, sample: usize) -> usize {
+    n.div_ceil(sample) | 1
+}
+
+/// Thresholds padded to [`MAX_CONTEXTS`] − 1 with NaN, which nothing
+/// reaches: one branch-free expression per element.
 fn padded(thresholds: &[f32]) -> [f32; MAX_CONTEXTS - 1] {
     let mut t = [f32::NAN; MAX_CONTEXTS - 1];
     t[..thresholds.len()].copy_from_slice(thresholds);
@@ -144,93 +189,121 @@ fn context_of(t: &[f32; MAX_CONTEXTS - 1], x: f32) -> u8 {
     u8::from(x >= t[0]) + u8::from(x >= t[1]) + u8::from(x >= t[2])
 }
 
-/// The thresholds to split `symbols` by, when a split by quantiles of
-/// `values` saves at least [`MIN_SAVING`] of the stream and
+/// The thresholds to split `symbols` by, when a split at quantiles of the
+/// context values saves at least [`MIN_SAVING`] of the stream and
 /// [`MIN_SAVING_BYTES`], as estimated on a sample: one threshold (the
 /// median) or three (the quartiles), whichever is smaller.
-pub fn choose(symbols: &[u8], values: &[f32]) -> Option<Vec<f32>> {
+pub fn choose(symbols: &[u8], source: &ContextSource<'_>) -> Option<Vec<f32>> {
     let n = symbols.len();
-    if n < MIN_ELEMENTS || values.len() != n {
+    if n < MIN_ELEMENTS || source.len() != n {
         return None;
     }
-    let stride = n.div_ceil(SAMPLE);
-    let mut sorted: Vec<f32> = values
-        .iter()
-        .step_by(stride)
-        .copied()
-        .filter(|x| !x.is_nan())
-        .collect();
+    let mut sorted = Vec::with_capacity(QUANTILE_SAMPLE + 1);
+    source.visit(odd_stride(n, QUANTILE_SAMPLE), |_, x| {
+        if !x.is_nan() {
+            sorted.push(x)
+        }
+    });
     if sorted.is_empty() {
         return None;
     }
     sorted.sort_unstable_by(f32::total_cmp);
     let quantile = |q: f64| sorted[((sorted.len() - 1) as f64 * q) as usize];
-    let plain = estimated_bits(symbols, values, &[], stride);
-    let candidates = [
+    let mut candidates = [
         vec![quantile(0.5)],
-        vec![0.25, 0.5, 0.75].into_iter().map(quantile).collect(),
+        vec![quantile(0.25), quantile(0.5), quantile(0.75)],
     ];
+    candidates.iter_mut().for_each(|t| t.dedup());
+    // One pass over the sample counts the symbols of every candidate's
+    // contexts (and of none).
+    let stride = odd_stride(n, SAMPLE);
+    let (t1, t3) = (padded(&candidates[0]), padded(&candidates[1]));
+    let mut plain = [0u64; 256];
+    let mut counts = [[[0u64; 256]; MAX_CONTEXTS]; 2];
+    source.visit(stride, |i, x| {
+        let s = symbols[i] as usize;
+        plain[s] += 1;
+        counts[0][context_of(&t1, x) as usize][s] += 1;
+        counts[1][context_of(&t3, x) as usize][s] += 1;
+    });
+    let scaled = |c: &[u64; 256]| rans::coded_bits(&c.map(|x| x * stride as u64));
+    let plain_bits = scaled(&plain);
     let (bits, thresholds) = candidates
         .into_iter()
-        .map(|mut t: Vec<f32>| {
-            t.dedup();
-            (estimated_bits(symbols, values, &t, stride), t)
+        .zip(&counts)
+        .map(|(t, c)| {
+            let streams: f64 = c.iter().take(t.len() + 1).map(scaled).sum();
+            (streams + 32.0 * t.len() as f64, t)
         })
         .min_by(|a, b| a.0.total_cmp(&b.0))?;
-    let saving = (plain - bits) / 8.0;
-    (saving >= MIN_SAVING * plain / 8.0 && saving >= MIN_SAVING_BYTES).then_some(thresholds)
-}
-
-/// Estimated bits of the streams a split by `thresholds` writes (empty: the
-/// unsplit stream), from every `stride`th element, their thresholds
-/// included.
-fn estimated_bits(symbols: &[u8], values: &[f32], thresholds: &[f32], stride: usize) -> f64 {
-    let sampled: Vec<f32> = values.iter().step_by(stride).copied().collect();
-    let contexts = assign(thresholds, &sampled);
-    let mut counts = vec![[0u64; 256]; thresholds.len() + 1];
-    for (&s, &c) in symbols.iter().step_by(stride).zip(&contexts) {
-        counts[c as usize][s as usize] += stride as u64;
-    }
-    let streams: f64 = counts
-        .iter()
-        .filter(|c| c.iter().any(|&x| x > 0))
-        .map(rans::coded_bits)
-        .sum();
-    streams + 32.0 * thresholds.len() as f64
+    let saving = (plain_bits - bits) / 8.0;
+    (saving >= MIN_SAVING * plain_bits / 8.0 && saving >= MIN_SAVING_BYTES).then_some(thresholds)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn source(values: &[f32]) -> ContextSource<'_> {
+        ContextSource::new(Domain::Ratio, Some(values), None, 0.0).unwrap()
+    }
+
     #[test]
     fn merge_inverts_split() {
         let symbols: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 11) as u8).collect();
         let values: Vec<f32> = (0..1000u32).map(|i| (i * 13 % 17) as f32).collect();
         for thresholds in [vec![], vec![5.0], vec![2.0, 8.0, 15.0]] {
-            let contexts = assign(&thresholds, &values);
-            let streams = split(&symbols, &contexts, thresholds.len() + 1);
-            assert_eq!(merge(&streams, &contexts).unwrap(), symbols);
+            let streams = split(&symbols, &thresholds, &source(&values));
+            assert_eq!(streams.len(), thresholds.len() + 1);
             assert_eq!(
-                merge_by_values(&streams, &thresholds, &values).unwrap(),
+                merge(&streams, &thresholds, &source(&values)).unwrap(),
                 symbols
             );
         }
     }
 
     #[test]
+    fn each_domain_has_its_context_value() {
+        let base = [-4.0f32, 1.0];
+        let side = [9.0f32, -1.0];
+        let values = |d| {
+            assign(
+                &[0.5, 2.0, 3.5],
+                &ContextSource::new(d, Some(&base), Some(&side), 1.0).unwrap(),
+            )
+        };
+        assert_eq!(values(Domain::Ratio), [0, 1]);
+        assert_eq!(values(Domain::Residual), [3, 1]);
+        // |b| / (√max(side, 0) + floor): 4/4 and 1/1.
+        assert_eq!(values(Domain::ScaledResidual), [1, 1]);
+        assert_eq!(values(Domain::PredictedResidual), [3, 1]);
+        assert!(ContextSource::new(Domain::Value, Some(&base), None, 0.0).is_none());
+        assert!(ContextSource::new(Domain::ScaledResidual, Some(&base), None, 0.0).is_none());
+        assert!(
+            ContextSource::new(
+                Domain::PredictedResidual,
+                Some(&base),
+                Some(&side[..1]),
+                0.0
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
     fn nan_and_infinite_values_have_contexts() {
-        let t = [0.0, 1.0, 2.0];
-        let c = assign(&t, &[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1.5, 2.0]);
-        assert_eq!(c, [0, 3, 0, 2, 3]);
+        let values = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1.5, 2.0];
+        assert_eq!(assign(&[0.0, 1.0, 2.0], &source(&values)), [0, 3, 0, 2, 3]);
     }
 
     #[test]
     fn merge_refuses_streams_of_the_wrong_size() {
-        let contexts = [0u8, 1, 1, 0];
-        assert!(merge(&[vec![1], vec![2, 3]], &contexts).is_err());
-        assert!(merge(&[vec![1, 4], vec![2, 3, 5]], &contexts).is_err());
-        assert!(merge(&[vec![1, 4]], &contexts).is_err());
+        let values = [0.0f32, 1.0, 1.0, 0.0];
+        let t = [0.5];
+        assert!(merge(&[vec![1], vec![2, 3]], &t, &source(&values)).is_err());
+        assert!(merge(&[vec![1, 4], vec![2, 3, 5]], &t, &source(&values)).is_err());
+        assert!(merge(&[vec![1, 4]], &t, &source(&values)).is_err());
+        assert!(merge(&[vec![1, 4], vec![2, 3]], &t, &source(&values)).is_ok());
     }
 
     /// Symbols whose spread follows the value: a split pays and is chosen;
@@ -253,10 +326,10 @@ mod tests {
                 (127 + noise() % spread - spread / 2) as u8
             })
             .collect();
-        let thresholds = choose(&informed, &values).expect("a split pays");
+        let thresholds = choose(&informed, &source(&values)).expect("a split pays");
         assert!(!thresholds.is_empty() && thresholds.len() < MAX_CONTEXTS);
         let blind: Vec<u8> = (0..n).map(|_| (120 + noise() % 15) as u8).collect();
-        assert_eq!(choose(&blind, &values), None);
-        assert_eq!(choose(&informed[..1000], &values[..1000]), None);
+        assert_eq!(choose(&blind, &source(&values)), None);
+        assert_eq!(choose(&informed[..1000], &source(&values[..1000])), None);
     }
 }

@@ -456,12 +456,12 @@ impl Decoded {
             return Ok(self);
         };
         let floor = self.side.as_ref().map_or(0.0, |s| s.floor);
-        let values = context::values(self.domain, base, side, floor)
-            .filter(|v| v.len() == split.streams.iter().map(Vec::len).sum::<usize>())
+        let source = context::ContextSource::new(self.domain, base, side, floor)
+            .filter(|source| source.len() == split.streams.iter().map(Vec::len).sum::<usize>())
             .ok_or(QuantError::Invalid(
                 "base or side of a context-split chunk missing or of the wrong length",
             ))?;
-        let merged = context::merge_by_values(&split.streams, &split.thresholds, &values)
+        let merged = context::merge(&split.streams, &split.thresholds, &source)
             .map_err(QuantError::Invalid)?;
         self.symbols = rans::Symbols::Dense(merged);
         Ok(self)
@@ -690,11 +690,11 @@ pub fn write_payload(q: &Quantized, out: &mut Vec<u8>) {
     write_payload_split(q, None, out);
 }
 
-/// A context split of a chunk's symbols: the thresholds and each element's
-/// context ([`context::assign`]).
+/// A context split of a chunk's symbols: the thresholds and each context's
+/// symbols ([`context::split`]).
 pub struct Split {
     pub thresholds: Vec<f32>,
-    pub contexts: Vec<u8>,
+    pub streams: Vec<Vec<u8>>,
 }
 
 /// The context split that pays for `q`'s symbols ([`context::choose`]),
@@ -702,12 +702,12 @@ pub struct Split {
 /// them); `None` where none pays or the domain has no context.
 pub fn context_split(q: &Quantized, base: Option<&[f32]>, side: Option<&[f32]>) -> Option<Split> {
     let floor = q.side.as_ref().map_or(0.0, |s| s.floor);
-    let values = context::values(q.domain, base, side, floor)?;
-    let thresholds = context::choose(&q.symbols, &values)?;
-    let contexts = context::assign(&thresholds, &values);
+    let source = context::ContextSource::new(q.domain, base, side, floor)?;
+    let thresholds = context::choose(&q.symbols, &source)?;
+    let streams = context::split(&q.symbols, &thresholds, &source);
     Some(Split {
         thresholds,
-        contexts,
+        streams,
     })
 }
 
@@ -747,18 +747,18 @@ pub fn write_payload_split(q: &Quantized, split: Option<&Split>, out: &mut Vec<u
         return;
     };
     assert!(split.thresholds.len() < context::MAX_CONTEXTS);
+    assert_eq!(split.streams.len(), split.thresholds.len() + 1);
     assert_eq!(
-        split.contexts.len(),
+        split.streams.iter().map(Vec::len).sum::<usize>(),
         q.symbols.len(),
-        "a context per element"
+        "every symbol in a context stream"
     );
     out.push(split.thresholds.len() as u8);
     split
         .thresholds
         .iter()
         .for_each(|t| out.extend_from_slice(&t.to_le_bytes()));
-    let streams = context::split(&q.symbols, &split.contexts, split.thresholds.len() + 1);
-    streams.iter().for_each(|s| rans::encode(s, out));
+    split.streams.iter().for_each(|s| rans::encode(s, out));
 }
 
 fn write_name(name: &str, out: &mut Vec<u8>) {
