@@ -1,6 +1,6 @@
-//! Context-modelled symbol streams: a quantized chunk's symbols split by a
-//! context the decoder computes *before* it decodes them, each context's
-//! symbols coded as their own rANS stream with their own table.
+//! Context-modelled symbol streams: each symbol of a quantized chunk coded
+//! with the rANS table of a context the decoder computes *before* it
+//! decodes it ([`rans::contexts`]).
 //!
 //! One table per stream codes every element as if it were typical. But the
 //! decoder already knows something of each element — its base (the parent's
@@ -26,11 +26,11 @@
 use super::quant::{Domain, Side};
 use super::rans;
 
-/// Most contexts a chunk's symbols are split into.
-pub const MAX_CONTEXTS: usize = 4;
+/// Most contexts a chunk's symbols are coded in.
+pub const MAX_CONTEXTS: usize = rans::contexts::MAX_CONTEXTS;
 
-/// Chunks smaller than this are never split: each context's table and
-/// states cost ~30 bytes, and a small chunk's savings are smaller.
+/// Chunks smaller than this are never context-coded: each context's table
+/// costs up to ~60 bytes, and a small chunk's savings are smaller.
 const MIN_ELEMENTS: usize = 1 << 14;
 
 /// Elements sampled to estimate what a split saves.
@@ -39,8 +39,9 @@ const SAMPLE: usize = 1 << 16;
 /// Elements sampled to place the thresholds (quantiles need few).
 const QUANTILE_SAMPLE: usize = 1 << 12;
 
-/// A split must save this share of the unsplit stream's bytes: decoding a
-/// split stream costs a pass over the contexts and a scatter.
+/// Contexts must save this share of the plain stream's bytes: they cost a
+/// pass computing every element's context, at commit and at decode, and
+/// the context-coded stream has no run or tuple form.
 const MIN_SAVING: f64 = 0.015;
 
 /// And at least this many bytes.
@@ -99,6 +100,22 @@ impl<'a> ContextSource<'a> {
         self.base.is_empty()
     }
 
+    /// Every element's context under thresholds `t` (padded): one loop per
+    /// kind over zipped slices, which the compiler vectorizes.
+    fn contexts(&self, t: &[f32; MAX_CONTEXTS - 1]) -> Vec<u8> {
+        let (base, side, floor) = (self.base, self.side, self.floor);
+        match self.kind {
+            Kind::Base => base.iter().map(|&x| context_of(t, x)).collect(),
+            Kind::AbsBase => base.iter().map(|&x| context_of(t, x.abs())).collect(),
+            Kind::ScaledBase => base
+                .iter()
+                .zip(side)
+                .map(|(&b, &s)| context_of(t, b.abs() / Side::scale(floor, s)))
+                .collect(),
+            Kind::AbsSide => side.iter().map(|&x| context_of(t, x.abs())).collect(),
+        }
+    }
+
     /// Calls `f(i, value)` for every `stride`th element, in order (one loop
     /// per kind, so that the kind is not matched per element).
     #[inline(always)]
@@ -118,55 +135,7 @@ impl<'a> ContextSource<'a> {
 
 /// Element contexts: how many thresholds each value reaches.
 pub fn assign(thresholds: &[f32], source: &ContextSource<'_>) -> Vec<u8> {
-    let t = padded(thresholds);
-    let mut out = Vec::with_capacity(source.len());
-    source.visit(1, |_, x| out.push(context_of(&t, x)));
-    out
-}
-
-/// The symbols of each context, in element order.
-pub fn split(symbols: &[u8], thresholds: &[f32], source: &ContextSource<'_>) -> Vec<Vec<u8>> {
-    assert_eq!(symbols.len(), source.len(), "a context per symbol");
-    let t = padded(thresholds);
-    let mut streams = vec![Vec::new(); thresholds.len() + 1];
-    source.visit(1, |i, x| {
-        streams[context_of(&t, x) as usize].push(symbols[i])
-    });
-    streams
-}
-
-/// The inverse of [`split`]; an error when the streams' lengths do not match
-/// their contexts' counts.
-pub fn merge(
-    streams: &[Vec<u8>],
-    thresholds: &[f32],
-    source: &ContextSource<'_>,
-) -> Result<Vec<u8>, &'static str> {
-    const MISMATCH: &str = "context streams do not match their contexts' sizes";
-    if streams.len() != thresholds.len() + 1 || streams.len() > MAX_CONTEXTS {
-        return Err(MISMATCH);
-    }
-    let t = padded(thresholds);
-    let mut rest: [&[u8]; MAX_CONTEXTS] = [&[]; MAX_CONTEXTS];
-    for (r, s) in rest.iter_mut().zip(streams) {
-        *r = s;
-    }
-    let mut out = Vec::with_capacity(source.len());
-    let mut short = false;
-    source.visit(1, |_, x| {
-        let stream = &mut rest[context_of(&t, x) as usize];
-        match stream.split_first() {
-            Some((&s, tail)) => {
-                *stream = tail;
-                out.push(s);
-            }
-            None => short = true,
-        }
-    });
-    if short || rest.iter().any(|r| !r.is_empty()) {
-        return Err(MISMATCH);
-    }
-    Ok(out)
+    source.contexts(&padded(thresholds))
 }
 
 /// A stride that samples about `sample` of `n` elements, odd: tensors'
@@ -249,20 +218,6 @@ mod tests {
     }
 
     #[test]
-    fn merge_inverts_split() {
-        let symbols: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 11) as u8).collect();
-        let values: Vec<f32> = (0..1000u32).map(|i| (i * 13 % 17) as f32).collect();
-        for thresholds in [vec![], vec![5.0], vec![2.0, 8.0, 15.0]] {
-            let streams = split(&symbols, &thresholds, &source(&values));
-            assert_eq!(streams.len(), thresholds.len() + 1);
-            assert_eq!(
-                merge(&streams, &thresholds, &source(&values)).unwrap(),
-                symbols
-            );
-        }
-    }
-
-    #[test]
     fn each_domain_has_its_context_value() {
         let base = [-4.0f32, 1.0];
         let side = [9.0f32, -1.0];
@@ -294,16 +249,6 @@ mod tests {
     fn nan_and_infinite_values_have_contexts() {
         let values = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1.5, 2.0];
         assert_eq!(assign(&[0.0, 1.0, 2.0], &source(&values)), [0, 3, 0, 2, 3]);
-    }
-
-    #[test]
-    fn merge_refuses_streams_of_the_wrong_size() {
-        let values = [0.0f32, 1.0, 1.0, 0.0];
-        let t = [0.5];
-        assert!(merge(&[vec![1], vec![2, 3]], &t, &source(&values)).is_err());
-        assert!(merge(&[vec![1, 4], vec![2, 3, 5]], &t, &source(&values)).is_err());
-        assert!(merge(&[vec![1, 4]], &t, &source(&values)).is_err());
-        assert!(merge(&[vec![1, 4], vec![2, 3]], &t, &source(&values)).is_ok());
     }
 
     /// Symbols whose spread follows the value: a split pays and is chosen;

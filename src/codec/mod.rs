@@ -675,7 +675,7 @@ mod tests {
             };
             let base: Vec<u8> = raw.iter().flat_map(|x| x.to_le_bytes()).collect();
             let source = context::ContextSource::new(quant::Domain::Residual, Some(&raw), None, 0.0).unwrap();
-            let split = quant::Split { thresholds: vec![0.0], streams: context::split(&q.symbols, &[0.0], &source) };
+            let split = quant::Split { thresholds: vec![0.0], contexts: context::assign(&[0.0], &source) };
             let split = encode_quant_split(&q, Some(&split));
             for mut blob in [encode_quant(&q), split, encode_keyframe(&base, 4), encode_xor_delta(&base, &base, 4)] {
                 for &(at, bits) in &flips {

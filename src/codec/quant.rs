@@ -32,17 +32,17 @@
 //! or 2 = exp, then the step as f32 LE), escape count u32 LE, escapes as f32
 //! LE, then the rANS stream of symbols.
 //!
-//! Context-split streams (see [`super::context`]): bit 7 of the domain byte
+//! Context-coded symbols (see [`super::context`]): bit 7 of the domain byte
 //! set; after the escapes, the threshold count `t` (u8, at most 3) and the
-//! `t` thresholds as f32 LE, then `t + 1` rANS streams, context 0's first,
-//! each holding its context's symbols in element order. Builds before them
-//! refuse such a payload ("domain").
+//! `t` thresholds as f32 LE, then one context-coded rANS stream
+//! ([`rans::contexts`]) of `t + 1` tables. Builds before them refuse such a
+//! payload ("domain").
 
 use super::context;
 use super::float::FloatType;
 use super::rans;
 
-/// Bit of the domain byte that marks a context-split payload.
+/// Bit of the domain byte that marks a context-coded payload.
 const CONTEXTS_FLAG: u8 = 0x80;
 
 /// Symbol reserved for "exact value follows in the escape list".
@@ -413,17 +413,19 @@ pub struct Decoded {
     /// Empty while `contexts` holds the symbols.
     pub symbols: rans::Symbols,
     pub escapes: Vec<f32>,
-    /// A context-split payload's symbols, until [`Decoded::resolve`] merges
-    /// them (it needs the base and side).
-    pub contexts: Option<ContextStreams>,
+    /// A context-coded payload's symbols, until [`Decoded::resolve`]
+    /// decodes them (their contexts need the base and side).
+    pub contexts: Option<ContextCoded>,
 }
 
-/// The symbols of a context-split payload: its thresholds and each
-/// context's symbols.
+/// The symbols of a context-coded payload, still coded: its thresholds and
+/// its stream.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ContextStreams {
+pub struct ContextCoded {
     pub thresholds: Vec<f32>,
-    pub streams: Vec<Vec<u8>>,
+    pub stream: Vec<u8>,
+    /// Symbols the stream holds (from its header).
+    pub len: usize,
 }
 
 impl Decoded {
@@ -435,7 +437,7 @@ impl Decoded {
     /// Number of elements.
     pub fn len(&self) -> usize {
         match &self.contexts {
-            Some(c) => c.streams.iter().map(Vec::len).sum(),
+            Some(c) => c.len,
             None => self.symbols.len(),
         }
     }
@@ -444,35 +446,38 @@ impl Decoded {
         self.len() == 0
     }
 
-    /// The chunk with its context streams (if any) merged into one stream
-    /// of symbols, from the base and side (as [`reconstruct`] takes them)
-    /// their contexts are computed from.
+    /// The chunk with its context-coded symbols (if any) decoded, their
+    /// contexts computed from the base and side (as [`reconstruct`] takes
+    /// them).
     pub fn resolve(
         mut self,
         base: Option<&[f32]>,
         side: Option<&[f32]>,
     ) -> Result<Decoded, QuantError> {
-        let Some(split) = self.contexts.take() else {
+        let Some(coded) = self.contexts.take() else {
             return Ok(self);
         };
         let floor = self.side.as_ref().map_or(0.0, |s| s.floor);
         let source = context::ContextSource::new(self.domain, base, side, floor)
-            .filter(|source| source.len() == split.streams.iter().map(Vec::len).sum::<usize>())
+            .filter(|source| source.len() == coded.len)
             .ok_or(QuantError::Invalid(
-                "base or side of a context-split chunk missing or of the wrong length",
+                "base or side of a context-coded chunk missing or of the wrong length",
             ))?;
-        let merged = context::merge(&split.streams, &split.thresholds, &source)
-            .map_err(QuantError::Invalid)?;
+        let contexts = context::assign(&coded.thresholds, &source);
+        let (merged, used) = rans::contexts::decode(&coded.stream, &contexts)?;
+        if used != coded.stream.len() {
+            return Err(QuantError::Invalid("trailing bytes"));
+        }
         self.symbols = rans::Symbols::Dense(merged);
         Ok(self)
     }
 
-    /// The chunk with one symbol byte per element. A context-split chunk
+    /// The chunk with one symbol byte per element. A context-coded chunk
     /// must be [`Decoded::resolve`]d first.
     pub fn expand(self) -> Quantized {
         debug_assert!(
             self.contexts.is_none(),
-            "resolve a context-split chunk first"
+            "resolve a context-coded chunk first"
         );
         Quantized {
             domain: self.domain,
@@ -690,11 +695,11 @@ pub fn write_payload(q: &Quantized, out: &mut Vec<u8>) {
     write_payload_split(q, None, out);
 }
 
-/// A context split of a chunk's symbols: the thresholds and each context's
-/// symbols ([`context::split`]).
+/// The contexts a chunk's symbols are coded in: the thresholds and each
+/// element's context ([`context::assign`]).
 pub struct Split {
     pub thresholds: Vec<f32>,
-    pub streams: Vec<Vec<u8>>,
+    pub contexts: Vec<u8>,
 }
 
 /// The context split that pays for `q`'s symbols ([`context::choose`]),
@@ -704,10 +709,10 @@ pub fn context_split(q: &Quantized, base: Option<&[f32]>, side: Option<&[f32]>) 
     let floor = q.side.as_ref().map_or(0.0, |s| s.floor);
     let source = context::ContextSource::new(q.domain, base, side, floor)?;
     let thresholds = context::choose(&q.symbols, &source)?;
-    let streams = context::split(&q.symbols, &thresholds, &source);
+    let contexts = context::assign(&thresholds, &source);
     Some(Split {
         thresholds,
-        streams,
+        contexts,
     })
 }
 
@@ -747,18 +752,18 @@ pub fn write_payload_split(q: &Quantized, split: Option<&Split>, out: &mut Vec<u
         return;
     };
     assert!(split.thresholds.len() < context::MAX_CONTEXTS);
-    assert_eq!(split.streams.len(), split.thresholds.len() + 1);
     assert_eq!(
-        split.streams.iter().map(Vec::len).sum::<usize>(),
+        split.contexts.len(),
         q.symbols.len(),
-        "every symbol in a context stream"
+        "a context per symbol"
     );
     out.push(split.thresholds.len() as u8);
     split
         .thresholds
         .iter()
         .for_each(|t| out.extend_from_slice(&t.to_le_bytes()));
-    split.streams.iter().for_each(|s| rans::encode(s, out));
+    let count = split.thresholds.len() + 1;
+    rans::contexts::encode(&q.symbols, &split.contexts, count, out);
 }
 
 fn write_name(name: &str, out: &mut Vec<u8>) {
@@ -773,7 +778,7 @@ pub fn read_payload(bytes: &[u8], expected: usize) -> Result<Quantized, QuantErr
     let q = read_payload_runs(bytes, expected)?;
     if q.contexts.is_some() {
         return Err(QuantError::Invalid(
-            "a context-split chunk needs its base to decode",
+            "a context-coded chunk needs its base to decode",
         ));
     }
     Ok(q.expand())
@@ -903,7 +908,7 @@ pub fn read_payload_runs(bytes: &[u8], expected: usize) -> Result<Decoded, Quant
         n_escapes.checked_mul(4).ok_or(QuantError::Truncated)?,
     )?);
     let (symbols, contexts) = if contexted {
-        let split = read_context_streams(&mut reader, expected)?;
+        let split = read_context_coded(&mut reader, expected)?;
         (rans::Symbols::Dense(Vec::new()), Some(split))
     } else {
         let (symbols, used) = rans::decode_symbols(&bytes[reader.pos..], expected)?;
@@ -925,9 +930,10 @@ pub fn read_payload_runs(bytes: &[u8], expected: usize) -> Result<Decoded, Quant
     })
 }
 
-/// The thresholds and context streams of a context-split payload, which
-/// must hold `expected` symbols in all.
-fn read_context_streams(r: &mut Reader<'_>, expected: usize) -> Result<ContextStreams, QuantError> {
+/// The thresholds and stream of a context-coded payload (the rest of it),
+/// which must hold `expected` symbols; the stream is decoded by
+/// [`Decoded::resolve`].
+fn read_context_coded(r: &mut Reader<'_>, expected: usize) -> Result<ContextCoded, QuantError> {
     let count = r.take(1)?[0] as usize;
     if count >= context::MAX_CONTEXTS {
         return Err(QuantError::Invalid("too many context thresholds"));
@@ -936,34 +942,22 @@ fn read_context_streams(r: &mut Reader<'_>, expected: usize) -> Result<ContextSt
     if thresholds.iter().any(|t| t.is_nan()) {
         return Err(QuantError::Invalid("a context threshold is NaN"));
     }
-    let mut streams = Vec::with_capacity(count + 1);
-    let mut left = expected;
-    for _ in 0..=count {
-        let rest = &r.bytes[r.pos..];
-        let n = rest
-            .get(..4)
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4")) as usize)
-            .ok_or(QuantError::Truncated)?;
-        if n > left {
-            return Err(QuantError::Invalid(
-                "context streams hold more symbols than the chunk",
-            ));
-        }
-        let (symbols, used) = rans::decode(rest, n)?;
-        r.pos += used;
-        left -= n;
-        streams.push(symbols);
-    }
-    if left != 0 {
+    let stream = r.take(r.bytes.len() - r.pos)?;
+    let len = stream
+        .get(..4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4")) as usize)
+        .ok_or(QuantError::Truncated)?;
+    if len != expected {
         return Err(rans::RansError::Count {
-            found: expected - left,
+            found: len,
             expected,
         }
         .into());
     }
-    Ok(ContextStreams {
+    Ok(ContextCoded {
         thresholds,
-        streams,
+        stream: stream.to_vec(),
+        len,
     })
 }
 

@@ -22,6 +22,7 @@
 //! builds, still decode; builds before the four-state streams refuse them
 //! with "rANS frequency table is invalid".
 
+pub mod contexts;
 mod tuples;
 pub use tuples::tuple_symbols;
 mod runs;
