@@ -93,6 +93,14 @@ fn every_policy_round_trips_with_the_recorded_error() {
             // model they were a fifth of a residual commit's bytes.
             assert!(small >= 3 * 8, "{policy}: only {small} small lossy tensors");
         }
+        // `compact` codes chunks in contexts (v's by the parent's v̂) where
+        // that pays; the checkouts above read them back.
+        let coded = context_coded_chunks(&env, "120");
+        if policy == "compact" {
+            assert!(coded > 0, "compact context-coded no chunk");
+        } else {
+            assert_eq!(coded, 0, "{policy} context-coded {coded} chunks");
+        }
         let log = env.json(&["log"]);
         assert!(log[0]["error_w"].as_f64().unwrap() > 0.0);
         assert!(
@@ -101,6 +109,22 @@ fn every_policy_round_trips_with_the_recorded_error() {
             log[0]
         );
     }
+}
+
+/// How many chunks of commit `rev` are context-coded.
+fn context_coded_chunks(env: &Env, rev: &str) -> usize {
+    use ckptvc::codec;
+    use ckptvc::repo::{Repo, rev};
+    let store = Repo::open(env.repo()).unwrap();
+    let id = rev::resolve(store.backend(), rev).unwrap();
+    let record = store.get_commit(&id).unwrap().unwrap();
+    record
+        .files
+        .iter()
+        .flat_map(|file| file.tensors())
+        .flat_map(|tensor| &tensor.chunks)
+        .filter(|chunk| codec::is_context_coded(&store.get_blob(&chunk.blob).unwrap()).unwrap())
+        .count()
 }
 
 #[test]
@@ -819,7 +843,7 @@ fn weights_are_predicted_from_their_moments_and_survive_prune() {
         for tensor in file.tensors() {
             for chunk in &tensor.chunks {
                 let blob = store.get_blob(&chunk.blob).unwrap();
-                split += usize::from(codec::is_context_split(&blob).unwrap());
+                split += usize::from(codec::is_context_coded(&blob).unwrap());
                 let named = codec::sides_of(&blob).unwrap();
                 if named.first().is_none_or(|s| s.file.is_none()) {
                     continue;
@@ -840,9 +864,8 @@ fn weights_are_predicted_from_their_moments_and_survive_prune() {
         }
     }
     assert!(predicted > 0, "no W chunk is predicted");
-    // Context-split chunks (v's, by the parent's v̂) go through the same
-    // fsck, prune and checkouts below.
-    assert!(split > 0, "no chunk is context-split");
+    // Only `compact` context-codes (see every_policy_round_trips…).
+    assert_eq!(split, 0, "faithful context-coded {split} chunks");
     drop(store);
     env.cmd().arg("fsck").assert().success();
     env.cmd()

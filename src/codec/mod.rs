@@ -362,12 +362,12 @@ pub fn sides_of(blob: &[u8]) -> Result<Vec<quant::SideRef>, CodecError> {
     Ok(quant::read_side_refs(&blob[HEADER_LEN..])?)
 }
 
-/// Whether a blob is a lossy chunk whose symbols are split by context
+/// Whether a blob is a lossy chunk whose symbols are context-coded
 /// ([`context`]).
-pub fn is_context_split(blob: &[u8]) -> Result<bool, CodecError> {
+pub fn is_context_coded(blob: &[u8]) -> Result<bool, CodecError> {
     let header = BlobHeader::parse(blob)?;
     Ok(matches!(header.codec, Codec::Quant | Codec::QuantDelta)
-        && quant::is_context_split(&blob[HEADER_LEN..]))
+        && quant::is_context_coded(&blob[HEADER_LEN..]))
 }
 
 /// The decoded bytes of a parsed quantized blob, after checking it against

@@ -786,8 +786,8 @@ pub fn read_payload(bytes: &[u8], expected: usize) -> Result<Quantized, QuantErr
 
 /// The chunks a payload needs besides its base, without decoding its
 /// symbols: what a decoder must fetch first (empty for most payloads).
-/// Whether a payload's symbols are context-split.
-pub fn is_context_split(payload: &[u8]) -> bool {
+/// Whether a payload's symbols are context-coded.
+pub fn is_context_coded(payload: &[u8]) -> bool {
     payload.first().is_some_and(|d| d & CONTEXTS_FLAG != 0)
 }
 

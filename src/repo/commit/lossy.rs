@@ -231,7 +231,11 @@ pub fn encode_chunk(
                 .then(|| recons[2].as_deref())
                 .flatten()
         };
-        let blob = codec::encode_quant_in_context(q, base_values, side_values);
+        let blob = if policy.codes_in_contexts() {
+            codec::encode_quant_in_context(q, base_values, side_values)
+        } else {
+            codec::encode_quant(q)
+        };
         let mut encoded = session.finish_chunk(
             (slot.file_index, slot.tensor_index, index),
             &raw,
