@@ -12,8 +12,8 @@
 //! order, exactly as a plain stream of four states.
 
 use super::{
-    EncSymbol, LOW, Model, RansError, STATES, STATES_SHIFT, Slot, TOTAL, cumulative,
-    normalized_frequencies, put, renormalized, states_code,
+    LOW, Model, RansError, STATES, STATES_SHIFT, Slot, TOTAL, put, renormalized, states_code,
+    write_table,
 };
 
 /// Most contexts a stream has.
@@ -28,17 +28,7 @@ pub fn encode(symbols: &[u8], contexts: &[u8], k: usize, out: &mut Vec<u8>) {
     out.push(k as u8);
     let mut coders = Vec::with_capacity(k * 256);
     for counts in &counts {
-        let n: u64 = counts.iter().sum();
-        let freqs = normalized_frequencies(counts, n);
-        let present: Vec<usize> = (0..256).filter(|&s| freqs[s] > 0).collect();
-        let k_field = present.len() as u16 | (states_code(STATES) << STATES_SHIFT);
-        out.extend_from_slice(&k_field.to_le_bytes());
-        for &s in &present {
-            out.push(s as u8);
-            out.extend_from_slice(&(freqs[s] as u16).to_le_bytes());
-        }
-        let cum = cumulative(&freqs);
-        coders.extend((0..256).map(|s| EncSymbol::new(cum[s], freqs[s])));
+        coders.extend(write_table(counts, STATES, out));
     }
     let coder = |c: u8, s: u8| &coders[(c as usize) << 8 | s as usize];
     // As the plain encoder: back to front, symbol i through state i mod 4,

@@ -204,20 +204,27 @@ const fn states_code(states: usize) -> u16 {
     }
 }
 
-/// Symbol `i` goes through state `i mod L`.
-fn encode_interleaved<const L: usize>(symbols: &[u8], counts: &[u64; 256], out: &mut Vec<u8>) {
-    debug_assert_eq!(counts.iter().sum::<u64>(), symbols.len() as u64);
-    let freqs = normalized_frequencies(counts, symbols.len() as u64);
-    let cum = cumulative(&freqs);
-    out.extend_from_slice(&(symbols.len() as u32).to_le_bytes());
+/// Writes the frequency table of a stream of `states` states with these
+/// symbol counts (its `k` field and entries) and returns each symbol's
+/// encoder constants.
+fn write_table(counts: &[u64; 256], states: usize, out: &mut Vec<u8>) -> Vec<EncSymbol> {
+    let freqs = normalized_frequencies(counts, counts.iter().sum());
     let present: Vec<usize> = (0..256).filter(|&s| freqs[s] > 0).collect();
-    let k_field = present.len() as u16 | (states_code(L) << STATES_SHIFT);
+    let k_field = present.len() as u16 | (states_code(states) << STATES_SHIFT);
     out.extend_from_slice(&k_field.to_le_bytes());
     for &s in &present {
         out.push(s as u8);
         out.extend_from_slice(&(freqs[s] as u16).to_le_bytes());
     }
-    let coders: Vec<EncSymbol> = (0..256).map(|s| EncSymbol::new(cum[s], freqs[s])).collect();
+    let cum = cumulative(&freqs);
+    (0..256).map(|s| EncSymbol::new(cum[s], freqs[s])).collect()
+}
+
+/// Symbol `i` goes through state `i mod L`.
+fn encode_interleaved<const L: usize>(symbols: &[u8], counts: &[u64; 256], out: &mut Vec<u8>) {
+    debug_assert_eq!(counts.iter().sum::<u64>(), symbols.len() as u64);
+    out.extend_from_slice(&(symbols.len() as u32).to_le_bytes());
+    let coders = write_table(counts, L, out);
     // rANS encodes back to front; bytes are collected reversed, into a
     // buffer kept at least 2 bytes per symbol ahead of what is written.
     let mut reversed = vec![0u8; 2 * L + 4];
