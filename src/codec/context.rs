@@ -6,10 +6,10 @@
 //! decoder already knows something of each element — its base (the parent's
 //! value) and, in the scaled and predicted domains, a side — and the
 //! distribution of the symbols depends on it: a v element whose parent v̂ is
-//! tiny moves by large factors, one whose v̂ is large hardly moves. Splitting
-//! the stream by that knowledge lets each part's table fit its part.
+//! tiny moves by large factors, one whose v̂ is large hardly moves. A table
+//! per context lets each fit its elements.
 //!
-//! The *context value* of element `i` ([`values`]):
+//! The *context value* of element `i` ([`ContextSource`]):
 //! - `Ratio` (v as a log ratio): `base[i]`, the parent's v̂;
 //! - `Residual`: `|base[i]|`;
 //! - `ScaledResidual` (m in units of Adam's update): `|base[i]| /
@@ -35,7 +35,7 @@ pub const MAX_CONTEXTS: usize = rans::contexts::MAX_CONTEXTS;
 /// costs up to ~60 bytes, and a small chunk's savings are smaller.
 const MIN_ELEMENTS: usize = 1 << 14;
 
-/// Elements sampled to estimate what a split saves.
+/// Elements sampled to estimate what contexts save.
 const SAMPLE: usize = 1 << 16;
 
 /// Elements sampled to place the thresholds (quantiles need few).
