@@ -162,8 +162,8 @@ fn context_of(t: &[f32; MAX_CONTEXTS - 1], x: f32) -> u8 {
     u8::from(x >= t[0]) + u8::from(x >= t[1]) + u8::from(x >= t[2])
 }
 
-/// The thresholds to split `symbols` by, when a split at quantiles of the
-/// context values saves at least [`MIN_SAVING`] of the stream and
+/// The thresholds of the contexts to code `symbols` in, when contexts at
+/// quantiles of the context values save at least [`MIN_SAVING`] of the stream and
 /// [`MIN_SAVING_BYTES`], as estimated on a sample: one threshold (the
 /// median) or three (the quartiles), whichever is smaller.
 pub fn choose(symbols: &[u8], source: &ContextSource<'_>) -> Option<Vec<f32>> {
@@ -255,10 +255,10 @@ mod tests {
         assert_eq!(assign(&[0.0, 1.0, 2.0], &source(&values)), [0, 3, 0, 2, 3]);
     }
 
-    /// Symbols whose spread follows the value: a split pays and is chosen;
-    /// symbols independent of it: no split.
+    /// Symbols whose spread follows the value: contexts pay and are chosen;
+    /// symbols independent of it: none.
     #[test]
-    fn a_split_is_chosen_only_where_the_context_informs() {
+    fn contexts_are_chosen_only_where_they_inform() {
         let n = 1 << 17;
         let mut x = 0x2545_f491_4f6c_dd1du64;
         let mut noise = move || {
@@ -275,7 +275,7 @@ mod tests {
                 (127 + noise() % spread - spread / 2) as u8
             })
             .collect();
-        let thresholds = choose(&informed, &source(&values)).expect("a split pays");
+        let thresholds = choose(&informed, &source(&values)).expect("contexts pay");
         assert!(!thresholds.is_empty() && thresholds.len() < MAX_CONTEXTS);
         let blind: Vec<u8> = (0..n).map(|_| (120 + noise() % 15) as u8).collect();
         assert_eq!(choose(&blind, &source(&values)), None);

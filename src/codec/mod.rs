@@ -308,10 +308,10 @@ pub fn encode_lossless(raw: &[u8], base: Option<&[u8]>, elem_size: usize) -> (Ve
 /// A lossy chunk: the quantized stream, decoded by [`decode`] to the stored
 /// float type. Its codec is `quant-delta` when it is coded against a base.
 pub fn encode_quant(q: &quant::Quantized) -> Vec<u8> {
-    encode_quant_split(q, None)
+    encode_quant_with(q, None)
 }
 
-/// [`encode_quant`], the symbols split by a context when one pays
+/// [`encode_quant`], the symbols coded in contexts where that pays
 /// ([`context`]), computed from the base and side the decoder will have (as
 /// [`quant::reconstruct`] takes them: for a predicted W, the prediction).
 pub fn encode_quant_in_context(
@@ -319,10 +319,10 @@ pub fn encode_quant_in_context(
     base: Option<&[f32]>,
     side: Option<&[f32]>,
 ) -> Vec<u8> {
-    encode_quant_split(q, quant::context_split(q, base, side).as_ref())
+    encode_quant_with(q, quant::context_plan(q, base, side).as_ref())
 }
 
-fn encode_quant_split(q: &quant::Quantized, split: Option<&quant::Split>) -> Vec<u8> {
+fn encode_quant_with(q: &quant::Quantized, plan: Option<&quant::ContextPlan>) -> Vec<u8> {
     let codec = if q.domain.needs_base() {
         Codec::QuantDelta
     } else {
@@ -335,7 +335,7 @@ fn encode_quant_split(q: &quant::Quantized, split: Option<&quant::Split>) -> Vec
         raw_len: (q.symbols.len() * q.float.size()) as u64,
     }
     .write(&mut out);
-    quant::write_payload_split(q, split, &mut out);
+    quant::write_payload_with(q, plan, &mut out);
     out
 }
 
@@ -675,9 +675,9 @@ mod tests {
             };
             let base: Vec<u8> = raw.iter().flat_map(|x| x.to_le_bytes()).collect();
             let source = context::ContextSource::new(quant::Domain::Residual, Some(&raw), None, 0.0).unwrap();
-            let split = quant::Split { thresholds: vec![0.0], contexts: context::assign(&[0.0], &source) };
-            let split = encode_quant_split(&q, Some(&split));
-            for mut blob in [encode_quant(&q), split, encode_keyframe(&base, 4), encode_xor_delta(&base, &base, 4)] {
+            let plan = quant::ContextPlan { thresholds: vec![0.0], contexts: context::assign(&[0.0], &source) };
+            let coded = encode_quant_with(&q, Some(&plan));
+            for mut blob in [encode_quant(&q), coded, encode_keyframe(&base, 4), encode_xor_delta(&base, &base, 4)] {
                 for &(at, bits) in &flips {
                     let n = blob.len();
                     blob[at % n] ^= bits;
@@ -733,11 +733,11 @@ mod tests {
             prop_assert_eq!(decode_onto(&delta, base.clone(), &[]).unwrap(), decode(&delta, Some(&base)).unwrap());
         }
 
-        /// A context-split chunk decodes (alone, onto its base, with its
+        /// A context-coded chunk decodes (alone, onto its base, with its
         /// side) to what the encoder reconstructed, in every domain that has
-        /// a context, whatever the split and its escapes.
+        /// a context, whatever its contexts and escapes.
         #[test]
-        fn context_split_blobs_decode_as_they_were_coded(
+        fn context_coded_blobs_decode_as_they_were_coded(
             len in prop_oneof![16_384usize..20_000, Just(70_001usize)],
             seed in any::<u64>(),
             escape_every in prop::sample::select(vec![0u64, 7, 500]),
@@ -752,7 +752,7 @@ mod tests {
             let mut next = move || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
             let float = if bf16 { float::FloatType::BF16 } else { float::FloatType::F32 };
             // Bases spanning decades, NaN and -0.0 among them; symbols that
-            // spread with the base, so that a split pays.
+            // spread with the base, so that contexts pay.
             let base_values: Vec<f32> = (0..len).map(|i| match i % 97 {
                 0 => f32::NAN,
                 1 => -0.0,
@@ -781,8 +781,8 @@ mod tests {
             let levels = quant::Levels::Linear(0.01);
             let q = quant::Quantized { domain, float, side, predictor: None, levels, symbols, escapes };
             let side_arg = q.side.as_ref().map(|_| side_values.as_slice());
-            let split = quant::context_split(&q, Some(&base_values), side_arg);
-            prop_assert!(split.is_some(), "a split pays here");
+            let plan = quant::context_plan(&q, Some(&base_values), side_arg);
+            prop_assert!(plan.is_some(), "contexts pay here");
             let blob = encode_quant_in_context(&q, Some(&base_values), side_arg);
             prop_assert!(blob[HEADER_LEN] & 0x80 != 0);
             prop_assert!(blob.len() < encode_quant(&q).len());

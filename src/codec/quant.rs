@@ -692,33 +692,37 @@ fn map_f32(bytes: &mut [u8], f: impl Fn(f32) -> f32) {
 
 /// Serializes a quantized chunk into `out` (the payload part of a blob).
 pub fn write_payload(q: &Quantized, out: &mut Vec<u8>) {
-    write_payload_split(q, None, out);
+    write_payload_with(q, None, out);
 }
 
 /// The contexts a chunk's symbols are coded in: the thresholds and each
 /// element's context ([`context::assign`]).
-pub struct Split {
+pub struct ContextPlan {
     pub thresholds: Vec<f32>,
     pub contexts: Vec<u8>,
 }
 
-/// The context split that pays for `q`'s symbols ([`context::choose`]),
+/// The contexts that pay for coding `q`'s symbols ([`context::choose`]),
 /// given the base and side its decoder will have (as [`reconstruct`] takes
 /// them); `None` where none pays or the domain has no context.
-pub fn context_split(q: &Quantized, base: Option<&[f32]>, side: Option<&[f32]>) -> Option<Split> {
+pub fn context_plan(
+    q: &Quantized,
+    base: Option<&[f32]>,
+    side: Option<&[f32]>,
+) -> Option<ContextPlan> {
     let floor = q.side.as_ref().map_or(0.0, |s| s.floor);
     let source = context::ContextSource::new(q.domain, base, side, floor)?;
     let thresholds = context::choose(&q.symbols, &source)?;
     let contexts = context::assign(&thresholds, &source);
-    Some(Split {
+    Some(ContextPlan {
         thresholds,
         contexts,
     })
 }
 
-/// [`write_payload`], the symbols split by `split`'s contexts when given.
-pub fn write_payload_split(q: &Quantized, split: Option<&Split>, out: &mut Vec<u8>) {
-    let flag = if split.is_some() { CONTEXTS_FLAG } else { 0 };
+/// [`write_payload`], the symbols coded in `plan`'s contexts when given.
+pub fn write_payload_with(q: &Quantized, plan: Option<&ContextPlan>, out: &mut Vec<u8>) {
+    let flag = if plan.is_some() { CONTEXTS_FLAG } else { 0 };
     out.push(q.domain.id() | flag);
     out.push(q.float.id());
     if let Some(side) = &q.side {
@@ -747,23 +751,18 @@ pub fn write_payload_split(q: &Quantized, split: Option<&Split>, out: &mut Vec<u
     q.escapes
         .iter()
         .for_each(|e| out.extend_from_slice(&e.to_le_bytes()));
-    let Some(split) = split else {
+    let Some(plan) = plan else {
         rans::encode(&q.symbols, out);
         return;
     };
-    assert!(split.thresholds.len() < context::MAX_CONTEXTS);
-    assert_eq!(
-        split.contexts.len(),
-        q.symbols.len(),
-        "a context per symbol"
-    );
-    out.push(split.thresholds.len() as u8);
-    split
-        .thresholds
+    assert!(plan.thresholds.len() < context::MAX_CONTEXTS);
+    assert_eq!(plan.contexts.len(), q.symbols.len(), "a context per symbol");
+    out.push(plan.thresholds.len() as u8);
+    plan.thresholds
         .iter()
         .for_each(|t| out.extend_from_slice(&t.to_le_bytes()));
-    let count = split.thresholds.len() + 1;
-    rans::contexts::encode(&q.symbols, &split.contexts, count, out);
+    let count = plan.thresholds.len() + 1;
+    rans::contexts::encode(&q.symbols, &plan.contexts, count, out);
 }
 
 fn write_name(name: &str, out: &mut Vec<u8>) {
@@ -784,13 +783,13 @@ pub fn read_payload(bytes: &[u8], expected: usize) -> Result<Quantized, QuantErr
     Ok(q.expand())
 }
 
-/// The chunks a payload needs besides its base, without decoding its
-/// symbols: what a decoder must fetch first (empty for most payloads).
 /// Whether a payload's symbols are context-coded.
 pub fn is_context_coded(payload: &[u8]) -> bool {
     payload.first().is_some_and(|d| d & CONTEXTS_FLAG != 0)
 }
 
+/// The chunks a payload needs besides its base, without decoding its
+/// symbols: what a decoder must fetch first (empty for most payloads).
 pub fn read_side_refs(bytes: &[u8]) -> Result<Vec<SideRef>, QuantError> {
     let mut reader = Reader { bytes, pos: 0 };
     let head = read_head(&mut reader)?;
@@ -838,7 +837,7 @@ fn read_head(r: &mut Reader<'_>) -> Result<Head, QuantError> {
     let domain = Domain::from_id(byte & !CONTEXTS_FLAG).ok_or(QuantError::Invalid("domain"))?;
     let contexted = byte & CONTEXTS_FLAG != 0;
     if contexted && !domain.needs_base() {
-        return Err(QuantError::Invalid("context split of a value domain"));
+        return Err(QuantError::Invalid("context-coded value domain"));
     }
     let float = read_float(r, "float type")?;
     let mut head = Head {
@@ -908,8 +907,8 @@ pub fn read_payload_runs(bytes: &[u8], expected: usize) -> Result<Decoded, Quant
         n_escapes.checked_mul(4).ok_or(QuantError::Truncated)?,
     )?);
     let (symbols, contexts) = if contexted {
-        let split = read_context_coded(&mut reader, expected)?;
-        (rans::Symbols::Dense(Vec::new()), Some(split))
+        let coded = read_context_coded(&mut reader, expected)?;
+        (rans::Symbols::Dense(Vec::new()), Some(coded))
     } else {
         let (symbols, used) = rans::decode_symbols(&bytes[reader.pos..], expected)?;
         reader.pos += used;

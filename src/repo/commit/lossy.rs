@@ -219,19 +219,19 @@ pub fn encode_chunk(
         let raw = q.float.bytes_of(&recon);
         session.cache_chunk(slot.cache_offset(index), &raw)?;
         let base = q.domain.needs_base().then_some(session.parent).flatten();
-        // What the decoder will have besides the symbols: the base, and the
-        // side (m's: this commit's v̂, still in `recons`; a predicted W's:
-        // its prediction).
-        let base_values = q.domain.needs_base().then(|| x.base(role));
-        let side_values = if q.domain.needs_prediction() {
-            made.prediction.as_deref()
-        } else {
-            q.domain
-                .needs_side()
-                .then(|| recons[2].as_deref())
-                .flatten()
-        };
         let blob = if policy.codes_in_contexts() {
+            // Contexts come from what the decoder will have besides the
+            // symbols: the base, and the side (m's: this commit's v̂, still
+            // in `recons`; a predicted W's: its prediction).
+            let base_values = q.domain.needs_base().then(|| x.base(role));
+            let side_values = if q.domain.needs_prediction() {
+                made.prediction.as_deref()
+            } else {
+                q.domain
+                    .needs_side()
+                    .then(|| recons[2].as_deref())
+                    .flatten()
+            };
             codec::encode_quant_in_context(q, base_values, side_values)
         } else {
             codec::encode_quant(q)
