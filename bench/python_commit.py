@@ -5,7 +5,10 @@ state, trained for a few steps between checkpoints (real optimizer steps, so
 that successive checkpoints differ as a run's do). For each of CHECKPOINTS
 checkpoints, in the same process and the same page-cache state, it times:
 
-- ``torch.save`` of {model, optimizer} to local disk (baseline);
+- ``torch.save`` of {model, optimizer} to local disk (baseline): returns
+  when the bytes are in the page cache;
+- the same ``torch.save`` followed by ``os.fsync`` of the file: returns when
+  the checkpoint is on disk, as a ckptvc commit does (its write is synced);
 - today's path: ``torch.save`` of the model as safetensors and the optimizer
   as ``optimizer.pt`` into a folder, then ``ckptvc commit`` of that folder
   (the CLI, balanced);
@@ -69,6 +72,16 @@ def train(model, opt, steps):
         opt.zero_grad(set_to_none=True)
 
 
+def save_durable(state, path):
+    """torch.save, then fsync: the checkpoint is on disk when it returns."""
+    torch.save(state, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -111,6 +124,8 @@ def main():
         state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
         t_save, _ = timed(lambda: torch.save(state, os.path.join(args.dir, "save.pt")))
         os.remove(os.path.join(args.dir, "save.pt"))
+        t_durable, _ = timed(lambda: save_durable(state, os.path.join(args.dir, "save.pt")))
+        os.remove(os.path.join(args.dir, "save.pt"))
 
         folder = os.path.join(args.dir, f"ck-{step}")
 
@@ -137,11 +152,12 @@ def main():
         t_block, handle = timed(lambda: async_repo.commit_async(step, model=model, optimizer=opt))
         t_wait, _ = timed(handle.wait)
 
-        rows.append(dict(step=step, save=t_save, today=t_today, memory=t_mem, block=t_block,
+        rows.append(dict(step=step, save=t_save, durable=t_durable, today=t_today, memory=t_mem, block=t_block,
                          wait=t_wait, keyframe=outcome["keyframe"], ratio=outcome["ratio"],
                          extra_commit_mib=extra_commit))
         r = rows[-1]
-        print(f"step {step}: torch.save {t_save:.2f} s | save+ckptvc commit {t_today:.2f} s | "
+        print(f"step {step}: torch.save {t_save:.2f} s | torch.save+fsync {t_durable:.2f} s "
+              f"(commit from memory {t_mem / t_durable:.2f}x) | save+ckptvc commit {t_today:.2f} s | "
               f"commit from memory {t_mem:.2f} s ({t_mem / t_save:.2f}x save, "
               f"{t_mem / t_today:.2f}x today's) | async blocks {t_block:.2f} s "
               f"({t_block / t_save:.2f}x save), then {t_wait:.2f} s | "
