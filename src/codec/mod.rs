@@ -403,7 +403,7 @@ fn reconstruct_quant(
         (Some(_), None) => return Err(CodecError::MissingBase(header.codec)),
         (None, _) => sides.into_iter().next(),
     };
-    let q = q.resolve(base.as_deref(), side.as_deref())?.expand();
+    let q = q.resolve(base.as_deref(), side.as_deref())?.expand()?;
     let values = quant::reconstruct(&q, base.as_deref(), side.as_deref())?;
     Ok(q.float.from_f32(&values))
 }
@@ -508,12 +508,12 @@ pub fn decode_onto(
             if !in_place {
                 return reconstruct_quant(&header, q, Some(&base), sides);
             }
-            let q = match q.contexts {
-                Some(_) => {
+            let q = match q.symbols {
+                quant::ChunkSymbols::InContexts(_) => {
                     let base_values = q.float.to_f32(&base);
                     q.resolve(Some(&base_values), None)?
                 }
-                None => q,
+                quant::ChunkSymbols::Plain(_) => q,
             };
             quant::reconstruct_f32_onto(&q, &mut base)?;
             Ok(base)

@@ -447,12 +447,18 @@ pub struct Decoded {
     pub side: Option<Side>,
     pub predictor: Option<Predictor>,
     pub levels: Levels,
-    /// Empty while `contexts` holds the symbols.
-    pub symbols: rans::Symbols,
+    pub symbols: ChunkSymbols,
     pub escapes: Vec<f32>,
-    /// A context-coded payload's symbols, until [`Decoded::resolve`]
-    /// decodes them (their contexts need the base and side).
-    pub contexts: Option<ContextCoded>,
+}
+
+/// The symbols of a [`Decoded`] chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChunkSymbols {
+    /// As the stream held them: runs, tuples or one byte per element.
+    Plain(rans::Symbols),
+    /// Still context-coded: [`Decoded::resolve`] decodes them, since their
+    /// contexts need the base and side.
+    InContexts(ContextCoded),
 }
 
 /// The symbols of a context-coded payload, still coded: its thresholds and
@@ -473,9 +479,9 @@ impl Decoded {
 
     /// Number of elements.
     pub fn len(&self) -> usize {
-        match &self.contexts {
-            Some(c) => c.len,
-            None => self.symbols.len(),
+        match &self.symbols {
+            ChunkSymbols::Plain(symbols) => symbols.len(),
+            ChunkSymbols::InContexts(coded) => coded.len,
         }
     }
 
@@ -491,7 +497,7 @@ impl Decoded {
         base: Option<&[f32]>,
         side: Option<&[f32]>,
     ) -> Result<Decoded, QuantError> {
-        let Some(coded) = self.contexts.take() else {
+        let ChunkSymbols::InContexts(coded) = &self.symbols else {
             return Ok(self);
         };
         let floor = self.side.as_ref().map_or(0.0, |s| s.floor);
@@ -505,26 +511,27 @@ impl Decoded {
         if used != coded.stream.len() {
             return Err(QuantError::Invalid("trailing bytes"));
         }
-        self.symbols = rans::Symbols::Dense(merged);
+        self.symbols = ChunkSymbols::Plain(rans::Symbols::Dense(merged));
         Ok(self)
     }
 
-    /// The chunk with one symbol byte per element. A context-coded chunk
-    /// must be [`Decoded::resolve`]d first.
-    pub fn expand(self) -> Quantized {
-        debug_assert!(
-            self.contexts.is_none(),
-            "resolve a context-coded chunk first"
-        );
-        Quantized {
+    /// The chunk with one symbol byte per element; an error for a
+    /// context-coded chunk not [`Decoded::resolve`]d.
+    pub fn expand(self) -> Result<Quantized, QuantError> {
+        let ChunkSymbols::Plain(symbols) = self.symbols else {
+            return Err(QuantError::Invalid(
+                "a context-coded chunk needs its base to decode",
+            ));
+        };
+        Ok(Quantized {
             domain: self.domain,
             float: self.float,
             side: self.side,
             predictor: self.predictor,
             levels: self.levels,
-            symbols: self.symbols.expand(),
+            symbols: symbols.expand(),
             escapes: self.escapes,
-        }
+        })
     }
 }
 
@@ -535,23 +542,23 @@ impl Decoded {
 /// costs one vectorized add or multiply per element instead of a table
 /// lookup and a branch.
 pub fn reconstruct_f32_onto(q: &Decoded, values: &mut [u8]) -> Result<(), QuantError> {
-    if q.contexts.is_some() {
+    let ChunkSymbols::Plain(symbols) = &q.symbols else {
         return Err(QuantError::Invalid("in place: resolve the contexts first"));
-    }
+    };
     if q.float != FloatType::F32 || !matches!(q.domain, Domain::Residual | Domain::Ratio) {
         return Err(QuantError::Invalid(
             "in place: only f32 residuals and ratios",
         ));
     }
-    if values.len() != q.symbols.len() * 4 {
+    if values.len() != symbols.len() * 4 {
         return Err(QuantError::Invalid("base missing or of the wrong length"));
     }
     let (levels, count) = padded_levels(&q.levels)?;
     let mut escapes = q.escapes.iter().copied();
     let levels = Levels256 { levels, count };
     let result = match q.domain {
-        Domain::Residual => apply_onto(q, &levels, &mut escapes, values, |b, l| b + l),
-        Domain::Ratio => apply_onto(q, &levels, &mut escapes, values, |b, l| b * l),
+        Domain::Residual => apply_onto(symbols, &levels, &mut escapes, values, |b, l| b + l),
+        Domain::Ratio => apply_onto(symbols, &levels, &mut escapes, values, |b, l| b * l),
         Domain::Value
         | Domain::ScaledValue
         | Domain::ScaledResidual
@@ -593,15 +600,16 @@ fn apply_one(value: &mut [u8], level: f32, op: impl Fn(f32, f32) -> f32) {
 }
 
 fn apply_onto(
-    q: &Decoded,
+    symbols: &rans::Symbols,
     levels: &Levels256,
-    escapes: &mut impl Iterator<Item = f32>,
+    escapes: &mut impl ExactSizeIterator<Item = f32>,
     values: &mut [u8],
     op: impl Fn(f32, f32) -> f32 + Copy,
 ) -> Result<(), QuantError> {
     let Levels256 { levels, count } = levels;
     let count = *count;
     let invalid = |s: u8| s != ESCAPE && s as usize >= count;
+    let no_escapes = escapes.len() == 0;
     let mut escape = |value: &mut [u8]| -> Result<(), QuantError> {
         let x = escapes
             .next()
@@ -609,7 +617,7 @@ fn apply_onto(
         value.copy_from_slice(&x.to_le_bytes());
         Ok(())
     };
-    match &q.symbols {
+    match symbols {
         rans::Symbols::Runs {
             dominant,
             positions,
@@ -676,7 +684,7 @@ fn apply_onto(
             for (value, &s) in values.chunks_exact_mut(4).zip(dense) {
                 apply_one(value, levels[s as usize], op);
             }
-            if q.escapes.is_empty() {
+            if no_escapes {
                 return Ok(());
             }
             for (i, _) in dense.iter().enumerate().filter(|(_, s)| **s == ESCAPE) {
@@ -811,13 +819,7 @@ fn write_name(name: &str, out: &mut Vec<u8>) {
 /// Parses a payload that must hold `expected` symbols (known from the blob
 /// header), which bounds the work spent on a damaged one.
 pub fn read_payload(bytes: &[u8], expected: usize) -> Result<Quantized, QuantError> {
-    let q = read_payload_runs(bytes, expected)?;
-    if q.contexts.is_some() {
-        return Err(QuantError::Invalid(
-            "a context-coded chunk needs its base to decode",
-        ));
-    }
-    Ok(q.expand())
+    read_payload_runs(bytes, expected)?.expand()
 }
 
 /// Whether a payload's symbols are context-coded.
@@ -943,13 +945,12 @@ pub fn read_payload_runs(bytes: &[u8], expected: usize) -> Result<Decoded, Quant
     let escapes = f32s(take(
         n_escapes.checked_mul(4).ok_or(QuantError::Truncated)?,
     )?);
-    let (symbols, contexts) = if contexted {
-        let coded = read_context_coded(&mut reader, expected)?;
-        (rans::Symbols::Dense(Vec::new()), Some(coded))
+    let symbols = if contexted {
+        ChunkSymbols::InContexts(read_context_coded(&mut reader, expected)?)
     } else {
         let (symbols, used) = rans::decode_symbols(&bytes[reader.pos..], expected)?;
         reader.pos += used;
-        (symbols, None)
+        ChunkSymbols::Plain(symbols)
     };
     if reader.pos != bytes.len() {
         return Err(QuantError::Invalid("trailing bytes"));
@@ -962,7 +963,6 @@ pub fn read_payload_runs(bytes: &[u8], expected: usize) -> Result<Decoded, Quant
         levels,
         symbols,
         escapes,
-        contexts,
     })
 }
 
@@ -1088,9 +1088,8 @@ mod tests {
                         side: None,
                         predictor: None,
                         levels: levels.clone(),
-                        symbols: symbols.clone(),
+                        symbols: ChunkSymbols::Plain(symbols.clone()),
                         escapes: vec![],
-                        contexts: None,
                     };
                     let mut values: Vec<u8> = base.iter().flat_map(|x| x.to_le_bytes()).collect();
                     reconstruct_f32_onto(&decoded, &mut values).unwrap();
