@@ -69,6 +69,24 @@ enum Kind {
     AbsSide,
 }
 
+/// The kinds as constants, for the loops specialized per kind.
+const BASE: u8 = Kind::Base as u8;
+const ABS_BASE: u8 = Kind::AbsBase as u8;
+const SCALED_BASE: u8 = Kind::ScaledBase as u8;
+const ABS_SIDE: u8 = Kind::AbsSide as u8;
+
+/// An element's context value from its base and side values, for kind `K`
+/// (the encoder's and the decoder's, sampled or not: one formula).
+#[inline(always)]
+fn value<const K: u8>(floor: f32, base: f32, side: f32) -> f32 {
+    match K {
+        BASE => base,
+        ABS_BASE => base.abs(),
+        SCALED_BASE => base.abs() / Side::scale(floor, side),
+        _ => side.abs(),
+    }
+}
+
 impl<'a> ContextSource<'a> {
     /// The context values of a chunk in `domain` with this base and side (as
     /// [`super::quant::reconstruct`] takes them); `None` for the value
@@ -81,10 +99,12 @@ impl<'a> ContextSource<'a> {
     ) -> Option<ContextSource<'a>> {
         let base = base?;
         let side_ok = || side.filter(|s| s.len() == base.len());
+        // Kinds that read no side see the base in its place: every loop
+        // below zips two slices of the chunk's length.
         let (kind, side) = match domain {
             Domain::Value | Domain::ScaledValue => return None,
-            Domain::Ratio => (Kind::Base, &[][..]),
-            Domain::Residual => (Kind::AbsBase, &[][..]),
+            Domain::Ratio => (Kind::Base, base),
+            Domain::Residual => (Kind::AbsBase, base),
             Domain::ScaledResidual => (Kind::ScaledBase, side_ok()?),
             Domain::PredictedResidual => (Kind::AbsSide, side_ok()?),
         };
@@ -104,35 +124,42 @@ impl<'a> ContextSource<'a> {
         self.base.is_empty()
     }
 
-    /// Every element's context under thresholds `t` (padded): one loop per
-    /// kind over zipped slices, which the compiler vectorizes.
+    /// Every element's context under thresholds `t` (padded).
     fn contexts(&self, t: &[f32; MAX_CONTEXTS - 1]) -> Vec<u8> {
-        let (base, side, floor) = (self.base, self.side, self.floor);
         match self.kind {
-            Kind::Base => base.iter().map(|&x| context_of(t, x)).collect(),
-            Kind::AbsBase => base.iter().map(|&x| context_of(t, x.abs())).collect(),
-            Kind::ScaledBase => base
-                .iter()
-                .zip(side)
-                .map(|(&b, &s)| context_of(t, b.abs() / Side::scale(floor, s)))
-                .collect(),
-            Kind::AbsSide => side.iter().map(|&x| context_of(t, x.abs())).collect(),
+            Kind::Base => self.contexts_as::<BASE>(t),
+            Kind::AbsBase => self.contexts_as::<ABS_BASE>(t),
+            Kind::ScaledBase => self.contexts_as::<SCALED_BASE>(t),
+            Kind::AbsSide => self.contexts_as::<ABS_SIDE>(t),
         }
     }
 
-    /// Calls `f(i, value)` for every `stride`th element, in order (one loop
-    /// per kind, so that the kind is not matched per element).
+    /// [`ContextSource::contexts`] for kind `K`: a loop over zipped slices
+    /// that matches nothing per element, so that it vectorizes.
     #[inline(always)]
-    fn visit(&self, stride: usize, mut f: impl FnMut(usize, f32)) {
-        let (base, side, floor) = (self.base, self.side, self.floor);
-        let indices = (0..base.len()).step_by(stride);
+    fn contexts_as<const K: u8>(&self, t: &[f32; MAX_CONTEXTS - 1]) -> Vec<u8> {
+        let floor = self.floor;
+        let values = self.base.iter().zip(self.side);
+        values
+            .map(|(&b, &s)| context_of(t, value::<K>(floor, b, s)))
+            .collect()
+    }
+
+    /// Calls `f(i, value)` for every `stride`th element, in order.
+    #[inline(always)]
+    fn visit(&self, stride: usize, f: impl FnMut(usize, f32)) {
         match self.kind {
-            Kind::Base => indices.for_each(|i| f(i, base[i])),
-            Kind::AbsBase => indices.for_each(|i| f(i, base[i].abs())),
-            Kind::ScaledBase => {
-                indices.for_each(|i| f(i, base[i].abs() / Side::scale(floor, side[i])))
-            }
-            Kind::AbsSide => indices.for_each(|i| f(i, side[i].abs())),
+            Kind::Base => self.visit_as::<BASE>(stride, f),
+            Kind::AbsBase => self.visit_as::<ABS_BASE>(stride, f),
+            Kind::ScaledBase => self.visit_as::<SCALED_BASE>(stride, f),
+            Kind::AbsSide => self.visit_as::<ABS_SIDE>(stride, f),
+        }
+    }
+
+    #[inline(always)]
+    fn visit_as<const K: u8>(&self, stride: usize, mut f: impl FnMut(usize, f32)) {
+        for i in (0..self.base.len()).step_by(stride) {
+            f(i, value::<K>(self.floor, self.base[i], self.side[i]));
         }
     }
 }
