@@ -45,6 +45,15 @@ def rss_mib(field="VmRSS"):
     return float("nan")
 
 
+def disk_read_mib():
+    """Bytes this process has read from storage (not from the page cache)."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def reset_peak():
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -146,15 +155,19 @@ def main():
 
         base = rss_mib()
         peak_ok = reset_peak()
+        read_before = disk_read_mib()
         t_mem, outcome = timed(lambda: memory_repo.commit(step, model=model, optimizer=opt))
         extra_commit = rss_mib("VmHWM") - base if peak_ok else float("nan")
+        # Its parent's reconstruction (the tip cache) read from disk where
+        # the other paths' writes pushed it out of the page cache.
+        disk_read = disk_read_mib() - read_before
 
         t_block, handle = timed(lambda: async_repo.commit_async(step, model=model, optimizer=opt))
         t_wait, _ = timed(handle.wait)
 
         rows.append(dict(step=step, save=t_save, durable=t_durable, today=t_today, memory=t_mem, block=t_block,
                          wait=t_wait, keyframe=outcome["keyframe"], ratio=outcome["ratio"],
-                         extra_commit_mib=extra_commit))
+                         extra_commit_mib=extra_commit, disk_read_mib=disk_read))
         r = rows[-1]
         print(f"step {step}: torch.save {t_save:.2f} s | torch.save+fsync {t_durable:.2f} s "
               f"(commit from memory {t_mem / t_durable:.2f}x) | save+ckptvc commit {t_today:.2f} s | "
@@ -162,7 +175,8 @@ def main():
               f"{t_mem / t_today:.2f}x today's) | async blocks {t_block:.2f} s "
               f"({t_block / t_save:.2f}x save), then {t_wait:.2f} s | "
               f"{'keyframe' if r['keyframe'] else 'residual'}, ratio {r['ratio']:.1f} | "
-              f"commit extra memory {extra_commit:.0f} MiB", flush=True)
+              f"commit extra memory {extra_commit:.0f} MiB, read from disk {disk_read:.0f} MiB",
+              flush=True)
 
     # Load into the live model: extra memory and a bit-exact check against a
     # lossless commit of the same state.
