@@ -226,6 +226,11 @@ pub fn try_seal(
     // Several ranks may find every shard in at once; each waits its turn
     // (sealing is short) and the later ones find the step sealed.
     let (store, ()) = repo.write(lock_wait.max(SEAL_LOCK_WAIT), |_| Ok(()))?;
+    // The tip before the step: a bucket has no writer lock, and a rank that
+    // seals the step after this read moves the tip, so that the compare-
+    // and-swap below fails instead of stacking a second commit of the step
+    // on the first.
+    let parent = store.branch_tip(&key.branch)?;
     if let Some(id) = store.commit_at_step(&key.branch, key.step)? {
         return sealed_elsewhere(&store, key, id);
     }
@@ -233,7 +238,6 @@ pub fn try_seal(
     if manifests.len() < count as usize {
         return Ok(None);
     }
-    let parent = store.branch_tip(&key.branch)?;
     check_bases(&store, key, &manifests, parent)?;
     let record = sealed_record(key, &manifests, parent)?;
     store.adopt_shards(key)?;
@@ -242,11 +246,13 @@ pub fn try_seal(
     let id = match store.publish_commit(&record, &[]) {
         Ok(id) => id,
         // Two ranks sealing a bucket at once: the one whose compare-and-
-        // swap lost finds the same commit published.
-        Err(StoreError::RefMoved { .. })
-            if store.commit_at_step(&key.branch, key.step)? == Some(record.id()) =>
-        {
-            record.id()
+        // swap lost finds the step sealed by the other, whose commit stands.
+        Err(e @ StoreError::RefMoved { .. }) => {
+            drop(view);
+            return match store.commit_at_step(&key.branch, key.step)? {
+                Some(id) => sealed_elsewhere(&store, key, id),
+                None => Err(e.into()),
+            };
         }
         Err(e) => return Err(e.into()),
     };
