@@ -350,11 +350,8 @@ fn reconstruct_values(
             "side chunk missing or of the wrong length",
         ));
     }
-    let levels = q.levels.table();
-    if levels.len() > usize::from(ESCAPE) {
-        return Err(QuantError::Invalid("more levels than symbols"));
-    }
-    let (escapes, without_level) = symbol_census(&q.symbols, levels.len());
+    let (table, count) = padded_levels(&q.levels)?;
+    let (escapes, without_level) = symbol_census(&q.symbols, count);
     if without_level {
         return Err(QuantError::Invalid("symbol without a level"));
     }
@@ -368,12 +365,10 @@ fn reconstruct_values(
         q.side.as_ref().map_or(0.0, |s| s.floor),
     );
     // Every symbol goes through one 256-entry table (the escape's entry a
-    // placeholder) in a loop without branches or bounds checks, so that it
-    // vectorizes; escapes are put in place after it. One loop per domain:
+    // NaN placeholder) in a loop without branches or bounds checks, so that
+    // it vectorizes; escapes are put in place after it. One loop per domain:
     // the per-element work is a lookup and at most one add or multiply
     // (scaled: a square root more).
-    let mut table = [0f32; 256];
-    table[..levels.len()].copy_from_slice(&levels);
     let level = |s: &u8| table[*s as usize];
     let mut out = vec![0f32; n];
     let with_base = || q.symbols.iter().zip(base);
