@@ -537,11 +537,14 @@ fn push_interrupted_by_a_killed_server_resumes_without_resending() {
             .env("CKPTVC_REMOTE_TIMEOUT_SECS", "5");
     };
 
-    // 160 MiB that does not compress: 40 chunks, 40 packs of one blob.
+    // Data that does not compress, in chunks of 4 MiB: a pack of one blob
+    // each. Enough of them that the push is still going when the server is
+    // killed (with 40, a quick push had finished before the kill).
+    const CHUNKS: u64 = 120;
     let ckpt = tmp.path().join("ckpt");
     std::fs::create_dir_all(&ckpt).unwrap();
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let data: Vec<u8> = (0..(160usize << 20) / 8)
+    let data: Vec<u8> = (0..(CHUNKS as usize * (4 << 20)) / 8)
         .flat_map(|_| {
             state ^= state << 13;
             state ^= state >> 7;
@@ -611,7 +614,7 @@ fn push_interrupted_by_a_killed_server_resumes_without_resending() {
         .as_u64()
         .unwrap();
     assert!(
-        (3..40).contains(&landed),
+        (3..CHUNKS).contains(&landed),
         "{landed} blobs landed before the kill"
     );
     assert_eq!(
@@ -625,7 +628,11 @@ fn push_interrupted_by_a_killed_server_resumes_without_resending() {
     let out = again.args(["--json", "push", "o"]).assert().success();
     let report: Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
     let sent = report["blobs_sent"].as_u64().unwrap();
-    assert_eq!(sent, 40 - landed, "only the missing blobs are sent again");
+    assert_eq!(
+        sent,
+        CHUNKS - landed,
+        "only the missing blobs are sent again"
+    );
     // A pack and its index per blob, the commit, the ref entry and the
     // two conditional-write probes: nothing else is written.
     let puts = report["traffic"]["puts"].as_u64().unwrap();
