@@ -73,6 +73,17 @@ def make_model(model_bytes):
     return torch.nn.Sequential(*blocks)
 
 
+def fresh_run(directory, model_bytes):
+    """An empty `directory` and the benchmark's model with AdamW, seeded, on
+    two threads (what every Python commit benchmark starts from)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+    model = make_model(model_bytes)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
 def train(model, opt, steps):
     for _ in range(steps):
         for p in model.parameters():
@@ -107,13 +118,8 @@ def main():
     parser.add_argument("--steps-between", type=int, default=5)
     parser.add_argument("--dir", default=os.path.expanduser("~/.cache/ckptvc-bench/python"))
     args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    shutil.rmtree(args.dir, ignore_errors=True)
-    os.makedirs(args.dir)
+    model, opt = fresh_run(args.dir, args.model_bytes)
     cli = os.environ.get("CKPTVC", "ckptvc")
-    model = make_model(args.model_bytes)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     train(model, opt, 3)
     numel = sum(p.numel() for p in model.parameters())
     print(f"model: {numel / 1e6:.1f}M parameters, {numel * 4 / 2**30:.2f} GiB; state with AdamW "

@@ -22,7 +22,7 @@ import torch
 import ckptvc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from python_commit import disk_read_mib, make_model, timed, train  # noqa: E402
+from python_commit import disk_read_mib, fresh_run, timed, train  # noqa: E402
 
 
 def drop_page_cache():
@@ -41,12 +41,7 @@ def main():
                         help="drop the page cache before each commit (needs root)")
     parser.add_argument("--dir", default=os.path.expanduser("~/.cache/ckptvc-bench/python-alone"))
     args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    shutil.rmtree(args.dir, ignore_errors=True)
-    os.makedirs(args.dir)
-    model = make_model(args.model_bytes)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model, opt = fresh_run(args.dir, args.model_bytes)
     repo = ckptvc.Repo.init(os.path.join(args.dir, "store.ckptvc"), policy=args.policy)
     save_path = os.path.join(args.dir, "save.pt")
     for k in range(1, args.checkpoints + 1):

@@ -1053,18 +1053,11 @@ mod tests {
             #[test]
             fn matches_the_formula(
                 elements in proptest::collection::vec(element(), 0..600),
-                domain in 0usize..6,
+                domain in 0..Domain::ALL.len(),
                 bf16 in any::<bool>(),
                 step in 1e-4f32..0.5,
             ) {
-                let domain = [
-                    Domain::Value,
-                    Domain::Residual,
-                    Domain::Ratio,
-                    Domain::ScaledValue,
-                    Domain::ScaledResidual,
-                    Domain::PredictedResidual,
-                ][domain];
+                let domain = Domain::ALL[domain];
                 let symbols: Vec<u8> = elements.iter().map(|e| e.0).collect();
                 let base: Vec<f32> = elements.iter().map(|e| e.1).collect();
                 let side: Vec<f32> = elements.iter().map(|e| e.2).collect();
