@@ -1179,13 +1179,25 @@ fn scaled_m(
     if residual {
         let coded = differences(chunk.m, chunk.parent_m)
             .zip(scales)
-            .map(|(d, s)| d / s);
+            .map(|(d, s)| in_units(d, s));
         fill_uniform(&mut q, step, chunk.m, coded);
     } else {
-        let coded = chunk.m.iter().zip(scales).map(|(m, s)| m / s);
+        let coded = chunk.m.iter().zip(scales).map(|(&m, s)| in_units(m, s));
         fill_uniform(&mut q, step, chunk.m, coded);
     }
     q
+}
+
+/// `x / scale`, NaN (an escape: exact) where the scale is not finite. An
+/// infinite √v̂ would put every finite m at level 0, and the decoder's
+/// `0 · ∞` would make it NaN.
+#[inline(always)]
+fn in_units(x: f32, scale: f32) -> f32 {
+    if scale.is_finite() {
+        x / scale
+    } else {
+        f32::NAN
+    }
 }
 
 fn codebook_stream(domain: Domain, float: FloatType, centres: &[f32], len: usize) -> Quantized {
@@ -1924,6 +1936,43 @@ mod tests {
             };
             assert_eq!(fused.sum_u2.to_bits(), u2.to_bits());
             assert_eq!(fused.sum_du2.to_bits(), du2.to_bits());
+        }
+    }
+
+    /// Where v̂ is infinite (a diverged element), m scaled by it is kept
+    /// exactly instead of becoming `0 · ∞ = NaN` in the decoder, as a value
+    /// and as a residual; the other elements keep their bound.
+    #[test]
+    fn an_infinite_v_leaves_m_exact() {
+        let n = 4_000;
+        let u = series(n, 7, 2.0);
+        let mut v: Vec<f32> = series(n, 8, 1e-8).iter().map(|x| x.abs() + 1e-9).collect();
+        v[17] = f32::INFINITY;
+        let m: Vec<f32> = u
+            .iter()
+            .zip(&v)
+            .map(|(u, v)| u * v.sqrt().min(1e-4))
+            .collect();
+        let (p, w, _) = moving_weights(n);
+        let pm_residual: Vec<f32> = m.iter().map(|x| x * 0.9).collect();
+        for parent_m in [vec![0.0f32; n], pm_residual] {
+            let input = GroupChunk {
+                parent_m: &parent_m,
+                side_tensor: Some("x.exp_avg_sq"),
+                ..chunk(&w, &m, &v, &p, &v)
+            };
+            for name in ["compact", "balanced", "faithful"] {
+                let policy = Policy::preset(name).unwrap();
+                let stats = GroupStats::guided_sums_of_chunk(&input);
+                let plan = plan(&policy, &stats, F32S).unwrap();
+                let [_, qm, qv] = quantize(&plan, &input);
+                assert!(qm.side.is_some(), "{name}: m is scaled");
+                let v_hat = reconstruct(&qv, Some(&v), None).unwrap();
+                assert_eq!(v_hat[17], f32::INFINITY, "{name}");
+                let m_hat = reconstruct(&qm, Some(&parent_m), Some(&v_hat)).unwrap();
+                assert_eq!(m_hat[17], m[17], "{name}");
+                assert!(m_hat.iter().all(|x| x.is_finite()), "{name}");
+            }
         }
     }
 
