@@ -902,26 +902,13 @@ fn predict_w(
             Made::recons([Some(w_hat), Some(m_hat), Some(v_hat)]),
         );
     };
-    // Zipped slices, not indices: no bounds checks, so the loop vectorizes.
-    let parent_updates = chunk.parent_m.iter().zip(chunk.parent_v);
-    let pred: Vec<f32> = m_hat
-        .iter()
-        .zip(&v_hat)
-        .zip(parent_updates)
-        .zip(chunk.parent_w)
-        .map(|(((&m, &v), (&pm, &pv)), &base)| {
-            let u = Predictor::update(ADAM_EPS, m, v);
-            let u_parent = Predictor::update(ADAM_EPS, pm, pv);
-            Predictor::predict(coef, u, u_parent, base)
-        })
-        .collect();
     let mut predicted = uniform_stream(
         Domain::PredictedResidual,
         chunk.w_float,
         Levels::Linear(w_step),
         chunk.w.len(),
     );
-    predicted.predictor = Some(Predictor {
+    let predictor = Predictor {
         file: moments.file.to_string(),
         m: moments.m.to_string(),
         v: moments.v.to_string(),
@@ -929,7 +916,13 @@ fn predict_w(
         v_float: chunk.v_float,
         floor: ADAM_EPS,
         coef,
-    });
+    };
+    // The decoder's own function, with the moments it will read.
+    let moments: [&[f32]; 4] = [&m_hat, &v_hat, chunk.parent_m, chunk.parent_v];
+    let read = if predictor.uses_base_moments() { 4 } else { 2 };
+    let pred = super::quant::prediction(&predictor, chunk.parent_w, &moments[..read])
+        .expect("the moments are the chunk's length");
+    predicted.predictor = Some(predictor);
     let targets = chunk.parent_w.iter().zip(&pred).map(|(&b, &p)| b + p);
     let coded = chunk.w.iter().zip(targets).map(|(&x, t)| x - t);
     fill_uniform(&mut predicted, w_step, chunk.w, coded);
@@ -1728,6 +1721,50 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Where the parent's moments get weight 0, the encoder's prediction is
+    /// the decoder's even at an element whose parent m is NaN (the
+    /// encoder once computed `0 · NaN` there and the decoder, which does not
+    /// read those moments, 0: the commit's recorded hash then disagreed
+    /// with what checkout decodes).
+    #[test]
+    fn a_nan_parent_moment_of_weight_zero_predicts_as_the_decoder_does() {
+        use super::super::quant::{prediction, reconstruct};
+        let n = 20_000;
+        let p = series(n, 1, 0.1);
+        let m = series(n, 3, 1e-3);
+        let v: Vec<f32> = series(n, 4, 1e-6).iter().map(|x| x.abs() + 1e-8).collect();
+        let mut parent_m = m.clone();
+        parent_m[7] = f32::NAN;
+        let lr = 1e-3f32;
+        let noise = series(n, 5, 2e-5);
+        let w: Vec<f32> = (0..n)
+            .map(|i| p[i] - lr * m[i] / (v[i].sqrt() + ADAM_EPS) + noise[i])
+            .collect();
+        let input = GroupChunk {
+            parent_m: &parent_m,
+            side_tensor: Some("x.exp_avg_sq"),
+            moments: Some(Moments {
+                file: "optimizer.safetensors",
+                m: "x.exp_avg",
+                v: "x.exp_avg_sq",
+            }),
+            ..chunk(&w, &m, &v, &p, &v)
+        };
+        let faithful = Policy::preset("faithful").unwrap();
+        let plan = plan(&faithful, &GroupStats::guided_sums_of_chunk(&input), F32S).unwrap();
+        let ([qw, qm, qv], made) = quantize_keeping_recons(&plan, &input);
+        let predictor = qw.predictor.clone().expect("W is predicted");
+        assert_eq!(predictor.coef[1], 0.0, "{:?}", predictor.coef);
+        let v_hat = reconstruct(&qv, Some(&v), None).unwrap();
+        let m_hat = reconstruct(&qm, Some(&parent_m), Some(&v_hat)).unwrap();
+        let pred = prediction(&predictor, &p, &[m_hat, v_hat]).unwrap();
+        let w_hat = reconstruct(&qw, Some(&p), Some(&pred)).unwrap();
+        // The first element where encoder and decoder differ, if any.
+        let differ = |a: &[f32], b: &[f32]| a.iter().zip(b).position(|(x, y)| x != y);
+        assert_eq!(differ(made.prediction.as_deref().unwrap(), &pred), None);
+        assert_eq!(differ(made.recons[0].as_deref().unwrap(), &w_hat), None);
     }
 
     /// Under a preset, W whose change is mostly Adam's update (−lr·m/√v,

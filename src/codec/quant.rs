@@ -155,7 +155,7 @@ impl Predictor {
         if p.is_finite() { p } else { 0.0 }
     }
 
-    fn uses_base_moments(&self) -> bool {
+    pub(crate) fn uses_base_moments(&self) -> bool {
         self.coef[1] != 0.0
     }
 }
@@ -205,31 +205,43 @@ fn side_refs(side: Option<&Side>, predictor: Option<&Predictor>) -> Vec<SideRef>
 
 /// The prediction of a `PredictedResidual` chunk from its base and its side
 /// chunks as f32, in [`side_refs`] order (m, v of this commit, then of the
-/// base commit when used).
-pub fn prediction(p: &Predictor, base: &[f32], sides: &[Vec<f32>]) -> Result<Vec<f32>, QuantError> {
+/// base commit when used). The encoder calls it too, so both compute the
+/// same bits by construction: where the base commit's moments are not used
+/// their update is 0, not `0 ·` an update that may be infinite or NaN.
+#[inline(always)]
+pub fn prediction<S: AsRef<[f32]>>(
+    p: &Predictor,
+    base: &[f32],
+    sides: &[S],
+) -> Result<Vec<f32>, QuantError> {
     let wanted = if p.uses_base_moments() { 4 } else { 2 };
-    if sides.len() != wanted || sides.iter().any(|s| s.len() != base.len()) {
+    if sides.len() != wanted || sides.iter().any(|s| s.as_ref().len() != base.len()) {
         return Err(QuantError::Invalid(
             "moment chunks missing or of the wrong length",
         ));
     }
-    let (m, v) = (&sides[0], &sides[1]);
-    let floor = p.floor;
+    let (m, v) = (sides[0].as_ref(), sides[1].as_ref());
+    let (floor, coef) = (p.floor, p.coef);
+    // Zipped slices, not indices: no bounds checks, so the loops vectorize.
+    let updates = m
+        .iter()
+        .zip(v)
+        .map(|(&m, &v)| Predictor::update(floor, m, v));
     let out = if p.uses_base_moments() {
-        let (mb, vb) = (&sides[2], &sides[3]);
-        (0..base.len())
-            .map(|i| {
-                let u = Predictor::update(floor, m[i], v[i]);
-                let ub = Predictor::update(floor, mb[i], vb[i]);
-                Predictor::predict(p.coef, u, ub, base[i])
-            })
+        let (mb, vb) = (sides[2].as_ref(), sides[3].as_ref());
+        let base_updates = mb
+            .iter()
+            .zip(vb)
+            .map(|(&m, &v)| Predictor::update(floor, m, v));
+        updates
+            .zip(base_updates)
+            .zip(base)
+            .map(|((u, ub), &b)| Predictor::predict(coef, u, ub, b))
             .collect()
     } else {
-        (0..base.len())
-            .map(|i| {
-                let u = Predictor::update(floor, m[i], v[i]);
-                Predictor::predict(p.coef, u, 0.0, base[i])
-            })
+        updates
+            .zip(base)
+            .map(|(u, &b)| Predictor::predict(coef, u, 0.0, b))
             .collect()
     };
     Ok(out)

@@ -189,9 +189,10 @@ pub fn encode_counted(symbols: &[u8], counts: &[u64; 256], out: &mut Vec<u8>) {
     }
 }
 
-/// A stream that is never extended: the parts of an extended one.
-fn encode_plain(symbols: &[u8], out: &mut Vec<u8>) {
-    encode_interleaved::<STATES>(symbols, &histogram(symbols), out);
+/// A stream that is never extended (the parts of an extended one), for a
+/// caller that has the [`histogram`] of `symbols`.
+fn encode_plain(symbols: &[u8], counts: &[u64; 256], out: &mut Vec<u8>) {
+    encode_interleaved::<STATES>(symbols, counts, out);
 }
 
 /// The `k` field's state bits for `L` states.

@@ -40,11 +40,12 @@ fn max_width(k: usize) -> usize {
     width
 }
 
-/// A stream as tuples, ready to write.
+/// A stream as tuples, ready to write, with the tuples' symbol counts.
 pub(super) struct Tuples {
     alphabet: Vec<u8>,
     width: usize,
     tuples: Vec<u8>,
+    counts: [u64; 256],
     tail: Vec<u8>,
 }
 
@@ -63,20 +64,16 @@ impl Tuples {
         }
         let budget = coded_bits(counts) * super::runs::SIZE_TOLERANCE;
         (2..=max_width(k)).rev().find_map(|width| {
-            let whole = symbols.chunks_exact(width);
-            let tail = whole.remainder().to_vec();
-            let tuples: Vec<u8> = whole
-                .map(|t| {
-                    t.iter()
-                        .fold(0usize, |v, &s| v * k + index[s as usize] as usize)
-                        as u8
-                })
-                .collect();
-            let estimate = coded_bits(&histogram(&tuples)) + 8.0 * (k + tail.len() + 1) as f64;
+            let whole = symbols.len() - symbols.len() % width;
+            let tail = symbols[whole..].to_vec();
+            let tuples = tuples_of(&symbols[..whole], width, k, &index);
+            let counts = histogram(&tuples);
+            let estimate = coded_bits(&counts) + 8.0 * (k + tail.len() + 1) as f64;
             (estimate <= budget).then(|| Tuples {
                 alphabet: alphabet.clone(),
                 width,
                 tuples,
+                counts,
                 tail,
             })
         })
@@ -90,8 +87,35 @@ impl Tuples {
         out.extend_from_slice(&k_field.to_le_bytes());
         out.push(self.width as u8);
         out.extend_from_slice(&self.alphabet);
-        encode_plain(&self.tuples, out);
+        encode_plain(&self.tuples, &self.counts, out);
         out.extend_from_slice(&self.tail);
+    }
+}
+
+/// One tuple symbol per `width` symbols (a multiple of `width` of them):
+/// their alphabet indices as base-`k` digits, the first most significant.
+/// One copy of the loop per width, so that the digits' loop unrolls.
+fn tuples_of(symbols: &[u8], width: usize, k: usize, index: &[u8; 256]) -> Vec<u8> {
+    fn of<const W: usize>(symbols: &[u8], k: usize, index: &[u8; 256]) -> Vec<u8> {
+        let k = k as u32;
+        symbols
+            .chunks_exact(W)
+            .map(|t| {
+                t.iter()
+                    .fold(0u32, |v, &s| v * k + u32::from(index[usize::from(s)]))
+                    as u8
+            })
+            .collect()
+    }
+    match width {
+        2 => of::<2>(symbols, k, index),
+        3 => of::<3>(symbols, k, index),
+        4 => of::<4>(symbols, k, index),
+        5 => of::<5>(symbols, k, index),
+        6 => of::<6>(symbols, k, index),
+        7 => of::<7>(symbols, k, index),
+        8 => of::<8>(symbols, k, index),
+        _ => unreachable!("tuples are 2 to 8 symbols wide"),
     }
 }
 
