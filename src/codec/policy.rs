@@ -44,6 +44,7 @@ use serde::{Deserialize, Serialize};
 
 use super::float::FloatType;
 use super::quant::{Domain, ESCAPE, Levels, MAX_LEVEL, Predictor, Quantized, Side};
+use super::simd::zero_unless;
 
 /// How a commit codes parameters that have Adam state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -516,22 +517,22 @@ fn lane_sums<const GUIDED: bool, const SCALED: bool>(chunk: &GroupChunk<'_>) -> 
     let [mut w2, mut m2, mut dm2, mut dw2, mut u2, mut du2] = [[0f64; LANES]; 6];
     let mut add = |lane: usize, wi: f32, mi: f32, vi: f32, pwi: f32, pmi: f32| {
         let (dw, dm) = (wi - pwi, mi - pmi);
-        let finite = dw.is_finite() && dm.is_finite() && vi.is_finite();
-        let keep = |x: f32| if finite { x as f64 } else { 0.0 };
+        let finite = dw.is_finite() & dm.is_finite() & vi.is_finite();
+        let keep = |x: f32| zero_unless(finite, x as f64);
         count[lane] += u32::from(finite);
         w2[lane] += keep(wi) * keep(wi);
         m2[lane] += keep(mi) * keep(mi);
         dm2[lane] += keep(dm) * keep(dm);
         if GUIDED {
             let d = dw as f64;
-            dw2[lane] += if d.is_finite() { d * d } else { 0.0 };
+            dw2[lane] += zero_unless(d.is_finite(), d * d);
         }
         if SCALED {
             let scale = Side::scale(ADAM_EPS, vi);
             let (u, du) = ((mi / scale) as f64, (dm / scale) as f64);
-            let ok = u.is_finite() && du.is_finite();
-            u2[lane] += if ok { u * u } else { 0.0 };
-            du2[lane] += if ok { du * du } else { 0.0 };
+            let ok = u.is_finite() & du.is_finite();
+            u2[lane] += zero_unless(ok, u * u);
+            du2[lane] += zero_unless(ok, du * du);
         }
     };
     let groups = w
@@ -1244,7 +1245,9 @@ fn fill_uniform(q: &mut Quantized, step: f32, exact: &[f32], coded: impl Iterato
     q.symbols.resize(exact.len(), ESCAPE);
     let mut escaped = exact.len();
     if step > 0.0 {
-        escaped = 0;
+        // A 32-bit count (the payload's counts are u32 anyway): a 64-bit
+        // one made the compiler use 4 lanes where AVX2 has 8.
+        let mut count = 0u32;
         for (symbol, c) in q.symbols.iter_mut().zip(coded) {
             let t = c / step;
             // |round(t)| <= 127 exactly when |t| < 127.5 (false for NaN).
@@ -1255,8 +1258,9 @@ fn fill_uniform(q: &mut Quantized, step: f32, exact: &[f32], coded: impl Iterato
             } else {
                 ESCAPE
             };
-            escaped += usize::from(!in_range);
+            count += u32::from(!in_range);
         }
+        escaped = count as usize;
     }
     q.escapes.clear();
     if escaped > 0 {

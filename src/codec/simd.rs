@@ -50,6 +50,16 @@ macro_rules! with_avx2 {
     }};
 }
 
+/// `x` if `keep`, else +0.0: a bit mask, not a branch. The hot loops sum
+/// only finite terms; written as `if keep { x } else { 0.0 }` the compiler
+/// may turn the select into a branch or a masked store, and the loop then
+/// runs scalar (the planning sums took 2.5× as long). Same result as the
+/// select, bit for bit.
+#[inline(always)]
+pub fn zero_unless(keep: bool, x: f64) -> f64 {
+    f64::from_bits(x.to_bits() & 0u64.wrapping_sub(u64::from(keep)))
+}
+
 #[cfg(test)]
 mod tests {
     #[inline(always)]
