@@ -223,27 +223,31 @@ pub fn prediction<S: AsRef<[f32]>>(
     let (m, v) = (sides[0].as_ref(), sides[1].as_ref());
     let (floor, coef) = (p.floor, p.coef);
     // Zipped slices, not indices: no bounds checks, so the loops vectorize.
+    // Written by `fill`, not collected: `collect` is a call the encoder's
+    // AVX2 copy does not inline, and it ran 4 lanes wide.
     let updates = m
         .iter()
         .zip(v)
         .map(|(&m, &v)| Predictor::update(floor, m, v));
-    let out = if p.uses_base_moments() {
+    let mut out = vec![0f32; base.len()];
+    if p.uses_base_moments() {
         let (mb, vb) = (sides[2].as_ref(), sides[3].as_ref());
         let base_updates = mb
             .iter()
             .zip(vb)
             .map(|(&m, &v)| Predictor::update(floor, m, v));
-        updates
-            .zip(base_updates)
-            .zip(base)
-            .map(|((u, ub), &b)| Predictor::predict(coef, u, ub, b))
-            .collect()
+        let terms = updates.zip(base_updates).zip(base);
+        fill(
+            &mut out,
+            terms.map(|((u, ub), &b)| Predictor::predict(coef, u, ub, b)),
+        );
     } else {
-        updates
-            .zip(base)
-            .map(|(u, &b)| Predictor::predict(coef, u, 0.0, b))
-            .collect()
-    };
+        let terms = updates.zip(base);
+        fill(
+            &mut out,
+            terms.map(|(u, &b)| Predictor::predict(coef, u, 0.0, b)),
+        );
+    }
     Ok(out)
 }
 
