@@ -1,6 +1,7 @@
 //! A checkpoint directory as committed: every regular file in it, the
 //! safetensors ones parsed into tensors, the rest kept as opaque bytes.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -136,6 +137,21 @@ impl InputFile {
         self.read_values(offset, len)
     }
 
+    /// `count` elements of `T` at byte `offset`: borrowed where a file in
+    /// memory holds them in one piece at `T`'s alignment (a tensor's own
+    /// buffer), else copied as [`InputFile::read_values`] does. The lossy
+    /// coder reads every input element once, and copying a 3.45 GB state
+    /// first took 5% of a commit's CPU time.
+    pub fn values<T: Plain>(&self, offset: usize, count: usize) -> Cow<'_, [T]> {
+        if let Source::Memory { segments, .. } = &self.source
+            && count > 0
+            && let Some(values) = borrowed(segments, offset as u64, count)
+        {
+            return Cow::Borrowed(values);
+        }
+        Cow::Owned(self.read_values(offset, count))
+    }
+
     /// `count` elements of `T` at byte `offset` (as [`InputFile::copy_out`]).
     pub fn read_values<T: Plain>(&self, offset: usize, count: usize) -> Vec<T> {
         if count == 0 {
@@ -153,6 +169,22 @@ impl InputFile {
             )
         })
     }
+}
+
+/// `count` elements of `T` at byte `offset` of a file in memory, borrowed:
+/// when one segment holds them all at `T`'s alignment.
+fn borrowed<T: Plain>(segments: &[Segment], offset: u64, count: usize) -> Option<&[T]> {
+    let len = size_of::<T>() * count;
+    let end = offset.checked_add(len as u64)?;
+    let segment = segments
+        .iter()
+        .find(|s| s.offset <= offset && end <= s.offset + s.len as u64)?;
+    let from = (offset - segment.offset) as usize;
+    let bytes = &segment.bytes()[from..from + len];
+    // SAFETY: `T: Plain` has no padding and every bit pattern is a valid
+    // `T`; `align_to` puts only aligned, whole elements in the middle part.
+    let (prefix, values, _) = unsafe { bytes.align_to::<T>() };
+    (prefix.is_empty() && values.len() == count).then_some(values)
 }
 
 /// `count` elements of `T` at byte `offset` of a file in memory, copied out

@@ -250,6 +250,19 @@ mod tests {
         assert_eq!(model.copy_out(start + 12, 8), [&w[12..], &b[..4]].concat());
         let values: Vec<f32> = model.read_values(start, 4);
         assert_eq!(values, [1.0, 2.0, 3.0, 4.0]);
+        // Inside one buffer at f32 alignment (malloc's, at least 16 bytes):
+        // borrowed. Across two buffers or off alignment: copied. The same
+        // values every way.
+        use std::borrow::Cow;
+        let inside = model.values::<f32>(start + 4, 3);
+        assert!(matches!(inside, Cow::Borrowed(_)));
+        assert_eq!(*inside, [2.0, 3.0, 4.0]);
+        for (offset, count) in [(start + 12, 2), (start + 2, 2)] {
+            let copied = model.values::<f32>(offset, count);
+            assert!(matches!(copied, Cow::Owned(_)), "{offset}");
+            assert_eq!(*copied, *model.read_values::<f32>(offset, count));
+        }
+        assert!(model.values::<f32>(start, 0).is_empty());
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! checkout returns and what the next commit takes its residuals against
 //! (closed loop).
 
+use std::borrow::Cow;
+
 use anyhow::Context;
 
 use super::plan::{Group, Plan};
@@ -14,10 +16,11 @@ use crate::codec::float::FloatType;
 use crate::codec::policy::{GroupChunk, GroupStats, Moments, Policy, TensorPlan};
 
 /// Input and parent values of one chunk of a group, as f32.
-struct Loaded {
-    w: Vec<f32>,
-    m: Vec<f32>,
-    v: Vec<f32>,
+struct Loaded<'p> {
+    /// The inputs, borrowed where the checkpoint is in memory as f32.
+    w: Cow<'p, [f32]>,
+    m: Cow<'p, [f32]>,
+    v: Cow<'p, [f32]>,
     parent_w: Vec<f32>,
     parent_m: Vec<f32>,
     parent_v: Vec<f32>,
@@ -31,7 +34,7 @@ struct Loaded {
     moments: Option<(String, String, String)>,
 }
 
-impl Loaded {
+impl Loaded<'_> {
     fn chunk(&self) -> GroupChunk<'_> {
         GroupChunk {
             w: &self.w,
@@ -63,13 +66,13 @@ impl Loaded {
 /// read (each costs a cache read, a checksum and a conversion): only Ŵ is,
 /// for the median of |dW|; in place of m̂ and v̂ stand the inputs, whose
 /// difference to themselves is zero where finite.
-fn load(
+fn load<'p>(
     session: &Session<'_>,
-    plan: &Plan<'_>,
+    plan: &'p Plan<'_>,
     group: Group,
     index: usize,
     for_stats: bool,
-) -> anyhow::Result<Loaded> {
+) -> anyhow::Result<Loaded<'p>> {
     let parent = session.parent.context("lossy coding needs a parent")?;
     let floats = floats(plan, group);
     let input = |s: usize, f: FloatType| plan.slots[s].read_values(index, f);
@@ -84,7 +87,7 @@ fn load(
         input(group.v, floats[2]),
     );
     let (parent_m, parent_v) = if for_stats {
-        (m.clone(), v.clone())
+        (m.to_vec(), v.to_vec())
     } else {
         (recon(group.m, floats[1])?, recon(group.v, floats[2])?)
     };

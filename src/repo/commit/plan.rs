@@ -7,6 +7,7 @@
 //! forms a *group* that lossy policies code jointly; everything else is coded
 //! losslessly chunk by chunk.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use crate::codec::float::FloatType;
@@ -85,12 +86,14 @@ impl TensorSlot<'_> {
 
     /// Chunk `index` of a float tensor stored as `float`, as f32: read
     /// straight into the values for f32 on little-endian machines.
-    pub fn read_values(&self, index: usize, float: FloatType) -> Vec<f32> {
+    /// Chunk `index` as f32: borrowed from a checkpoint in memory where
+    /// it is f32 there already (see [`InputFile::values`]).
+    pub fn read_values(&self, index: usize, float: FloatType) -> Cow<'_, [f32]> {
         if float == FloatType::F32 && cfg!(target_endian = "little") {
             let (offset, len) = self.chunk_range(index);
-            return self.file.read_values(offset as usize, len as usize / 4);
+            return self.file.values(offset as usize, len as usize / 4);
         }
-        float.to_f32(&self.read(index))
+        Cow::Owned(float.to_f32(&self.read(index)))
     }
 
     pub fn float(&self) -> Option<FloatType> {
