@@ -670,8 +670,19 @@ fn commit_from_memory_and_load_into_memory() {
                 step: *step,
                 ..CommitOptions::default()
             };
-            repo::commit_checkpoint(&store.reopen().unwrap(), &checkpoint, &options, &NoProgress)
-                .unwrap();
+            let outcome = repo::commit_checkpoint(
+                &store.reopen().unwrap(),
+                &checkpoint,
+                &options,
+                &NoProgress,
+            )
+            .unwrap();
+            // Every residual reads its bases from the cache, the first one
+            // too: a keyframe from memory (no file to map) writes one.
+            if !outcome.record.keyframe {
+                assert_eq!(outcome.bases_decoded, 0, "{policy} step {step}");
+                assert!(outcome.bases_from_cache > 0, "{policy} step {step}");
+            }
         }
         let store = store.reopen().unwrap();
         let show = repo::show(&store, "60").unwrap();

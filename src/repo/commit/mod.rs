@@ -216,20 +216,21 @@ pub fn commit_checkpoint(
         parent_record,
         !keyframe && !policy.is_lossless(),
     );
-    // A keyframe writes no cache file: its reconstruction is its input, so
-    // a source map (where each chunk is in the input files) serves the next
-    // commit while those files are unchanged, and its chunks decode on
-    // their own from blobs when they are not. A copy would be a second pass
-    // of the checkpoint through the page cache (docs/benchmarks.md).
+    // A keyframe from files writes no cache file: its reconstruction is its
+    // input, so a source map (where each chunk is in the input files) serves
+    // the next commit while those files are unchanged, and its chunks decode
+    // on their own from blobs when they are not. A copy would be a second
+    // pass of the checkpoint through the page cache (docs/benchmarks.md).
     // Residual commits keep a cache, since decoding them means replaying
     // the chain. The source map is best effort, like the cache.
-    // Buffers in memory have no file to map back to: no source map.
+    // Buffers in memory have no file to map back to: a keyframe committed
+    // from memory writes the cache a residual commit writes. Without it the
+    // next commit decoded the keyframe from its blobs, which took longer
+    // than the copy (docs/benchmarks.md, "Fifth round").
     let on_disk = checkpoint.files.iter().all(|f| f.on_disk());
     let (cache, sources) = if keyframe && on_disk {
         let paths: Vec<&Path> = checkpoint.files.iter().map(|f| f.path.as_path()).collect();
         (None, SourceMapWriter::new(&store.cache_dir(), &paths).ok())
-    } else if keyframe {
-        (None, None)
     } else {
         (Some(cache_writer(&store, &target, &plan.layout)?), None)
     };
