@@ -7,8 +7,10 @@
 //! decodes the chunk instead. Deleting `cache/` is always safe.
 //!
 //! A keyframe's reconstruction is its input, byte for byte, so a keyframe
-//! commit writes no copy: a *source map* `cache/tips/<id>.sources` says
-//! where each chunk is in the checkpoint files it was committed from (see
+//! committed from files writes no copy (one from memory has no file to
+//! point to, and writes a cache file): a *source map*
+//! `cache/tips/<id>.sources` says where each chunk is in the checkpoint
+//! files it was committed from (see
 //! [`SourceMapWriter`]). While those files are unchanged (training loops
 //! keep the last few checkpoints), the next commit reads its bases there
 //! instead of decoding the keyframe; a chunk whose xxh3 no longer matches is

@@ -1,0 +1,54 @@
+"""Commits from memory only, timed: the benchmark's model, K checkpoints.
+
+What `scripts/bench_ab_python.sh` runs for each build of the library: no
+other path writes to the disk in between, so the parent's reconstruction
+stays in the page cache, as in a training process that only commits. With
+`--perf FILE`, `perf record` samples the last commit (needs perf).
+
+    python bench/python_commit_series.py [--checkpoints K] [--policy P] [--perf FILE]
+"""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import ckptvc
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from python_commit import fresh_run, timed, train  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-bytes", type=int, default=1 << 30)
+    parser.add_argument("--checkpoints", type=int, default=4)
+    parser.add_argument("--steps-between", type=int, default=5)
+    parser.add_argument("--policy", default="balanced")
+    parser.add_argument("--perf", help="perf record the last commit into this file")
+    parser.add_argument("--dir", default=os.path.expanduser("~/.cache/ckptvc-bench/python-series"))
+    args = parser.parse_args()
+    model, opt = fresh_run(args.dir, args.model_bytes)
+    repo = ckptvc.Repo.init(os.path.join(args.dir, "store.ckptvc"), policy=args.policy)
+    for k in range(1, args.checkpoints + 1):
+        step = k * args.steps_between
+        train(model, opt, args.steps_between)
+        perf = None
+        if args.perf and k == args.checkpoints:
+            perf = subprocess.Popen(["perf", "record", "-F", "999", "-p", str(os.getpid()),
+                                     "-o", args.perf],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+        seconds, outcome = timed(lambda: repo.commit(step, model=model, optimizer=opt))
+        if perf:
+            perf.send_signal(signal.SIGINT)
+            perf.wait()
+        kind = "keyframe" if outcome["keyframe"] else "residual"
+        print(f"step {step} ({kind}, ratio {outcome['ratio']:.1f}): commit from memory "
+              f"{seconds:.2f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
