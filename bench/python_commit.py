@@ -84,6 +84,16 @@ def fresh_run(directory, model_bytes):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
+def series_arguments(parser, directory):
+    """The arguments of the benchmarks that commit one run's checkpoints
+    (model size, their number and spacing, the policy, the work folder)."""
+    parser.add_argument("--model-bytes", type=int, default=1 << 30)
+    parser.add_argument("--checkpoints", type=int, default=4)
+    parser.add_argument("--steps-between", type=int, default=5)
+    parser.add_argument("--policy", default="balanced")
+    parser.add_argument("--dir", default=os.path.expanduser(directory))
+
+
 def train(model, opt, steps):
     for _ in range(steps):
         for p in model.parameters():

@@ -22,7 +22,7 @@ import torch
 import ckptvc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from python_commit import disk_read_mib, fresh_run, timed, train  # noqa: E402
+from python_commit import disk_read_mib, fresh_run, series_arguments, timed, train  # noqa: E402
 
 
 def drop_page_cache():
@@ -33,13 +33,9 @@ def drop_page_cache():
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model-bytes", type=int, default=1 << 30)
-    parser.add_argument("--checkpoints", type=int, default=4)
-    parser.add_argument("--steps-between", type=int, default=5)
-    parser.add_argument("--policy", default="balanced")
+    series_arguments(parser, "~/.cache/ckptvc-bench/python-alone")
     parser.add_argument("--cold", action="store_true",
                         help="drop the page cache before each commit (needs root)")
-    parser.add_argument("--dir", default=os.path.expanduser("~/.cache/ckptvc-bench/python-alone"))
     args = parser.parse_args()
     model, opt = fresh_run(args.dir, args.model_bytes)
     repo = ckptvc.Repo.init(os.path.join(args.dir, "store.ckptvc"), policy=args.policy)

@@ -18,17 +18,13 @@ import time
 import ckptvc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from python_commit import fresh_run, timed, train  # noqa: E402
+from python_commit import fresh_run, series_arguments, timed, train  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model-bytes", type=int, default=1 << 30)
-    parser.add_argument("--checkpoints", type=int, default=4)
-    parser.add_argument("--steps-between", type=int, default=5)
-    parser.add_argument("--policy", default="balanced")
+    series_arguments(parser, "~/.cache/ckptvc-bench/python-series")
     parser.add_argument("--perf", help="perf record the last commit into this file")
-    parser.add_argument("--dir", default=os.path.expanduser("~/.cache/ckptvc-bench/python-series"))
     args = parser.parse_args()
     model, opt = fresh_run(args.dir, args.model_bytes)
     repo = ckptvc.Repo.init(os.path.join(args.dir, "store.ckptvc"), policy=args.policy)

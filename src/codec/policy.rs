@@ -1727,6 +1727,13 @@ mod tests {
         }
     }
 
+    /// A parent W and Adam moments of `n` elements, as W's prediction tests
+    /// use them.
+    fn weights_and_moments(n: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let v = series(n, 4, 1e-6).iter().map(|x| x.abs() + 1e-8).collect();
+        (series(n, 1, 0.1), series(n, 3, 1e-3), v)
+    }
+
     /// Where the parent's moments get weight 0, the encoder's prediction is
     /// the decoder's even at an element whose parent m is NaN (the
     /// encoder once computed `0 · NaN` there and the decoder, which does not
@@ -1736,9 +1743,7 @@ mod tests {
     fn a_nan_parent_moment_of_weight_zero_predicts_as_the_decoder_does() {
         use super::super::quant::{prediction, reconstruct};
         let n = 20_000;
-        let p = series(n, 1, 0.1);
-        let m = series(n, 3, 1e-3);
-        let v: Vec<f32> = series(n, 4, 1e-6).iter().map(|x| x.abs() + 1e-8).collect();
+        let (p, m, v) = weights_and_moments(n);
         let mut parent_m = m.clone();
         parent_m[7] = f32::NAN;
         let lr = 1e-3f32;
@@ -1781,9 +1786,7 @@ mod tests {
     fn w_is_coded_as_what_the_moments_do_not_predict() {
         use super::super::quant::{prediction, reconstruct};
         let n = 20_000;
-        let p = series(n, 1, 0.1);
-        let m = series(n, 3, 1e-3);
-        let v: Vec<f32> = series(n, 4, 1e-6).iter().map(|x| x.abs() + 1e-8).collect();
+        let (p, m, v) = weights_and_moments(n);
         let noise = series(n, 5, 2e-5);
         let lr = 1e-3f32;
         let w: Vec<f32> = (0..n)
