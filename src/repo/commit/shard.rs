@@ -142,12 +142,12 @@ pub fn commit_shard(
             CacheReader::open(&cache_dir, &seal::files_id(&sub.files), sub),
         );
     }
+    // As in `commit`: a keyframe from files keeps a source map; one with
+    // no file to map (inputs in memory) writes the cache a residual does.
     let on_disk = checkpoint.files.iter().all(|f| f.on_disk());
     let (cache, sources) = if keyframe && on_disk {
         let paths: Vec<&Path> = checkpoint.files.iter().map(|f| f.path.as_path()).collect();
         (None, SourceMapWriter::new(&cache_dir, &paths).ok())
-    } else if keyframe {
-        (None, None)
     } else {
         let writer = CacheWriter::create(&cache_dir, plan.layout.total())
             .with_context(|| format!("cannot create the cache in {}", cache_dir.display()))?;
