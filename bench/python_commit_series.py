@@ -37,13 +37,17 @@ def main():
                                      "-o", args.perf],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
+        cpu_before = os.times()
         seconds, outcome = timed(lambda: repo.commit(step, model=model, optimizer=opt))
+        cpu_after = os.times()
+        user = cpu_after.user - cpu_before.user
+        system = cpu_after.system - cpu_before.system
         if perf:
             perf.send_signal(signal.SIGINT)
             perf.wait()
         kind = "keyframe" if outcome["keyframe"] else "residual"
         print(f"step {step} ({kind}, ratio {outcome['ratio']:.1f}): commit from memory "
-              f"{seconds:.2f} s", flush=True)
+              f"{seconds:.2f} s (user {user:.2f} s, system {system:.2f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -77,15 +77,20 @@ fn normalized_frequencies(counts: &[u64; 256], total: u64) -> [u32; 256] {
     freqs
 }
 
-/// Symbol counts. Four tables, summed at the end: the streams are dominated
-/// by one symbol, and with one table every increment would wait for the
-/// previous one to the same counter.
+/// Symbol counts. Eight tables, summed at the end: the streams are
+/// dominated by one symbol, and with one table every increment would wait
+/// for the previous one to the same counter. With four, the increments of
+/// one table's dominant counter still formed a chain through memory, one
+/// link per four symbols: 1.05 ns a symbol on a stream 95% one symbol,
+/// against 0.37 with eight (sixteen: 0.58; 2026-11-30, a timing loop over
+/// 1M symbols).
 pub fn histogram(symbols: &[u8]) -> [u64; 256] {
-    let mut tables = [[0u32; 256]; 4];
-    let quads = symbols.chunks_exact(4);
-    let tail = quads.remainder();
-    for quad in quads {
-        for (table, &s) in tables.iter_mut().zip(quad) {
+    const TABLES: usize = 8;
+    let mut tables = [[0u32; 256]; TABLES];
+    let groups = symbols.chunks_exact(TABLES);
+    let tail = groups.remainder();
+    for group in groups {
+        for (table, &s) in tables.iter_mut().zip(group) {
             table[s as usize] += 1;
         }
     }

@@ -246,40 +246,8 @@ pub fn encode_chunk(
             base,
             None,
         )?;
-        encoded.error = Some(squared_error(input, &recon));
+        encoded.error = Some(codec::error::squared_error(input, &recon));
         out.push(encoded);
     }
     Ok(out)
-}
-
-/// (Σ (x̂ − x)², Σ x²) over the finite elements.
-fn squared_error(input: &[f32], recon: &[f32]) -> (f64, f64) {
-    crate::with_avx2!(squared_error_sums(input: &[f32], recon: &[f32]) -> (f64, f64))
-}
-
-#[inline(always)]
-fn squared_error_sums(input: &[f32], recon: &[f32]) -> (f64, f64) {
-    // Eight independent f64 sums, so the loop is not one long dependency
-    // chain; non-finite inputs contribute zero to both.
-    const LANES: usize = 8;
-    let mut err = [0f64; LANES];
-    let mut norm = [0f64; LANES];
-    let mut add = |lane: usize, x: f32, y: f32| {
-        let finite = x.is_finite();
-        let d = if finite { (y - x) as f64 } else { 0.0 };
-        let x = if finite { x as f64 } else { 0.0 };
-        err[lane] += d * d;
-        norm[lane] += x * x;
-    };
-    let (inputs, recons) = (input.chunks_exact(LANES), recon.chunks_exact(LANES));
-    let (input_tail, recon_tail) = (inputs.remainder(), recons.remainder());
-    for (xs, ys) in inputs.zip(recons) {
-        for lane in 0..LANES {
-            add(lane, xs[lane], ys[lane]);
-        }
-    }
-    for (lane, (&x, &y)) in input_tail.iter().zip(recon_tail).enumerate() {
-        add(lane, x, y);
-    }
-    (err.iter().sum(), norm.iter().sum())
 }
