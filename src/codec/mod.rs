@@ -13,7 +13,7 @@
 //! | 11..  | codec payload: a zstd frame, byte planes ([`planes`]) or a quantized stream ([`quant`]) |
 
 pub mod context;
-pub mod error;
+pub mod distortion;
 pub mod float;
 pub mod planes;
 pub mod policy;

@@ -246,7 +246,7 @@ pub fn encode_chunk(
             base,
             None,
         )?;
-        encoded.error = Some(codec::error::squared_error(input, &recon));
+        encoded.error = Some(codec::distortion::squared_error(input, &recon));
         out.push(encoded);
     }
     Ok(out)
