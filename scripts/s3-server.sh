@@ -122,6 +122,18 @@ alive() {
     [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
 }
 
+# SeaweedFS keeps 1% of DIR's filesystem free and sizes its volume count from
+# what is left: below that it starts, then refuses every PUT ("no free
+# volumes left") and start times out after a minute. Say so at once.
+check_free_space() {
+    local dir=$1 size_kib avail_kib reserve_kib need_kib
+    read -r size_kib avail_kib < <(df -Pk "$dir" | awk 'NR == 2 { print $2, $4 }') || return 0
+    [[ "$size_kib" =~ ^[0-9]+$ && "$avail_kib" =~ ^[0-9]+$ ]] || return 0
+    reserve_kib=$((size_kib / 100))
+    need_kib=$((reserve_kib + 1024 * 1024))   # the reserve and 1 GiB for volumes
+    ((avail_kib >= need_kib)) || die "only $((avail_kib / 1024)) MiB free on the filesystem of $dir; SeaweedFS keeps $((reserve_kib / 1024)) MiB (1%) of it free and needs about 1 GiB more for its volumes: free some space"
+}
+
 # The pid in DIR/weed.pid, if that process is alive and is our weed for DIR
 # (guards against signalling an unrelated process that reused the pid).
 running_pid() {
@@ -217,6 +229,7 @@ cmd_start() {
     [[ -n "$SECRET_KEY" && ! "$SECRET_KEY" =~ [[:space:]] ]] || die "AWS_SECRET_ACCESS_KEY must be non-empty without whitespace"
     mkdir -p "$dir" || die "cannot create $dir"
     dir="$(cd "$dir" && pwd)"   # absolute: it is matched against the process's cmdline
+    check_free_space "$dir"
 
     local weed pid
     weed="$(install_weed)"
