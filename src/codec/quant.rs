@@ -266,15 +266,13 @@ pub enum Levels {
 
 impl Levels {
     pub fn table(&self) -> Vec<f32> {
-        let uniform = |f: &dyn Fn(f64) -> f64, step: f32| {
-            (-MAX_LEVEL..=MAX_LEVEL)
-                .map(|q| f(q as f64 * step as f64) as f32)
-                .collect()
-        };
+        let symbols = 0..=(2 * MAX_LEVEL) as u8;
         match self {
             Levels::Table(t) => t.clone(),
-            Levels::Linear(step) => uniform(&|x| x, *step),
-            Levels::Exp(step) => uniform(&f64::exp, *step),
+            Levels::Linear(step) => symbols.map(|s| linear_level(*step, s)).collect(),
+            Levels::Exp(step) => (-MAX_LEVEL..=MAX_LEVEL)
+                .map(|q| (q as f64 * *step as f64).exp() as f32)
+                .collect(),
         }
     }
 
@@ -436,10 +434,13 @@ fn values_of_levels(
     }
 }
 
-/// Symbol `s`'s level under `Levels::Linear(step)`, bit for bit the
-/// table's `(q as f64 * step as f64) as f32`: |q| ≤ 127 times a 24-bit
-/// significand is exact in f64, so both are the exact product rounded once
-/// to f32. (The escape symbol gets a value too; it is replaced.)
+/// Symbol `s`'s level under `Levels::Linear(step)`: level q = s − 127
+/// times the step, in f32. The one definition, for the level table and for
+/// the reconstruction's loops, which compute it rather than look it up.
+/// Builds before 2026-11-30 computed `(q as f64 * step as f64) as f32`,
+/// the same bits: |q| ≤ 127 times a 24-bit significand is exact in f64, so
+/// both are the exact product rounded once to f32 (tested). (The escape
+/// symbol gets a value too; it is replaced.)
 #[inline(always)]
 fn linear_level(step: f32, s: u8) -> f32 {
     (i32::from(s) - MAX_LEVEL) as f32 * step
@@ -1051,7 +1052,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_linear_level_is_the_tables_to_the_bit() {
+    fn a_linear_level_is_the_exact_product_rounded_once() {
         let steps = [
             1e-4f32,
             0.0371,
@@ -1070,14 +1071,16 @@ mod tests {
             f32::from_bits(x & 0x7fff_ffff)
         });
         for step in steps.into_iter().chain(random).filter(|s| s.is_finite()) {
-            let table = Levels::Linear(step).table();
-            for (s, want) in table.iter().enumerate() {
+            for q in -MAX_LEVEL..=MAX_LEVEL {
+                let exact_then_rounded = (q as f64 * step as f64) as f32;
+                let s = (q + MAX_LEVEL) as u8;
                 assert_eq!(
-                    linear_level(step, s as u8).to_bits(),
-                    want.to_bits(),
-                    "step {step:e}, symbol {s}"
+                    linear_level(step, s).to_bits(),
+                    exact_then_rounded.to_bits(),
+                    "step {step:e}, level {q}"
                 );
             }
+            assert_eq!(Levels::Linear(step).table().len(), 255);
         }
     }
 
