@@ -31,6 +31,7 @@ fn record(branch: &str, step: u64, parent: Option<ObjectId>) -> CommitRecord {
         stored_bytes: 10,
         errors: ErrorTotals::default(),
         files: Vec::new(),
+        update_errors: None,
     }
 }
 

@@ -425,6 +425,51 @@ fn an_abandoned_step_stays_invisible_until_gc_removes_it() {
     assert!(!env.repo().join("pending").read_dir().unwrap().any(|_| true));
 }
 
+/// (file, tensor, update error) of every tensor of `show` that has one.
+fn update_errors(show: &Value) -> Vec<(String, String, f64)> {
+    show["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            let error = e["update_error"].as_f64()?;
+            Some((e["file"].to_string(), e["tensor"].to_string(), error))
+        })
+        .collect()
+}
+
+#[test]
+fn sealed_lossy_steps_record_the_update_errors_one_process_records() {
+    let one = Env::init_with(&["--policy", "balanced"]);
+    let sharded = Env::init_with(&["--policy", "balanced"]);
+    for step in DCP_STEPS {
+        one.commit(&dcp(step), step);
+        for rank in 0..2 {
+            let out = shard_command(&sharded, &dcp(step), step, rank, 2)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let (a, b) = (one.json(&["show", "6"]), sharded.json(&["show", "6"]));
+    let per_tensor = update_errors(&a);
+    // W, m and v of fc1, fc2 and the head on both ranks, at least.
+    assert!(per_tensor.len() >= 12, "{per_tensor:?}");
+    assert_eq!(per_tensor, update_errors(&b));
+    for key in ["m", "v", "both"] {
+        let (x, y) = (
+            a["update_error"][key].as_f64().unwrap(),
+            b["update_error"][key].as_f64().unwrap(),
+        );
+        assert!(x > 0.0 && (x - y).abs() <= 1e-6 * x, "{key}: {x} vs {y}");
+    }
+    assert_eq!(one.json(&["show", "2"])["update_error"], Value::Null);
+}
+
 #[test]
 fn dcp_ranks_seal_one_step_in_a_bucket() {
     let tmp = tempfile::tempdir().unwrap();

@@ -32,6 +32,56 @@ fn tensors(dir: &Path) -> HashMap<String, Vec<f32>> {
     out
 }
 
+/// ‖û − u‖ / ‖u‖ of Adam's update u = m / (√v + ε), with û from m̂ and v
+/// (m's share), m and v̂ (v's), and both, as `show` defines them.
+fn update_errors(m: &[f32], m_hat: &[f32], v: &[f32], v_hat: &[f32]) -> [f64; 3] {
+    let u = |m: f32, v: f32| m as f64 / ((v.max(0.0) as f64).sqrt() + 1e-8);
+    let mut sums = [0.0f64; 4];
+    for i in 0..m.len() {
+        let exact = u(m[i], v[i]);
+        let shares = [u(m_hat[i], v[i]), u(m[i], v_hat[i]), u(m_hat[i], v_hat[i])];
+        for (sum, share) in sums.iter_mut().zip(shares) {
+            *sum += (share - exact).powi(2);
+        }
+        sums[3] += exact * exact;
+    }
+    [0, 1, 2].map(|k| (sums[k] / sums[3]).sqrt())
+}
+
+/// Every update error `show` reports matches one computed from the input
+/// and the checkout; returns how many tensors had one.
+fn check_update_errors(
+    policy: &str,
+    show: &serde_json::Value,
+    input: &HashMap<String, Vec<f32>>,
+    output: &HashMap<String, Vec<f32>>,
+) -> usize {
+    let reported: HashMap<&str, f64> = show["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["tensor"].as_str()?, e["update_error"].as_f64()?)))
+        .collect();
+    for (name, &error) in &reported {
+        let param = name.trim_end_matches("_sq").trim_end_matches(".exp_avg");
+        let (m, v) = (format!("{param}.exp_avg"), format!("{param}.exp_avg_sq"));
+        let [m_share, v_share, both] =
+            update_errors(&input[&m], &output[&m], &input[&v], &output[&v]);
+        let expected = if *name == m {
+            m_share
+        } else if *name == v {
+            v_share
+        } else {
+            both
+        };
+        assert!(
+            (error - expected).abs() <= 1e-3 * expected + 1e-6,
+            "{policy} {name}: update error reported {error}, measured {expected}"
+        );
+    }
+    reported.len()
+}
+
 fn rel_error(x: &[f32], y: &[f32]) -> f64 {
     let (e, n) = x.iter().zip(y).fold((0.0, 0.0), |(e, n), (&a, &b)| {
         (e + ((a - b) as f64).powi(2), n + (a as f64).powi(2))
@@ -89,6 +139,10 @@ fn every_policy_round_trips_with_the_recorded_error() {
                 }
             }
             assert!(lossy >= 3 * 8, "{policy}: only {lossy} lossy tensors");
+            let measured = check_update_errors(policy, &show, &input, &output);
+            assert!(measured >= 3 * 8, "{policy}: {measured} update errors");
+            let totals = &show["update_error"];
+            assert!(totals["both"].as_f64().unwrap() > 0.0, "{policy}: {totals}");
             // Biases and norms with their moments are lossy too: in a small
             // model they were a fifth of a residual commit's bytes.
             assert!(small >= 3 * 8, "{policy}: only {small} small lossy tensors");

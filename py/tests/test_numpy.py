@@ -104,6 +104,52 @@ def test_lossy_policy_pairs_moments_and_stays_within_what_show_reports(tmp_path)
             assert err <= errors[f"{name}.{key}"] * 1.001 + 1e-9
 
 
+def adam_update(m, v):
+    return m.astype(np.float64) / (np.sqrt(np.maximum(v.astype(np.float64), 0.0)) + 1e-8)
+
+
+def test_show_reports_the_error_in_adams_update(tmp_path):
+    repo = ckptvc.Repo.init(tmp_path / "store", policy="balanced")
+    model, optimizer = model_and_moments(5)
+    states = [(model, optimizer)]
+    for step in range(1, 3):
+        m = drift(states[-1][0], step)
+        o = {p: {k: a * 0.9 + 1e-5 for k, a in keys.items()} for p, keys in states[-1][1].items()}
+        states.append((m, o))
+    for step, (m, o) in enumerate(states):
+        repo.commit(step * 10, model=m, optimizer=o)
+    assert repo.show("0")["update_error"] is None, "a keyframe is exact"
+    show = repo.show("20")
+    reported = {e["tensor"]: e["update_error"] for e in show["entries"] if e["tensor"]}
+    restored = repo.state_dict("20")["optimizer"]
+    _, o = states[2]
+    sums = np.zeros(4)
+    measured_any = False
+    for name, keys in o.items():
+        m, v = keys["exp_avg"], keys["exp_avg_sq"]
+        m_hat, v_hat = restored[name]["exp_avg"], restored[name]["exp_avg_sq"]
+        u = adam_update(m, v)
+        shares = [adam_update(m_hat, v) - u, adam_update(m, v_hat) - u, adam_update(m_hat, v_hat) - u]
+        squares = [float((d ** 2).sum()) for d in shares]
+        norm = float((u ** 2).sum())
+        keys_of = [f"{name}.exp_avg", f"{name}.exp_avg_sq", name]
+        if reported[keys_of[0]] is None:
+            # Not coded lossily: nothing to report, and nothing changed.
+            assert np.array_equal(m_hat, m) and np.array_equal(v_hat, v), name
+            continue
+        measured_any = True
+        for key, square in zip(keys_of, squares):
+            expected = np.sqrt(square / norm)
+            assert abs(reported[key] - expected) <= 1e-3 * expected + 1e-6, (key, reported[key], expected)
+        sums += np.array(squares + [norm])
+    assert measured_any
+    totals = show["update_error"]
+    for key, square in zip(["m", "v", "both"], sums[:3]):
+        expected = np.sqrt(square / sums[3])
+        assert abs(totals[key] - expected) <= 1e-3 * expected + 1e-6, (key, totals[key], expected)
+    assert totals["m"] > 0 and totals["v"] > 0
+
+
 def test_non_contiguous_arrays_are_copied_not_refused(tmp_path):
     repo = ckptvc.Repo.init(tmp_path / "store", policy="lossless")
     base = np.arange(200, dtype=np.float32).reshape(10, 20)

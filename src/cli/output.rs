@@ -130,6 +130,12 @@ pub fn print_show(report: &ShowReport) {
         "error    W {:.3e}, m {:.3e}, v {:.3e} (relative L2, lossy-coded tensors)",
         c.error_w, c.error_m, c.error_v
     );
+    if let Some(u) = &report.update_error {
+        println!(
+            "update   {:.3e} from m and v together: m {:.3e}, v {:.3e} (relative L2 of Adam's m/(√v+ε), what resumed training feels)",
+            u.both, u.m, u.v
+        );
+    }
     if !c.message.is_empty() {
         println!("message  {}", c.message);
     }
@@ -152,8 +158,8 @@ pub fn print_show(report: &ShowReport) {
     }
     println!();
     println!(
-        "{:<24} {:<40} {:<6} {:<16} {:<20} {:>10} {:>10} {:>9}",
-        "file", "tensor", "dtype", "shape", "codec", "in", "out", "rel err"
+        "{:<24} {:<40} {:<6} {:<16} {:<20} {:>10} {:>10} {:>9} {:>10}",
+        "file", "tensor", "dtype", "shape", "codec", "in", "out", "rel err", "update err"
     );
     for e in &report.entries {
         let shape = e
@@ -161,8 +167,11 @@ pub fn print_show(report: &ShowReport) {
             .as_ref()
             .map(|s| format!("{s:?}"))
             .unwrap_or_default();
+        let update = e
+            .update_error
+            .map_or("-".to_string(), |u| format!("{u:.2e}"));
         println!(
-            "{:<24} {:<40} {:<6} {:<16} {:<20} {:>10} {:>10} {:>9.2e}",
+            "{:<24} {:<40} {:<6} {:<16} {:<20} {:>10} {:>10} {:>9.2e} {:>10}",
             e.file,
             e.tensor.as_deref().unwrap_or("-"),
             e.dtype.as_deref().unwrap_or("-"),
@@ -170,7 +179,8 @@ pub fn print_show(report: &ShowReport) {
             e.codecs.join("+"),
             bytes(e.bytes_in),
             bytes(e.bytes_out),
-            e.rel_error
+            e.rel_error,
+            update
         );
         if let Some(note) = &e.note {
             println!("{:<24} note: {note}", "");

@@ -1,6 +1,7 @@
 //! The error of a reconstruction against its input: Σ (x̂ − x)² and Σ x²
 //! over the finite inputs, what a tensor's recorded relative error is made
-//! of (summed over its chunks).
+//! of (summed over its chunks). For Adam's moments also the error they put
+//! into Adam's update ([`moment_errors`]): what a resumed run feels of them.
 //!
 //! Every lossy chunk of every role goes through this once per commit, so it
 //! has an AVX2 kernel. The plain loop did not vectorize: converting eight
@@ -113,6 +114,206 @@ unsafe fn squared_error_avx2(input: &[f32], recon: &[f32]) -> (f64, f64) {
     sums.total()
 }
 
+/// The sums behind the recorded errors of one chunk of Adam's moments m
+/// and v (with their reconstructions m̂, v̂), in one pass over the four.
+///
+/// Besides each moment's own error, the error it puts into Adam's update
+/// direction u = m / (√v + ε): m's error is small or large only relative to
+/// √v (an m error of 40% in m's units was 22% of the update on a fine-tune
+/// run), and v's error only matters through 1/√v. Bias correction scales m
+/// and √v by step-dependent constants that cancel in a relative error, up
+/// to where it scales ε; ε is [`ADAM_EPS`](super::policy::ADAM_EPS) here.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct MomentErrors {
+    /// (Σ (m̂ − m)², Σ m²): exactly what [`squared_error`]`(m, m̂)` returns.
+    pub m: (f64, f64),
+    /// (Σ (v̂ − v)², Σ v²): exactly what [`squared_error`]`(v, v̂)` returns.
+    pub v: (f64, f64),
+    /// Σ (û − u)² with û = m̂ / (√v + ε) (m's share), m / (√v̂ + ε) (v's
+    /// share) and m̂ / (√v̂ + ε) (both), over the elements whose m and v
+    /// are finite.
+    pub update: [f64; 3],
+    /// Σ u² over the same elements.
+    pub update_norm: f64,
+}
+
+/// [`MomentErrors`] of the first `n` elements, `n` the shortest length.
+pub fn moment_errors(m: &[f32], m_hat: &[f32], v: &[f32], v_hat: &[f32]) -> MomentErrors {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::avx2_enabled() {
+        // SAFETY: avx2_enabled() checked that the CPU supports AVX2.
+        return unsafe { moment_errors_avx2(m, m_hat, v, v_hat) };
+    }
+    moment_errors_plain(m, m_hat, v, v_hat)
+}
+
+fn shortest(slices: [&[f32]; 4]) -> usize {
+    slices.iter().map(|s| s.len()).min().unwrap_or(0)
+}
+
+/// The reference: per-lane sums in element order, then the lanes in order.
+fn moment_errors_plain(m: &[f32], m_hat: &[f32], v: &[f32], v_hat: &[f32]) -> MomentErrors {
+    let mut sums = MomentLanes::default();
+    for i in 0..shortest([m, m_hat, v, v_hat]) {
+        sums.add(i % LANES, [m[i], m_hat[i], v[i], v_hat[i]]);
+    }
+    sums.total()
+}
+
+/// √max(v, 0) + ε, the scale Adam divides m by (a NaN v counts as 0, as
+/// `max` returns the number).
+#[inline(always)]
+fn scale(v: f32) -> f32 {
+    v.max(0.0).sqrt() + super::policy::ADAM_EPS
+}
+
+/// The changes of the update, written so that no two nearly equal
+/// quotients are subtracted (the errors are often 1e-4 of the update, and
+/// ExCP's zeroed v makes 1/ŝ 1e8): with s, ŝ the scales and r, r̂ their
+/// inverses, m's share (m̂ − m)·r, v's m·(s − ŝ)·r·r̂ (= m·r̂ − m·r), and
+/// both (m̂ − m)·r + m̂·(s − ŝ)·r·r̂ (= m̂·r̂ − m·r). One division per scale
+/// and products after it: these are statistics, and the kernel and the
+/// reference compute them with the same operations in the same order.
+#[inline(always)]
+fn update_changes(m: f32, m_hat: f32, v: f32, v_hat: f32) -> (f32, [f32; 3]) {
+    let (s, s_hat) = (scale(v), scale(v_hat));
+    let (r, r_hat) = (1.0 / s, 1.0 / s_hat);
+    let (dm, ds) = (m_hat - m, s - s_hat);
+    let m_share = dm * r;
+    let v_share = m * ds * r * r_hat;
+    let both = m_share + m_hat * ds * r * r_hat;
+    (m * r, [m_share, v_share, both])
+}
+
+#[derive(Default)]
+struct MomentLanes {
+    m: LaneSums,
+    v: LaneSums,
+    update: [[f64; LANES]; 3],
+    update_norm: [f64; LANES],
+}
+
+impl MomentLanes {
+    #[inline(always)]
+    fn add(&mut self, lane: usize, [m, m_hat, v, v_hat]: [f32; 4]) {
+        self.m.add(lane, m, m_hat);
+        self.v.add(lane, v, v_hat);
+        let (u, changes) = update_changes(m, m_hat, v, v_hat);
+        let counted = m.is_finite() && v.is_finite();
+        let masked = |x: f32| if counted { x as f64 } else { 0.0 };
+        for (sum, change) in self.update.iter_mut().zip(changes) {
+            let d = masked(change);
+            sum[lane] += d * d;
+        }
+        let u = masked(u);
+        self.update_norm[lane] += u * u;
+    }
+
+    fn total(&self) -> MomentErrors {
+        MomentErrors {
+            m: self.m.total(),
+            v: self.v.total(),
+            update: self.update.map(|lanes| lanes.iter().sum()),
+            update_norm: self.update_norm.iter().sum(),
+        }
+    }
+}
+
+/// The same sums, eight elements per step, as `squared_error_avx2` does
+/// them: f32 values masked to zero where not counted, widened to f64 four
+/// lanes at a time, squared and added.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn moment_errors_avx2(m: &[f32], m_hat: &[f32], v: &[f32], v_hat: &[f32]) -> MomentErrors {
+    use std::arch::x86_64::{
+        __m256, __m256d, _CMP_LT_OQ, _mm256_add_pd, _mm256_add_ps, _mm256_and_ps,
+        _mm256_castps256_ps128, _mm256_castsi256_ps, _mm256_cmp_ps, _mm256_cvtps_pd, _mm256_div_ps,
+        _mm256_extractf128_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_mul_pd, _mm256_mul_ps,
+        _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_pd, _mm256_setzero_ps, _mm256_sqrt_ps,
+        _mm256_storeu_pd, _mm256_sub_ps,
+    };
+    let n = shortest([m, m_hat, v, v_hat]);
+    let full = n - n % LANES;
+    // Σ per quantity, lanes 0–3 and 4–7: m err, m norm, v err, v norm,
+    // update (m, v, both), update norm.
+    let mut acc = [[_mm256_setzero_pd(); 2]; 8];
+    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let infinity = _mm256_set1_ps(f32::INFINITY);
+    let (one, zero, eps) = (
+        _mm256_set1_ps(1.0),
+        _mm256_setzero_ps(),
+        _mm256_set1_ps(super::policy::ADAM_EPS),
+    );
+    let finite = |x: __m256| _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_and_ps(x, magnitude), infinity);
+    // max(v, 0) returns its second operand, 0, where v is NaN, as f32::max does.
+    let scale = |v: __m256| _mm256_add_ps(_mm256_sqrt_ps(_mm256_max_ps(v, zero)), eps);
+    let add_squares = |acc: &mut [__m256d; 2], x: __m256| {
+        for (half, sum) in acc.iter_mut().enumerate() {
+            let part = if half == 0 {
+                _mm256_castps256_ps128(x)
+            } else {
+                _mm256_extractf128_ps::<1>(x)
+            };
+            let wide = _mm256_cvtps_pd(part);
+            *sum = _mm256_add_pd(*sum, _mm256_mul_pd(wide, wide));
+        }
+    };
+    for start in (0..full).step_by(LANES) {
+        // SAFETY: start + 8 <= full <= every slice's length.
+        let [m, m_hat, v, v_hat] =
+            unsafe { [m, m_hat, v, v_hat].map(|s| _mm256_loadu_ps(s.as_ptr().add(start))) };
+        let (m_finite, v_finite) = (finite(m), finite(v));
+        add_squares(
+            &mut acc[0],
+            _mm256_and_ps(_mm256_sub_ps(m_hat, m), m_finite),
+        );
+        add_squares(&mut acc[1], _mm256_and_ps(m, m_finite));
+        add_squares(
+            &mut acc[2],
+            _mm256_and_ps(_mm256_sub_ps(v_hat, v), v_finite),
+        );
+        add_squares(&mut acc[3], _mm256_and_ps(v, v_finite));
+        let counted = _mm256_and_ps(m_finite, v_finite);
+        // As update_changes, operation for operation.
+        let (s, s_hat) = (scale(v), scale(v_hat));
+        let (r, r_hat) = (_mm256_div_ps(one, s), _mm256_div_ps(one, s_hat));
+        let (dm, ds) = (_mm256_sub_ps(m_hat, m), _mm256_sub_ps(s, s_hat));
+        let scaled = |x: __m256| _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(x, ds), r), r_hat);
+        let m_share = _mm256_mul_ps(dm, r);
+        let u = _mm256_mul_ps(m, r);
+        let changes = [m_share, scaled(m), _mm256_add_ps(m_share, scaled(m_hat))];
+        for (sum, change) in acc[4..7].iter_mut().zip(changes) {
+            add_squares(sum, _mm256_and_ps(change, counted));
+        }
+        add_squares(&mut acc[7], _mm256_and_ps(u, counted));
+    }
+    let mut lanes = [[0.0f64; LANES]; 8];
+    for (out, sums) in lanes.iter_mut().zip(&acc) {
+        // SAFETY: each store writes 4 f64 into a half of an 8-element array.
+        unsafe {
+            _mm256_storeu_pd(out.as_mut_ptr(), sums[0]);
+            _mm256_storeu_pd(out.as_mut_ptr().add(4), sums[1]);
+        }
+    }
+    let [m_err, m_norm, v_err, v_norm, up_m, up_v, up_both, up_norm] = lanes;
+    let mut sums = MomentLanes {
+        m: LaneSums {
+            err: m_err,
+            norm: m_norm,
+        },
+        v: LaneSums {
+            err: v_err,
+            norm: v_norm,
+        },
+        update: [up_m, up_v, up_both],
+        update_norm: up_norm,
+    };
+    for i in full..n {
+        sums.add(i - full, [m[i], m_hat[i], v[i], v_hat[i]]);
+    }
+    sums.total()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +355,71 @@ mod tests {
             prop_assert_eq!(plain.0.to_bits(), dispatched.0.to_bits());
             prop_assert_eq!(plain.1.to_bits(), dispatched.1.to_bits());
         }
+    }
+
+    proptest! {
+        #[test]
+        fn the_moment_kernel_matches_the_plain_sums(
+            elements in prop::collection::vec(
+                (any::<u8>(), -1.0f32..1.0, -0.1f32..0.1, any::<u8>(), 0.0f32..1e-4, -1.0f32..1.0, any::<u8>()),
+                0..200,
+            ),
+        ) {
+            let m: Vec<f32> = elements.iter().map(|e| special(e.0, e.1)).collect();
+            let m_hat: Vec<f32> = elements.iter().zip(&m).map(|(e, &m)| special(e.3, m + e.2)).collect();
+            let v: Vec<f32> = elements.iter().map(|e| special(e.6, e.4)).collect();
+            let v_hat: Vec<f32> = elements.iter().zip(&v).map(|(e, &v)| v * (1.0 + e.5)).collect();
+            let plain = moment_errors_plain(&m, &m_hat, &v, &v_hat);
+            let dispatched = moment_errors(&m, &m_hat, &v, &v_hat);
+            // Bit for bit, but for a NaN's sign and payload: which operand's
+            // NaN an operation passes on depends on the order the compiler
+            // gives commutative operands (records store NaN as one value).
+            let canonical = |x: f64| if x.is_nan() { f64::NAN.to_bits() } else { x.to_bits() };
+            let bits = |e: &MomentErrors| {
+                [e.m.0, e.m.1, e.v.0, e.v.1, e.update[0], e.update[1], e.update[2], e.update_norm]
+                    .map(canonical)
+            };
+            prop_assert_eq!(bits(&plain), bits(&dispatched));
+            // The moments' own sums are squared_error's, bit for bit (NaN
+            // where a reconstruction is NaN, as there).
+            let pair_bits = |(a, b): (f64, f64)| (canonical(a), canonical(b));
+            prop_assert_eq!(pair_bits(plain.m), pair_bits(squared_error(&m, &m_hat)));
+            prop_assert_eq!(pair_bits(plain.v), pair_bits(squared_error(&v, &v_hat)));
+        }
+    }
+
+    #[test]
+    fn update_errors_weigh_m_by_one_over_root_v() {
+        // Two elements: m's error is the same, but the first has a large v,
+        // so it barely moves the update; v's error is 21% of v (10% of √v).
+        let (m, m_hat) = ([1e-3f32, 1e-3], [1.1e-3f32, 1.1e-3]);
+        let v = [1e-2f32, 1e-6];
+        let v_hat = [1e-2f32, 1.21e-6];
+        let e = moment_errors(&m, &m_hat, &v, &v_hat);
+        let exact = |m: f64, v: f64| m / (v.sqrt() + 1e-8);
+        let u = [exact(1e-3, 1e-2), exact(1e-3, 1e-6)];
+        let norm = u[0] * u[0] + u[1] * u[1];
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs();
+        assert!(close(e.update_norm, norm), "{e:?}");
+        // m's share: 10% of every u.
+        assert!(close(e.update[0], 0.01 * norm), "{e:?}");
+        // v's share: only the second element, u / 1.1 − u.
+        let dv = u[1] / 1.1 - u[1];
+        assert!(close(e.update[1], dv * dv), "{e:?}");
+        // Both: the second element's 1.1 / 1.1 cancels.
+        let d0 = 0.1 * u[0];
+        assert!(close(e.update[2], d0 * d0), "{e:?}");
+    }
+
+    #[test]
+    fn elements_with_non_finite_moments_are_not_counted() {
+        let m = [1.0f32, f32::NAN, 2.0, 1.0];
+        let m_hat = [1.0f32, 0.0, 2.0, 1.0];
+        let v = [1.0f32, 1.0, f32::INFINITY, 4.0];
+        let v_hat = v;
+        let e = moment_errors(&m, &m_hat, &v, &v_hat);
+        assert_eq!(e.update, [0.0; 3]);
+        let expected = 1.0 + 0.25;
+        assert!((e.update_norm - expected).abs() < 1e-6, "{e:?}");
     }
 }

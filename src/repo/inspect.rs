@@ -7,6 +7,7 @@ use serde::Serialize;
 use super::rev::resolve;
 use anyhow::Context;
 
+use crate::store::object::UpdateTotals;
 use crate::store::{CommitSummary, FileContent, ObjectId, TorchContent};
 
 /// One line of `log`.
@@ -114,6 +115,10 @@ pub struct TensorReport {
     pub bytes_out: u64,
     /// Relative L2 error of the stored tensor (0 when lossless).
     pub rel_error: f32,
+    /// For Adam's m and v: the relative error each put into Adam's update
+    /// m / (√v + ε); for a weight: both together (its next update's error).
+    /// `None` where not measured: lossless tensors, records before version 6.
+    pub update_error: Option<f32>,
     /// For a file stored as opaque bytes that looks like a tensor file:
     /// that it was not read as one.
     pub note: Option<String>,
@@ -135,6 +140,10 @@ pub struct ShowReport {
     #[serde(flatten)]
     pub commit: LogEntry,
     pub entries: Vec<TensorReport>,
+    /// The relative error lossy coding put into Adam's update, over all
+    /// lossy (W, m, v) groups: from m's error, from v's, from both. `None`
+    /// where not measured (no lossy moments, or a record before version 6).
+    pub update_error: Option<UpdateTotals>,
     /// For each optimizer file: which state entries were paired with which
     /// parameters (only paired entries are coded jointly with their weight).
     pub pairings: Vec<PairingReport>,
@@ -160,7 +169,8 @@ pub fn show(store: &Repo, rev: &str) -> anyhow::Result<ShowReport> {
         .get_commit(&id)?
         .ok_or_else(|| anyhow::anyhow!("commit {id} is missing"))?;
     let mut entries = Vec::new();
-    for file in &record.files {
+    let update_errors = record.update_errors.as_ref();
+    for (fi, file) in record.files.iter().enumerate() {
         match &file.content {
             FileContent::Opaque { chunks } => entries.push(TensorReport {
                 file: file.name.clone(),
@@ -172,22 +182,27 @@ pub fn show(store: &Repo, rev: &str) -> anyhow::Result<ShowReport> {
                 bytes_in: file.size,
                 bytes_out: chunks.iter().map(|c| c.stored_len).sum(),
                 rel_error: 0.0,
+                update_error: None,
                 note: opaque_note(&file.name),
             }),
-            FileContent::Safetensors { .. } | FileContent::Torch(_) => {
-                entries.extend(file.tensors().iter().map(|t| TensorReport {
-                    file: file.name.clone(),
-                    tensor: Some(t.name.clone()),
-                    dtype: Some(t.dtype.clone()),
-                    shape: Some(t.shape.clone()),
-                    codecs: codec_names(t.chunks.iter().map(|c| c.codec)),
-                    chunks: t.chunks.len(),
-                    bytes_in: t.raw_bytes(),
-                    bytes_out: t.stored_bytes(),
-                    rel_error: t.rel_error,
-                    note: None,
-                }))
-            }
+            FileContent::Safetensors { .. } | FileContent::Torch(_) => entries.extend(
+                file.tensors()
+                    .iter()
+                    .enumerate()
+                    .map(|(ti, t)| TensorReport {
+                        file: file.name.clone(),
+                        tensor: Some(t.name.clone()),
+                        dtype: Some(t.dtype.clone()),
+                        shape: Some(t.shape.clone()),
+                        codecs: codec_names(t.chunks.iter().map(|c| c.codec)),
+                        chunks: t.chunks.len(),
+                        bytes_in: t.raw_bytes(),
+                        bytes_out: t.stored_bytes(),
+                        rel_error: t.rel_error,
+                        update_error: update_errors.and_then(|u| u.of(fi, ti)),
+                        note: None,
+                    }),
+            ),
         }
     }
     let pairings = record
@@ -215,6 +230,7 @@ pub fn show(store: &Repo, rev: &str) -> anyhow::Result<ShowReport> {
     Ok(ShowReport {
         commit: LogEntry::new(&id, &CommitSummary::from(&record)),
         entries,
+        update_error: update_errors.map(|u| u.totals),
         pairings,
     })
 }

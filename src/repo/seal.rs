@@ -25,9 +25,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::policy::Policy;
 use crate::repo::Repo;
+use crate::repo::commit::relative;
 use crate::repo::inspect::LogEntry;
 use crate::repo::walk::is_ancestor;
-use crate::store::object::{ErrorTotals, version_for};
+use crate::store::object::{
+    ErrorTotals, TensorUpdateError, UpdateErrors, UpdateTotals, version_for,
+};
 use crate::store::pending::PendingKey;
 use crate::store::{CommitRecord, FileEntry, ObjectId, StoreError};
 
@@ -99,8 +102,11 @@ pub fn shard_of(name: &str) -> u32 {
     rank_of(name).unwrap_or(0)
 }
 
-/// Version of [`ShardManifest`].
-pub const MANIFEST_VERSION: u32 = 1;
+/// Version of [`ShardManifest`]. Version 2 appends the shard's
+/// [`ShardUpdateErrors`] (an `Option`) after its files; version 1 is read
+/// as version 2 without them.
+pub const MANIFEST_VERSION: u32 = 2;
+const OLDEST_MANIFEST_VERSION: u32 = 1;
 
 /// One rank's part of a pending step (postcard, versioned; opaque to the
 /// store layer).
@@ -123,21 +129,44 @@ pub struct ShardManifest {
     /// (Σ squared error, Σ squared input) of lossy W, m and v.
     pub error_sums: [(f64, f64); 3],
     pub files: Vec<FileEntry>,
+    /// Version 2 on (the tail): the errors in Adam's update.
+    #[serde(skip)]
+    pub update_errors: Option<ShardUpdateErrors>,
+}
+
+/// A shard's errors in Adam's update: per tensor (`file` indexes the
+/// manifest's files), and per role (W: both moments, m, v) as sums that
+/// seal adds over the shards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardUpdateErrors {
+    pub tensors: Vec<TensorUpdateError>,
+    pub role_sums: [(f64, f64); 3],
 }
 
 impl ShardManifest {
     pub fn to_bytes(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).expect("serializing to a Vec cannot fail")
+        let mut bytes = postcard::to_stdvec(self).expect("serializing to a Vec cannot fail");
+        if self.version >= 2 {
+            let tail = postcard::to_stdvec(&self.update_errors);
+            bytes.extend(tail.expect("serializing to a Vec cannot fail"));
+        }
+        bytes
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<ShardManifest, String> {
         let (version, _) = postcard::take_from_bytes::<u32>(bytes).map_err(|e| e.to_string())?;
-        if version != MANIFEST_VERSION {
+        if !(OLDEST_MANIFEST_VERSION..=MANIFEST_VERSION).contains(&version) {
             return Err(format!(
-                "shard manifest version {version} is not supported (this build reads {MANIFEST_VERSION})"
+                "shard manifest version {version} is not supported (this build reads {OLDEST_MANIFEST_VERSION} to {MANIFEST_VERSION})"
             ));
         }
-        postcard::from_bytes(bytes).map_err(|e| e.to_string())
+        let (mut manifest, tail) =
+            postcard::take_from_bytes::<ShardManifest>(bytes).map_err(|e| e.to_string())?;
+        if version >= 2 {
+            manifest.update_errors = postcard::from_bytes(tail)
+                .map_err(|e| format!("the manifest's update errors do not parse: {e}"))?;
+        }
+        Ok(manifest)
     }
 }
 
@@ -368,9 +397,10 @@ fn sealed_record(
             total.1 += n;
         }
     }
-    let relative = |(e, n): (f64, f64)| if n > 0.0 { (e / n).sqrt() as f32 } else { 0.0 };
+    let relative = |(e, n): (f64, f64)| relative(e, n);
+    let update_errors = sealed_update_errors(manifests, &files, relative);
     Ok(CommitRecord {
-        version: version_for(&files, &policy),
+        version: version_for(&files, &policy, update_errors.as_ref()),
         parents: parent.into_iter().collect(),
         branch: key.branch.clone(),
         step: key.step,
@@ -392,6 +422,44 @@ fn sealed_record(
             v: relative(sums[2]),
         },
         files,
+        update_errors,
+    })
+}
+
+/// The shards' update errors as one record's: tensors re-indexed into the
+/// sealed (name-sorted) `files`, role sums added; `None` if no shard has any.
+fn sealed_update_errors(
+    manifests: &[ShardManifest],
+    files: &[FileEntry],
+    relative: impl Fn((f64, f64)) -> f32,
+) -> Option<UpdateErrors> {
+    let mut roles = [(0.0, 0.0); 3];
+    let mut tensors = Vec::new();
+    for m in manifests {
+        let Some(shard) = &m.update_errors else {
+            continue;
+        };
+        for (total, (e, n)) in roles.iter_mut().zip(shard.role_sums) {
+            total.0 += e;
+            total.1 += n;
+        }
+        for t in &shard.tensors {
+            let name = &m.files[t.file as usize].name;
+            let file = files.partition_point(|f| f.name < *name);
+            tensors.push(TensorUpdateError {
+                file: file as u32,
+                ..*t
+            });
+        }
+    }
+    if tensors.is_empty() {
+        return None;
+    }
+    tensors.sort_by_key(|t| (t.file, t.tensor));
+    let [both, m, v] = roles.map(relative);
+    Some(UpdateErrors {
+        totals: UpdateTotals { m, v, both },
+        tensors,
     })
 }
 

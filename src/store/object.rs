@@ -19,11 +19,24 @@ use crate::codec::policy::Policy;
 /// cannot parse; only records that do are written as version 4. Version 5
 /// may hold [`Policy::Predictive`] (the presets since W is predicted, 2026-11-30), whose
 /// blobs older builds cannot decode (quant domain 5); only records that do
-/// are written as version 5.
-pub const COMMIT_VERSION: u32 = 5;
+/// are written as version 5. Version 6 appends [`UpdateErrors`] after the
+/// files (the errors lossy coding put into Adam's update); records of
+/// lossy commits of Adam's state are written as version 6.
+pub const COMMIT_VERSION: u32 = 6;
 
-/// The version a record with these files and this policy is written as.
-pub fn version_for(files: &[FileEntry], policy: &Policy) -> u32 {
+/// The first version whose records end with [`UpdateErrors`].
+const UPDATE_ERRORS_VERSION: u32 = 6;
+
+/// The version a record with these files, this policy and these update
+/// errors is written as.
+pub fn version_for(
+    files: &[FileEntry],
+    policy: &Policy,
+    update_errors: Option<&UpdateErrors>,
+) -> u32 {
+    if update_errors.is_some() {
+        return UPDATE_ERRORS_VERSION;
+    }
     match policy {
         Policy::Predictive { .. } => return 5,
         Policy::Guided { .. } => return 4,
@@ -240,7 +253,56 @@ pub struct ErrorTotals {
     pub v: f32,
 }
 
+/// How much lossy coding of Adam's moments changed Adam's update
+/// u = m / (√v + ε), relative to it: ‖û − u‖ / ‖u‖ (see
+/// `codec::distortion::MomentErrors`). This, not m's error in m's own units,
+/// is what a resumed run feels: an m error of 40% of m was 22% of the update
+/// on a fine-tune run, because large m comes with large v there.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpdateErrors {
+    /// Over every lossy-coded (W, m, v) group of the commit together.
+    pub totals: UpdateTotals,
+    /// Per tensor, in (file, tensor) order.
+    pub tensors: Vec<TensorUpdateError>,
+}
+
+/// Relative errors of Adam's update from m's error alone (v exact), from
+/// v's alone, and from both: the update the resumed run takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpdateTotals {
+    pub m: f32,
+    pub v: f32,
+    pub both: f32,
+}
+
+/// One tensor's update error: for an m tensor m's share, for a v tensor v's
+/// share, for a weight W both together (the error of W's next update).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TensorUpdateError {
+    /// Index of the file in the record's `files`.
+    pub file: u32,
+    /// Index of the tensor in that file's tensors.
+    pub tensor: u32,
+    pub error: f32,
+}
+
+impl UpdateErrors {
+    /// The error recorded for tensor `tensor` of file `file` (`tensors` is
+    /// in (file, tensor) order).
+    pub fn of(&self, file: usize, tensor: usize) -> Option<f32> {
+        let key = (file as u32, tensor as u32);
+        let at = self
+            .tensors
+            .binary_search_by_key(&key, |t| (t.file, t.tensor));
+        at.ok().map(|i| self.tensors[i].error)
+    }
+}
+
 /// A commit: one checkpoint at one step on one branch.
+///
+/// Serialized as its fields in order (postcard), then, from version 6 on,
+/// `Option<UpdateErrors>`: a record of an earlier version is one of
+/// version 6 without that tail, so every version reads through one struct.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CommitRecord {
     pub version: u32,
@@ -264,16 +326,32 @@ pub struct CommitRecord {
     pub stored_bytes: u64,
     pub errors: ErrorTotals,
     pub files: Vec<FileEntry>,
+    /// Version 6 on: the errors in Adam's update. `None` in older records
+    /// (not measured) and in records of commits without lossy moments,
+    /// which are written as their older version.
+    #[serde(skip)]
+    pub update_errors: Option<UpdateErrors>,
 }
 
 impl CommitRecord {
     pub fn to_bytes(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).expect("serializing to a Vec cannot fail")
+        let mut bytes = postcard::to_stdvec(self).expect("serializing to a Vec cannot fail");
+        if self.version >= UPDATE_ERRORS_VERSION {
+            let tail = postcard::to_stdvec(&self.update_errors);
+            bytes.extend(tail.expect("serializing to a Vec cannot fail"));
+        }
+        bytes
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<CommitRecord, String> {
         check_version(bytes)?;
-        postcard::from_bytes(bytes).map_err(|e| e.to_string())
+        let (mut record, tail) =
+            postcard::take_from_bytes::<CommitRecord>(bytes).map_err(|e| e.to_string())?;
+        if record.version >= UPDATE_ERRORS_VERSION {
+            record.update_errors = postcard::from_bytes(tail)
+                .map_err(|e| format!("the record's update errors do not parse: {e}"))?;
+        }
+        Ok(record)
     }
 
     pub fn id(&self) -> ObjectId {
@@ -423,6 +501,7 @@ mod tests {
             input_bytes: 10,
             stored_bytes: 5,
             errors: ErrorTotals::default(),
+            update_errors: None,
             files: vec![FileEntry {
                 name: "meta.json".into(),
                 size: 2,
@@ -463,6 +542,41 @@ mod tests {
         // The summary alone serializes to exactly the record's leading bytes.
         let prefix = postcard::to_stdvec(&summary).unwrap();
         assert!(record.to_bytes().starts_with(&prefix));
+    }
+
+    #[test]
+    fn update_errors_follow_the_files_and_older_records_read_without_them() {
+        let mut record = sample();
+        record.version = 5;
+        let old = record.to_bytes();
+        assert_eq!(CommitRecord::from_bytes(&old).unwrap().update_errors, None);
+        record.version = 6;
+        record.update_errors = Some(UpdateErrors {
+            totals: UpdateTotals {
+                m: 0.2,
+                v: 0.05,
+                both: 0.21,
+            },
+            tensors: vec![TensorUpdateError {
+                file: 0,
+                tensor: 3,
+                error: 0.25,
+            }],
+        });
+        let bytes = record.to_bytes();
+        // A version-6 record is the version-5 layout plus the tail.
+        assert_eq!(bytes[1..old.len()], old[1..]);
+        let read = CommitRecord::from_bytes(&bytes).unwrap();
+        assert_eq!(read, record);
+        assert_eq!(read.update_errors.unwrap().of(0, 3), Some(0.25));
+        // The summary still decodes from the front.
+        assert_eq!(
+            CommitSummary::from_record_bytes(&bytes).unwrap(),
+            CommitSummary::from(&record)
+        );
+        // A cut tail is refused, not read as "no errors".
+        let err = CommitRecord::from_bytes(&bytes[..bytes.len() - 2]).unwrap_err();
+        assert!(err.contains("update errors"), "{err}");
     }
 
     #[test]

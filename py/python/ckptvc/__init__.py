@@ -487,6 +487,16 @@ class Repo:
         return json.loads(self._native.log(branch=branch, all=all))
 
     def show(self, rev: str) -> dict:
+        """The commit at ``rev`` as ``ckptvc show --json`` prints it.
+
+        Per tensor: ``rel_error``, the relative L2 error of the stored values
+        (what ``load`` restores is within it), and ``update_error``, the
+        relative error lossy coding put into Adam's update m/(√v+ε) (for m
+        and v each one's share, for a weight both together; ``None`` where
+        not measured). ``update_error`` at the top level holds the totals
+        ``m``, ``v`` and ``both``: what a resumed run feels of the moments'
+        errors.
+        """
         return json.loads(self._native.show(rev))
 
     def checkout(self, rev: str, dir: str, force: bool = False,

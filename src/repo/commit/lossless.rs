@@ -60,6 +60,7 @@ fn encode_read_chunk(
             chunk: previous.clone(),
             new: false,
             error: None,
+            update_error: None,
         });
     }
     let parent = session

@@ -215,9 +215,9 @@ pub fn encode_chunk(
             .context("quantizer produced an invalid stream")?;
         recons[role] = Some(recon);
     }
+    let errors = chunk_errors(inputs, &recons);
     for (role, (q, slot_index)) in streams.iter().zip([group.w, group.m, group.v]).enumerate() {
         let slot = &plan.slots[slot_index];
-        let input = inputs[role];
         let recon = recons[role].take().expect("reconstructed above");
         let raw = q.float.bytes_of(&recon);
         session.cache_chunk(slot.cache_offset(index), &raw)?;
@@ -246,8 +246,34 @@ pub fn encode_chunk(
             base,
             None,
         )?;
-        encoded.error = Some(codec::distortion::squared_error(input, &recon));
+        (encoded.error, encoded.update_error) = errors[role];
         out.push(encoded);
     }
     Ok(out)
+}
+
+/// Per role (W, m, v): (Σ squared error, Σ squared input), and the error
+/// in Adam's update as (Σ squared change of the update, Σ squared update):
+/// for m and v each one's share, for W both together (the update W's
+/// resumed run takes). The update's share needs m and v element for
+/// element; where their chunks differ in length it is left out.
+type ChunkErrors = [(Option<(f64, f64)>, Option<(f64, f64)>); 3];
+
+fn chunk_errors(inputs: [&Cow<'_, [f32]>; 3], recons: &[Option<Vec<f32>>; 3]) -> ChunkErrors {
+    let recon = |role: usize| recons[role].as_deref().expect("reconstructed above");
+    let own = |role: usize| Some(codec::distortion::squared_error(inputs[role], recon(role)));
+    let (m, v) = (inputs[1], inputs[2]);
+    let aligned = [m.len(), recon(1).len(), recon(2).len()]
+        .iter()
+        .all(|&n| n == v.len());
+    if !aligned {
+        return [(own(0), None), (own(1), None), (own(2), None)];
+    }
+    let e = codec::distortion::moment_errors(m, recon(1), v, recon(2));
+    let share = |i: usize| Some((e.update[i], e.update_norm));
+    [
+        (own(0), share(2)),
+        (Some(e.m), share(0)),
+        (Some(e.v), share(1)),
+    ]
 }

@@ -39,7 +39,9 @@ use crate::format::safetensors::TensorInfo;
 use crate::format::{Checkpoint, InputKind};
 #[cfg(test)]
 use crate::store::object::COMMIT_VERSION;
-use crate::store::object::{ErrorTotals, version_for};
+use crate::store::object::{
+    ErrorTotals, TensorUpdateError, UpdateErrors, UpdateTotals, version_for,
+};
 use crate::store::pending::{BlobSink, StoreSink};
 use crate::store::{
     ChunkRef, CommitRecord, FileContent, FileEntry, ObjectId, PairingRecord, StoreConfig,
@@ -117,6 +119,9 @@ pub(crate) struct Encoded {
     new: bool,
     /// (Σ squared error, Σ squared input) for lossy chunks.
     error: Option<(f64, f64)>,
+    /// For lossy chunks of Adam's W, m and v: (Σ squared error, Σ squared
+    /// value) of Adam's update (see `lossy::chunk_errors`).
+    update_error: Option<(f64, f64)>,
 }
 
 impl Session<'_> {
@@ -169,6 +174,7 @@ impl Session<'_> {
             },
             new,
             error: None,
+            update_error: None,
         })
     }
 }
@@ -251,10 +257,12 @@ pub fn commit_checkpoint(
 
     let tensor_errors = tensor_errors(&encoded);
     let errors = error_totals(&plan, &tensor_errors);
+    let update_sums = tensor_update_errors(&encoded);
+    let update_errors = update_errors(&update_sums, role_sums(&plan, &update_sums));
     let files = assemble_manifest(checkpoint, encoded, &tensor_errors);
     let policy = if keyframe { Policy::Lossless } else { policy };
     let record = CommitRecord {
-        version: version_for(&files, &policy),
+        version: version_for(&files, &policy, update_errors.as_ref()),
         parents: session.parent.into_iter().collect(),
         branch: target.branch.clone(),
         step: options.step,
@@ -271,6 +279,7 @@ pub fn commit_checkpoint(
         stored_bytes,
         errors,
         files,
+        update_errors,
     };
     let id = store.publish_commit(&record, &target.inherited_steps)?;
     drop(view);
@@ -523,9 +532,19 @@ fn new_blob_totals(encoded: &[Encoded]) -> (u64, u64) {
 type ErrorSums = BTreeMap<(usize, usize), (f64, f64)>;
 
 fn tensor_errors(encoded: &[Encoded]) -> ErrorSums {
+    tensor_sums(encoded, |e| e.error)
+}
+
+/// (Σ squared change, Σ squared value) of Adam's update per lossy tensor
+/// of a (W, m, v) group (see `lossy::chunk_errors`).
+fn tensor_update_errors(encoded: &[Encoded]) -> ErrorSums {
+    tensor_sums(encoded, |e| e.update_error)
+}
+
+fn tensor_sums(encoded: &[Encoded], pick: impl Fn(&Encoded) -> Option<(f64, f64)>) -> ErrorSums {
     let mut sums = BTreeMap::new();
     for e in encoded {
-        if let Some((err, norm)) = e.error {
+        if let Some((err, norm)) = pick(e) {
             let entry = sums.entry((e.key.0, e.key.1)).or_insert((0.0, 0.0));
             entry.0 += err;
             entry.1 += norm;
@@ -534,12 +553,16 @@ fn tensor_errors(encoded: &[Encoded]) -> ErrorSums {
     sums
 }
 
-fn relative(err: f64, norm: f64) -> f32 {
-    if norm > 0.0 {
+/// √(err / norm) as a record stores it: 0 for a zero norm, and one NaN for
+/// every NaN (which operand's NaN a sum passes on can differ between the
+/// vector and the plain kernels, and records must not).
+pub(crate) fn relative(err: f64, norm: f64) -> f32 {
+    let r = if norm > 0.0 {
         (err / norm).sqrt() as f32
     } else {
         0.0
-    }
+    };
+    if r.is_nan() { f32::NAN } else { r }
 }
 
 /// (Σ squared error, Σ squared input) of all lossy-coded W, m and v.
@@ -559,6 +582,31 @@ fn role_sums(plan: &Plan<'_>, sums: &ErrorSums) -> [(f64, f64); 3] {
         role_total(|g| g.m),
         role_total(|g| g.v),
     ]
+}
+
+/// A record's update errors from the per-tensor sums and the per-role
+/// ones (W's role holds both moments' error together); `None` when no
+/// tensor has any, so that such a record keeps its older version.
+fn update_errors(tensors: &ErrorSums, roles: [(f64, f64); 3]) -> Option<UpdateErrors> {
+    if tensors.is_empty() {
+        return None;
+    }
+    let [both, m, v] = roles.map(|(e, n)| relative(e, n));
+    Some(UpdateErrors {
+        totals: UpdateTotals { m, v, both },
+        tensors: relative_per_tensor(tensors),
+    })
+}
+
+/// Each tensor's relative error from its sums, in (file, tensor) order.
+fn relative_per_tensor(sums: &ErrorSums) -> Vec<TensorUpdateError> {
+    sums.iter()
+        .map(|(&(file, tensor), &(e, n))| TensorUpdateError {
+            file: file as u32,
+            tensor: tensor as u32,
+            error: relative(e, n),
+        })
+        .collect()
 }
 
 /// Relative L2 errors of all lossy-coded W, m and v together.
@@ -663,6 +711,7 @@ mod tests {
             stored_bytes: 0,
             errors: ErrorTotals::default(),
             files: vec![],
+            update_errors: None,
         }
     }
 

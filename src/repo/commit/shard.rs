@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::{
     CommitOptions, Session, assemble_manifest, encode_or_abandon, needs_keyframe, new_blob_totals,
-    plan, role_sums, tensor_errors,
+    plan, relative_per_tensor, role_sums, tensor_errors, tensor_update_errors,
 };
 use crate::codec::policy::Policy;
 use crate::format::Checkpoint;
@@ -165,6 +165,11 @@ pub fn commit_shard(
     let encoded = encode_or_abandon(&mut session, &plan, &policy, progress)?;
     let (new_blobs, stored_bytes) = new_blob_totals(&encoded);
     let errors = tensor_errors(&encoded);
+    let update_sums = tensor_update_errors(&encoded);
+    let update_errors = (!update_sums.is_empty()).then(|| seal::ShardUpdateErrors {
+        tensors: relative_per_tensor(&update_sums),
+        role_sums: role_sums(&plan, &update_sums),
+    });
     let manifest = ShardManifest {
         version: seal::MANIFEST_VERSION,
         shard: shard.index,
@@ -183,6 +188,7 @@ pub fn commit_shard(
         stored_bytes,
         error_sums: role_sums(&plan, &errors),
         files: assemble_manifest(&checkpoint, encoded, &errors),
+        update_errors,
     };
     let files_id = seal::files_id(&manifest.files);
     let outcome_files = manifest.files.len();
