@@ -541,6 +541,7 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
         repo::ErrorKind::Locked => Some("pass --wait SECONDS to wait for the other writer"),
         repo::ErrorKind::NotAStore => Some("run `ckptvc init` first, or pass --repo"),
         repo::ErrorKind::Corrupt => Some("run `ckptvc fsck` to see what is damaged"),
+        repo::ErrorKind::TooNew => Some("upgrade ckptvc to read this store"),
         repo::ErrorKind::OutputNotEmpty => Some("pass --force to write into it anyway"),
         repo::ErrorKind::NotFastForward => {
             Some("`ckptvc fetch`, then branch from or pull the remote's commits; or push --force")

@@ -154,8 +154,15 @@ fn shortest(slices: [&[f32]; 4]) -> usize {
 /// The reference: per-lane sums in element order, then the lanes in order.
 fn moment_errors_plain(m: &[f32], m_hat: &[f32], v: &[f32], v_hat: &[f32]) -> MomentErrors {
     let mut sums = MomentLanes::default();
-    for i in 0..shortest([m, m_hat, v, v_hat]) {
-        sums.add(i % LANES, [m[i], m_hat[i], v[i], v_hat[i]]);
+    let n = shortest([m, m_hat, v, v_hat]);
+    let full = n - n % LANES;
+    // Eight lanes at a time, so that the update's f32 terms vectorize.
+    for start in (0..full).step_by(LANES) {
+        let group = |x: &[f32]| -> [f32; LANES] { x[start..start + LANES].try_into().unwrap() };
+        sums.add_group(start, [group(m), group(m_hat), group(v), group(v_hat)]);
+    }
+    for i in full..n {
+        sums.add(i, [m[i], m_hat[i], v[i], v_hat[i]]);
     }
     sums.total()
 }
@@ -167,61 +174,107 @@ fn scale(v: f32) -> f32 {
     v.max(0.0).sqrt() + super::policy::ADAM_EPS
 }
 
-/// The changes of the update, written so that no two nearly equal
+/// The update u and its changes, written so that no two nearly equal
 /// quotients are subtracted (the errors are often 1e-4 of the update, and
-/// ExCP's zeroed v makes 1/ŝ 1e8): with s, ŝ the scales and r, r̂ their
-/// inverses, m's share (m̂ − m)·r, v's m·(s − ŝ)·r·r̂ (= m·r̂ − m·r), and
-/// both (m̂ − m)·r + m̂·(s − ŝ)·r·r̂ (= m̂·r̂ − m·r). One division per scale
-/// and products after it: these are statistics, and the kernel and the
+/// ExCP's zeroed v makes 1/ŝ 1e8): with s, ŝ the scales and q = 1/(s·ŝ),
+/// u = m·ŝ·q, m's share (m̂ − m)·ŝ·q, v's m·(s − ŝ)·q (= m/ŝ − m/s), and
+/// both m's + m̂·(s − ŝ)·q (= m̂/ŝ − m/s). One division per element (the
+/// costliest operation here): these are statistics, and the kernel and the
 /// reference compute them with the same operations in the same order.
 #[inline(always)]
-fn update_changes(m: f32, m_hat: f32, v: f32, v_hat: f32) -> (f32, [f32; 3]) {
+fn update_terms(m: f32, m_hat: f32, v: f32, v_hat: f32) -> [f32; 4] {
     let (s, s_hat) = (scale(v), scale(v_hat));
-    let (r, r_hat) = (1.0 / s, 1.0 / s_hat);
+    let q = 1.0 / (s * s_hat);
     let (dm, ds) = (m_hat - m, s - s_hat);
-    let m_share = dm * r;
-    let v_share = m * ds * r * r_hat;
-    let both = m_share + m_hat * ds * r * r_hat;
-    (m * r, [m_share, v_share, both])
+    let m_share = dm * s_hat * q;
+    let both = m_share + m_hat * ds * q;
+    [m_share, m * ds * q, both, m * s_hat * q]
 }
 
+/// Elements per lane whose update terms are squared and summed in f32
+/// before joining the lane's f64 sum: widening every term to f64 made the
+/// update's sums cost more than the moments' own.
+const BLOCK: usize = 16;
+
+/// Per lane: the moments' own sums, and the squared update terms (m's
+/// share, v's, both, u) in f64 with the current block's f32 sums.
 #[derive(Default)]
 struct MomentLanes {
     m: LaneSums,
     v: LaneSums,
-    update: [[f64; LANES]; 3],
-    update_norm: [f64; LANES],
+    update: [[f64; LANES]; 4],
+    block: [[f32; LANES]; 4],
 }
 
 impl MomentLanes {
+    /// Adds element `i`: lane i % 8; the block ends after element i when
+    /// i + 1 is a multiple of 8 · BLOCK, as the kernel's does.
     #[inline(always)]
-    fn add(&mut self, lane: usize, [m, m_hat, v, v_hat]: [f32; 4]) {
+    fn add(&mut self, i: usize, [m, m_hat, v, v_hat]: [f32; 4]) {
+        let lane = i % LANES;
         self.m.add(lane, m, m_hat);
         self.v.add(lane, v, v_hat);
-        let (u, changes) = update_changes(m, m_hat, v, v_hat);
         let counted = m.is_finite() && v.is_finite();
-        let masked = |x: f32| if counted { x as f64 } else { 0.0 };
-        for (sum, change) in self.update.iter_mut().zip(changes) {
-            let d = masked(change);
-            sum[lane] += d * d;
+        for (block, term) in self.block.iter_mut().zip(update_terms(m, m_hat, v, v_hat)) {
+            let t = if counted { term } else { 0.0 };
+            block[lane] += t * t;
         }
-        let u = masked(u);
-        self.update_norm[lane] += u * u;
+        if (i + 1).is_multiple_of(LANES * BLOCK) {
+            self.end_block();
+        }
     }
 
-    fn total(&self) -> MomentErrors {
+    /// Adds elements `start..start + 8` (`start` a multiple of 8): the
+    /// same terms in the same lanes as eight calls of [`Self::add`].
+    #[inline(always)]
+    fn add_group(&mut self, start: usize, [m, m_hat, v, v_hat]: [[f32; LANES]; 4]) {
+        for lane in 0..LANES {
+            self.m.add(lane, m[lane], m_hat[lane]);
+            self.v.add(lane, v[lane], v_hat[lane]);
+        }
+        let mut terms = [[0.0f32; LANES]; 4];
+        for lane in 0..LANES {
+            let counted = m[lane].is_finite() && v[lane].is_finite();
+            let t = update_terms(m[lane], m_hat[lane], v[lane], v_hat[lane]);
+            for (terms, t) in terms.iter_mut().zip(t) {
+                terms[lane] = if counted { t } else { 0.0 };
+            }
+        }
+        for (block, terms) in self.block.iter_mut().zip(&terms) {
+            for lane in 0..LANES {
+                block[lane] += terms[lane] * terms[lane];
+            }
+        }
+        if (start + LANES).is_multiple_of(LANES * BLOCK) {
+            self.end_block();
+        }
+    }
+
+    fn end_block(&mut self) {
+        for (sums, block) in self.update.iter_mut().zip(&mut self.block) {
+            for (sum, b) in sums.iter_mut().zip(block.iter_mut()) {
+                *sum += *b as f64;
+                *b = 0.0;
+            }
+        }
+    }
+
+    fn total(mut self) -> MomentErrors {
+        self.end_block();
+        let [m, v, both, norm] = self.update.map(|lanes| lanes.iter().sum());
         MomentErrors {
             m: self.m.total(),
             v: self.v.total(),
-            update: self.update.map(|lanes| lanes.iter().sum()),
-            update_norm: self.update_norm.iter().sum(),
+            update: [m, v, both],
+            update_norm: norm,
         }
     }
 }
 
-/// The same sums, eight elements per step, as `squared_error_avx2` does
-/// them: f32 values masked to zero where not counted, widened to f64 four
-/// lanes at a time, squared and added.
+/// The same sums, eight elements per step: the moments' own as
+/// `squared_error_avx2` does them (masked, widened to f64, squared, added);
+/// the update's terms squared and added in f32 for BLOCK steps, then
+/// widened and added to f64 sums.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn moment_errors_avx2(m: &[f32], m_hat: &[f32], v: &[f32], v_hat: &[f32]) -> MomentErrors {
@@ -230,13 +283,30 @@ unsafe fn moment_errors_avx2(m: &[f32], m_hat: &[f32], v: &[f32], v_hat: &[f32])
         _mm256_castps256_ps128, _mm256_castsi256_ps, _mm256_cmp_ps, _mm256_cvtps_pd, _mm256_div_ps,
         _mm256_extractf128_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_mul_pd, _mm256_mul_ps,
         _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_pd, _mm256_setzero_ps, _mm256_sqrt_ps,
-        _mm256_storeu_pd, _mm256_sub_ps,
+        _mm256_storeu_pd, _mm256_storeu_ps, _mm256_sub_ps,
     };
     let n = shortest([m, m_hat, v, v_hat]);
     let full = n - n % LANES;
-    // Σ per quantity, lanes 0–3 and 4–7: m err, m norm, v err, v norm,
-    // update (m, v, both), update norm.
-    let mut acc = [[_mm256_setzero_pd(); 2]; 8];
+    let halves = |x: __m256| [_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x)];
+    // The moments' own sums (m err, m norm, v err, v norm), lanes 0–3 and 4–7.
+    let mut own = [[_mm256_setzero_pd(); 2]; 4];
+    let add_squares = |acc: &mut [__m256d; 2], x: __m256| {
+        for (sum, half) in acc.iter_mut().zip(halves(x)) {
+            let wide = _mm256_cvtps_pd(half);
+            *sum = _mm256_add_pd(*sum, _mm256_mul_pd(wide, wide));
+        }
+    };
+    // The update's: f64 sums, and the block's f32 sums.
+    let mut update = [[_mm256_setzero_pd(); 2]; 4];
+    let mut block = [_mm256_setzero_ps(); 4];
+    let end_block = |update: &mut [[__m256d; 2]; 4], block: &mut [__m256; 4]| {
+        for (sums, b) in update.iter_mut().zip(block.iter_mut()) {
+            for (sum, half) in sums.iter_mut().zip(halves(*b)) {
+                *sum = _mm256_add_pd(*sum, _mm256_cvtps_pd(half));
+            }
+            *b = _mm256_setzero_ps();
+        }
+    };
     let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     let infinity = _mm256_set1_ps(f32::INFINITY);
     let (one, zero, eps) = (
@@ -247,69 +317,63 @@ unsafe fn moment_errors_avx2(m: &[f32], m_hat: &[f32], v: &[f32], v_hat: &[f32])
     let finite = |x: __m256| _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_and_ps(x, magnitude), infinity);
     // max(v, 0) returns its second operand, 0, where v is NaN, as f32::max does.
     let scale = |v: __m256| _mm256_add_ps(_mm256_sqrt_ps(_mm256_max_ps(v, zero)), eps);
-    let add_squares = |acc: &mut [__m256d; 2], x: __m256| {
-        for (half, sum) in acc.iter_mut().enumerate() {
-            let part = if half == 0 {
-                _mm256_castps256_ps128(x)
-            } else {
-                _mm256_extractf128_ps::<1>(x)
-            };
-            let wide = _mm256_cvtps_pd(part);
-            *sum = _mm256_add_pd(*sum, _mm256_mul_pd(wide, wide));
-        }
-    };
-    for start in (0..full).step_by(LANES) {
+    for (step, start) in (0..full).step_by(LANES).enumerate() {
         // SAFETY: start + 8 <= full <= every slice's length.
         let [m, m_hat, v, v_hat] =
             unsafe { [m, m_hat, v, v_hat].map(|s| _mm256_loadu_ps(s.as_ptr().add(start))) };
         let (m_finite, v_finite) = (finite(m), finite(v));
         add_squares(
-            &mut acc[0],
+            &mut own[0],
             _mm256_and_ps(_mm256_sub_ps(m_hat, m), m_finite),
         );
-        add_squares(&mut acc[1], _mm256_and_ps(m, m_finite));
+        add_squares(&mut own[1], _mm256_and_ps(m, m_finite));
         add_squares(
-            &mut acc[2],
+            &mut own[2],
             _mm256_and_ps(_mm256_sub_ps(v_hat, v), v_finite),
         );
-        add_squares(&mut acc[3], _mm256_and_ps(v, v_finite));
-        let counted = _mm256_and_ps(m_finite, v_finite);
-        // As update_changes, operation for operation.
+        add_squares(&mut own[3], _mm256_and_ps(v, v_finite));
+        // As update_terms, operation for operation.
         let (s, s_hat) = (scale(v), scale(v_hat));
-        let (r, r_hat) = (_mm256_div_ps(one, s), _mm256_div_ps(one, s_hat));
+        let q = _mm256_div_ps(one, _mm256_mul_ps(s, s_hat));
         let (dm, ds) = (_mm256_sub_ps(m_hat, m), _mm256_sub_ps(s, s_hat));
-        let scaled = |x: __m256| _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(x, ds), r), r_hat);
-        let m_share = _mm256_mul_ps(dm, r);
-        let u = _mm256_mul_ps(m, r);
-        let changes = [m_share, scaled(m), _mm256_add_ps(m_share, scaled(m_hat))];
-        for (sum, change) in acc[4..7].iter_mut().zip(changes) {
-            add_squares(sum, _mm256_and_ps(change, counted));
+        let times_q = |a: __m256, b: __m256| _mm256_mul_ps(_mm256_mul_ps(a, b), q);
+        let m_share = times_q(dm, s_hat);
+        let both = _mm256_add_ps(m_share, times_q(m_hat, ds));
+        let terms = [m_share, times_q(m, ds), both, times_q(m, s_hat)];
+        let counted = _mm256_and_ps(m_finite, v_finite);
+        for (b, term) in block.iter_mut().zip(terms) {
+            let t = _mm256_and_ps(term, counted);
+            *b = _mm256_add_ps(*b, _mm256_mul_ps(t, t));
         }
-        add_squares(&mut acc[7], _mm256_and_ps(u, counted));
-    }
-    let mut lanes = [[0.0f64; LANES]; 8];
-    for (out, sums) in lanes.iter_mut().zip(&acc) {
-        // SAFETY: each store writes 4 f64 into a half of an 8-element array.
-        unsafe {
-            _mm256_storeu_pd(out.as_mut_ptr(), sums[0]);
-            _mm256_storeu_pd(out.as_mut_ptr().add(4), sums[1]);
+        if (step + 1).is_multiple_of(BLOCK) {
+            end_block(&mut update, &mut block);
         }
     }
-    let [m_err, m_norm, v_err, v_norm, up_m, up_v, up_both, up_norm] = lanes;
-    let mut sums = MomentLanes {
-        m: LaneSums {
-            err: m_err,
-            norm: m_norm,
-        },
-        v: LaneSums {
-            err: v_err,
-            norm: v_norm,
-        },
-        update: [up_m, up_v, up_both],
-        update_norm: up_norm,
-    };
+    let mut sums = MomentLanes::default();
+    let own_lanes = [
+        &mut sums.m.err,
+        &mut sums.m.norm,
+        &mut sums.v.err,
+        &mut sums.v.norm,
+    ];
+    // SAFETY: each store writes 4 f64 into a half of an 8-element array,
+    // or 8 f32 into an 8-element array.
+    unsafe {
+        for (out, acc) in own_lanes
+            .into_iter()
+            .chain(&mut sums.update)
+            .zip(own.iter().chain(&update))
+        {
+            _mm256_storeu_pd(out.as_mut_ptr(), acc[0]);
+            _mm256_storeu_pd(out.as_mut_ptr().add(4), acc[1]);
+        }
+        for (out, b) in sums.block.iter_mut().zip(&block) {
+            _mm256_storeu_ps(out.as_mut_ptr(), *b);
+        }
+    }
+    // The tail continues the current block, lane i % 8 as in the reference.
     for i in full..n {
-        sums.add(i - full, [m[i], m_hat[i], v[i], v_hat[i]]);
+        sums.add(i, [m[i], m_hat[i], v[i], v_hat[i]]);
     }
     sums.total()
 }

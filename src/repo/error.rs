@@ -43,6 +43,8 @@ pub enum ErrorKind {
     OutputNotEmpty,
     /// An object failed its check: run fsck.
     Corrupt,
+    /// A record written by a newer ckptvc: upgrade.
+    TooNew,
     /// No store where one was expected.
     NotAStore,
     /// A remote failed (network, credentials, server).
@@ -66,6 +68,7 @@ pub fn kind(error: &anyhow::Error) -> ErrorKind {
                 StoreError::Locked { .. } => ErrorKind::Locked,
                 StoreError::RefMoved { .. } => ErrorKind::RefMoved,
                 StoreError::Corrupt { .. } => ErrorKind::Corrupt,
+                StoreError::TooNew { .. } => ErrorKind::TooNew,
                 StoreError::Missing(_) | StoreError::NotAStore { .. } => ErrorKind::NotAStore,
                 StoreError::Remote { .. } => ErrorKind::Remote,
                 _ => ErrorKind::Other,

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use super::StoreError;
 use super::config::StoreConfig;
-use super::object::{CommitRecord, CommitSummary, ObjectId};
+use super::object::{self, CommitRecord, CommitSummary, ObjectId};
 use super::pending::{PendingInfo, PendingKey, ShardSink};
 use super::refs::RefEdit;
 
@@ -247,6 +247,7 @@ pub(crate) fn decode_commit(id: &ObjectId, bytes: &[u8]) -> Result<CommitRecord,
             detail: "record does not hash to its id".into(),
         });
     }
+    refuse_newer(id, bytes)?;
     CommitRecord::from_bytes(bytes).map_err(|detail| StoreError::Corrupt {
         what: format!("commit {id}"),
         detail,
@@ -254,8 +255,22 @@ pub(crate) fn decode_commit(id: &ObjectId, bytes: &[u8]) -> Result<CommitRecord,
 }
 
 pub(crate) fn decode_summary(id: &ObjectId, bytes: &[u8]) -> Result<CommitSummary, StoreError> {
+    refuse_newer(id, bytes)?;
     CommitSummary::from_record_bytes(bytes).map_err(|detail| StoreError::Corrupt {
         what: format!("commit {id}"),
         detail,
     })
+}
+
+/// A record of a newer layout is not damage: say so, so that the user
+/// upgrades rather than runs fsck.
+fn refuse_newer(id: &ObjectId, bytes: &[u8]) -> Result<(), StoreError> {
+    match object::newer_version(bytes) {
+        Some(version) => Err(StoreError::TooNew {
+            what: format!("commit {id}"),
+            version,
+            newest: object::COMMIT_VERSION,
+        }),
+        None => Ok(()),
+    }
 }

@@ -31,7 +31,8 @@ use std::path::PathBuf;
 
 /// What can go wrong below the repo layer. Callers branch on the variant:
 /// [`StoreError::Locked`] to wait and retry, [`StoreError::RefMoved`] to
-/// fetch and try again, [`StoreError::Corrupt`] to run `fsck`.
+/// fetch and try again, [`StoreError::Corrupt`] to run `fsck`,
+/// [`StoreError::TooNew`] to upgrade.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("no ckptvc store at {}", .0.display())]
@@ -63,6 +64,15 @@ pub enum StoreError {
     },
     #[error("corrupt {what}: {detail}")]
     Corrupt { what: String, detail: String },
+    /// A record written by a newer build, in a layout this one cannot read.
+    #[error(
+        "{what} was written by a newer ckptvc (record version {version}; this build reads up to {newest})"
+    )]
+    TooNew {
+        what: String,
+        version: u32,
+        newest: u32,
+    },
 }
 
 fn show_id(id: &Option<ObjectId>) -> String {

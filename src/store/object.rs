@@ -431,6 +431,12 @@ impl From<&CommitRecord> for CommitSummary {
     }
 }
 
+/// A record's version when it is newer than this build reads.
+pub fn newer_version(bytes: &[u8]) -> Option<u32> {
+    let (version, _) = postcard::take_from_bytes::<u32>(bytes).ok()?;
+    (version > COMMIT_VERSION).then_some(version)
+}
+
 /// The version is the first field of every commit record: read it alone
 /// first so that a newer layout gets a clear message rather than a confusing
 /// decode error.
@@ -585,6 +591,14 @@ mod tests {
         record.version = 7;
         let err = CommitRecord::from_bytes(&record.to_bytes()).unwrap_err();
         assert!(err.contains("version 7"), "{err}");
+        let id = record.id();
+        let err = crate::store::backend::decode_commit(&id, &record.to_bytes()).unwrap_err();
+        assert!(
+            matches!(err, crate::store::StoreError::TooNew { version: 7, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("newer ckptvc"), "{err}");
+        assert_eq!(newer_version(&sample().to_bytes()), None);
     }
 
     #[test]

@@ -383,8 +383,7 @@ fn summary_of(
     id: &ObjectId,
 ) -> anyhow::Result<CommitSummary> {
     if let Some(bytes) = fetched.get(id) {
-        return CommitSummary::from_record_bytes(bytes)
-            .map_err(|detail| anyhow::anyhow!("commit {id}: {detail}"));
+        return Ok(crate::store::backend::decode_summary(id, bytes)?);
     }
     local
         .get_commit_summary(id)?
