@@ -250,6 +250,17 @@ def size_metrics(store):
     return out
 
 
+def update_errors(store, points):
+    """What `show` reports of the error put into Adam's update m/(√v+ε) at
+    each point: m's share, v's, both (absent from stores before record
+    version 6)."""
+    out = {}
+    for p in points:
+        u = run_ckptvc("--repo", store, "--json", "show", str(p), json_out=True).get("update_error")
+        out.update({f"upd_{k}@{p}": float(u[k]) for k in ("m", "v", "both")} if u else {})
+    return out
+
+
 # ---------------------------------------------------------------- damages
 
 def checkout_errors(orig, recon):
@@ -397,7 +408,7 @@ def run_regime(name, cfg, texts, args):
         e["drift"] = float(np.mean([e[f"drift@{p}"] for p in points]))
         res["variants"][vname] = e
         print(f"  {vname}: " + ", ".join(f"{k} {v:.4g}" for k, v in e.items()
-                                          if isinstance(v, float) and (k.startswith(("drift", "err", "ratio")))),
+                                          if isinstance(v, float) and (k.startswith(("drift", "err", "ratio", "upd")))),
               flush=True)
 
     how = "ulp" if cfg["dtype"] == "bf16" else "bf16"
@@ -417,7 +428,8 @@ def run_regime(name, cfg, texts, args):
             dirs[p] = f"{store}-out/step-{p}"
             shutil.rmtree(dirs[p], ignore_errors=True)
             run_ckptvc("--repo", store, "--quiet", "checkout", str(p), "--output", dirs[p])
-        evaluate(pol, dirs, {**size_metrics(store), "commit_mb_per_s": speed / 1e6})
+        evaluate(pol, dirs, {**size_metrics(store), **update_errors(store, points),
+                             "commit_mb_per_s": speed / 1e6})
 
     # Diagnostic: which of faithful's errors (W, m, v) carries into the resumed weights.
     for roles in ("W", "m", "v"):
