@@ -67,6 +67,20 @@ def test_balanced_load_is_within_what_show_reports(tmp_path):
         b = fresh.state_dict()[name]
         err = (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(a).clamp_min(1e-30)).item()
         assert err <= errors[name] * 1.001 + 1e-7, (name, err)
+    # A weight's update error is that of Adam's next update of it, m/(√v+ε),
+    # from the moments as loaded against the moments as trained.
+    updates = {e["tensor"]: e["update_error"] for e in repo.show("40")["entries"] if e["tensor"]}
+    checked = 0
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        if updates.get(name) is None:
+            continue
+        s, t = opt.state[p], fresh_opt.state[q]
+        u = s["exp_avg"].double() / (s["exp_avg_sq"].double().clamp_min(0).sqrt() + 1e-8)
+        u_hat = t["exp_avg"].double() / (t["exp_avg_sq"].double().clamp_min(0).sqrt() + 1e-8)
+        measured = (torch.linalg.vector_norm(u_hat - u) / torch.linalg.vector_norm(u)).item()
+        assert abs(updates[name] - measured) <= 1e-3 * measured + 1e-6, (name, updates[name], measured)
+        checked += 1
+    assert checked > 0
 
 
 def test_a_parameter_missing_from_the_optimizer_is_refused(tmp_path):
