@@ -301,6 +301,16 @@ fn shard_command(env: &Env, dir: &Path, step: u64, rank: u32, ranks: u32) -> Pro
     cmd
 }
 
+/// Runs a shard's commit to its end; it must succeed.
+fn run_shard(command: &mut Process) {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Waits until rank `rank` has begun staging blobs, then kills it.
 fn kill_mid_commit(env: &Env, child: &mut std::process::Child, rank: u32) -> bool {
     let pending = env.repo().join("pending");
@@ -377,14 +387,7 @@ fn four_ranks_commit_each_step_with_one_killed_in_some_rounds() {
             assert_eq!(pending[0]["arrived"].as_array().unwrap().len(), 3);
             // The rank is restarted and seals the step.
             let rank = victim.unwrap();
-            let out = shard_command(&env, &dir, step, rank, RANKS)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            run_shard(&mut shard_command(&env, &dir, step, rank, RANKS));
         }
         assert!(visible_steps(&env).contains(&step), "round {round}");
         assert_eq!(env.json(&["status"]), serde_json::json!([]));
@@ -409,8 +412,7 @@ fn an_abandoned_step_stays_invisible_until_gc_removes_it() {
     let dir = env.path("step");
     synthetic_step(&dir, 3, 7, 4096);
     for rank in 0..2 {
-        let out = shard_command(&env, &dir, 7, rank, 3).output().unwrap();
-        assert!(out.status.success());
+        run_shard(&mut shard_command(&env, &dir, 7, rank, 3));
     }
     assert_eq!(visible_steps(&env), Vec::<u64>::new());
     assert_eq!(
@@ -445,14 +447,7 @@ fn sealed_lossy_steps_record_the_update_errors_one_process_records() {
     for step in DCP_STEPS {
         one.commit(&dcp(step), step);
         for rank in 0..2 {
-            let out = shard_command(&sharded, &dcp(step), step, rank, 2)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            run_shard(&mut shard_command(&sharded, &dcp(step), step, rank, 2));
         }
     }
     let (a, b) = (one.json(&["show", "6"]), sharded.json(&["show", "6"]));
@@ -561,15 +556,7 @@ fn gc_gives_back_the_space_of_dead_packs() {
     env.commit(&single, 1);
     // tmp: both ranks' shards of a step (a new branch, so a root commit).
     for rank in 0..2 {
-        let out = shard_command(&env, &step, 5, rank, 2)
-            .args(["--branch", "tmp"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_shard(shard_command(&env, &step, 5, rank, 2).args(["--branch", "tmp"]));
     }
     let packs = || std::fs::read_dir(env.repo().join("packs")).unwrap().count();
     assert_eq!(packs(), 2, "each rank staged a pack");

@@ -42,6 +42,16 @@ def drift(model, seed):
     return out
 
 
+def run_states(seed, count):
+    """`count` checkpoints of a run: weights drift, moments decay."""
+    states = [model_and_moments(seed)]
+    for step in range(1, count):
+        m = drift(states[-1][0], step)
+        o = {p: {k: a * 0.9 + 1e-5 for k, a in keys.items()} for p, keys in states[-1][1].items()}
+        states.append((m, o))
+    return states
+
+
 def test_lossless_round_trip_is_bit_identical(tmp_path):
     repo = ckptvc.Repo.init(tmp_path / "store", policy="lossless")
     model, optimizer = model_and_moments(1)
@@ -77,12 +87,7 @@ def test_load_writes_into_the_callers_arrays(tmp_path):
 
 def test_lossy_policy_pairs_moments_and_stays_within_what_show_reports(tmp_path):
     repo = ckptvc.Repo.init(tmp_path / "store", policy="balanced")
-    model, optimizer = model_and_moments(3)
-    states = [(model, optimizer)]
-    for step in range(1, 4):
-        m = drift(states[-1][0], step)
-        o = {p: {k: a * 0.9 + 1e-5 for k, a in keys.items()} for p, keys in states[-1][1].items()}
-        states.append((m, o))
+    states = run_states(3, 4)
     for step, (m, o) in enumerate(states):
         repo.commit(step * 10, model=m, optimizer=o)
     show = repo.show("30")
@@ -110,12 +115,7 @@ def adam_update(m, v):
 
 def test_show_reports_the_error_in_adams_update(tmp_path):
     repo = ckptvc.Repo.init(tmp_path / "store", policy="balanced")
-    model, optimizer = model_and_moments(5)
-    states = [(model, optimizer)]
-    for step in range(1, 3):
-        m = drift(states[-1][0], step)
-        o = {p: {k: a * 0.9 + 1e-5 for k, a in keys.items()} for p, keys in states[-1][1].items()}
-        states.append((m, o))
+    states = run_states(5, 3)
     for step, (m, o) in enumerate(states):
         repo.commit(step * 10, model=m, optimizer=o)
     assert repo.show("0")["update_error"] is None, "a keyframe is exact"

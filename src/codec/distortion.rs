@@ -119,7 +119,7 @@ unsafe fn squared_error_avx2(input: &[f32], recon: &[f32]) -> (f64, f64) {
 ///
 /// Besides each moment's own error, the error it puts into Adam's update
 /// direction u = m / (√v + ε): m's error is small or large only relative to
-/// √v (an m error of 40% in m's units was 22% of the update on a fine-tune
+/// √v (an m error of 46% in m's units was 23% of the update on a fine-tune
 /// run), and v's error only matters through 1/√v. Bias correction scales m
 /// and √v by step-dependent constants that cancel in a relative error, up
 /// to where it scales ε; ε is [`ADAM_EPS`](super::policy::ADAM_EPS) here.
