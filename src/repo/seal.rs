@@ -25,12 +25,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::policy::Policy;
 use crate::repo::Repo;
-use crate::repo::commit::relative;
+use crate::repo::commit::{relative, update_totals};
 use crate::repo::inspect::LogEntry;
 use crate::repo::walk::is_ancestor;
-use crate::store::object::{
-    ErrorTotals, TensorUpdateError, UpdateErrors, UpdateTotals, version_for,
-};
+use crate::store::object::{ErrorTotals, TensorUpdateError, UpdateErrors, version_for};
 use crate::store::pending::PendingKey;
 use crate::store::{CommitRecord, FileEntry, ObjectId, StoreError};
 
@@ -398,7 +396,7 @@ fn sealed_record(
         }
     }
     let relative = |(e, n): (f64, f64)| relative(e, n);
-    let update_errors = sealed_update_errors(manifests, &files, relative);
+    let update_errors = sealed_update_errors(manifests, &files);
     Ok(CommitRecord {
         version: version_for(&files, &policy, update_errors.as_ref()),
         parents: parent.into_iter().collect(),
@@ -428,11 +426,7 @@ fn sealed_record(
 
 /// The shards' update errors as one record's: tensors re-indexed into the
 /// sealed (name-sorted) `files`, role sums added; `None` if no shard has any.
-fn sealed_update_errors(
-    manifests: &[ShardManifest],
-    files: &[FileEntry],
-    relative: impl Fn((f64, f64)) -> f32,
-) -> Option<UpdateErrors> {
+fn sealed_update_errors(manifests: &[ShardManifest], files: &[FileEntry]) -> Option<UpdateErrors> {
     let mut roles = [(0.0, 0.0); 3];
     let mut tensors = Vec::new();
     for m in manifests {
@@ -456,9 +450,8 @@ fn sealed_update_errors(
         return None;
     }
     tensors.sort_by_key(|t| (t.file, t.tensor));
-    let [both, m, v] = roles.map(relative);
     Some(UpdateErrors {
-        totals: UpdateTotals { m, v, both },
+        totals: update_totals(roles),
         tensors,
     })
 }

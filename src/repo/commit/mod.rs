@@ -591,11 +591,17 @@ fn update_errors(tensors: &ErrorSums, roles: [(f64, f64); 3]) -> Option<UpdateEr
     if tensors.is_empty() {
         return None;
     }
-    let [both, m, v] = roles.map(|(e, n)| relative(e, n));
     Some(UpdateErrors {
-        totals: UpdateTotals { m, v, both },
+        totals: update_totals(roles),
         tensors: relative_per_tensor(tensors),
     })
+}
+
+/// The commit's update errors from the per-role sums (W's role holds both
+/// moments' error together).
+pub(crate) fn update_totals(roles: [(f64, f64); 3]) -> UpdateTotals {
+    let [both, m, v] = roles.map(|(e, n)| relative(e, n));
+    UpdateTotals { m, v, both }
 }
 
 /// Each tensor's relative error from its sums, in (file, tensor) order.
