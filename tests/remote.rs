@@ -574,7 +574,17 @@ fn push_interrupted_by_a_killed_server_resumes_without_resending() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let child = push.spawn().unwrap();
-    // Kill the server once some packs are in, while the push goes on.
+    // Kill the server once some packs are in, while the push goes on. The
+    // push is paused (SIGSTOP) the moment they are seen, and resumed after
+    // the kill: on a fast machine it had sent the rest while the server was
+    // being stopped, and succeeded.
+    let signal = |sig: &str| {
+        let sent = Process::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {sig} of the push");
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let mut stats = assert_cmd::Command::new(&bin);
@@ -593,7 +603,9 @@ fn push_interrupted_by_a_killed_server_resumes_without_resending() {
         assert!(std::time::Instant::now() < deadline, "no pack arrived");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    signal("-STOP");
     s3_server(&["kill", dir.to_str().unwrap()]);
+    signal("-CONT");
     let failed = child.wait_with_output().unwrap();
     let message = String::from_utf8_lossy(&failed.stderr);
     assert!(!failed.status.success(), "the push must fail: {message}");
