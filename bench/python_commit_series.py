@@ -3,9 +3,13 @@
 What `scripts/bench_ab_python.sh` runs for each build of the library: no
 other path writes to the disk in between, so the parent's reconstruction
 stays in the page cache, as in a training process that only commits. With
-`--perf FILE`, `perf record` samples the last commit (needs perf).
+`--perf FILE`, `perf record` samples the last commit (needs perf). With
+`--cold`, the store's reconstruction caches are written back and dropped
+from the page cache before each commit (`posix_fadvise(DONTNEED)`), as in a
+training process whose memory pushed them out: the parent's reconstruction
+is then read from disk.
 
-    python bench/python_commit_series.py [--checkpoints K] [--policy P] [--perf FILE]
+    python bench/python_commit_series.py [--checkpoints K] [--policy P] [--perf FILE] [--cold]
 """
 
 import argparse
@@ -18,16 +22,32 @@ import time
 import ckptvc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from python_commit import fresh_run, series_arguments, timed, train  # noqa: E402
+from python_commit import (  # noqa: E402
+    disk_read_mib, fresh_run, series_arguments, timed, train)
+
+
+def drop_cached_tips(store):
+    """Writes back and evicts every reconstruction cache file of `store`."""
+    tips = os.path.join(store, "cache", "tips")
+    for name in os.listdir(tips) if os.path.isdir(tips) else []:
+        fd = os.open(os.path.join(tips, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def main():
     parser = argparse.ArgumentParser()
     series_arguments(parser, "~/.cache/ckptvc-bench/python-series")
     parser.add_argument("--perf", help="perf record the last commit into this file")
+    parser.add_argument("--cold", action="store_true",
+                        help="evict the store's reconstruction caches before each commit")
     args = parser.parse_args()
     model, opt = fresh_run(args.dir, args.model_bytes)
-    repo = ckptvc.Repo.init(os.path.join(args.dir, "store.ckptvc"), policy=args.policy)
+    store = os.path.join(args.dir, "store.ckptvc")
+    repo = ckptvc.Repo.init(store, policy=args.policy)
     for k in range(1, args.checkpoints + 1):
         step = k * args.steps_between
         train(model, opt, args.steps_between)
@@ -37,9 +57,13 @@ def main():
                                      "-o", args.perf],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
+        if args.cold:
+            drop_cached_tips(store)
+        read_before = disk_read_mib()
         cpu_before = os.times()
         seconds, outcome = timed(lambda: repo.commit(step, model=model, optimizer=opt))
         cpu_after = os.times()
+        read = disk_read_mib() - read_before
         user = cpu_after.user - cpu_before.user
         system = cpu_after.system - cpu_before.system
         if perf:
@@ -47,7 +71,8 @@ def main():
             perf.wait()
         kind = "keyframe" if outcome["keyframe"] else "residual"
         print(f"step {step} ({kind}, ratio {outcome['ratio']:.1f}): commit from memory "
-              f"{seconds:.2f} s (user {user:.2f} s, system {system:.2f} s)", flush=True)
+              f"{seconds:.2f} s (user {user:.2f} s, system {system:.2f} s, "
+              f"read from disk {read:.0f} MiB)", flush=True)
 
 
 if __name__ == "__main__":

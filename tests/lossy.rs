@@ -199,17 +199,32 @@ fn checkout_equals_the_reference_the_next_commit_used() {
     );
 }
 
-/// The chunk bytes of a cache file, after checking its footer (the entry
-/// count, the commit id it names and the magic; layout in src/repo/tipcache.rs).
+/// The chunk bytes of a cache file in layout order, without the gaps that
+/// align large tensors, after checking its footer (the entry count, the
+/// commit id it names and the magic; layout in docs/format.md).
 fn cached_chunks(path: &Path, id: &str) -> Vec<u8> {
     let mut bytes = std::fs::read(path).unwrap();
     let footer = bytes.split_off(bytes.len() - 56);
-    assert_eq!(&footer[40..], b"ckptvc-cache-v1\0");
+    assert_eq!(&footer[40..], b"ckptvc-cache-v2\0");
     let hex: String = footer[8..40].iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(hex, id, "the footer names the commit");
     let count = u64::from_le_bytes(footer[..8].try_into().unwrap()) as usize;
-    bytes.truncate(bytes.len() - 24 * count);
-    bytes
+    let entries = bytes.split_off(bytes.len() - 24 * count);
+    let field = |e: &[u8], i: usize| u64::from_le_bytes(e[i * 8..i * 8 + 8].try_into().unwrap());
+    let mut chunks = Vec::new();
+    let mut end = 0;
+    for entry in entries.chunks_exact(24) {
+        let (offset, len) = (field(entry, 0) as usize, field(entry, 1) as usize);
+        assert!(offset >= end, "entries are sorted and do not overlap");
+        let gap = offset - end;
+        assert!(
+            gap == 0 || (gap < 4096 && offset % 4096 == 0),
+            "only alignment gaps"
+        );
+        chunks.extend_from_slice(&bytes[offset..offset + len]);
+        end = offset + len;
+    }
+    chunks
 }
 
 /// A commit along a branch takes every delta base from the parent's cache;
@@ -941,5 +956,136 @@ fn weights_are_predicted_from_their_moments_and_survive_prune() {
     for (s, expected) in [60, 120].iter().zip(&before) {
         let after = env.checkout(&s.to_string(), &format!("after-{s}"));
         assert_same_files(expected, &after);
+    }
+}
+
+/// Writes an F32-only safetensors file.
+fn write_f32_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, shape, values) in tensors {
+        let begin = data.len();
+        data.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [begin, data.len()]}),
+        );
+    }
+    let json = serde_json::to_string(&header).unwrap();
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(&data);
+    std::fs::write(path, out).unwrap();
+}
+
+/// Checkpoints of a weight large enough for the cache's direct I/O (12 MiB,
+/// three chunks) and its Adam moments, trained `steps` synthetic steps.
+fn large_adam_run(root: &Path, checkpoints: &[u64]) -> Vec<std::path::PathBuf> {
+    let n = 3 << 20;
+    let noise = |i: usize, step: u64| {
+        let x = (i as u64 ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 1e-2
+    };
+    let mut w: Vec<f32> = (0..n).map(|i| noise(i, 0) * 10.0).collect();
+    let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+    let mut dirs = Vec::new();
+    for step in 1..=*checkpoints.iter().max().unwrap() {
+        for i in 0..n {
+            let g = noise(i, step) + 1e-3 * w[i];
+            m[i] = 0.9 * m[i] + 0.1 * g;
+            v[i] = 0.999 * v[i] + 0.001 * g * g;
+            w[i] -= 1e-3 * m[i] / (v[i].sqrt() + 1e-8);
+        }
+        if checkpoints.contains(&step) {
+            let dir = root.join(format!("step-{step}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            write_f32_safetensors(
+                &dir.join("model.safetensors"),
+                &[("w", vec![1024, 3072], &w)],
+            );
+            write_f32_safetensors(
+                &dir.join("optimizer.safetensors"),
+                &[
+                    ("w.exp_avg", vec![1024, 3072], &m),
+                    ("w.exp_avg_sq", vec![1024, 3072], &v),
+                ],
+            );
+            let meta = serde_json::json!({"adam_step": step, "betas": [0.9, 0.999], "eps": 1e-8,
+                "lr": 1e-3, "step": step, "weight_decay": 0.0});
+            std::fs::write(dir.join("meta.json"), meta.to_string()).unwrap();
+            dirs.push(dir);
+        }
+    }
+    dirs
+}
+
+/// Writes back and drops every reconstruction cache file of `repo` from
+/// the page cache, as a training process's memory would push them out.
+fn evict_caches(repo: &Path) {
+    use std::os::fd::AsRawFd;
+    let Ok(entries) = std::fs::read_dir(repo.join("cache/tips")) else {
+        return;
+    };
+    for entry in entries {
+        let file = std::fs::File::open(entry.unwrap().path()).unwrap();
+        file.sync_all().unwrap();
+        // SAFETY: a valid descriptor; the call only advises the kernel.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+}
+
+/// Residual commits whose parent's cache is out of the page cache (read and
+/// written around it, src/repo/cache_io.rs) store what commits through the
+/// page cache store, take every base from the cache, and check out alike.
+#[test]
+fn a_cold_cache_commits_as_a_warm_one() {
+    let warm = Env::init_with(&["--policy", "balanced"]);
+    let cold = Env::init_with(&["--policy", "balanced"]);
+    let dirs = large_adam_run(&warm.path("run"), &[5, 10, 15]);
+    let fields = [
+        "stored_bytes",
+        "ratio",
+        "error_w",
+        "error_m",
+        "error_v",
+        "keyframe",
+    ];
+    for (i, dir) in dirs.iter().enumerate() {
+        let step = (5 * (i + 1)).to_string();
+        let commit = |env: &Env, io: &str| -> serde_json::Value {
+            let out = env
+                .cmd()
+                .env("CKPTVC_CACHE_IO", io)
+                .args(["--json", "commit", "--step", &step])
+                .arg(dir)
+                .assert()
+                .success();
+            serde_json::from_slice(&out.get_output().stdout).unwrap()
+        };
+        let through = commit(&warm, "buffered");
+        evict_caches(&cold.repo());
+        let around = commit(&cold, "auto");
+        for field in fields {
+            assert_eq!(through[field], around[field], "step {step}: {field}");
+        }
+        if i > 0 {
+            assert_eq!(around["keyframe"], false, "{around}");
+            assert_eq!(around["bases_decoded"], 0, "{around}");
+            assert_eq!(around["bases_from_cache"], through["bases_from_cache"]);
+        }
+    }
+    evict_caches(&cold.repo());
+    for step in ["10", "15"] {
+        let (a, b) = (
+            warm.checkout(step, &format!("w{step}")),
+            cold.checkout(step, &format!("c{step}")),
+        );
+        for file in ["model.safetensors", "optimizer.safetensors"] {
+            assert!(
+                std::fs::read(a.join(file)).unwrap() == std::fs::read(b.join(file)).unwrap(),
+                "{step} {file}"
+            );
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! plain data that serializes, so a library user gets the same answers and
 //! `--json` prints the outcome itself.
 
+pub(crate) mod cache_io;
 pub mod checkout;
 pub mod commit;
 pub mod diff;

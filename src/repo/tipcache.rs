@@ -16,16 +16,21 @@
 //! instead of decoding the keyframe; a chunk whose xxh3 no longer matches is
 //! decoded from blobs, as with a damaged cache.
 //!
-//! Layout: the chunk bytes (`CacheLayout::total` of them), then one entry per
+//! Layout: the chunk bytes (`CacheLayout::total` of them; each tensor of
+//! 1 MiB or more starts at a multiple of 4096 bytes, so that its chunks can
+//! be read and written around the page cache, see [`super::cache_io`]),
+//! then one entry per
 //! written chunk (offset u64 LE, length u64 LE, xxh3-64 of the bytes u64 LE)
 //! in offset order, then a footer: entry count u64 LE, the id of the commit
-//! whose reconstruction this is (32 bytes) and the magic `ckptvc-cache-v1\0`.
+//! whose reconstruction this is (32 bytes) and the magic `ckptvc-cache-v2\0`
+//! (v1 files, packed without alignment, are not read: a cache).
 //! A reader uses a file only if the footer names the commit it wants, and a
 //! chunk only if its xxh3 matches. The writer hashes the same bytes whose
 //! blake3 goes into the commit record as the chunk's raw hash, so the check
 //! is the record's, at a tenth of the cost: re-hashing a 4 GiB parent with
 //! blake3 took ~8% of a lossy commit's CPU time.
 
+use super::cache_io::{self, CacheFile};
 use crate::repo::Repo;
 use std::collections::HashMap;
 use std::fs::File;
@@ -49,15 +54,23 @@ pub struct CacheLayout {
 }
 
 impl CacheLayout {
-    /// Appends a tensor of `len` bytes cut into chunks of `chunk_len`.
-    pub fn push(&mut self, file: &str, tensor: &str, len: u64, chunk_len: u64) {
+    /// Appends a tensor of `len` bytes cut into chunks of `chunk_len`, and
+    /// returns where it starts: a multiple of [`cache_io::ALIGN`] for a
+    /// tensor of [`cache_io::ALIGNED_TENSOR`] bytes or more.
+    pub fn push(&mut self, file: &str, tensor: &str, len: u64, chunk_len: u64) -> u64 {
+        let start = if len >= cache_io::ALIGNED_TENSOR {
+            cache_io::align_up(self.total)
+        } else {
+            self.total
+        };
         // A tensor of one chunk records its own length, as a record's first
         // chunk does, so that equal layouts compare equal (CacheWriter::reuse).
         self.tensors.insert(
             (file.to_string(), tensor.to_string()),
-            (self.total, chunk_len.min(len)),
+            (start, chunk_len.min(len)),
         );
-        self.total += len;
+        self.total = start + len;
+        start
     }
 
     pub fn of_record(record: &CommitRecord) -> CacheLayout {
@@ -85,7 +98,7 @@ pub fn tips_dir(cache_dir: &Path) -> PathBuf {
     cache_dir.join("tips")
 }
 
-const MAGIC: &[u8; 16] = b"ckptvc-cache-v1\0";
+const MAGIC: &[u8; 16] = b"ckptvc-cache-v2\0";
 const ENTRY_LEN: u64 = 24;
 const FOOTER_LEN: u64 = 8 + 32 + 16;
 
@@ -94,7 +107,7 @@ type Entry = (u64, u64, u64);
 
 /// A cache file being written during a commit.
 pub struct CacheWriter {
-    file: File,
+    file: CacheFile,
     path: PathBuf,
     dir: PathBuf,
     /// Where the chunk bytes end and the entries begin.
@@ -112,12 +125,17 @@ impl CacheWriter {
         let dir = tips_dir(cache_dir);
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(format!("tmp-{}", std::process::id()));
+        // Readable too: a write checks whether its pages are cached.
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true);
         let file = match std::fs::rename(dir.join(SPARE), &path) {
-            Ok(()) => std::fs::OpenOptions::new().write(true).open(&path)?,
-            Err(_) => File::create(&path)?,
+            Ok(()) => options.open(&path)?,
+            Err(_) => options.create(true).truncate(true).open(&path)?,
         };
         file.set_len(len)?;
-        Ok(CacheWriter::new(file, path, dir, len))
+        let mut writer = CacheWriter::new(file, path, dir, len);
+        writer.file = writer.file.keep_cached_if_it_fits(len);
+        Ok(writer)
     }
 
     /// The cache file of `parent` (whose layout the new commit shares),
@@ -136,14 +154,18 @@ impl CacheWriter {
     pub fn reuse(cache_dir: &Path, parent: &ObjectId, layout: &CacheLayout) -> Option<CacheWriter> {
         let dir = tips_dir(cache_dir);
         let path = dir.join(parent.to_hex());
-        let file = std::fs::OpenOptions::new().write(true).open(&path).ok()?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .ok()?;
         (file.metadata().ok()?.len() >= layout.total())
             .then(|| CacheWriter::new(file, path, dir, layout.total()))
     }
 
     fn new(file: File, path: PathBuf, dir: PathBuf, total: u64) -> CacheWriter {
         CacheWriter {
-            file,
+            file: CacheFile::new(file, &path, true),
             path,
             dir,
             total,
@@ -152,7 +174,7 @@ impl CacheWriter {
     }
 
     pub fn write_at(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
-        self.file.write_all_at(bytes, offset)?;
+        self.file.write_values(offset, bytes)?;
         let entry = (offset, bytes.len() as u64, xxh3_64(bytes));
         self.entries.lock().expect("lock").push(entry);
         Ok(())
@@ -161,6 +183,7 @@ impl CacheWriter {
     /// Writes the entries and a footer naming commit `id`, then publishes
     /// the file under that id.
     pub fn finish(self, id: &ObjectId) -> std::io::Result<()> {
+        self.file.flush()?;
         let mut entries = self.entries.into_inner().expect("lock");
         entries.sort_unstable();
         let mut trailer =
@@ -173,18 +196,23 @@ impl CacheWriter {
         trailer.extend_from_slice(&(entries.len() as u64).to_le_bytes());
         trailer.extend_from_slice(&id.0);
         trailer.extend_from_slice(MAGIC);
-        self.file.write_all_at(&trailer, self.total)?;
-        self.file.set_len(self.total + trailer.len() as u64)?;
+        self.file.file().write_all_at(&trailer, self.total)?;
+        self.file
+            .file()
+            .set_len(self.total + trailer.len() as u64)?;
         std::fs::rename(&self.path, self.dir.join(id.to_hex()))
     }
 
     pub fn abandon(self) {
+        let _ = self.file.flush();
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
-/// Version of the [`SourceMap`] record.
-const SOURCE_MAP_VERSION: u8 = 1;
+/// Version of the [`SourceMap`] record. 2: offsets in the aligned cache
+/// layout (a version-1 map's offsets name other chunks there, so it is not
+/// read).
+const SOURCE_MAP_VERSION: u8 = 2;
 
 /// The file name of commit `id`'s source map.
 fn source_map_path(cache_dir: &Path, id: &ObjectId) -> PathBuf {
@@ -283,7 +311,7 @@ fn read_source_map(cache_dir: &Path, id: &ObjectId) -> Option<SourceMap> {
 enum Backing {
     /// A cache file of its own: chunk offset → (length, xxh3).
     Copy {
-        file: File,
+        file: CacheFile,
         entries: HashMap<u64, (u64, u64)>,
     },
     /// The input files of a keyframe: chunk offset → (file, offset in it,
@@ -305,10 +333,11 @@ impl CacheReader {
     /// complete one for it.
     pub fn open(cache_dir: &Path, id: &ObjectId, record: &CommitRecord) -> Option<CacheReader> {
         let layout = CacheLayout::of_record(record);
-        let backing = match File::open(tips_dir(cache_dir).join(id.to_hex())) {
+        let path = tips_dir(cache_dir).join(id.to_hex());
+        let backing = match File::open(&path) {
             Ok(file) => Backing::Copy {
                 entries: read_entries(&file, layout.total(), id)?,
-                file,
+                file: CacheFile::new(file, &path, false),
             },
             Err(_) => {
                 let map = read_source_map(cache_dir, id)?;
@@ -326,32 +355,37 @@ impl CacheReader {
     }
 
     /// A copy of the chunk if the cache has it intact, as bytes or (for f32
-    /// tensors) as values. Read with `pread`: a multi-GiB cache never enters
-    /// this process's memory.
+    /// tensors) as values. Read with `pread` (around the page cache where
+    /// it does not hold the file, see [`cache_io`]): a multi-GiB cache never
+    /// enters this process's memory.
     pub fn read_chunk<T: Plain>(
         &self,
-        file: &str,
+        file_name: &str,
         tensor: &str,
         index: usize,
         chunk: &ChunkRef,
     ) -> Option<Vec<T>> {
-        let offset = self.layout.chunk_offset(file, tensor, index)?;
-        let (file, at, len, hash) = match &self.backing {
+        let offset = self.layout.chunk_offset(file_name, tensor, index)?;
+        let size = size_of::<T>() as u64;
+        let count = |len: u64| {
+            (len == chunk.raw_len && len.is_multiple_of(size)).then_some((len / size) as usize)
+        };
+        let (values, hash) = match &self.backing {
             Backing::Copy { file, entries } => {
                 let &(len, hash) = entries.get(&offset)?;
-                (file, offset, len, hash)
+                let next = self.layout.chunk_offset(file_name, tensor, index + 1);
+                let next = next.and_then(|at| entries.get(&at).map(|&(len, _)| (at, len)));
+                (file.read_values::<T>(offset, count(len)?, next).ok()?, hash)
             }
             Backing::Sources { files, chunks } => {
                 let c = chunks.get(&offset)?;
                 let file = files.get(c.file as usize)?.as_ref()?;
-                (file, c.file_offset, c.len, c.xxh3)
+                (
+                    read_range::<T>(file, c.file_offset, count(c.len)?).ok()?,
+                    c.xxh3,
+                )
             }
         };
-        let size = size_of::<T>() as u64;
-        if len != chunk.raw_len || !len.is_multiple_of(size) {
-            return None;
-        }
-        let values = read_range::<T>(file, at, (len / size) as usize).ok()?;
         (xxh3_64(as_bytes(&values)) == hash).then_some(values)
     }
 }
@@ -447,5 +481,34 @@ pub fn prune(cache_dir: &Path, keep: &[ObjectId]) {
         } else {
             let _ = std::fs::remove_file(entry.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::cache_io::{ALIGN, ALIGNED_TENSOR};
+
+    /// Tensors of 1 MiB or more start aligned (their chunks too, at the
+    /// default chunk size); smaller ones are packed after whatever precedes.
+    #[test]
+    fn large_tensors_start_aligned_and_small_ones_are_packed() {
+        let mut layout = CacheLayout::default();
+        let chunk = 4 << 20;
+        assert_eq!(layout.push("a", "bias", 100, chunk), 0);
+        assert_eq!(layout.push("a", "w", 3 * ALIGNED_TENSOR + 8, chunk), ALIGN);
+        let after_w = ALIGN + 3 * ALIGNED_TENSOR + 8;
+        assert_eq!(layout.push("a", "norm", 12, chunk), after_w);
+        assert_eq!(
+            layout.push("b", "m", 9 << 20, chunk),
+            after_w.div_ceil(ALIGN) * ALIGN
+        );
+        let m = layout.chunk_offset("b", "m", 0).unwrap();
+        for index in 0..3 {
+            let at = layout.chunk_offset("b", "m", index).unwrap();
+            assert_eq!(at, m + index as u64 * chunk);
+            assert!(at.is_multiple_of(ALIGN));
+        }
+        assert_eq!(layout.total(), m + (9 << 20));
     }
 }

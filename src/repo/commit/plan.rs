@@ -202,8 +202,8 @@ pub fn plan<'c>(
         };
         for (tensor_index, info) in tensors.iter().enumerate() {
             let chunk_len = chunk_len(chunk_bytes, info.dtype.bitsize());
-            let cache_start = plan.layout.total();
-            plan.layout
+            let cache_start = plan
+                .layout
                 .push(&file.name, &info.name, info.byte_len(), chunk_len);
             let parent = parent_tensors
                 .get(&(file.name.as_str(), info.name.as_str()))

@@ -1,0 +1,912 @@
+//! The reconstruction cache's file I/O: through the page cache where it
+//! holds the file, around it (`O_DIRECT`) where it does not.
+//!
+//! A residual commit reads its parent's reconstruction (W, m and v: three
+//! times the model's fp32 bytes) and writes its own over it. While those
+//! pages are cached, buffered I/O costs one copy. Once they are not (the
+//! training process's memory pushed them out, or the checkpoint is larger
+//! than the machine's memory), every 4 KiB read or written allocates a
+//! page-cache page: on the development machine, a VM, that cost 2.5–3 s of
+//! system time per GB read and as much per GB written, more than the
+//! commit's own coding work, while `O_DIRECT` moved the same bytes at
+//! 1.1–1.3 GB/s for 0.05–0.3 s of system time per GB (docs/benchmarks.md,
+//! "A cold reconstruction cache"). So:
+//!
+//! - a read takes the leading pages the page cache has (`mincore` says
+//!   which) through it and reads the rest from the disk with `O_DIRECT`;
+//! - a write goes through the page cache when the first page of its range
+//!   is cached (overwriting cached pages is a copy) and with `O_DIRECT`
+//!   when it is not, except into a new file that fits twice in the
+//!   machine's available memory ([`CacheFile::keep_cached_if_it_fits`]),
+//!   which is written through the page cache for the next commit to read.
+//!   Direct writes are done by a thread of their own, a few MiB behind.
+//!
+//! `O_DIRECT` needs the file offset, the length and the memory to be
+//! aligned to the device's blocks: only the [`ALIGN`]-aligned middle of a
+//! range goes direct, through a per-thread aligned buffer; an unaligned head
+//! or tail (under 4 KiB) goes through the page cache. The cache layout
+//! starts every tensor of [`ALIGNED_TENSOR`] bytes or more at a multiple of
+//! `ALIGN`, so its chunks need neither. Where the file system refuses
+//! `O_DIRECT` (tmpfs) or a direct call fails, buffered I/O serves instead:
+//! the bytes are the same either way. `CKPTVC_CACHE_IO=buffered` turns the
+//! direct path off (for A/B measurements).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io;
+use std::mem::MaybeUninit;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::format::{Plain, as_bytes};
+
+/// Alignment of direct I/O: file offsets, lengths and buffers. 4 KiB
+/// covers the logical block size of the devices in use (512 or 4096).
+pub const ALIGN: u64 = 4096;
+
+/// Tensors at least this large start at an [`ALIGN`]-aligned offset in a
+/// cache file; smaller ones are packed (at most 0.4% of padding).
+pub const ALIGNED_TENSOR: u64 = 1 << 20;
+
+/// Rounds `n` up to a multiple of [`ALIGN`].
+pub fn align_up(n: u64) -> u64 {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+fn align_down(n: u64) -> u64 {
+    n / ALIGN * ALIGN
+}
+
+/// Bytes moved each way, for tests and measurements.
+#[derive(Debug, Default)]
+pub struct IoCounts {
+    pub direct_read: AtomicU64,
+    pub direct_written: AtomicU64,
+    /// Bytes served from chunks read ahead (counted in `direct_read` too).
+    pub read_ahead: AtomicU64,
+}
+
+/// A cache file opened for buffered and, where the file system allows,
+/// direct I/O.
+pub struct CacheFile {
+    buffered: File,
+    direct: Option<File>,
+    /// For a file being written: the thread that does its direct writes.
+    behind: Option<WriteBehind>,
+    /// For a file being read: the thread that reads chunks ahead.
+    ahead: Option<ReadAhead>,
+    /// Write through the page cache even where it does not hold the file
+    /// (see [`CacheFile::keep_cached_if_it_fits`]).
+    keep_cached: bool,
+    pub counts: IoCounts,
+}
+
+impl CacheFile {
+    /// Wraps `file` (opened at `path`), opening a second descriptor with
+    /// `O_DIRECT` beside it unless the file system or the environment
+    /// refuses.
+    pub fn new(file: File, path: &Path, write: bool) -> CacheFile {
+        let direct = open_direct(path, write);
+        let behind = direct
+            .as_ref()
+            .filter(|_| write)
+            .and_then(|d| d.try_clone().ok())
+            .and_then(|d| WriteBehind::start(d).ok());
+        let ahead = direct
+            .as_ref()
+            .filter(|_| !write)
+            .and_then(|d| d.try_clone().ok())
+            .and_then(|d| ReadAhead::start(d).ok());
+        CacheFile {
+            buffered: file,
+            direct,
+            behind,
+            ahead,
+            keep_cached: false,
+            counts: IoCounts::default(),
+        }
+    }
+
+    /// Writes go through the page cache even to pages it does not hold, so
+    /// that the next commit finds them there: for a new file of `len`
+    /// bytes when the machine has twice that in available memory (reading a
+    /// cached parent is a copy; reading it from the disk, even direct, made
+    /// a residual commit 1.4× as long). A file that does not fit so is
+    /// written direct rather than pushing the rest of the page cache out.
+    pub fn keep_cached_if_it_fits(mut self, len: u64) -> CacheFile {
+        self.keep_cached = memory_available().is_some_and(|m| m / 2 >= len);
+        self
+    }
+
+    /// Waits for the direct writes queued so far; the first that failed
+    /// is the error.
+    pub fn flush(&self) -> io::Result<()> {
+        self.behind.as_ref().map_or(Ok(()), WriteBehind::finish)
+    }
+
+    /// The buffered descriptor (for the file's metadata, its trailer and
+    /// its length).
+    pub fn file(&self) -> &File {
+        &self.buffered
+    }
+
+    /// Whether the direct path is available.
+    #[cfg(test)]
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// `count` elements of `T` at byte `offset`. With `next`, the (offset,
+    /// length) of the chunk likely asked for next (the following chunk of
+    /// the same tensor): if this one had to come from the disk, that one is
+    /// read ahead (see [`ReadAhead`]).
+    pub fn read_values<T: Plain>(
+        &self,
+        offset: u64,
+        count: usize,
+        next: Option<(u64, u64)>,
+    ) -> io::Result<Vec<T>> {
+        let mut out: Vec<T> = Vec::with_capacity(count);
+        let len = size_of::<T>() * count;
+        // SAFETY: the capacity holds `len` bytes, viewed as uninitialized.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<u8>>(), len)
+        };
+        let went_direct = self.read_into(offset, bytes)?;
+        // SAFETY: `read_into` wrote all `len` bytes, and `T: Plain` accepts
+        // any bytes.
+        unsafe { out.set_len(count) };
+        if went_direct && let (Some(ahead), Some((at, len))) = (&self.ahead, next) {
+            ahead.schedule(at, len);
+        }
+        Ok(out)
+    }
+
+    /// Fills `out` from byte `offset`: its whole blocks from what was read
+    /// ahead, or (after the leading pages the page cache has) direct, and
+    /// the rest buffered. True if any of it came from the disk direct.
+    fn read_into(&self, offset: u64, out: &mut [MaybeUninit<u8>]) -> io::Result<bool> {
+        let (done, direct_bytes) = match self.direct_for(offset, out.len() as u64) {
+            Some(direct) => self.read_blocks(direct, offset, out)?,
+            None => (0, 0),
+        };
+        pread_all(&self.buffered, offset + done, &mut out[done as usize..])?;
+        self.counts
+            .direct_read
+            .fetch_add(direct_bytes, Ordering::Relaxed);
+        Ok(direct_bytes > 0)
+    }
+
+    /// The whole blocks at the start of `out` (an aligned `offset`):
+    /// (bytes filled, bytes of them that came direct or read ahead).
+    fn read_blocks(
+        &self,
+        direct: &File,
+        offset: u64,
+        out: &mut [MaybeUninit<u8>],
+    ) -> io::Result<(u64, u64)> {
+        let len = out.len() as u64;
+        let end = align_down(len);
+        if let Some(ahead) = &self.ahead
+            && let Some(buf) = ahead.take(offset, end)
+        {
+            copy_into(&mut out[..end as usize], &buf.as_slice()[..end as usize]);
+            ahead.pool.put(buf);
+            self.counts.read_ahead.fetch_add(end, Ordering::Relaxed);
+            return Ok((end, end));
+        }
+        let start = align_up(resident_prefix(&self.buffered, offset, len));
+        if start >= end {
+            return Ok((0, 0));
+        }
+        pread_all(&self.buffered, offset, &mut out[..start as usize])?;
+        match read_direct(
+            direct,
+            offset + start,
+            &mut out[start as usize..end as usize],
+        ) {
+            Ok(()) => Ok((end, end - start)),
+            // Buffered from `start` on instead.
+            Err(_) => Ok((start, 0)),
+        }
+    }
+
+    /// Writes `values` at byte `offset`: through the page cache if the
+    /// range's first page is cached, else its aligned middle direct.
+    pub fn write_values<T: Plain>(&self, offset: u64, values: &[T]) -> io::Result<()> {
+        let bytes = as_bytes(values);
+        let len = bytes.len() as u64;
+        let direct = self
+            .direct_for(offset, len)
+            .filter(|_| !self.keep_cached && resident_prefix(&self.buffered, offset, ALIGN) == 0);
+        let mut done = 0;
+        if let Some(direct) = direct {
+            let end = align_down(len);
+            let aligned = &bytes[..end as usize];
+            let written = match &self.behind {
+                Some(behind) => behind.queue(offset, aligned),
+                None => write_direct(direct, offset, aligned),
+            };
+            if written.is_ok() {
+                self.counts.direct_written.fetch_add(end, Ordering::Relaxed);
+                done = end;
+            }
+        }
+        pwrite_all(&self.buffered, offset + done, &bytes[done as usize..])
+    }
+
+    /// The direct descriptor, if a range at `offset` of `len` bytes can use
+    /// it: an aligned start and at least one whole block.
+    fn direct_for(&self, offset: u64, len: u64) -> Option<&File> {
+        self.direct
+            .as_ref()
+            .filter(|_| offset.is_multiple_of(ALIGN) && len >= ALIGN)
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo: what the kernel can hand out without
+/// swapping (free memory and page cache it can drop), in bytes.
+fn memory_available() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+fn direct_disabled() -> bool {
+    std::env::var_os("CKPTVC_CACHE_IO").is_some_and(|v| v == "buffered")
+}
+
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path, write: bool) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if direct_disabled() {
+        return None;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path, _write: bool) -> Option<File> {
+    let _ = direct_disabled();
+    None
+}
+
+/// How many bytes of the range at `offset` of `len` bytes, from its start,
+/// are in the page cache: `mincore` over a mapping of the range, which
+/// touches no page. (`preadv2` with `RWF_NOWAIT` would answer too, but on a
+/// miss it starts the readahead it declines to wait for: the pages then
+/// come through the page cache after all, and twice.)
+#[cfg(target_os = "linux")]
+fn resident_prefix(file: &File, offset: u64, len: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    let page = ALIGN;
+    let start = align_down(offset);
+    let Ok(map_len) = usize::try_from(align_up(offset + len) - start) else {
+        return 0;
+    };
+    let Ok(map_at) = libc::off_t::try_from(start) else {
+        return 0;
+    };
+    if map_len == 0 {
+        return 0;
+    }
+    // SAFETY: a fresh shared read-only mapping of the file that is never
+    // dereferenced (pages past the end of the file would fault), only
+    // passed to mincore and unmapped.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            map_len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            map_at,
+        );
+        if addr == libc::MAP_FAILED {
+            return 0;
+        }
+        let mut pages = vec![0u8; map_len / page as usize];
+        let resident = if libc::mincore(addr, map_len, pages.as_mut_ptr()) == 0 {
+            pages.iter().take_while(|&&p| p & 1 == 1).count() as u64
+        } else {
+            0
+        };
+        libc::munmap(addr, map_len);
+        (start + resident * page).saturating_sub(offset).min(len)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn resident_prefix(_file: &File, _offset: u64, _len: u64) -> u64 {
+    0
+}
+
+/// Fills `out` with `pread` from `offset`.
+fn pread_all(file: &File, offset: u64, out: &mut [MaybeUninit<u8>]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut done = 0;
+    while done < out.len() {
+        let at = libc::off_t::try_from(offset + done as u64)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond off_t"))?;
+        let rest = &mut out[done..];
+        // SAFETY: pread writes at most `rest.len()` bytes into `rest`.
+        let n = unsafe { libc::pread(file.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), at) };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => done += n as usize,
+        }
+    }
+    Ok(())
+}
+
+fn pwrite_all(file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(bytes, offset)
+}
+
+/// Copies `src` into `out` (the same length).
+fn copy_into(out: &mut [MaybeUninit<u8>], src: &[u8]) {
+    assert_eq!(out.len(), src.len());
+    // SAFETY: both ranges are `src.len()` bytes, and a `&mut` cannot
+    // overlap a `&`.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), out.as_mut_ptr().cast(), src.len()) };
+}
+
+/// Reads `len` bytes (a multiple of [`ALIGN`]) at an aligned `offset`
+/// into `buf` with `O_DIRECT`. A direct read ends short only at the end of
+/// the file, which a chunk of a cache file never reaches: an error here,
+/// for the caller to fall back from.
+fn read_exact_direct(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let n = file.read_at(buf, offset)?;
+    if n != buf.len() {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Reads `out` (a multiple of [`ALIGN`] long, from an aligned `offset`)
+/// with `O_DIRECT`, in pieces of the thread's aligned buffer.
+fn read_direct(file: &File, offset: u64, out: &mut [MaybeUninit<u8>]) -> io::Result<()> {
+    with_scratch(|scratch| {
+        let mut done = 0;
+        while done < out.len() {
+            let piece = scratch.len().min(out.len() - done);
+            read_exact_direct(file, offset + done as u64, &mut scratch[..piece])?;
+            copy_into(&mut out[done..done + piece], &scratch[..piece]);
+            done += piece;
+        }
+        Ok(())
+    })
+}
+
+/// Writes `bytes` (a multiple of [`ALIGN`] long, at an aligned `offset`)
+/// with `O_DIRECT`, in pieces of the thread's aligned buffer.
+fn write_direct(file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    with_scratch(|scratch| {
+        let mut done = 0;
+        while done < bytes.len() {
+            let piece = scratch.len().min(bytes.len() - done);
+            scratch[..piece].copy_from_slice(&bytes[done..done + piece]);
+            file.write_all_at(&scratch[..piece], offset + done as u64)?;
+            done += piece;
+        }
+        Ok(())
+    })
+}
+
+/// Direct writes done by a thread of their own, so that the encoding
+/// threads go on coding while the disk writes (a direct write returns only
+/// once the device has the bytes). At most [`BEHIND_BUFFERS`] pieces of
+/// [`SCRATCH`] bytes are in flight: memory stays bounded, and a writer that
+/// gets ahead of the disk waits for a free buffer.
+struct WriteBehind {
+    jobs: Mutex<Option<std::sync::mpsc::SyncSender<Job>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<io::Result<()>>>>,
+    pool: Arc<BufPool>,
+}
+
+/// Buffers in flight behind a writer: 32 MiB.
+const BEHIND_BUFFERS: usize = 8;
+
+struct Job {
+    offset: u64,
+    len: usize,
+    buf: AlignedBuf,
+}
+
+impl WriteBehind {
+    fn start(file: File) -> io::Result<WriteBehind> {
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(BEHIND_BUFFERS);
+        let pool = Arc::new(BufPool::new(BEHIND_BUFFERS));
+        let thread_pool = pool.clone();
+        let thread = std::thread::Builder::new()
+            .name("ckptvc-cache-writer".into())
+            .spawn(move || {
+                use std::os::unix::fs::FileExt;
+                let mut result = Ok(());
+                for job in queue {
+                    if result.is_ok() {
+                        result = file.write_all_at(&job.buf.as_slice()[..job.len], job.offset);
+                    }
+                    thread_pool.put(job.buf);
+                }
+                result
+            })?;
+        Ok(WriteBehind {
+            jobs: Mutex::new(Some(jobs)),
+            thread: Mutex::new(Some(thread)),
+            pool,
+        })
+    }
+
+    /// Copies `bytes` (aligned, as for [`write_direct`]) into buffers and
+    /// queues their writes.
+    fn queue(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        let sender = self.jobs.lock().expect("lock").clone();
+        let sender = sender.ok_or_else(|| io::Error::other("cache writer already finished"))?;
+        for (i, piece) in bytes.chunks(SCRATCH).enumerate() {
+            let mut buf = self.pool.take()?;
+            buf.as_mut_slice()[..piece.len()].copy_from_slice(piece);
+            let job = Job {
+                offset: offset + (i * SCRATCH) as u64,
+                len: piece.len(),
+                buf,
+            };
+            sender
+                .send(job)
+                .map_err(|_| io::Error::other("cache writer thread stopped"))?;
+        }
+        Ok(())
+    }
+
+    /// Closes the queue and waits for the thread's last write.
+    fn finish(&self) -> io::Result<()> {
+        drop(self.jobs.lock().expect("lock").take());
+        match self.thread.lock().expect("lock").take() {
+            Some(thread) => thread
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("cache writer thread panicked"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for WriteBehind {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+/// Aligned buffers of [`SCRATCH`] bytes, at most `limit` of them, reused
+/// rather than reallocated.
+struct BufPool {
+    limit: usize,
+    /// (free buffers, buffers allocated).
+    free: Mutex<(Vec<AlignedBuf>, usize)>,
+    returned: Condvar,
+}
+
+impl BufPool {
+    fn new(limit: usize) -> BufPool {
+        BufPool {
+            limit,
+            free: Mutex::default(),
+            returned: Condvar::new(),
+        }
+    }
+
+    /// A buffer, waiting for one to come back if all `limit` are out.
+    fn take(&self) -> io::Result<AlignedBuf> {
+        let mut guard = self.free.lock().expect("lock");
+        loop {
+            if let Some(buf) = self.try_take_locked(&mut guard) {
+                return buf;
+            }
+            guard = self.returned.wait(guard).expect("lock");
+        }
+    }
+
+    /// A buffer if one is free or may still be allocated.
+    fn try_take(&self) -> Option<AlignedBuf> {
+        let mut guard = self.free.lock().expect("lock");
+        self.try_take_locked(&mut guard)?.ok()
+    }
+
+    fn try_take_locked(
+        &self,
+        guard: &mut (Vec<AlignedBuf>, usize),
+    ) -> Option<io::Result<AlignedBuf>> {
+        let (free, allocated) = guard;
+        if let Some(buf) = free.pop() {
+            return Some(Ok(buf));
+        }
+        (*allocated < self.limit).then(|| {
+            *allocated += 1;
+            AlignedBuf::new(SCRATCH)
+        })
+    }
+
+    fn put(&self, buf: AlignedBuf) {
+        self.free.lock().expect("lock").0.push(buf);
+        self.returned.notify_one();
+    }
+}
+
+/// Chunks read before they are asked for, by a thread of their own, so that
+/// the encoding threads code one chunk while the disk reads the next. A
+/// commit reads each tensor's chunks in order (each encoding thread works
+/// through a run of consecutive chunks), so after a chunk that had to come
+/// from the disk the next one of the same tensor is read ahead. At most
+/// [`AHEAD_BUFFERS`] chunks wait; a chunk asked for before its read ahead
+/// was even scheduled is not read ahead afterwards.
+struct ReadAhead {
+    jobs: Option<std::sync::mpsc::SyncSender<(u64, AlignedBuf)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    state: Arc<AheadState>,
+    pool: Arc<BufPool>,
+}
+
+/// Chunks read ahead or waiting to be: at most 64 MiB.
+const AHEAD_BUFFERS: usize = 16;
+
+#[derive(Default)]
+struct AheadState {
+    slots: Mutex<AheadSlots>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct AheadSlots {
+    /// By file offset.
+    chunks: HashMap<u64, Ahead>,
+    /// Offsets already asked for: not worth reading ahead any more.
+    asked: HashSet<u64>,
+}
+
+enum Ahead {
+    /// Being read: this many bytes.
+    Pending(u64),
+    Ready(AlignedBuf, u64),
+    Failed,
+}
+
+impl ReadAhead {
+    fn start(file: File) -> io::Result<ReadAhead> {
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<(u64, AlignedBuf)>(AHEAD_BUFFERS);
+        let state = Arc::new(AheadState::default());
+        let pool = Arc::new(BufPool::new(AHEAD_BUFFERS));
+        let (thread_state, thread_pool) = (state.clone(), pool.clone());
+        let thread = std::thread::Builder::new()
+            .name("ckptvc-cache-reader".into())
+            .spawn(move || {
+                for (offset, buf) in queue {
+                    thread_state.fill(&file, offset, buf, &thread_pool);
+                }
+            })?;
+        Ok(ReadAhead {
+            jobs: Some(jobs),
+            thread: Some(thread),
+            state,
+            pool,
+        })
+    }
+
+    /// Reads the whole blocks of the `len` bytes at `offset` ahead, if a
+    /// buffer is free and they were neither asked for nor scheduled yet.
+    fn schedule(&self, offset: u64, len: u64) {
+        let end = align_down(len);
+        if end == 0 || end > SCRATCH as u64 || !offset.is_multiple_of(ALIGN) {
+            return;
+        }
+        let mut slots = self.state.slots.lock().expect("lock");
+        if slots.asked.contains(&offset) || slots.chunks.contains_key(&offset) {
+            return;
+        }
+        let (Some(jobs), Some(buf)) = (&self.jobs, self.pool.try_take()) else {
+            return;
+        };
+        slots.chunks.insert(offset, Ahead::Pending(end));
+        if let Err(e) = jobs.try_send((offset, buf)) {
+            slots.chunks.remove(&offset);
+            let (std::sync::mpsc::TrySendError::Full((_, buf))
+            | std::sync::mpsc::TrySendError::Disconnected((_, buf))) = e;
+            self.pool.put(buf);
+        }
+    }
+
+    /// The `end` bytes read ahead at `offset`, waiting for a read in
+    /// progress; `None` if there is none (or it failed).
+    fn take(&self, offset: u64, end: u64) -> Option<AlignedBuf> {
+        let mut slots = self.state.slots.lock().expect("lock");
+        slots.asked.insert(offset);
+        loop {
+            match slots.chunks.remove(&offset)? {
+                Ahead::Pending(len) => {
+                    slots.chunks.insert(offset, Ahead::Pending(len));
+                    slots = self.state.ready.wait(slots).expect("lock");
+                }
+                Ahead::Ready(buf, len) if len == end => return Some(buf),
+                Ahead::Ready(buf, _) => {
+                    self.pool.put(buf);
+                    return None;
+                }
+                Ahead::Failed => return None,
+            }
+        }
+    }
+}
+
+impl AheadState {
+    /// The reading thread's part: reads a scheduled chunk into `buf`.
+    fn fill(&self, file: &File, offset: u64, mut buf: AlignedBuf, pool: &BufPool) {
+        let pending = self
+            .slots
+            .lock()
+            .expect("lock")
+            .chunks
+            .get(&offset)
+            .and_then(|a| match a {
+                Ahead::Pending(len) => Some(*len),
+                _ => None,
+            });
+        let Some(len) = pending else {
+            pool.put(buf);
+            return;
+        };
+        let slot = match read_exact_direct(file, offset, &mut buf.as_mut_slice()[..len as usize]) {
+            Ok(()) => Ahead::Ready(buf, len),
+            Err(_) => {
+                pool.put(buf);
+                Ahead::Failed
+            }
+        };
+        self.slots.lock().expect("lock").chunks.insert(offset, slot);
+        self.ready.notify_all();
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Size of each thread's aligned buffer: one 4 MiB chunk (the default
+/// chunk size) per call.
+const SCRATCH: usize = 4 << 20;
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Option<AlignedBuf>> = const { RefCell::new(None) };
+}
+
+fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> io::Result<R>) -> io::Result<R> {
+    SCRATCH_BUF.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let buf = match &mut *slot {
+            Some(buf) => buf,
+            None => slot.insert(AlignedBuf::new(SCRATCH)?),
+        };
+        f(buf.as_mut_slice())
+    })
+}
+
+/// A zeroed heap buffer aligned to [`ALIGN`].
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> io::Result<AlignedBuf> {
+        let layout =
+            std::alloc::Layout::from_size_align(len, ALIGN as usize).map_err(io::Error::other)?;
+        // SAFETY: the layout's size is non-zero (SCRATCH).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(ptr).ok_or(io::ErrorKind::OutOfMemory)?;
+        Ok(AlignedBuf { ptr, layout })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: the allocation holds `layout.size()` initialized bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the allocation holds `layout.size()` initialized bytes and
+        // `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+// SAFETY: the buffer owns its allocation; nothing else points into it.
+unsafe impl Send for AlignedBuf {}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes back and drops `path`'s pages from the page cache.
+    fn evict(path: &Path) {
+        use std::os::fd::AsRawFd;
+        let file = File::open(path).unwrap();
+        file.sync_all().unwrap();
+        // SAFETY: a valid descriptor; the call only advises the kernel.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32).map(|i| (i ^ seed) as f32 * 0.5).collect()
+    }
+
+    fn open(path: &Path) -> CacheFile {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .unwrap();
+        CacheFile::new(file, path, true)
+    }
+
+    /// Ranges of every alignment read back what was written, whether the
+    /// pages are cached or not, and a cold file is read and written direct
+    /// where the file system allows it.
+    #[test]
+    fn reads_and_writes_round_trip_cached_and_cold() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let file = open(&path);
+        file.file().set_len(8 << 20).unwrap();
+        // (offset, element count): aligned and whole blocks, aligned with
+        // a tail, unaligned, shorter than a block, longer than the scratch.
+        let ranges = [
+            (0u64, 1024usize),
+            (8192, 5000),
+            (40_003, 777),
+            (65_536, 10),
+            (2 << 20, (SCRATCH / 4) + 4097),
+        ];
+        for (i, &(offset, n)) in ranges.iter().enumerate() {
+            file.write_values(offset, &values(n, i as u32)).unwrap();
+        }
+        file.flush().unwrap();
+        for (i, &(offset, n)) in ranges.iter().enumerate() {
+            assert_eq!(
+                file.read_values::<f32>(offset, n, None).unwrap(),
+                values(n, i as u32)
+            );
+        }
+        evict(&path);
+        let cold = open(&path);
+        for (i, &(offset, n)) in ranges.iter().enumerate() {
+            assert_eq!(
+                cold.read_values::<f32>(offset, n, None).unwrap(),
+                values(n, i as u32)
+            );
+        }
+        if cold.is_direct() {
+            assert!(cold.counts.direct_read.load(Ordering::Relaxed) > SCRATCH as u64);
+        }
+        // Written over while cold: the aligned ranges go direct.
+        evict(&path);
+        let cold = open(&path);
+        for (i, &(offset, n)) in ranges.iter().enumerate() {
+            cold.write_values(offset, &values(n, 100 + i as u32))
+                .unwrap();
+        }
+        cold.flush().unwrap();
+        if cold.is_direct() {
+            assert!(cold.counts.direct_written.load(Ordering::Relaxed) > SCRATCH as u64);
+        }
+        for (i, &(offset, n)) in ranges.iter().enumerate() {
+            assert_eq!(
+                cold.read_values::<f32>(offset, n, None).unwrap(),
+                values(n, 100 + i as u32)
+            );
+        }
+    }
+
+    /// A cached file is read and overwritten through the page cache.
+    #[test]
+    fn cached_ranges_stay_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let file = open(&path);
+        let data = values(1 << 20, 7);
+        file.write_values(0, &data).unwrap();
+        file.flush().unwrap();
+        // A buffered read puts the pages in the page cache.
+        assert_eq!(std::fs::read(&path).unwrap(), as_bytes(&data));
+        let warm = open(&path);
+        assert_eq!(warm.read_values::<f32>(0, data.len(), None).unwrap(), data);
+        warm.write_values(0, &values(1 << 20, 8)).unwrap();
+        warm.flush().unwrap();
+        assert_eq!(warm.counts.direct_read.load(Ordering::Relaxed), 0);
+        assert_eq!(warm.counts.direct_written.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            warm.read_values::<f32>(0, 1 << 20, None).unwrap(),
+            values(1 << 20, 8)
+        );
+    }
+
+    /// Chunks read in order from a cold file: each after the first was read
+    /// ahead, and every one reads back as written.
+    #[test]
+    fn chunks_read_in_order_are_read_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let (n, chunks) = (1usize << 18, 8u64);
+        let chunk_bytes = n as u64 * 4;
+        let file = open(&path);
+        for i in 0..chunks {
+            file.write_values(i * chunk_bytes, &values(n, i as u32))
+                .unwrap();
+        }
+        file.flush().unwrap();
+        evict(&path);
+        let reader = CacheFile::new(File::open(&path).unwrap(), &path, false);
+        for i in 0..chunks {
+            let next = (i + 1 < chunks).then(|| ((i + 1) * chunk_bytes, chunk_bytes));
+            let read = reader.read_values::<f32>(i * chunk_bytes, n, next).unwrap();
+            assert_eq!(read, values(n, i as u32), "chunk {i}");
+        }
+        if reader.is_direct() {
+            let ahead = reader.counts.read_ahead.load(Ordering::Relaxed);
+            assert_eq!(ahead, (chunks - 1) * chunk_bytes);
+        }
+        // Asked for again (not in order): read again, not from read ahead.
+        assert_eq!(reader.read_values::<f32>(0, n, None).unwrap(), values(n, 0));
+    }
+
+    /// A new file that fits in memory is written through the page cache.
+    #[test]
+    fn a_small_new_file_is_kept_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let file = open(&path).keep_cached_if_it_fits(8 << 20);
+        assert!(memory_available().unwrap() > 16 << 20);
+        file.write_values(0, &values(1 << 20, 3)).unwrap();
+        file.flush().unwrap();
+        assert_eq!(file.counts.direct_written.load(Ordering::Relaxed), 0);
+        assert_eq!(resident_prefix(file.file(), 0, 4 << 20), 4 << 20);
+        assert_eq!(
+            file.read_values::<f32>(0, 1 << 20, None).unwrap(),
+            values(1 << 20, 3)
+        );
+    }
+
+    #[test]
+    fn alignment_helpers() {
+        assert_eq!(align_up(0), 0);
+        assert_eq!(align_up(1), ALIGN);
+        assert_eq!(align_up(ALIGN), ALIGN);
+        assert_eq!(align_down(ALIGN + 1), ALIGN);
+    }
+}
