@@ -16,10 +16,10 @@
 //!   which) through it and reads the rest from the disk with `O_DIRECT`;
 //! - a write goes through the page cache when the first page of its range
 //!   is cached (overwriting cached pages is a copy) and with `O_DIRECT`
-//!   when it is not, except into a new file that fits twice in the
-//!   machine's available memory ([`CacheFile::keep_cached_if_it_fits`]),
-//!   which is written through the page cache for the next commit to read.
-//!   Direct writes are done by a thread of their own, a few MiB behind.
+//!   when it is not, unless the whole file is to stay cached
+//!   ([`CacheFile::keep_cached_if_it_fits`]: it fits twice in the machine's
+//!   available memory, and is new or was mostly still cached). Direct
+//!   writes are done by a thread of their own, a few MiB behind.
 //!
 //! `O_DIRECT` needs the file offset, the length and the memory to be
 //! aligned to the device's blocks: only the [`ALIGN`]-aligned middle of a
@@ -110,13 +110,18 @@ impl CacheFile {
     }
 
     /// Writes go through the page cache even to pages it does not hold, so
-    /// that the next commit finds them there: for a new file of `len`
-    /// bytes when the machine has twice that in available memory (reading a
-    /// cached parent is a copy; reading it from the disk, even direct, made
-    /// a residual commit 1.4× as long). A file that does not fit so is
-    /// written direct rather than pushing the rest of the page cache out.
-    pub fn keep_cached_if_it_fits(mut self, len: u64) -> CacheFile {
-        self.keep_cached = memory_available().is_some_and(|m| m / 2 >= len);
+    /// that the next commit finds them there: when the machine has twice
+    /// the file's `len` bytes available and the page cache held at least
+    /// `held` of what the file had (1 for a new file). Reading a cached
+    /// parent is a copy, and a residual commit that read its parent from
+    /// the disk, even direct and read ahead, took 1.2× as long. A file the
+    /// page cache mostly lost since the last commit (something else needed
+    /// the memory), or one that does not fit so, is written direct rather
+    /// than pushing the rest of the page cache out for pages that would not
+    /// stay.
+    pub fn keep_cached_if_it_fits(mut self, len: u64, held: f64) -> CacheFile {
+        let fits = memory_available().is_some_and(|m| m / 2 >= len);
+        self.keep_cached = fits && held >= KEEP_CACHED_SHARE;
         self
     }
 
@@ -246,6 +251,11 @@ impl CacheFile {
     }
 }
 
+/// Of a cache file being written over, the share of its pages the page
+/// cache must still hold for the new one to go through it: most of it
+/// survived the interval between two commits, so it will likely again.
+const KEEP_CACHED_SHARE: f64 = 0.5;
+
 /// `MemAvailable` of /proc/meminfo: what the kernel can hand out without
 /// swapping (free memory and page cache it can drop), in bytes.
 fn memory_available() -> Option<u64> {
@@ -280,24 +290,45 @@ fn open_direct(_path: &Path, _write: bool) -> Option<File> {
 }
 
 /// How many bytes of the range at `offset` of `len` bytes, from its start,
-/// are in the page cache: `mincore` over a mapping of the range, which
-/// touches no page. (`preadv2` with `RWF_NOWAIT` would answer too, but on a
-/// miss it starts the readahead it declines to wait for: the pages then
+/// are in the page cache. (`preadv2` with `RWF_NOWAIT` would answer too, but
+/// on a miss it starts the readahead it declines to wait for: the pages then
 /// come through the page cache after all, and twice.)
-#[cfg(target_os = "linux")]
 fn resident_prefix(file: &File, offset: u64, len: u64) -> u64 {
-    use std::os::fd::AsRawFd;
-    let page = ALIGN;
     let start = align_down(offset);
-    let Ok(map_len) = usize::try_from(align_up(offset + len) - start) else {
+    let Some(pages) = resident_pages(file, start, align_up(offset + len) - start) else {
         return 0;
     };
-    let Ok(map_at) = libc::off_t::try_from(start) else {
-        return 0;
-    };
-    if map_len == 0 {
-        return 0;
+    let resident = pages.iter().take_while(|&&p| p & 1 == 1).count() as u64;
+    (start + resident * ALIGN).saturating_sub(offset).min(len)
+}
+
+/// The share of the first `len` bytes of `file` that is in the page cache,
+/// looked at 1 GiB at a time.
+pub fn resident_share(file: &File, len: u64) -> f64 {
+    const PIECE: u64 = 1 << 30;
+    let (mut resident, mut pages) = (0u64, 0u64);
+    for start in (0..align_up(len)).step_by(PIECE as usize) {
+        let piece = PIECE.min(align_up(len) - start);
+        let Some(flags) = resident_pages(file, start, piece) else {
+            return 0.0;
+        };
+        resident += flags.iter().filter(|&&p| p & 1 == 1).count() as u64;
+        pages += flags.len() as u64;
     }
+    if pages == 0 {
+        return 0.0;
+    }
+    resident as f64 / pages as f64
+}
+
+/// `mincore`'s flags for the pages of the aligned range at `start` of
+/// `len` bytes (bit 0 set: in the page cache), through a mapping of the
+/// range, which touches no page.
+#[cfg(target_os = "linux")]
+fn resident_pages(file: &File, start: u64, len: u64) -> Option<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let map_len = usize::try_from(len).ok().filter(|&l| l > 0)?;
+    let map_at = libc::off_t::try_from(start).ok()?;
     // SAFETY: a fresh shared read-only mapping of the file that is never
     // dereferenced (pages past the end of the file would fault), only
     // passed to mincore and unmapped.
@@ -311,22 +342,18 @@ fn resident_prefix(file: &File, offset: u64, len: u64) -> u64 {
             map_at,
         );
         if addr == libc::MAP_FAILED {
-            return 0;
+            return None;
         }
-        let mut pages = vec![0u8; map_len / page as usize];
-        let resident = if libc::mincore(addr, map_len, pages.as_mut_ptr()) == 0 {
-            pages.iter().take_while(|&&p| p & 1 == 1).count() as u64
-        } else {
-            0
-        };
+        let mut pages = vec![0u8; map_len.div_ceil(ALIGN as usize)];
+        let ok = libc::mincore(addr, map_len, pages.as_mut_ptr()) == 0;
         libc::munmap(addr, map_len);
-        (start + resident * page).saturating_sub(offset).min(len)
+        ok.then_some(pages)
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn resident_prefix(_file: &File, _offset: u64, _len: u64) -> u64 {
-    0
+fn resident_pages(_file: &File, _start: u64, _len: u64) -> Option<Vec<u8>> {
+    None
 }
 
 /// Fills `out` with `pread` from `offset`.
@@ -890,7 +917,7 @@ mod tests {
     fn a_small_new_file_is_kept_cached() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache");
-        let file = open(&path).keep_cached_if_it_fits(8 << 20);
+        let file = open(&path).keep_cached_if_it_fits(8 << 20, 1.0);
         assert!(memory_available().unwrap() > 16 << 20);
         file.write_values(0, &values(1 << 20, 3)).unwrap();
         file.flush().unwrap();
@@ -900,6 +927,20 @@ mod tests {
             file.read_values::<f32>(0, 1 << 20, None).unwrap(),
             values(1 << 20, 3)
         );
+    }
+
+    /// The share of a file in the page cache: all of it after a buffered
+    /// write, none after it was evicted.
+    #[test]
+    fn resident_share_follows_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        std::fs::write(&path, vec![7u8; 3 << 20]).unwrap();
+        let file = File::open(&path).unwrap();
+        assert_eq!(resident_share(&file, 3 << 20), 1.0);
+        evict(&path);
+        assert_eq!(resident_share(&file, 3 << 20), 0.0);
+        assert_eq!(resident_prefix(&file, 4096, 8192), 0);
     }
 
     #[test]

@@ -134,7 +134,7 @@ impl CacheWriter {
         };
         file.set_len(len)?;
         let mut writer = CacheWriter::new(file, path, dir, len);
-        writer.file = writer.file.keep_cached_if_it_fits(len);
+        writer.file = writer.file.keep_cached_if_it_fits(len, 1.0);
         Ok(writer)
     }
 
@@ -159,8 +159,13 @@ impl CacheWriter {
             .write(true)
             .open(&path)
             .ok()?;
-        (file.metadata().ok()?.len() >= layout.total())
-            .then(|| CacheWriter::new(file, path, dir, layout.total()))
+        if file.metadata().ok()?.len() < layout.total() {
+            return None;
+        }
+        let held = cache_io::resident_share(&file, layout.total());
+        let mut writer = CacheWriter::new(file, path, dir, layout.total());
+        writer.file = writer.file.keep_cached_if_it_fits(layout.total(), held);
+        Some(writer)
     }
 
     fn new(file: File, path: PathBuf, dir: PathBuf, total: u64) -> CacheWriter {
