@@ -145,8 +145,9 @@ impl CacheFile {
 
     /// `count` elements of `T` at byte `offset`. With `next`, the (offset,
     /// length) of the chunk likely asked for next (the following chunk of
-    /// the same tensor): if this one had to come from the disk, that one is
-    /// read ahead (see [`ReadAhead`]).
+    /// the same tensor): if this one had to come from the disk and that one
+    /// is not in the page cache either, it is read ahead (see
+    /// [`ReadAhead`]).
     pub fn read_values<T: Plain>(
         &self,
         offset: u64,
@@ -163,7 +164,12 @@ impl CacheFile {
         // SAFETY: `read_into` wrote all `len` bytes, and `T: Plain` accepts
         // any bytes.
         unsafe { out.set_len(count) };
-        if went_direct && let (Some(ahead), Some((at, len))) = (&self.ahead, next) {
+        // Only a chunk the page cache lacks is worth reading ahead: one it
+        // holds is a copy away, and reading it direct would go to the disk.
+        if went_direct
+            && let (Some(ahead), Some((at, len))) = (&self.ahead, next)
+            && resident_prefix(&self.buffered, at, ALIGN) == 0
+        {
             ahead.schedule(at, len);
         }
         Ok(out)
@@ -910,6 +916,45 @@ mod tests {
         }
         // Asked for again (not in order): read again, not from read ahead.
         assert_eq!(reader.read_values::<f32>(0, n, None).unwrap(), values(n, 0));
+    }
+
+    /// After a cold chunk, a next chunk the page cache holds is read from
+    /// it, not read ahead from the disk.
+    #[test]
+    fn cached_chunks_are_not_read_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let (n, chunk_bytes) = (1usize << 18, 1u64 << 20);
+        std::fs::write(&path, as_bytes(&values(4 * n, 9))).unwrap();
+        evict(&path);
+        // Chunk 1 back in the page cache; chunks 0, 2 and 3 cold.
+        let buffered = File::open(&path).unwrap();
+        // No kernel readahead past chunk 1 for this read.
+        // SAFETY: a valid descriptor; the call only advises the kernel.
+        unsafe {
+            use std::os::fd::AsRawFd;
+            libc::posix_fadvise(buffered.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM);
+        }
+        let mut one = vec![MaybeUninit::uninit(); chunk_bytes as usize];
+        pread_all(&buffered, chunk_bytes, &mut one).unwrap();
+        let reader = CacheFile::new(File::open(&path).unwrap(), &path, false);
+        let all = values(4 * n, 9);
+        for i in 0..4u64 {
+            let next = (i < 3).then(|| ((i + 1) * chunk_bytes, chunk_bytes));
+            let read = reader.read_values::<f32>(i * chunk_bytes, n, next).unwrap();
+            assert_eq!(read, all[i as usize * n..(i as usize + 1) * n], "chunk {i}");
+        }
+        if reader.is_direct() {
+            // Chunk 0 direct, 1 from the page cache, 2 direct, 3 read ahead.
+            assert_eq!(
+                reader.counts.direct_read.load(Ordering::Relaxed),
+                3 * chunk_bytes
+            );
+            assert_eq!(
+                reader.counts.read_ahead.load(Ordering::Relaxed),
+                chunk_bytes
+            );
+        }
     }
 
     /// A new file that fits in memory is written through the page cache.
