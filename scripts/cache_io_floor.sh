@@ -22,17 +22,21 @@ run() {
     { time "$@" 2>&1 | tail -1; } 2>&1 | grep -v '^$' | grep -v '^user'
 }
 cp "$src" "$copy"
+# The writes copy zeros, so that only the file written costs anything.
+blocks=$(($(stat -c %s "$src") / (4 << 20)))
+zeros=(if=/dev/zero bs=4M count="$blocks")
 evict "$src"
 run "buffered read, cold" dd if="$src" of=/dev/null bs=64M
 evict "$src"
 run "direct read, cold" dd if="$src" of=/dev/null bs=4M iflag=direct
-run "buffered write over cached pages" dd if="$src" of="$copy" bs=64M conv=notrunc
+cat "$copy" >/dev/null
+run "buffered write over cached pages" dd "${zeros[@]}" of="$copy" conv=notrunc
 evict "$copy"
-run "buffered write over uncached pages" dd if="$src" of="$copy" bs=64M conv=notrunc
+run "buffered write over uncached pages" dd "${zeros[@]}" of="$copy" conv=notrunc
 sync
-run "direct write" dd if="$src" of="$copy" bs=4M oflag=direct conv=notrunc
+run "direct write" dd "${zeros[@]}" of="$copy" oflag=direct conv=notrunc
 evict "$src"
 echo "== direct read and direct write at once"
 dd if="$src" of=/dev/null bs=4M iflag=direct 2>&1 | tail -1 &
-dd if="$src" of="$copy" bs=4M oflag=direct conv=notrunc 2>&1 | tail -1
+dd "${zeros[@]}" of="$copy" oflag=direct conv=notrunc 2>&1 | tail -1
 wait
