@@ -92,8 +92,8 @@ impl CacheFile {
         let behind = direct
             .as_ref()
             .filter(|_| write)
-            .and_then(|d| d.try_clone().ok())
-            .and_then(|d| WriteBehind::start(d).ok());
+            .and_then(|d| Some((d.try_clone().ok()?, file.try_clone().ok()?)))
+            .and_then(|(d, b)| WriteBehind::start(d, b).ok());
         let ahead = direct
             .as_ref()
             .filter(|_| !write)
@@ -464,7 +464,11 @@ struct Job {
 }
 
 impl WriteBehind {
-    fn start(file: File) -> io::Result<WriteBehind> {
+    /// Starts the thread, writing with `direct` and, where a direct write
+    /// fails (a device whose blocks are larger than [`ALIGN`]), with
+    /// `buffered`: a cache file that could not be written direct is still
+    /// a cache file.
+    fn start(direct: File, buffered: File) -> io::Result<WriteBehind> {
         let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(BEHIND_BUFFERS);
         let pool = Arc::new(BufPool::new(BEHIND_BUFFERS));
         let thread_pool = pool.clone();
@@ -475,7 +479,10 @@ impl WriteBehind {
                 let mut result = Ok(());
                 for job in queue {
                     if result.is_ok() {
-                        result = file.write_all_at(&job.buf.as_slice()[..job.len], job.offset);
+                        let (bytes, at) = (&job.buf.as_slice()[..job.len], job.offset);
+                        result = direct
+                            .write_all_at(bytes, at)
+                            .or_else(|_| buffered.write_all_at(bytes, at));
                     }
                     thread_pool.put(job.buf);
                 }
