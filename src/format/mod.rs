@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 pub use checkpoint::{Checkpoint, InputFile, InputKind};
 pub use memory::{MemoryCheckpoint, MemoryFile, MemoryTensor};
-pub use plain::{Plain, as_bytes, read_range};
+pub use plain::{Plain, as_bytes, pread_into, read_range};
 
 /// A problem with the user's input files.
 #[derive(Debug, thiserror::Error)]

@@ -38,18 +38,48 @@ pub fn as_bytes<T: Plain>(values: &[T]) -> &[u8] {
 /// no page faults, and nothing stays in this process's resident set: memory
 /// is bounded by the chunks in flight, not by the size of the file.
 pub fn read_range<T: Plain>(file: &File, offset: u64, count: usize) -> std::io::Result<Vec<T>> {
+    // SAFETY: `pread_into` fills all of `bytes` or fails.
+    unsafe { filled_vec(count, |bytes| pread_into(file, offset, bytes)) }.map(|(v, ())| v)
+}
+
+/// A `Vec` of `count` elements whose bytes `fill` writes into uninitialized
+/// memory (no zeroing first), with what `fill` returned.
+///
+/// # Safety
+/// When `fill` returns `Ok`, it must have written every byte of the slice
+/// it was given.
+pub(crate) unsafe fn filled_vec<T: Plain, R>(
+    count: usize,
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<u8>]) -> std::io::Result<R>,
+) -> std::io::Result<(Vec<T>, R)> {
     let mut out: Vec<T> = Vec::with_capacity(count);
     let len = size_of::<T>() * count;
-    let dst = out.as_mut_ptr().cast::<u8>();
+    // SAFETY: the capacity holds `len` bytes, viewed as uninitialized.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<std::mem::MaybeUninit<u8>>(), len)
+    };
+    let result = fill(bytes)?;
+    // SAFETY: `fill` wrote all `len` bytes (the caller's promise), and
+    // `T: Plain` accepts any bytes.
+    unsafe { out.set_len(count) };
+    Ok((out, result))
+}
+
+/// Fills `out` from `file` at byte `offset` with `pread` (no shared file
+/// position), into memory that need not be initialized.
+pub fn pread_into(
+    file: &File,
+    offset: u64,
+    out: &mut [std::mem::MaybeUninit<u8>],
+) -> std::io::Result<()> {
     let mut done = 0;
-    while done < len {
-        let at = offset + done as u64;
-        let at = libc::off_t::try_from(at).map_err(|_| {
+    while done < out.len() {
+        let at = libc::off_t::try_from(offset + done as u64).map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "offset beyond off_t")
         })?;
-        // SAFETY: `dst + done .. dst + len` lies inside the allocation's
-        // capacity, and pread writes at most `len - done` bytes there.
-        let n = unsafe { libc::pread(file.as_raw_fd(), dst.add(done).cast(), len - done, at) };
+        let rest = &mut out[done..];
+        // SAFETY: pread writes at most `rest.len()` bytes into `rest`.
+        let n = unsafe { libc::pread(file.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), at) };
         match n {
             0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
             n if n < 0 => {
@@ -61,10 +91,7 @@ pub fn read_range<T: Plain>(file: &File, offset: u64, count: usize) -> std::io::
             n => done += n as usize,
         }
     }
-    // SAFETY: all `len` bytes of the first `count` elements were written
-    // above, and `T: Plain` accepts any bytes.
-    unsafe { out.set_len(count) };
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -40,7 +40,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::format::{Plain, as_bytes};
+use crate::format::plain::filled_vec;
+use crate::format::{Plain, as_bytes, pread_into};
 
 /// Alignment of direct I/O: file offsets, lengths and buffers. 4 KiB
 /// covers the logical block size of the devices in use (512 or 4096).
@@ -154,16 +155,9 @@ impl CacheFile {
         count: usize,
         next: Option<(u64, u64)>,
     ) -> io::Result<Vec<T>> {
-        let mut out: Vec<T> = Vec::with_capacity(count);
-        let len = size_of::<T>() * count;
-        // SAFETY: the capacity holds `len` bytes, viewed as uninitialized.
-        let bytes = unsafe {
-            std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<u8>>(), len)
-        };
-        let went_direct = self.read_into(offset, bytes)?;
-        // SAFETY: `read_into` wrote all `len` bytes, and `T: Plain` accepts
-        // any bytes.
-        unsafe { out.set_len(count) };
+        // SAFETY: `read_into` fills all of `bytes` or fails.
+        let (out, went_direct) =
+            unsafe { filled_vec::<T, _>(count, |bytes| self.read_into(offset, bytes))? };
         // Only a chunk the page cache lacks is worth reading ahead: one it
         // holds is a copy away, and reading it direct would go to the disk.
         if went_direct
@@ -183,7 +177,7 @@ impl CacheFile {
             Some(direct) => self.read_blocks(direct, offset, out)?,
             None => (0, 0),
         };
-        pread_all(&self.buffered, offset + done, &mut out[done as usize..])?;
+        pread_into(&self.buffered, offset + done, &mut out[done as usize..])?;
         self.counts
             .direct_read
             .fetch_add(direct_bytes, Ordering::Relaxed);
@@ -212,7 +206,7 @@ impl CacheFile {
         if start >= end {
             return Ok((0, 0));
         }
-        pread_all(&self.buffered, offset, &mut out[..start as usize])?;
+        pread_into(&self.buffered, offset, &mut out[..start as usize])?;
         match read_direct(
             direct,
             offset + start,
@@ -360,30 +354,6 @@ fn resident_pages(file: &File, start: u64, len: u64) -> Option<Vec<u8>> {
 #[cfg(not(target_os = "linux"))]
 fn resident_pages(_file: &File, _start: u64, _len: u64) -> Option<Vec<u8>> {
     None
-}
-
-/// Fills `out` with `pread` from `offset`.
-fn pread_all(file: &File, offset: u64, out: &mut [MaybeUninit<u8>]) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let mut done = 0;
-    while done < out.len() {
-        let at = libc::off_t::try_from(offset + done as u64)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond off_t"))?;
-        let rest = &mut out[done..];
-        // SAFETY: pread writes at most `rest.len()` bytes into `rest`.
-        let n = unsafe { libc::pread(file.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), at) };
-        match n {
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            n if n < 0 => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-            n => done += n as usize,
-        }
-    }
-    Ok(())
 }
 
 fn pwrite_all(file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
@@ -943,7 +913,7 @@ mod tests {
             libc::posix_fadvise(buffered.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM);
         }
         let mut one = vec![MaybeUninit::uninit(); chunk_bytes as usize];
-        pread_all(&buffered, chunk_bytes, &mut one).unwrap();
+        pread_into(&buffered, chunk_bytes, &mut one).unwrap();
         let reader = CacheFile::new(File::open(&path).unwrap(), &path, false);
         let all = values(4 * n, 9);
         for i in 0..4u64 {
