@@ -223,18 +223,17 @@ impl CacheFile {
     pub fn write_values<T: Plain>(&self, offset: u64, values: &[T]) -> io::Result<()> {
         let bytes = as_bytes(values);
         let len = bytes.len() as u64;
-        let direct = self
-            .direct_for(offset, len)
-            .filter(|_| !self.keep_cached && resident_prefix(&self.buffered, offset, ALIGN) == 0);
+        // Direct writes go through the write-behind thread (a writer whose
+        // thread could not start writes buffered).
+        let behind = self.behind.as_ref().filter(|_| {
+            self.direct_for(offset, len).is_some()
+                && !self.keep_cached
+                && resident_prefix(&self.buffered, offset, ALIGN) == 0
+        });
         let mut done = 0;
-        if let Some(direct) = direct {
+        if let Some(behind) = behind {
             let end = align_down(len);
-            let aligned = &bytes[..end as usize];
-            let written = match &self.behind {
-                Some(behind) => behind.queue(offset, aligned),
-                None => write_direct(direct, offset, aligned),
-            };
-            if written.is_ok() {
+            if behind.queue(offset, &bytes[..end as usize]).is_ok() {
                 self.counts.direct_written.fetch_add(end, Ordering::Relaxed);
                 done = end;
             }
@@ -397,22 +396,6 @@ fn read_direct(file: &File, offset: u64, out: &mut [MaybeUninit<u8>]) -> io::Res
     })
 }
 
-/// Writes `bytes` (a multiple of [`ALIGN`] long, at an aligned `offset`)
-/// with `O_DIRECT`, in pieces of the thread's aligned buffer.
-fn write_direct(file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    with_scratch(|scratch| {
-        let mut done = 0;
-        while done < bytes.len() {
-            let piece = scratch.len().min(bytes.len() - done);
-            scratch[..piece].copy_from_slice(&bytes[done..done + piece]);
-            file.write_all_at(&scratch[..piece], offset + done as u64)?;
-            done += piece;
-        }
-        Ok(())
-    })
-}
-
 /// Direct writes done by a thread of their own, so that the encoding
 /// threads go on coding while the disk writes (a direct write returns only
 /// once the device has the bytes). At most [`BEHIND_BUFFERS`] pieces of
@@ -465,8 +448,8 @@ impl WriteBehind {
         })
     }
 
-    /// Copies `bytes` (aligned, as for [`write_direct`]) into buffers and
-    /// queues their writes.
+    /// Copies `bytes` (a multiple of [`ALIGN`] long, for an aligned
+    /// `offset`) into buffers and queues their direct writes.
     fn queue(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
         let sender = self.jobs.lock().expect("lock").clone();
         let sender = sender.ok_or_else(|| io::Error::other("cache writer already finished"))?;
