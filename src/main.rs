@@ -1,17 +1,6 @@
 fn main() -> std::process::ExitCode {
     tune_allocator();
-    restore_sigpipe();
     ckptvc::cli::main()
-}
-
-/// `ckptvc log | head` should end quietly when `head` exits, as Unix tools
-/// do; Rust ignores SIGPIPE by default, which turns it into a panic.
-fn restore_sigpipe() {
-    #[cfg(unix)]
-    // SAFETY: resets one signal disposition before any other thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
 }
 
 /// Commit and checkout allocate and free buffers of a few MiB per chunk on

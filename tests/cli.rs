@@ -54,6 +54,37 @@ fn man_page_is_roff_naming_the_commands() {
     }
 }
 
+/// `ckptvc log | head`: a reader that went away ends the command quietly
+/// with 141 (what a shell reports for SIGPIPE), for the table, JSON and the
+/// generated scripts alike; no panic, no error line.
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let env = Env::init();
+    env.commit(&fixture(STEPS[0]), STEPS[0]);
+    for args in [
+        &["log"][..],
+        &["--json", "log"],
+        &["show", "main"],
+        &["completions", "bash"],
+        &["man"],
+    ] {
+        // The read end is closed before the command starts, so its first
+        // write to stdout fails with EPIPE whatever the timing.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("ckptvc"))
+            .arg("--repo")
+            .arg(env.repo())
+            .args(args)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn unknown_shell_is_refused() {
     Command::cargo_bin("ckptvc")

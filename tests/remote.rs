@@ -609,6 +609,13 @@ fn push_interrupted_by_a_killed_server_resumes_without_resending() {
     let failed = child.wait_with_output().unwrap();
     let message = String::from_utf8_lossy(&failed.stderr);
     assert!(!failed.status.success(), "the push must fail: {message}");
+    // Not killed by a signal: a SIGPIPE from writing to the dead server's
+    // socket once ended the push with no message at all.
+    assert!(
+        failed.status.code().is_some(),
+        "the push died of a signal ({}): {message}",
+        failed.status
+    );
     assert!(message.contains("remote s3://faults/run"), "{message}");
     assert!(!message.contains("panicked"), "{message}");
 

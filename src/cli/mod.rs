@@ -1,6 +1,18 @@
 //! The `cli` layer: argument parsing, human and JSON output, progress bars.
 //! It only translates; every operation lives in [`crate::repo`].
 
+/// `println!` for the command's output: a line to stdout, where a reader
+/// that went away ends the process quietly instead of panicking (see
+/// [`output::write_stdout`]).
+macro_rules! outln {
+    () => {
+        $crate::cli::output::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod output;
 #[cfg(feature = "plot")]
 mod plot;
@@ -483,7 +495,7 @@ fn remote_command(cli: &Cli, repo: &Repo, action: &RemoteAction) -> anyhow::Resu
                 } else {
                     ""
                 };
-                println!("{}\t{}{lazy}", r.name, r.url);
+                outln!("{}\t{}{lazy}", r.name, r.url);
             }
             Ok(())
         }
@@ -588,12 +600,16 @@ fn run_without_store(cli: &Cli) -> anyhow::Result<()> {
         }
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(*shell, &mut command, "ckptvc", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut command, "ckptvc", &mut script);
+            output::write_stdout(format_args!("{}", String::from_utf8_lossy(&script)));
             Ok(())
         }
         Command::Man => {
             let command = <Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+            let mut page = Vec::new();
+            clap_mangen::Man::new(command).render(&mut page)?;
+            output::write_stdout(format_args!("{}", String::from_utf8_lossy(&page)));
             Ok(())
         }
         Command::Clone { url, dir, lazy } => {
@@ -687,7 +703,7 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
             if cli.json {
                 print_json(&outcome)?;
             } else {
-                println!("{}", outcome.id);
+                outln!("{}", outcome.id);
                 if !cli.quiet {
                     eprintln!(
                         "step {} on {}: {} in, {} stored ({} new blobs, {}){}",
@@ -829,7 +845,7 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
             if cli.json {
                 print_json(&entries)
             } else {
-                output::print_log(&entries, cli.palette())?;
+                output::print_log(&entries, cli.palette());
                 Ok(())
             }
         }

@@ -12,10 +12,32 @@ use crate::repo::{LogEntry, Stats};
 use std::io::Write;
 
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    serde_json::to_writer_pretty(&mut out, value)?;
-    writeln!(out)?;
-    Ok(out.flush()?)
+    let text = serde_json::to_string_pretty(value)?;
+    write_stdout(format_args!("{text}\n"));
+    Ok(())
+}
+
+/// Writes the command's output to stdout.
+///
+/// A reader that went away (`ckptvc log | head`) ends the process quietly
+/// with status 141, what a shell reports for a tool killed by SIGPIPE, as
+/// Unix tools end. SIGPIPE itself stays ignored (Rust's default): with its
+/// default action restored, a remote server that closed a connection killed
+/// a push silently in the middle of a socket write, with no error message.
+/// Any other failure (a full disk behind a redirect) is an error and exit 1.
+pub fn write_stdout(text: std::fmt::Arguments) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(text).and_then(|()| out.flush()) {
+        stdout_failed(e);
+    }
+}
+
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    eprintln!("error: writing to stdout: {e}");
+    std::process::exit(1);
 }
 
 /// Bytes with a binary unit, e.g. `1.5 MiB`.
@@ -71,7 +93,13 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 /// The log as a table. Written through one buffer: a line-buffered stdout
 /// costs a write call per commit (10,000 of them for a long run).
-pub fn print_log(entries: &[LogEntry], palette: Palette) -> std::io::Result<()> {
+pub fn print_log(entries: &[LogEntry], palette: Palette) {
+    if let Err(e) = write_log(entries, palette) {
+        stdout_failed(e);
+    }
+}
+
+fn write_log(entries: &[LogEntry], palette: Palette) -> std::io::Result<()> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     writeln!(
         out,
@@ -112,35 +140,39 @@ pub fn print_log(entries: &[LogEntry], palette: Palette) -> std::io::Result<()> 
 
 pub fn print_show(report: &ShowReport) {
     let c = &report.commit;
-    println!("commit   {}", c.id);
-    println!("step     {} on {}", c.step, c.branch);
+    outln!("commit   {}", c.id);
+    outln!("step     {} on {}", c.step, c.branch);
     for p in &c.parents {
-        println!("parent   {p}");
+        outln!("parent   {p}");
     }
-    println!("date     {} UTC", date(c.time_ms));
-    println!(
+    outln!("date     {} UTC", date(c.time_ms));
+    outln!(
         "size     {} in, {} stored ({}){}",
         bytes(c.input_bytes),
         bytes(c.stored_bytes),
         ratio(c.ratio),
         if c.keyframe { ", keyframe" } else { "" }
     );
-    println!("policy   {}", c.policy);
-    println!(
+    outln!("policy   {}", c.policy);
+    outln!(
         "error    W {:.3e}, m {:.3e}, v {:.3e} (relative L2, lossy-coded tensors)",
-        c.error_w, c.error_m, c.error_v
+        c.error_w,
+        c.error_m,
+        c.error_v
     );
     if let Some(u) = &report.update_error {
-        println!(
+        outln!(
             "update   {:.3e} from m and v together: m {:.3e}, v {:.3e} (relative L2 of Adam's m/(√v+ε), what resumed training feels)",
-            u.both, u.m, u.v
+            u.both,
+            u.m,
+            u.v
         );
     }
     if !c.message.is_empty() {
-        println!("message  {}", c.message);
+        outln!("message  {}", c.message);
     }
     for p in &report.pairings {
-        println!(
+        outln!(
             "pairing  {}: {} of {} parameters paired with model tensors (rule: {}){}",
             p.file,
             p.paired.len(),
@@ -156,10 +188,18 @@ pub fn print_show(report: &ShowReport) {
             }
         );
     }
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{:<24} {:<40} {:<6} {:<16} {:<20} {:>10} {:>10} {:>9} {:>10}",
-        "file", "tensor", "dtype", "shape", "codec", "in", "out", "rel err", "update err"
+        "file",
+        "tensor",
+        "dtype",
+        "shape",
+        "codec",
+        "in",
+        "out",
+        "rel err",
+        "update err"
     );
     for e in &report.entries {
         let shape = e
@@ -170,7 +210,7 @@ pub fn print_show(report: &ShowReport) {
         let update = e
             .update_error
             .map_or("-".to_string(), |u| format!("{u:.2e}"));
-        println!(
+        outln!(
             "{:<24} {:<40} {:<6} {:<16} {:<20} {:>10} {:>10} {:>9.2e} {:>10}",
             e.file,
             e.tensor.as_deref().unwrap_or("-"),
@@ -183,38 +223,38 @@ pub fn print_show(report: &ShowReport) {
             update
         );
         if let Some(note) = &e.note {
-            println!("{:<24} note: {note}", "");
+            outln!("{:<24} note: {note}", "");
         }
     }
 }
 
 pub fn print_stats(s: &Stats) {
-    println!("commits         {}", s.commits);
-    println!("branches        {}", s.branches);
-    println!("blobs           {}", s.blobs);
-    println!(
+    outln!("commits         {}", s.commits);
+    outln!("branches        {}", s.branches);
+    outln!("blobs           {}", s.blobs);
+    outln!(
         "logical bytes   {} ({})",
         s.logical_bytes,
         bytes(s.logical_bytes)
     );
-    println!("blob bytes      {} ({})", s.blob_bytes, bytes(s.blob_bytes));
-    println!(
+    outln!("blob bytes      {} ({})", s.blob_bytes, bytes(s.blob_bytes));
+    outln!(
         "physical bytes  {} ({})",
         s.physical_bytes,
         bytes(s.physical_bytes)
     );
-    println!(
+    outln!(
         "cache bytes     {} ({}, deletable)",
         s.cache_bytes,
         bytes(s.cache_bytes)
     );
-    println!("ratio           {:.2}x", s.ratio);
+    outln!("ratio           {:.2}x", s.ratio);
 }
 
 pub fn print_graph(lines: &[GraphLine]) {
     for line in lines {
         match &line.commit {
-            None => println!("{}", line.graph),
+            None => outln!("{}", line.graph),
             Some(c) => {
                 let refs = if line.refs.is_empty() {
                     String::new()
@@ -222,7 +262,7 @@ pub fn print_graph(lines: &[GraphLine]) {
                     format!(" ({})", line.refs.join(", "))
                 };
                 let kind = if c.keyframe { " [keyframe]" } else { "" };
-                println!(
+                outln!(
                     "{} {} step {}{refs} {} {}{kind} {}",
                     line.graph,
                     &c.id[..12],
@@ -239,7 +279,7 @@ pub fn print_graph(lines: &[GraphLine]) {
 pub fn print_branches(branches: &[BranchInfo], palette: Palette) {
     for b in branches {
         let name = format!("{:<20}", b.name);
-        println!(
+        outln!(
             "{} {} step {:>8}  {}  {} commits",
             if b.current { "*" } else { " " },
             if b.current {
@@ -256,7 +296,7 @@ pub fn print_branches(branches: &[BranchInfo], palette: Palette) {
 
 pub fn print_tags(tags: &[TagInfo]) {
     for t in tags {
-        println!(
+        outln!(
             "{:<20} {}  step {} on {}",
             t.name,
             &t.commit[..12],
@@ -267,10 +307,13 @@ pub fn print_tags(tags: &[TagInfo]) {
 }
 
 pub fn print_diff(report: &DiffReport) {
-    println!("diff {} .. {}", &report.a[..12], &report.b[..12]);
-    println!(
+    outln!("diff {} .. {}", &report.a[..12], &report.b[..12]);
+    outln!(
         "{:<10}  {:>10}  {:>10}  {:>9}  tensor",
-        "change", "rel L2", "max |d|", "changed"
+        "change",
+        "rel L2",
+        "max |d|",
+        "changed"
     );
     let num = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.3e}"));
     for t in &report.tensors {
@@ -294,7 +337,7 @@ pub fn print_diff(report: &DiffReport) {
                 t.shape_b.clone().unwrap_or_default()
             );
         }
-        println!(
+        outln!(
             "{change:<10}  {:>10}  {:>10}  {fraction:>9}  {name}",
             num(t.rel_l2),
             num(t.max_abs)
@@ -304,7 +347,7 @@ pub fn print_diff(report: &DiffReport) {
 
 pub fn print_shard(r: &crate::repo::commit::ShardOutcome, quiet: bool) {
     if let Some(sealed) = &r.sealed {
-        println!("{}", sealed.entry.id);
+        outln!("{}", sealed.entry.id);
     }
     if quiet {
         return;
@@ -340,7 +383,7 @@ pub fn print_shard(r: &crate::repo::commit::ShardOutcome, quiet: bool) {
 
 pub fn print_pending(pending: &[crate::repo::seal::PendingReport]) {
     if pending.is_empty() {
-        println!("no pending steps");
+        outln!("no pending steps");
         return;
     }
     for p in pending {
@@ -350,7 +393,7 @@ pub fn print_pending(pending: &[crate::repo::seal::PendingReport]) {
         } else {
             format!(" (group {})", p.group)
         };
-        println!(
+        outln!(
             "pending: step {} on {}{group}: {} of {of} shards in {:?}, last written {}s ago",
             p.step,
             p.branch,
@@ -363,7 +406,7 @@ pub fn print_pending(pending: &[crate::repo::seal::PendingReport]) {
 
 pub fn print_gc(r: &GcReport) {
     let verb = if r.dry_run { "would remove" } else { "removed" };
-    println!(
+    outln!(
         "{verb} {} commits and {} blobs ({}); {} commits and {} blobs stay",
         r.commits_removed,
         r.blobs_removed,
@@ -372,13 +415,13 @@ pub fn print_gc(r: &GcReport) {
         r.live_blobs
     );
     if r.leftovers_removed > 0 {
-        println!(
+        outln!(
             "{verb} {} objects interrupted writers left (orphan packs, old ref entries, unsealed steps)",
             r.leftovers_removed
         );
     }
     if !r.dry_run {
-        println!(
+        outln!(
             "store on disk: {} -> {}",
             bytes(r.disk_bytes_before),
             bytes(r.disk_bytes_after)
@@ -443,12 +486,13 @@ pub fn print_fetch(r: &crate::repo::remote::FetchReport, quiet: bool) {
 pub fn print_prune(r: &PruneReport) {
     let steps = |s: &[u64]| s.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
     let verb = if r.dry_run { "would drop" } else { "dropped" };
-    println!("branch {}: keeps steps {}", r.branch, steps(&r.kept));
-    println!("{verb} steps {}", steps(&r.dropped));
+    outln!("branch {}: keeps steps {}", r.branch, steps(&r.kept));
+    outln!("{verb} steps {}", steps(&r.dropped));
     if !r.dry_run {
-        println!(
+        outln!(
             "rewrote {} commits, re-encoded {} chunks whose base was dropped",
-            r.rewritten, r.rebased_chunks
+            r.rewritten,
+            r.rebased_chunks
         );
     }
     if let Some(gc) = &r.gc {
@@ -457,36 +501,38 @@ pub fn print_prune(r: &PruneReport) {
 }
 
 pub fn print_fsck(r: &FsckReport, palette: Palette) {
-    println!(
+    outln!(
         "checked {} blobs, {} commits, {} chunks decoded",
-        r.blobs, r.commits, r.chunks_decoded
+        r.blobs,
+        r.commits,
+        r.chunks_decoded
     );
     if r.unreachable_commits > 0 {
-        println!(
+        outln!(
             "{} commits no branch or tag reaches await `ckptvc gc` (not checked)",
             r.unreachable_commits
         );
     }
     for p in &r.problems {
-        println!(
+        outln!(
             "{} {}: {}",
             palette.paint("BROKEN", style::BROKEN),
             p.object,
             p.detail
         );
         if !p.affects.is_empty() {
-            println!("  affects: {}", p.affects.join(", "));
+            outln!("  affects: {}", p.affects.join(", "));
         }
     }
     if r.ok() {
-        println!("{}", palette.paint("store is intact", style::OK));
+        outln!("{}", palette.paint("store is intact", style::OK));
     }
 }
 
 /// The summary of `import` (and of `watch` when it exits).
 pub fn print_import(report: &crate::repo::import::ImportReport, quiet: bool) {
     for step in &report.imported {
-        println!("{}  step {}", step.id, step.step);
+        outln!("{}  step {}", step.id, step.step);
     }
     if quiet {
         return;
@@ -537,7 +583,7 @@ impl crate::repo::import::WatchEvents for WatchPrinter {
         if self.json {
             let mut line = serde_json::to_value(step).expect("serializable");
             line["event"] = "committed".into();
-            println!("{line}");
+            outln!("{line}");
         } else if !self.quiet {
             eprintln!(
                 "step {}: committed {} ({} in, {} stored)",
@@ -554,7 +600,7 @@ impl crate::repo::import::WatchEvents for WatchPrinter {
 
     fn deleted(&self, dir: &std::path::Path) {
         if self.json {
-            println!("{}", serde_json::json!({"event": "deleted", "dir": dir}));
+            outln!("{}", serde_json::json!({"event": "deleted", "dir": dir}));
         } else if !self.quiet {
             eprintln!("deleted {} (its commit verified)", dir.display());
         }
