@@ -1056,16 +1056,16 @@ fn a_cold_cache_commits_as_a_warm_one() {
         let commit = |env: &Env, io: &str| -> serde_json::Value {
             let out = env
                 .cmd()
-                .env("CKPTVC_CACHE_IO", io)
+                .env("CKPTVC_DIRECT_IO", io)
                 .args(["--json", "commit", "--step", &step])
                 .arg(dir)
                 .assert()
                 .success();
             serde_json::from_slice(&out.get_output().stdout).unwrap()
         };
-        let through = commit(&warm, "buffered");
+        let through = commit(&warm, "off");
         evict_caches(&cold.repo());
-        let around = commit(&cold, "auto");
+        let around = commit(&cold, "on");
         for field in fields {
             assert_eq!(through[field], around[field], "step {step}: {field}");
         }
@@ -1088,4 +1088,50 @@ fn a_cold_cache_commits_as_a_warm_one() {
             );
         }
     }
+}
+
+/// A store in memory (tmpfs: before Linux 6.6 it refuses `O_DIRECT`, and
+/// its blob files and caches then go through the page cache) commits and
+/// checks out as a store on a disk does.
+#[test]
+fn a_store_on_tmpfs_commits_as_on_a_disk() {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        println!("skipped: no /dev/shm");
+        return;
+    }
+    let disk = Env::init_with(&["--policy", "balanced"]);
+    let tmpfs = Env {
+        tmp: tempfile::tempdir_in(shm).unwrap(),
+    };
+    tmpfs
+        .cmd()
+        .args(["init", "--policy", "balanced"])
+        .assert()
+        .success();
+    let dirs = large_adam_run(&disk.path("run"), &[5, 10]);
+    for (i, dir) in dirs.iter().enumerate() {
+        let step = (5 * (i + 1)).to_string();
+        let commit = |env: &Env| -> serde_json::Value {
+            let out = env
+                .cmd()
+                .args(["--json", "commit", "--step", &step])
+                .arg(dir)
+                .assert()
+                .success();
+            serde_json::from_slice(&out.get_output().stdout).unwrap()
+        };
+        let (on_disk, in_memory) = (commit(&disk), commit(&tmpfs));
+        for field in ["stored_bytes", "error_w", "error_m", "bases_from_cache"] {
+            assert_eq!(on_disk[field], in_memory[field], "step {step}: {field}");
+        }
+    }
+    let (a, b) = (disk.checkout("10", "d10"), tmpfs.checkout("10", "t10"));
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            std::fs::read(a.join(file)).unwrap() == std::fs::read(b.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    tmpfs.cmd().arg("fsck").assert().success();
 }

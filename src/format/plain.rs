@@ -1,4 +1,5 @@
-//! Reading file bytes straight into typed buffers.
+//! Reading file bytes straight into typed buffers, and whether large files
+//! may be written around the page cache.
 //!
 //! Commit reads every tensor chunk (several GiB per checkpoint) and the
 //! reconstruction cache; a zero-filled buffer per read and a second copy to
@@ -8,6 +9,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 
 mod sealed {
     pub trait Sealed {}
@@ -94,6 +96,46 @@ pub fn pread_into(
     Ok(())
 }
 
+/// Whether ckptvc may move the bytes of its large files (the store's blob
+/// files, the reconstruction cache) with `O_DIRECT`, around the page cache.
+/// `CKPTVC_DIRECT_IO=off` says no: every byte then goes through the page
+/// cache, as in an A/B measurement's baseline. The stored bytes are the
+/// same either way.
+pub fn direct_io_allowed() -> bool {
+    std::env::var_os("CKPTVC_DIRECT_IO").is_none_or(|v| v != "off")
+}
+
+/// Whether files in `dir` take `O_DIRECT` writes, found by writing one
+/// aligned 4 KiB block to a probe file there (removed after). Some file
+/// systems refuse `O_DIRECT` at open (tmpfs before Linux 6.6), one whose
+/// blocks are larger than 4 KiB refuses the write: the answer is then no
+/// and buffered I/O serves.
+#[cfg(target_os = "linux")]
+pub fn direct_writes_work(dir: &Path) -> bool {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    const BLOCK: usize = 4096;
+    let probe = dir.join(format!(".direct-probe-{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe)
+        .and_then(|file| {
+            // An aligned block inside a buffer twice its size.
+            let buffer = vec![0u8; 2 * BLOCK];
+            let start = buffer.as_ptr().align_offset(BLOCK);
+            file.write_all_at(&buffer[start..start + BLOCK], 0)
+        });
+    let _ = std::fs::remove_file(&probe);
+    written.is_ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn direct_writes_work(_dir: &Path) -> bool {
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +156,15 @@ mod tests {
         assert_eq!(read_range::<u8>(&file, 0, 0).unwrap(), Vec::<u8>::new());
         let past_end = read_range::<f32>(&file, 8, 1000).unwrap_err();
         assert_eq!(past_end.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    /// The probe leaves nothing behind; a directory it cannot write to is
+    /// answered no.
+    #[test]
+    fn the_direct_write_probe_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let _ = direct_writes_work(dir.path());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(!direct_writes_work(&dir.path().join("missing")));
     }
 }

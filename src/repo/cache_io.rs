@@ -18,8 +18,9 @@
 //!   is cached (overwriting cached pages is a copy) and with `O_DIRECT`
 //!   when it is not, unless the whole file is to stay cached
 //!   ([`CacheFile::keep_cached_if_it_fits`]: it fits twice in the machine's
-//!   available memory, and is new or was mostly still cached). Direct
-//!   writes are done by a thread of their own, a few MiB behind.
+//!   available memory and the page cache still held most of it). A new
+//!   file is thus written direct. Direct writes are done by a thread of
+//!   their own, a few MiB behind.
 //!
 //! `O_DIRECT` needs the file offset, the length and the memory to be
 //! aligned to the device's blocks: only the [`ALIGN`]-aligned middle of a
@@ -27,8 +28,8 @@
 //! or tail (under 4 KiB) goes through the page cache. The cache layout
 //! starts every tensor of [`ALIGNED_TENSOR`] bytes or more at a multiple of
 //! `ALIGN`, so its chunks need neither. Where the file system refuses
-//! `O_DIRECT` (tmpfs) or a direct call fails, buffered I/O serves instead:
-//! the bytes are the same either way. `CKPTVC_CACHE_IO=buffered` turns the
+//! `O_DIRECT` (tmpfs before Linux 6.6) or a direct call fails, buffered I/O serves instead:
+//! the bytes are the same either way. `CKPTVC_DIRECT_IO=off` turns the
 //! direct path off (for A/B measurements).
 
 use std::cell::RefCell;
@@ -113,13 +114,15 @@ impl CacheFile {
     /// Writes go through the page cache even to pages it does not hold, so
     /// that the next commit finds them there: when the machine has twice
     /// the file's `len` bytes available and the page cache held at least
-    /// `held` of what the file had (1 for a new file). Reading a cached
-    /// parent is a copy, and a residual commit that read its parent from
-    /// the disk, even direct and read ahead, took 1.2× as long. A file the
-    /// page cache mostly lost since the last commit (something else needed
-    /// the memory), or one that does not fit so, is written direct rather
-    /// than pushing the rest of the page cache out for pages that would not
-    /// stay.
+    /// half of what the file had (`held`, 0 for a new file). That is a file
+    /// that survived the interval since the last commit in the page cache,
+    /// so it will likely survive the next. A file the page cache mostly
+    /// lost, or one that does not fit so, is written direct rather than
+    /// pushing the rest of the page cache out for pages that would not
+    /// stay. So is a new file (a keyframe's): allocating page-cache pages
+    /// for 3.45 GB cost a keyframe 4.5 s of its 17.7 s on the development
+    /// machine, and the next commit, reading the file direct, took no
+    /// longer for it (docs/benchmarks.md, "Eighth round").
     pub fn keep_cached_if_it_fits(mut self, len: u64, held: f64) -> CacheFile {
         let fits = memory_available().is_some_and(|m| m / 2 >= len);
         self.keep_cached = fits && held >= KEEP_CACHED_SHARE;
@@ -264,14 +267,10 @@ fn memory_available() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-fn direct_disabled() -> bool {
-    std::env::var_os("CKPTVC_CACHE_IO").is_some_and(|v| v == "buffered")
-}
-
 #[cfg(target_os = "linux")]
 fn open_direct(path: &Path, write: bool) -> Option<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    if direct_disabled() {
+    if !crate::format::plain::direct_io_allowed() {
         return None;
     }
     std::fs::OpenOptions::new()
@@ -284,7 +283,6 @@ fn open_direct(path: &Path, write: bool) -> Option<File> {
 
 #[cfg(not(target_os = "linux"))]
 fn open_direct(_path: &Path, _write: bool) -> Option<File> {
-    let _ = direct_disabled();
     None
 }
 
@@ -917,11 +915,21 @@ mod tests {
         }
     }
 
-    /// A new file that fits in memory is written through the page cache.
+    /// A file the page cache still held (a reused spare) is overwritten
+    /// through it, all of it, when it fits in memory; a new one is written
+    /// around it.
     #[test]
-    fn a_small_new_file_is_kept_cached() {
+    fn a_file_still_cached_stays_cached_and_a_new_one_goes_direct() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache");
+        let new = open(&path).keep_cached_if_it_fits(8 << 20, 0.0);
+        new.write_values(0, &values(1 << 20, 2)).unwrap();
+        new.flush().unwrap();
+        if new.is_direct() {
+            assert_eq!(new.counts.direct_written.load(Ordering::Relaxed), 4 << 20);
+            assert_eq!(resident_prefix(new.file(), 0, 4 << 20), 0);
+        }
+        drop(new);
         let file = open(&path).keep_cached_if_it_fits(8 << 20, 1.0);
         assert!(memory_available().unwrap() > 16 << 20);
         file.write_values(0, &values(1 << 20, 3)).unwrap();
