@@ -18,9 +18,9 @@
 //!   is cached (overwriting cached pages is a copy) and with `O_DIRECT`
 //!   when it is not, unless the whole file is to stay cached
 //!   ([`CacheFile::keep_cached_if_it_fits`]: it fits twice in the machine's
-//!   available memory and the page cache still held most of it). A new
-//!   file is thus written direct. Direct writes are done by a thread of
-//!   their own, a few MiB behind.
+//!   available memory, and is new or was mostly still cached, and new
+//!   page-cache pages do not prove too dear, [`PageCost`]). Direct writes
+//!   are done by a thread of their own, a few MiB behind.
 //!
 //! `O_DIRECT` needs the file offset, the length and the memory to be
 //! aligned to the device's blocks: only the [`ALIGN`]-aligned middle of a
@@ -38,7 +38,7 @@ use std::fs::File;
 use std::io;
 use std::mem::MaybeUninit;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::format::plain::filled_vec;
@@ -80,9 +80,63 @@ pub struct CacheFile {
     /// For a file being read: the thread that reads chunks ahead.
     ahead: Option<ReadAhead>,
     /// Write through the page cache even where it does not hold the file
-    /// (see [`CacheFile::keep_cached_if_it_fits`]).
-    keep_cached: bool,
+    /// (see [`CacheFile::keep_cached_if_it_fits`]); cleared for good when
+    /// [`PageCost`] finds new page-cache pages too dear.
+    keep_cached: AtomicBool,
+    page_cost: PageCost,
     pub counts: IoCounts,
+}
+
+/// What writing into pages the page cache did not hold has cost the
+/// kernel so far: bytes written and the writing threads' system time.
+///
+/// Such a write allocates a page per 4 KiB. On most machines that costs
+/// about 0.3 s of system time per GB; on the development machine, a VM
+/// whose guest pages fault on the host again, 2.5–5 s, and a keyframe's
+/// new 3.45 GB cache took 9 s longer through the page cache than around it
+/// (docs/benchmarks.md, "Eighth round"). Measured rather than assumed: after
+/// [`PageCost::SAMPLE`] bytes, a cost above [`PageCost::DEAR_NS_PER_BYTE`]
+/// sends the rest of the file direct.
+#[derive(Debug, Default)]
+struct PageCost {
+    bytes: AtomicU64,
+    system_ns: AtomicU64,
+}
+
+impl PageCost {
+    /// Bytes written into new pages before the cost is judged.
+    const SAMPLE: u64 = 64 << 20;
+    /// System time per byte (1 s per GB) above which new pages are too dear:
+    /// about three times what a kernel on bare metal spends.
+    const DEAR_NS_PER_BYTE: u64 = 1;
+
+    /// Counts a write of `bytes` that took `system_ns`; whether the pages
+    /// have proved too dear.
+    fn add(&self, bytes: u64, system_ns: u64) -> bool {
+        let total = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let ns = self.system_ns.fetch_add(system_ns, Ordering::Relaxed) + system_ns;
+        total >= Self::SAMPLE && ns > total * Self::DEAR_NS_PER_BYTE
+    }
+}
+
+/// This thread's system time so far, in nanoseconds.
+#[cfg(target_os = "linux")]
+fn thread_system_ns() -> Option<u64> {
+    let mut usage = MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage fills the struct it is given; checked before use.
+    let usage = unsafe {
+        if libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) != 0 {
+            return None;
+        }
+        usage.assume_init()
+    };
+    let time = usage.ru_stime;
+    Some(time.tv_sec as u64 * 1_000_000_000 + time.tv_usec as u64 * 1000)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn thread_system_ns() -> Option<u64> {
+    None
 }
 
 impl CacheFile {
@@ -106,7 +160,8 @@ impl CacheFile {
             direct,
             behind,
             ahead,
-            keep_cached: false,
+            keep_cached: AtomicBool::new(false),
+            page_cost: PageCost::default(),
             counts: IoCounts::default(),
         }
     }
@@ -114,18 +169,20 @@ impl CacheFile {
     /// Writes go through the page cache even to pages it does not hold, so
     /// that the next commit finds them there: when the machine has twice
     /// the file's `len` bytes available and the page cache held at least
-    /// half of what the file had (`held`, 0 for a new file). That is a file
-    /// that survived the interval since the last commit in the page cache,
-    /// so it will likely survive the next. A file the page cache mostly
-    /// lost, or one that does not fit so, is written direct rather than
-    /// pushing the rest of the page cache out for pages that would not
-    /// stay. So is a new file (a keyframe's): allocating page-cache pages
-    /// for 3.45 GB cost a keyframe 4.5 s of its 17.7 s on the development
-    /// machine, and the next commit, reading the file direct, took no
-    /// longer for it (docs/benchmarks.md, "Eighth round").
-    pub fn keep_cached_if_it_fits(mut self, len: u64, held: f64) -> CacheFile {
+    /// `held` of what the file had (1 for a new file). Reading a cached
+    /// parent is a copy, and a residual commit that read its parent from
+    /// the disk, even direct and read ahead, took 1.2× as long. A file the
+    /// page cache mostly lost since the last commit (something else needed
+    /// the memory), or one that does not fit so, is written direct rather
+    /// than pushing the rest of the page cache out for pages that would not
+    /// stay.
+    ///
+    /// Unless new pages prove too dear ([`PageCost`]): then the rest of the
+    /// file goes direct.
+    pub fn keep_cached_if_it_fits(self, len: u64, held: f64) -> CacheFile {
         let fits = memory_available().is_some_and(|m| m / 2 >= len);
-        self.keep_cached = fits && held >= KEEP_CACHED_SHARE;
+        self.keep_cached
+            .store(fits && held >= KEEP_CACHED_SHARE, Ordering::Relaxed);
         self
     }
 
@@ -228,11 +285,10 @@ impl CacheFile {
         let len = bytes.len() as u64;
         // Direct writes go through the write-behind thread (a writer whose
         // thread could not start writes buffered).
-        let behind = self.behind.as_ref().filter(|_| {
-            self.direct_for(offset, len).is_some()
-                && !self.keep_cached
-                && resident_prefix(&self.buffered, offset, ALIGN) == 0
-        });
+        let uncached = self.direct_for(offset, len).is_some()
+            && resident_prefix(&self.buffered, offset, ALIGN) == 0;
+        let keep_cached = self.keep_cached.load(Ordering::Relaxed);
+        let behind = self.behind.as_ref().filter(|_| uncached && !keep_cached);
         let mut done = 0;
         if let Some(behind) = behind {
             let end = align_down(len);
@@ -241,7 +297,19 @@ impl CacheFile {
                 done = end;
             }
         }
-        pwrite_all(&self.buffered, offset + done, &bytes[done as usize..])
+        let rest = &bytes[done as usize..];
+        if !(uncached && keep_cached) {
+            return pwrite_all(&self.buffered, offset + done, rest);
+        }
+        // New pages for the page cache: what do they cost here?
+        let before = thread_system_ns();
+        pwrite_all(&self.buffered, offset, rest)?;
+        if let (Some(before), Some(after)) = (before, thread_system_ns())
+            && self.page_cost.add(len, after.saturating_sub(before))
+        {
+            self.keep_cached.store(false, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// The direct descriptor, if a range at `offset` of `len` bytes can use
@@ -915,21 +983,11 @@ mod tests {
         }
     }
 
-    /// A file the page cache still held (a reused spare) is overwritten
-    /// through it, all of it, when it fits in memory; a new one is written
-    /// around it.
+    /// A new file that fits in memory is written through the page cache.
     #[test]
-    fn a_file_still_cached_stays_cached_and_a_new_one_goes_direct() {
+    fn a_small_new_file_is_kept_cached() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache");
-        let new = open(&path).keep_cached_if_it_fits(8 << 20, 0.0);
-        new.write_values(0, &values(1 << 20, 2)).unwrap();
-        new.flush().unwrap();
-        if new.is_direct() {
-            assert_eq!(new.counts.direct_written.load(Ordering::Relaxed), 4 << 20);
-            assert_eq!(resident_prefix(new.file(), 0, 4 << 20), 0);
-        }
-        drop(new);
         let file = open(&path).keep_cached_if_it_fits(8 << 20, 1.0);
         assert!(memory_available().unwrap() > 16 << 20);
         file.write_values(0, &values(1 << 20, 3)).unwrap();
@@ -939,6 +997,43 @@ mod tests {
         assert_eq!(
             file.read_values::<f32>(0, 1 << 20, None).unwrap(),
             values(1 << 20, 3)
+        );
+    }
+
+    /// The cost of new pages is judged only after its sample, and is dear
+    /// above a nanosecond of system time per byte.
+    #[test]
+    fn page_cost_judges_after_its_sample() {
+        let cost = PageCost::default();
+        assert!(!cost.add(PageCost::SAMPLE - 4096, 10 * PageCost::SAMPLE));
+        assert!(cost.add(4096, 0));
+        let cheap = PageCost::default();
+        assert!(!cheap.add(PageCost::SAMPLE, PageCost::SAMPLE / 2));
+        assert!(!cheap.add(PageCost::SAMPLE, PageCost::SAMPLE / 2));
+    }
+
+    /// A file to be kept cached whose new pages proved too dear writes the
+    /// rest around the page cache.
+    #[test]
+    fn dear_pages_send_the_rest_of_the_file_direct() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let file = open(&path).keep_cached_if_it_fits(8 << 20, 1.0);
+        assert!(file.keep_cached.load(Ordering::Relaxed));
+        // As if the sample had already cost far too much system time.
+        file.page_cost.add(PageCost::SAMPLE, 100 * PageCost::SAMPLE);
+        file.write_values(0, &values(1 << 20, 1)).unwrap();
+        if !file.is_direct() {
+            return;
+        }
+        assert!(!file.keep_cached.load(Ordering::Relaxed));
+        assert_eq!(file.counts.direct_written.load(Ordering::Relaxed), 0);
+        file.write_values(4 << 20, &values(1 << 20, 2)).unwrap();
+        file.flush().unwrap();
+        assert_eq!(file.counts.direct_written.load(Ordering::Relaxed), 4 << 20);
+        assert_eq!(
+            file.read_values::<f32>(4 << 20, 1 << 20, None).unwrap(),
+            values(1 << 20, 2)
         );
     }
 

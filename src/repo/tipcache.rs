@@ -128,19 +128,13 @@ impl CacheWriter {
         // Readable too: a write checks whether its pages are cached.
         let mut options = std::fs::OpenOptions::new();
         options.read(true).write(true);
-        let (file, reused) = match std::fs::rename(dir.join(SPARE), &path) {
-            Ok(()) => (options.open(&path)?, true),
-            Err(_) => (options.create(true).truncate(true).open(&path)?, false),
+        let file = match std::fs::rename(dir.join(SPARE), &path) {
+            Ok(()) => options.open(&path)?,
+            Err(_) => options.create(true).truncate(true).open(&path)?,
         };
         file.set_len(len)?;
-        // A new file has no page in the page cache: it is written direct.
-        let held = if reused {
-            cache_io::resident_share(&file, len)
-        } else {
-            0.0
-        };
         let mut writer = CacheWriter::new(file, path, dir, len);
-        writer.file = writer.file.keep_cached_if_it_fits(len, held);
+        writer.file = writer.file.keep_cached_if_it_fits(len, 1.0);
         Ok(writer)
     }
 

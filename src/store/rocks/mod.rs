@@ -103,9 +103,8 @@ fn db_options() -> Options {
 /// or a push; written through the page cache they cost a page allocation
 /// per 4 KiB and push out pages that will be read (the training data, the
 /// reconstruction cache). A keyframe of a 3.45 GB Adam state writes about
-/// 2.9 GB of blobs: with its cache file also written direct, its commit
-/// from memory took 5.7–6.7 s instead of 13.2 s (docs/benchmarks.md,
-/// "Eighth round").
+/// 2.9 GB of blobs: its commit from memory took 0.75× as long with them
+/// written direct (docs/benchmarks.md, "Eighth round").
 fn writer_options(root: &Path) -> Options {
     let mut opts = db_options();
     if direct_io_allowed() && direct_writes_work(root) {
