@@ -328,6 +328,11 @@ impl RocksStore {
     }
 }
 
+/// Bytes a write batch of one blob and its size entry needs beyond the
+/// blob: a 12-byte header, and per entry a tag, a column family id, two
+/// length varints, the 32-byte key and (for the size) 8 bytes of value.
+const BATCH_OVERHEAD: usize = 128;
+
 impl BlobStore for RocksStore {
     fn has_blob(&self, id: &ObjectId) -> Result<bool, StoreError> {
         Ok(self
@@ -340,7 +345,10 @@ impl BlobStore for RocksStore {
     /// durable by [`Store::flush_blobs`] before any commit refers to them, so a
     /// crash before that only loses blobs nothing points to.
     fn put_blob(&self, id: &ObjectId, bytes: &[u8]) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
+        // Sized for both entries up front: grown on demand, the batch's
+        // buffer was copied again when the size entry was appended after
+        // the blob (3.5% of a keyframe's CPU time).
+        let mut batch = WriteBatch::with_capacity_bytes(bytes.len() + BATCH_OVERHEAD);
         batch.put_cf(self.cf(CF_BLOBS), id.0, bytes);
         batch.put_cf(
             self.cf(CF_BLOB_SIZES),
