@@ -78,10 +78,12 @@ impl TensorSlot<'_> {
         self.parent?.chunks.get(index).filter(|c| c.raw_len == len)
     }
 
-    /// A private copy of chunk `index` of the input; its pages are released.
-    pub fn read(&self, index: usize) -> Vec<u8> {
+    /// Chunk `index` of the input: a private copy from a file on disk
+    /// (read, not mapped), borrowed from a checkpoint in memory where one
+    /// buffer holds it (see [`InputFile::values`]).
+    pub fn read(&self, index: usize) -> Cow<'_, [u8]> {
         let (offset, len) = self.chunk_range(index);
-        self.file.copy_out(offset as usize, len as usize)
+        self.file.values(offset as usize, len as usize)
     }
 
     /// Chunk `index` of a float tensor stored as `float`, as f32: read
