@@ -28,9 +28,10 @@
 //! or tail (under 4 KiB) goes through the page cache. The cache layout
 //! starts every tensor of [`ALIGNED_TENSOR`] bytes or more at a multiple of
 //! `ALIGN`, so its chunks need neither. Where the file system refuses
-//! `O_DIRECT` (tmpfs before Linux 6.6) or a direct call fails, buffered I/O serves instead:
-//! the bytes are the same either way. `CKPTVC_DIRECT_IO=off` turns the
-//! direct path off (for A/B measurements).
+//! `O_DIRECT` (tmpfs before Linux 6.6) or a direct call fails, buffered
+//! I/O serves instead: the bytes are the same either way.
+//! `CKPTVC_DIRECT_IO=off` turns the direct path off (for A/B
+//! measurements).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
