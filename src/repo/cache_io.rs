@@ -111,6 +111,11 @@ impl PageCost {
     /// about three times what a kernel on bare metal spends.
     const DEAR_NS_PER_BYTE: u64 = 1;
 
+    /// Whether the sample is complete: writes are no longer measured.
+    fn judged(&self) -> bool {
+        self.bytes.load(Ordering::Relaxed) >= Self::SAMPLE
+    }
+
     /// Counts a write of `bytes` that took `system_ns`; whether the pages
     /// have proved too dear.
     fn add(&self, bytes: u64, system_ns: u64) -> bool {
@@ -286,9 +291,15 @@ impl CacheFile {
         let len = bytes.len() as u64;
         // Direct writes go through the write-behind thread (a writer whose
         // thread could not start writes buffered).
-        let uncached = self.direct_for(offset, len).is_some()
-            && resident_prefix(&self.buffered, offset, ALIGN) == 0;
         let keep_cached = self.keep_cached.load(Ordering::Relaxed);
+        // Whether the range's pages are cached matters only for a file
+        // that is not kept cached, or while the cost of new pages is being
+        // measured: once that is judged cheap, writes go through the page
+        // cache without asking (`mincore` is three system calls).
+        let measuring = keep_cached && !self.page_cost.judged();
+        let uncached = self.direct_for(offset, len).is_some()
+            && (!keep_cached || measuring)
+            && resident_prefix(&self.buffered, offset, ALIGN) == 0;
         let behind = self.behind.as_ref().filter(|_| uncached && !keep_cached);
         let mut done = 0;
         if let Some(behind) = behind {
@@ -1007,7 +1018,9 @@ mod tests {
     fn page_cost_judges_after_its_sample() {
         let cost = PageCost::default();
         assert!(!cost.add(PageCost::SAMPLE - 4096, 10 * PageCost::SAMPLE));
+        assert!(!cost.judged());
         assert!(cost.add(4096, 0));
+        assert!(cost.judged());
         let cheap = PageCost::default();
         assert!(!cheap.add(PageCost::SAMPLE, PageCost::SAMPLE / 2));
         assert!(!cheap.add(PageCost::SAMPLE, PageCost::SAMPLE / 2));
@@ -1021,8 +1034,10 @@ mod tests {
         let path = dir.path().join("cache");
         let file = open(&path).keep_cached_if_it_fits(8 << 20, 1.0);
         assert!(file.keep_cached.load(Ordering::Relaxed));
-        // As if the sample had already cost far too much system time.
-        file.page_cost.add(PageCost::SAMPLE, 100 * PageCost::SAMPLE);
+        // As if all but the last bytes of the sample had already cost far
+        // too much system time: this write completes it.
+        file.page_cost
+            .add(PageCost::SAMPLE - 4096, 100 * PageCost::SAMPLE);
         file.write_values(0, &values(1 << 20, 1)).unwrap();
         if !file.is_direct() {
             return;
