@@ -613,3 +613,105 @@ fn accelerate_checkpoints_pair_across_their_two_dcp_folders() {
         assert!(e["codecs"].to_string().contains("quant"), "{name}: {e}");
     }
 }
+
+/// Rank `rank`'s part of a step in memory, as the Python package gives it:
+/// `rankK/model.safetensors` and `rankK/optimizer.safetensors`.
+fn rank_state(rank: u32, step: u64) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
+    let floats = |salt: u64, scale: f32| -> Vec<u8> {
+        (0..4096u64)
+            .flat_map(|i| {
+                let x = ((i * 2654435761 + salt * 97 + u64::from(rank) * 7919) % 1000) as f32;
+                (x * scale).to_le_bytes()
+            })
+            .collect()
+    };
+    vec![
+        (
+            format!("rank{rank}/model.safetensors"),
+            vec![("w".into(), floats(step, 1e-3))],
+        ),
+        (
+            format!("rank{rank}/optimizer.safetensors"),
+            vec![
+                ("w.exp_avg".into(), floats(step + 1, 1e-6)),
+                ("w.exp_avg_sq".into(), floats(step + 2, 1e-9)),
+            ],
+        ),
+    ]
+}
+
+fn commit_rank_from_memory(
+    env: &Env,
+    files: &[(String, Vec<(String, Vec<u8>)>)],
+    step: u64,
+    shard: &str,
+) -> anyhow::Result<ckptvc::repo::commit::ShardOutcome> {
+    use ckptvc::format::{MemoryCheckpoint, MemoryFile, MemoryTensor};
+    use ckptvc::repo::{CommitOptions, NoProgress, Repo};
+    let memory = files
+        .iter()
+        .map(|(name, tensors)| MemoryFile::Tensors {
+            name: name.clone(),
+            tensors: tensors
+                .iter()
+                .map(|(n, bytes)| MemoryTensor {
+                    name: n.clone(),
+                    dtype: "F32".into(),
+                    shape: vec![64, 64],
+                    data: bytes,
+                })
+                .collect(),
+        })
+        .collect();
+    let checkpoint = MemoryCheckpoint::new(memory)?;
+    let options = CommitOptions {
+        step,
+        ..CommitOptions::default()
+    };
+    let repo = Repo::open(env.repo())?;
+    ckptvc::repo::commit::commit_shard(
+        &repo,
+        &checkpoint,
+        &options,
+        shard.parse().map_err(anyhow::Error::msg)?,
+        "",
+        &NoProgress,
+    )
+}
+
+/// Ranks commit their parts of a step from memory (the library call the
+/// Python package makes); a rank given another rank's files is refused and
+/// the store is left as it was.
+#[test]
+fn ranks_commit_their_parts_from_memory_and_no_other_ranks() {
+    let env = Env::init_with(&["--policy", "balanced"]);
+    for step in [10, 20] {
+        let first = commit_rank_from_memory(&env, &rank_state(1, step), step, "1/2").unwrap();
+        assert!(first.sealed.is_none());
+        let last = commit_rank_from_memory(&env, &rank_state(0, step), step, "0/2").unwrap();
+        assert_eq!(last.sealed.expect("sealed").entry.step, step);
+        assert_eq!(last.keyframe, step == 10);
+    }
+    assert_eq!(visible_steps(&env), vec![20, 10]);
+    let show = env.json(&["show", "20"]);
+    let lossy: Vec<&Value> = show["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["codecs"][0].as_str().unwrap().starts_with("quant"))
+        .collect();
+    assert_eq!(
+        lossy.len(),
+        6,
+        "W, m and v of both ranks coded lossily: {show}"
+    );
+
+    let before = env.snapshot();
+    let err = commit_rank_from_memory(&env, &rank_state(1, 30), 30, "0/2").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("rank1/model.safetensors: belongs to rank 1, not to shard 0/2"),
+        "{err:#}"
+    );
+    assert_eq!(before, env.snapshot());
+}

@@ -153,6 +153,14 @@ fn memory_files(files: &[HeldFile]) -> Vec<MemoryFile<'_>> {
         .collect()
 }
 
+/// `(rank, world size)` as a [`Shard`], refused unless rank < world size.
+fn parse_shard(shard: Option<(u32, u32)>) -> PyResult<Option<Shard>> {
+    shard
+        .map(|(index, count)| format!("{index}/{count}").parse::<Shard>())
+        .transpose()
+        .map_err(|e| to_py(anyhow::anyhow!(e)))
+}
+
 fn policy(name: &str) -> PyResult<ckptvc::codec::policy::Policy> {
     use ckptvc::codec::policy::Policy;
     Policy::preset(name).ok_or_else(|| {
@@ -235,8 +243,10 @@ impl NativeRepo {
 
     /// Commits `files` (see `held_files`) as `step`; returns the outcome
     /// as JSON. The buffers are read in place, with the interpreter
-    /// released.
-    #[pyo3(signature = (step, files, branch=None, parent=None, message=None, policy_name=None, wait=0.0))]
+    /// released. With `shard` (rank, world size) the files are that rank's
+    /// part of a step every rank commits at once (their names must say the
+    /// rank: `rankK/...`); the step is sealed when the last shard is in.
+    #[pyo3(signature = (step, files, branch=None, parent=None, message=None, policy_name=None, wait=0.0, shard=None, group=None))]
     #[allow(clippy::too_many_arguments)]
     fn commit(
         &self,
@@ -248,6 +258,8 @@ impl NativeRepo {
         message: Option<String>,
         policy_name: Option<String>,
         wait: f64,
+        shard: Option<(u32, u32)>,
+        group: Option<String>,
     ) -> PyResult<String> {
         let held = held_files(files)?;
         let options = CommitOptions {
@@ -259,10 +271,35 @@ impl NativeRepo {
             lock_wait: Duration::from_secs_f64(wait.max(0.0)),
             ..CommitOptions::default()
         };
+        let shard = parse_shard(shard)?;
+        if shard.is_some() && options.parent.is_some() {
+            return Err(to_py(anyhow::anyhow!(
+                "a shard is coded against its branch's tip: `parent` cannot be given with `shard`"
+            )));
+        }
         let outcome = self.with(|repo| {
             py.detach(|| {
                 let checkpoint = MemoryCheckpoint::new(memory_files(&held))?;
-                repo::commit_checkpoint(repo, &checkpoint, &options, &NoProgress)
+                match shard {
+                    Some(shard) => {
+                        let group = group.unwrap_or_else(repo::seal::default_group);
+                        let out = repo::commit::commit_shard(
+                            repo,
+                            &checkpoint,
+                            &options,
+                            shard,
+                            &group,
+                            &NoProgress,
+                        )?;
+                        Ok(serde_json::to_value(&out)?)
+                    }
+                    None => Ok(serde_json::to_value(repo::commit_checkpoint(
+                        repo,
+                        &checkpoint,
+                        &options,
+                        &NoProgress,
+                    )?)?),
+                }
             })
         })?;
         self.refresh()?;
@@ -294,18 +331,15 @@ impl NativeRepo {
             lock_wait: Duration::from_secs_f64(wait.max(0.0)),
             ..CommitOptions::default()
         };
-        let shard = shard
-            .map(|(index, count)| format!("{index}/{count}").parse::<Shard>())
-            .transpose()
-            .map_err(|e| to_py(anyhow::anyhow!(e)))?;
+        let shard = parse_shard(shard)?;
         let outcome = self.with(|repo| {
             py.detach(|| match shard {
                 Some(shard) => {
                     let input = repo::commit::open_shard_input(repo, &dir, shard)?;
-                    let group = group.unwrap_or_default();
+                    let group = group.unwrap_or_else(repo::seal::default_group);
                     let out = repo::commit::commit_shard(
                         repo,
-                        input,
+                        &input,
                         &options,
                         shard,
                         &group,

@@ -346,3 +346,71 @@ def test_commit_distributed_outside_torch_distributed_commits_the_folder(tmp_pat
     outcome = commit_distributed(str(tmp_path / "store"), os.path.join(DCP, "step-000002"), 2,
                                  policy="lossless")
     assert outcome["step"] == 2 and outcome["input_bytes"] > 0
+
+
+def test_ranks_commit_their_parts_from_memory_as_one_step(tmp_path):
+    store = str(tmp_path / "store")
+    ckptvc.Repo.init(store, policy="balanced").close()
+    # One Repo per rank, opened before any commit, as each rank's process
+    # would: each must see the steps the other sealed.
+    ranks = [ckptvc.Repo.open(store) for _ in range(2)]
+    runs = [run_states(10 + rank, 3) for rank in range(2)]
+    for k in range(3):
+        step = 10 * (k + 1)
+        for rank in (1, 0):  # the last to arrive seals
+            model, optimizer = runs[rank][k]
+            kwargs = dict(model=model, optimizer=optimizer, extra={"rank": rank},
+                          shard=(rank, 2), group="job-1")
+            if k == 1:
+                out = ranks[rank].commit_async(step, **kwargs).wait()
+            else:
+                out = ranks[rank].commit(step, **kwargs)
+            assert out["shard"] == {"index": rank, "count": 2} and out["group"] == "job-1"
+            if rank == 1:
+                assert out["sealed"] is None
+                assert [p["arrived"] for p in ranks[0].pending()] == [[1]]
+            else:
+                assert out["sealed"]["step"] == step
+    assert [e["step"] for e in ranks[1].log()] == [30, 20, 10]
+    show = ranks[1].show("30")
+    assert not show["keyframe"]
+    errors = {(e["file"], e["tensor"]): e["rel_error"] for e in show["entries"] if e["tensor"]}
+    for rank in range(2):
+        model, optimizer = runs[rank][2]
+        state = ranks[1 - rank].state_dict("30", shard=(rank, 2))
+        assert state["extra"] == {"rank": rank}
+        for name, array in model.items():
+            got = state["model"][name]
+            if array.dtype != np.float32:
+                assert np.array_equal(got, array)
+                continue
+            err = np.linalg.norm(got - array) / max(np.linalg.norm(array), 1e-30)
+            assert err <= errors[(f"rank{rank}/model.safetensors", name)] * 1.001 + 1e-9
+        target = {p: {k: np.zeros_like(a) for k, a in keys.items()} for p, keys in optimizer.items()}
+        ranks[rank].load("30", None, target, shard=(rank, 2))
+        assert np.array_equal(target["head.weight"]["exp_avg"],
+                              state["optimizer"]["head.weight"]["exp_avg"])
+    for r in ranks:
+        r.close()
+
+
+def test_a_sharded_commit_is_read_with_its_number_of_ranks(tmp_path):
+    repo = ckptvc.Repo.init(str(tmp_path / "store"), policy="lossless")
+    model, optimizer = model_and_moments(1)
+    for rank in range(2):
+        repo.commit(5, model=model, optimizer=optimizer, shard=(rank, 2))
+    with pytest.raises(ckptvc.CkptvcError, match=r"committed by 2 ranks: read it with shard=\(rank, 2\)"):
+        repo.state_dict("5")
+    with pytest.raises(ckptvc.CkptvcError, match="committed by 2 ranks, not 4"):
+        repo.load("5", {k: np.zeros_like(v) for k, v in model.items()}, shard=(0, 4))
+    repo.commit(6, model=model, optimizer=optimizer)
+    with pytest.raises(ckptvc.CkptvcError, match="not committed by ranks"):
+        repo.state_dict("6", shard=(0, 2))
+    log = repo.log()
+    with pytest.raises(ckptvc.CkptvcError, match="0 <= rank < world_size"):
+        repo.commit(7, model=model, shard=(2, 2))
+    with pytest.raises(ckptvc.CkptvcError, match="`parent` cannot be given with `shard`"):
+        repo.commit(7, model=model, shard=(0, 2), parent="5")
+    with pytest.raises(TypeError, match="shards"):
+        repo.commit_async(7, model=model, shards=(0, 2))
+    assert repo.log() == log and repo.pending() == []

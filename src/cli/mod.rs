@@ -682,10 +682,10 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
             };
             let bar = Bar::new(cli.quiet);
             if let Some(shard) = shard {
-                let group = group.clone().unwrap_or_else(default_group);
+                let group = group.clone().unwrap_or_else(repo::seal::default_group);
                 let outcome = repo::commit::commit_shard(
                     repo,
-                    repo::commit::open_shard_input(repo, dir, *shard)?,
+                    &repo::commit::open_shard_input(repo, dir, *shard)?,
                     &options,
                     *shard,
                     &group,
@@ -969,19 +969,5 @@ fn run_on(cli: &Cli, repo: &Repo) -> anyhow::Result<()> {
         | Command::Clone { .. }
         | Command::Completions { .. }
         | Command::Man => unreachable!("commands without a store run elsewhere"),
-    }
-}
-
-/// The commit group of a shard when `--group` is not given: torchrun's run
-/// id and restart count, so that shards of a restarted job never mix with
-/// those of the attempt that crashed; empty outside torchrun.
-fn default_group() -> String {
-    match (
-        std::env::var("TORCHELASTIC_RUN_ID"),
-        std::env::var("TORCHELASTIC_RESTART_COUNT"),
-    ) {
-        (Ok(id), Ok(restart)) => format!("{id}.{restart}"),
-        (Ok(id), Err(_)) => id,
-        _ => String::new(),
     }
 }

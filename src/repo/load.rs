@@ -226,7 +226,10 @@ impl<'r> Snapshot<'r> {
 /// clone, what was missing is downloaded first (waiting up to `wait` for
 /// the writer lock).
 pub fn open_fresh(repo: &Repo, rev: &str, wait: Duration) -> anyhow::Result<Repo> {
-    let id = resolve(repo.backend(), rev)?;
-    super::remote::fill_for_checkout(repo, &id, wait, &NoProgress)?;
-    Ok(repo.reopen()?)
+    // `rev` is resolved in a new view: `repo` may predate commits made
+    // since by other processes (the other ranks of a sharded step).
+    let view = repo.reopen()?;
+    let id = resolve(view.backend(), rev)?;
+    super::remote::fill_for_checkout(&view, &id, wait, &NoProgress)?;
+    Ok(view.reopen()?)
 }

@@ -100,6 +100,20 @@ pub fn shard_of(name: &str) -> u32 {
     rank_of(name).unwrap_or(0)
 }
 
+/// The commit group of a shard when none is given: torchrun's run id and
+/// restart count, so that shards of a restarted job never mix with those
+/// of the attempt that crashed; empty outside torchrun.
+pub fn default_group() -> String {
+    match (
+        std::env::var("TORCHELASTIC_RUN_ID"),
+        std::env::var("TORCHELASTIC_RESTART_COUNT"),
+    ) {
+        (Ok(id), Ok(restart)) => format!("{id}.{restart}"),
+        (Ok(id), Err(_)) => id,
+        _ => String::new(),
+    }
+}
+
 /// Version of [`ShardManifest`]. Version 2 appends the shard's
 /// [`ShardUpdateErrors`] (an `Option`) after its files; version 1 is read
 /// as version 2 without them.

@@ -22,6 +22,7 @@ import json
 import mmap
 import os
 import pickle
+import re
 import threading
 from typing import Any, Mapping, Optional
 
@@ -32,6 +33,8 @@ from ._ckptvc import CkptvcError, NativeRepo, run_cli
 __all__ = ["Repo", "CkptvcError", "CommitHandle", "run_cli"]
 
 MODEL_FILE = "model.safetensors"
+# A file of rank K of a sharded commit: `rank<K>/<file>`.
+_RANK_FILE = re.compile(r"rank(\d+)/")
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "ckptvc-state.pkl"
 
@@ -69,6 +72,29 @@ _TORCH_DTYPES = {
 
 def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
+
+
+def _local(x: Any) -> Any:
+    """A DTensor's local shard (FSDP2, tensor parallelism), which holds its
+    memory; anything else as it is."""
+    if _is_torch(x) and hasattr(x, "to_local") and hasattr(x, "placements"):
+        return x.to_local()
+    return x
+
+
+class _Files:
+    """The names of a commit's files: ``model.safetensors``,
+    ``optimizer.safetensors`` and the pickled rest, under ``rank<K>/`` when
+    rank K of a sharded step writes or reads them."""
+
+    def __init__(self, shard: Optional[tuple] = None):
+        self.shard = None if shard is None else (int(shard[0]), int(shard[1]))
+        if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
+            raise CkptvcError(f"shard={shard}: give (rank, world_size) with 0 <= rank < world_size")
+        prefix = "" if self.shard is None else f"rank{self.shard[0]}/"
+        self.model = prefix + MODEL_FILE
+        self.optimizer = prefix + OPTIMIZER_FILE
+        self.state = prefix + STATE_FILE
 
 
 # Tensors off the host (CUDA, …) cross to it in pieces of at most this many
@@ -120,6 +146,7 @@ def _host_view(x: Any, what: str = "tensor", target: Any = None) -> tuple[str, l
     ``target``, a function ``(shape, numpy dtype) -> array``, the bytes are
     copied into the array it gives (a snapshot).
     """
+    x = _local(x)
     if _is_torch(x):
         t = x.detach()
         name, dtype = _torch_spec(t, what)
@@ -276,28 +303,35 @@ class _SnapshotPool:
 def _host_spec(x: Any) -> tuple[tuple, np.dtype]:
     """The shape and numpy dtype ``_host_view`` gives ``x``, without
     copying it (a CUDA tensor stays where it is)."""
+    x = _local(x)
     if _is_torch(x):
         return tuple(x.shape), _torch_spec(x, "tensor")[1]
     array = np.asarray(x)
     return array.shape, array.dtype
 
 
-def _files(model: Any, optimizer: Any, extra: Any, pool: "Optional[_SnapshotPool]" = None) -> list:
+def _files(model: Any, optimizer: Any, extra: Any, pool: "Optional[_SnapshotPool]" = None,
+           names: Optional[_Files] = None) -> list:
     """The native commit's files: tensors as (name, dtype, shape, buffer);
     with a ``pool``, every tensor copied into its buffers (a snapshot)."""
+    names = names or _Files()
     files = []
     model_tensors = _model_tensors(model)
     opt_tensors, opt_rest = _optimizer_state(model, optimizer)
-    for file, tensors in ((MODEL_FILE, model_tensors), (OPTIMIZER_FILE, opt_tensors)):
+    parts = ((names.model, MODEL_FILE, model_tensors),
+             (names.optimizer, OPTIMIZER_FILE, opt_tensors))
+    for file, base, tensors in parts:
         if not tensors:
             continue
         if pool is None:
             views = [(name, *_host_view(value, what=f"{file}: tensor `{name}`"))
                      for name, value in tensors.items()]
         else:
-            def snapshot(item: tuple, file: str = file) -> tuple:
+            # Buffers are keyed by the file's base name, as reserve_snapshot
+            # keys them: a process commits as one rank.
+            def snapshot(item: tuple, file: str = file, base: str = base) -> tuple:
                 name, value = item
-                target = lambda shape, dtype: pool.buffer((file, name), shape, dtype)  # noqa: E731
+                target = lambda shape, dtype: pool.buffer((base, name), shape, dtype)  # noqa: E731
                 return (name, *_host_view(value, what=f"{file}: tensor `{name}`", target=target))
 
             # numpy and torch release the interpreter while they copy: two
@@ -308,7 +342,7 @@ def _files(model: Any, optimizer: Any, extra: Any, pool: "Optional[_SnapshotPool
                 views = list(workers.map(snapshot, tensors.items()))
         files.append((file, [(n, d, s, _buffer(a)) for n, d, s, a in views]))
     state = {"extra": extra, "optimizer": opt_rest, "format": 1}
-    files.append((STATE_FILE, pickle.dumps(state, protocol=4)))
+    files.append((names.state, pickle.dumps(state, protocol=4)))
     return files
 
 
@@ -389,6 +423,8 @@ class Repo:
         message: Optional[str] = None,
         policy: Optional[str] = None,
         wait: float = 0.0,
+        shard: Optional[tuple] = None,
+        group: Optional[str] = None,
     ) -> dict:
         """Commits the state at ``step``; returns the outcome (as ``--json``).
 
@@ -396,15 +432,29 @@ class Repo:
         ``optimizer``: a torch optimizer (paired with ``model`` by
         parameter) or a mapping param → {"exp_avg": …, "exp_avg_sq": …};
         ``extra``: anything picklable (scheduler state, RNG, counters).
+
+        ``shard=(rank, world_size)``: every rank of a sharded run (FSDP2,
+        whose DTensors are committed as their local shards, or any state
+        each rank holds a part of) calls ``commit`` with its own part; each
+        part is coded on its own, and the step becomes one commit when the
+        last rank's part is in: the outcome's ``sealed`` is then set (it is
+        ``None`` for the ranks before). A rank's files are
+        ``rank<K>/model.safetensors`` and so on. ``group`` names the attempt
+        (default: torchrun's run id and restart count, as ``ckptvc commit
+        --group``). A run whose ranks hold the same state (DDP) commits from
+        one rank, without ``shard``.
         """
         self._finish_pending()
-        files = _files(model, optimizer, extra)
-        return self._commit_files(step, files, branch, parent, message, policy, wait)
+        names = _Files(shard)
+        files = _files(model, optimizer, extra, names=names)
+        return self._commit_files(step, files, branch, parent, message, policy, wait,
+                                  names.shard, group)
 
-    def _commit_files(self, step, files, branch, parent, message, policy, wait) -> dict:
+    def _commit_files(self, step, files, branch, parent, message, policy, wait,
+                      shard=None, group=None) -> dict:
         text = self._native.commit(
             int(step), files, branch=branch, parent=parent, message=message,
-            policy_name=policy, wait=float(wait),
+            policy_name=policy, wait=float(wait), shard=shard, group=group,
         )
         return json.loads(text)
 
@@ -418,9 +468,13 @@ class Repo:
         host buffers are kept and reused by the next call (memory: one copy
         of the state, until ``close()``).
         """
+        unknown = set(kwargs) - {"branch", "parent", "message", "policy", "wait", "shard", "group"}
+        if unknown:
+            raise TypeError(f"commit_async() got unexpected keyword arguments {sorted(unknown)}")
         self._finish_pending()
         self._take_reserved()
-        files = _files(model, optimizer, extra, pool=self._pool)
+        names = _Files(kwargs.get("shard"))
+        files = _files(model, optimizer, extra, pool=self._pool, names=names)
         box: dict = {}
 
         def run() -> None:
@@ -428,6 +482,7 @@ class Repo:
                 box["outcome"] = self._commit_files(
                     step, files, kwargs.get("branch"), kwargs.get("parent"),
                     kwargs.get("message"), kwargs.get("policy"), kwargs.get("wait", 0.0),
+                    names.shard, kwargs.get("group"),
                 )
             except BaseException as e:  # surfaced by wait()
                 box["error"] = e
@@ -535,18 +590,37 @@ class Repo:
         """The commit's files and their tensors (name, dtype, shape, bytes)."""
         return json.loads(self._native.files(rev))
 
-    def _tensor_index(self, rev: str) -> dict:
+    def _read_layout(self, rev: str, shard: Optional[tuple]) -> tuple[_Files, list]:
+        """The names to read ``rev``'s state by, and its files, checked
+        against the number of ranks that committed it."""
+        names = _Files(shard)
+        files = self.files(rev)
+        ranks = {int(m.group(1)) for f in files if (m := _RANK_FILE.match(f["name"]))}
+        world = max(ranks) + 1 if ranks else 0
+        whole = any(f["name"] in (MODEL_FILE, OPTIMIZER_FILE) for f in files)
+        if names.shard is None and ranks and not whole:
+            raise CkptvcError(
+                f"{rev} was committed by {world} ranks: read it with shard=(rank, {world})")
+        if names.shard is not None and names.shard[1] != world:
+            raise CkptvcError(
+                f"{rev} was committed by {world} ranks, not {names.shard[1]}: each rank "
+                "reads the part it committed (loading into another number of ranks "
+                "is not supported)" if world else
+                f"{rev} was not committed by ranks: read it without shard")
+        return names, files
+
+    @staticmethod
+    def _tensor_index(files: list) -> dict:
         out = {}
-        for f in self.files(rev):
+        for f in files:
             for t in f.get("tensors") or []:
                 out[(f["name"], t["name"])] = t
         return out
 
-    def _state(self, rev: str) -> dict:
-        names = {f["name"] for f in self.files(rev)}
-        if STATE_FILE not in names:
+    def _state(self, rev: str, names: _Files, files: list) -> dict:
+        if names.state not in {f["name"] for f in files}:
             return {"extra": None, "optimizer": {}}
-        return pickle.loads(self._native.read_file(rev, STATE_FILE))
+        return pickle.loads(self._native.read_file(rev, names.state))
 
     def tag(self, name: str, rev: str) -> str:
         """Tags ``rev`` as ``name`` (moving an existing tag); returns the id."""
@@ -559,11 +633,12 @@ class Repo:
         """The current branch."""
         return self._native.head()
 
-    def state_dict(self, rev: str, torch: bool = False) -> dict:
+    def state_dict(self, rev: str, torch: bool = False, shard: Optional[tuple] = None) -> dict:
         """``{"model": {name: array}, "optimizer": {param: {key: array}},
         "extra": …}``: numpy arrays (bf16 tensors as uint16 arrays of their
-        bits), or with ``torch=True`` torch tensors of the stored dtypes."""
-        out = self._state_dict_numpy(rev)
+        bits), or with ``torch=True`` torch tensors of the stored dtypes.
+        ``shard=(rank, world_size)``: that rank's part of a sharded commit."""
+        out = self._state_dict_numpy(rev, shard)
         if torch:
             out["model"] = {k: _to_torch(v, d) for k, (v, d) in out["model"].items()}
             out["optimizer"] = {p: {k: _to_torch(v, d) for k, (v, d) in keys.items()}
@@ -574,43 +649,52 @@ class Repo:
                                 for p, keys in out["optimizer"].items()}
         return out
 
-    def _state_dict_numpy(self, rev: str) -> dict:
-        index = self._tensor_index(rev)
+    def _state_dict_numpy(self, rev: str, shard: Optional[tuple]) -> dict:
+        names, files = self._read_layout(rev, shard)
+        index = self._tensor_index(files)
         items, model, optimizer = [], {}, {}
         for (file, name), meta in index.items():
+            if file not in (names.model, names.optimizer):
+                continue
             array = np.empty(meta["shape"], dtype=_FROM_SAFETENSORS[meta["dtype"]])
             items.append((file, name, _buffer(array)))
-            if file == MODEL_FILE:
+            if file == names.model:
                 model[name] = (array, meta["dtype"])
-            elif file == OPTIMIZER_FILE:
+            else:
                 param, _, key = name.rpartition(".")
                 optimizer.setdefault(param, {})[key] = (array, meta["dtype"])
         self._native.read_into(rev, items)
-        state = self._state(rev)
+        state = self._state(rev, names, files)
         return {"model": model, "optimizer": optimizer, "extra": state.get("extra")}
 
-    def load(self, rev: str, model: Any = None, optimizer: Any = None) -> Any:
+    def load(self, rev: str, model: Any = None, optimizer: Any = None,
+             shard: Optional[tuple] = None) -> Any:
         """Restores ``rev`` into ``model`` (decoded into its tensors' memory)
         and ``optimizer``; returns the ``extra`` given at commit.
 
         Shapes and dtypes must match the commit's: a mismatch raises
-        ``CkptvcError`` before anything is written.
+        ``CkptvcError`` before anything is written. ``shard=(rank,
+        world_size)``: each rank of a sharded run restores the part it
+        committed (DTensors into their local shards), with as many ranks as
+        committed it.
         """
-        plan = _ReadPlan(self._tensor_index(rev))
+        names, files = self._read_layout(rev, shard)
+        plan = _ReadPlan(self._tensor_index(files))
         for name, tensor in _model_tensors(model).items():
-            plan.add(tensor, MODEL_FILE, name)
+            plan.add(tensor, names.model, name)
         plan.run(self._native, rev)
-        state = self._state(rev)
+        state = self._state(rev, names, files)
         if optimizer is not None:
-            self._load_optimizer(rev, plan.index, model, optimizer, state.get("optimizer") or {})
+            self._load_optimizer(rev, plan.index, model, optimizer,
+                                 state.get("optimizer") or {}, names.optimizer)
         return state.get("extra")
 
-    def _load_optimizer(self, rev, index, model, optimizer, rest) -> None:
+    def _load_optimizer(self, rev, index, model, optimizer, rest, opt_file) -> None:
         if isinstance(optimizer, Mapping):
             plan = _ReadPlan(index)
             for param, keys in optimizer.items():
                 for key, array in keys.items():
-                    plan.add(array, OPTIMIZER_FILE, f"{param}.{key}")
+                    plan.add(array, opt_file, f"{param}.{key}")
             plan.run(self._native, rev)
             return
         import torch
@@ -620,7 +704,7 @@ class Repo:
         position = {n: i for i, n in enumerate(order)}
         state, plan = {}, _ReadPlan(index)
         for (file, tname), meta in index.items():
-            if file != OPTIMIZER_FILE:
+            if file != opt_file:
                 continue
             pname, _, key = tname.rpartition(".")
             if pname not in position or pname not in params:
@@ -630,13 +714,15 @@ class Repo:
             # the same shape and dtype: load_state_dict then keeps it (no
             # second copy of the state in memory).
             t = optimizer.state.get(like, {}).get(key)
-            if not (_is_torch(t) and list(t.shape) == meta["shape"]
+            if not (_is_torch(t) and list(_local(t).shape) == meta["shape"]
                     and _TORCH_DTYPES.get(str(t.dtype)) == meta["dtype"]):
                 # Where load_state_dict would move it (Adam keeps `step` on
                 # the host), so that it is decoded there in bounded pieces.
-                device = like.device if key != "step" else "cpu"
+                device = _local(like).device if key != "step" else "cpu"
                 t = torch.empty(meta["shape"], dtype=_torch_dtype(meta["dtype"]), device=device)
-            plan.add(t, OPTIMIZER_FILE, tname)
+                if key != "step":
+                    t = _like_sharded(t, like)
+            plan.add(t, opt_file, tname)
             state.setdefault(position[pname], {})[key] = (t, like.device)
         plan.run(self._native, rev)
         full_state = {}
@@ -648,6 +734,18 @@ class Repo:
         for g in rest.get("param_groups", []):
             groups.append({**g, "params": [position[n] for n in g["params"]]})
         optimizer.load_state_dict({"state": full_state, "param_groups": groups})
+
+
+def _like_sharded(t: Any, like: Any) -> Any:
+    """Local tensor ``t`` as a DTensor sharded as parameter ``like`` is
+    (an optimizer's state of a DTensor parameter must be one); ``t`` itself
+    when ``like`` is a plain tensor."""
+    if not hasattr(like, "placements"):
+        return t
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(t, like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride())
 
 
 def _to_torch(array: np.ndarray, dtype: str):
@@ -678,6 +776,7 @@ class _ReadPlan:
 
     def add(self, tensor: Any, file: str, name: str) -> None:
         what = f"{file}: tensor `{name}`"
+        tensor = _local(tensor)
         meta = self.index.get((file, name))
         if meta is None:
             raise CkptvcError(f"the commit has no tensor `{name}` in {file}")

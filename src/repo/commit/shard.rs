@@ -67,19 +67,20 @@ fn shard_cache_dir(repo: &Repo, shard: Shard) -> PathBuf {
         .join(format!("{}-of-{}", shard.index, shard.count))
 }
 
-/// Commits rank `shard.index`'s files of `checkpoint` (the whole step
-/// directory as this rank sees it) as its shard of step `options.step`,
-/// then seals the step if every shard has arrived.
+/// Commits `checkpoint`, rank `shard.index`'s files of step
+/// `options.step` ([`open_shard_input`] of the step's directory, or its
+/// state in memory), as its shard of that step, then seals the step if
+/// every shard has arrived. Every file must be this rank's
+/// ([`seal::rank_of`]: `rankK/model.safetensors`, `__K_0.distcp`, …).
 pub fn commit_shard(
     repo: &Repo,
-    mut checkpoint: Checkpoint,
+    checkpoint: &Checkpoint,
     options: &CommitOptions,
     shard: Shard,
     group: &str,
     progress: &dyn Progress,
 ) -> anyhow::Result<ShardOutcome> {
-    check_ranks(&checkpoint, shard)?;
-    checkpoint.retain_files(|name| shard_of(name) == shard.index);
+    check_ranks(checkpoint, shard)?;
     let view = repo.reopen()?;
     let key = PendingKey {
         branch: match &options.branch {
@@ -129,7 +130,7 @@ pub fn commit_shard(
             .as_ref()
             .is_none_or(|(_, r)| needs_keyframe(r, r.input_bytes, &config));
     let plan = plan::plan(
-        &checkpoint,
+        checkpoint,
         config.chunk_bytes as u64,
         base_files.as_ref().map(|(_, r)| r),
         !keyframe && !policy.is_lossless(),
@@ -187,7 +188,7 @@ pub fn commit_shard(
         input_bytes: checkpoint.total_bytes(),
         stored_bytes,
         error_sums: role_sums(&plan, &errors),
-        files: assemble_manifest(&checkpoint, encoded, &errors),
+        files: assemble_manifest(checkpoint, encoded, &errors),
         update_errors,
     };
     let files_id = seal::files_id(&manifest.files);
@@ -221,11 +222,13 @@ pub fn commit_shard(
     })
 }
 
-/// Opens rank `shard.index`'s files of step directory `dir` (and the files
-/// that describe them), refusing a file of a rank the step does not have.
+/// Opens rank `shard.index`'s files of step directory `dir`, refusing a
+/// file of a rank the step does not have. The files that describe them (a
+/// DCP step's `.metadata`) are read for what they say, then left to their
+/// own rank.
 pub fn open_shard_input(repo: &Repo, dir: &Path, shard: Shard) -> anyhow::Result<Checkpoint> {
     let outside = std::cell::RefCell::new(None);
-    let checkpoint = Checkpoint::open_selected(dir, repo.local_root(), &|name| {
+    let mut checkpoint = Checkpoint::open_selected(dir, repo.local_root(), &|name| {
         let rank = shard_of(name);
         if rank >= shard.count {
             outside.borrow_mut().get_or_insert((name.to_string(), rank));
@@ -239,19 +242,25 @@ pub fn open_shard_input(repo: &Repo, dir: &Path, shard: Shard) -> anyhow::Result
             shard.count
         );
     }
+    checkpoint.retain_files(|name| shard_of(name) == shard.index);
     Ok(checkpoint)
 }
 
-/// Every file's rank must be one of the step's shards.
+/// Every file must be this shard's.
 fn check_ranks(checkpoint: &Checkpoint, shard: Shard) -> anyhow::Result<()> {
     for file in &checkpoint.files {
         let rank = shard_of(&file.name);
         if rank >= shard.count {
             anyhow::bail!(
-                "{}: belongs to rank {rank}, but the step has {} shards (--shard {})",
+                "{}: belongs to rank {rank}, but the step has {} shards (shard {shard})",
                 file.path.display(),
                 shard.count,
-                shard
+            );
+        }
+        if rank != shard.index {
+            anyhow::bail!(
+                "{}: belongs to rank {rank}, not to shard {shard}: each rank commits its own files",
+                file.path.display(),
             );
         }
     }
