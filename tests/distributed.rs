@@ -614,9 +614,12 @@ fn accelerate_checkpoints_pair_across_their_two_dcp_folders() {
     }
 }
 
+/// Files in memory: (file name, [(tensor name, f32 bytes of 64 × 64)]).
+type RankFiles = Vec<(String, Vec<(String, Vec<u8>)>)>;
+
 /// Rank `rank`'s part of a step in memory, as the Python package gives it:
 /// `rankK/model.safetensors` and `rankK/optimizer.safetensors`.
-fn rank_state(rank: u32, step: u64) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
+fn rank_state(rank: u32, step: u64) -> RankFiles {
     let floats = |salt: u64, scale: f32| -> Vec<u8> {
         (0..4096u64)
             .flat_map(|i| {
@@ -642,7 +645,7 @@ fn rank_state(rank: u32, step: u64) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
 
 fn commit_rank_from_memory(
     env: &Env,
-    files: &[(String, Vec<(String, Vec<u8>)>)],
+    files: &RankFiles,
     step: u64,
     shard: &str,
 ) -> anyhow::Result<ckptvc::repo::commit::ShardOutcome> {
