@@ -688,15 +688,33 @@ fn commit_rank_from_memory(
 #[test]
 fn ranks_commit_their_parts_from_memory_and_no_other_ranks() {
     let env = Env::init_with(&["--policy", "balanced"]);
-    for step in [10, 20] {
+    for step in [10, 20, 30] {
         let first = commit_rank_from_memory(&env, &rank_state(1, step), step, "1/2").unwrap();
         assert!(first.sealed.is_none());
         let last = commit_rank_from_memory(&env, &rank_state(0, step), step, "0/2").unwrap();
+        for shard in [&first, &last] {
+            assert_eq!(shard.keyframe, step == 10);
+            // Each rank's bases come from its own cache, which the next
+            // step overwrites in place (and reads first).
+            if step > 10 {
+                assert!(shard.bases_from_cache > 0, "step {step}");
+                assert_eq!(shard.bases_decoded, 0, "step {step}");
+            }
+        }
         assert_eq!(last.sealed.expect("sealed").entry.step, step);
-        assert_eq!(last.keyframe, step == 10);
     }
-    assert_eq!(visible_steps(&env), vec![20, 10]);
-    let show = env.json(&["show", "20"]);
+    assert_eq!(visible_steps(&env), vec![30, 20, 10]);
+    // Overwritten in place, not a new file beside a spare.
+    for shard in ["0-of-2", "1-of-2"] {
+        let tips = env.repo().join("cache/shards").join(shard).join("tips");
+        let names: Vec<_> = std::fs::read_dir(&tips)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{shard}: {names:?}");
+    }
+    env.cmd().arg("fsck").assert().success();
+    let show = env.json(&["show", "30"]);
     let lossy: Vec<&Value> = show["entries"]
         .as_array()
         .unwrap()

@@ -128,13 +128,20 @@ impl CacheWriter {
         // Readable too: a write checks whether its pages are cached.
         let mut options = std::fs::OpenOptions::new();
         options.read(true).write(true);
-        let file = match std::fs::rename(dir.join(SPARE), &path) {
-            Ok(()) => options.open(&path)?,
-            Err(_) => options.create(true).truncate(true).open(&path)?,
+        let (file, held) = match std::fs::rename(dir.join(SPARE), &path) {
+            // The spare's pages may have gone direct, or been evicted: as
+            // for a file overwritten in place, what the page cache still
+            // holds of it decides.
+            Ok(()) => {
+                let file = options.open(&path)?;
+                let held = cache_io::resident_share(&file, len);
+                (file, held)
+            }
+            Err(_) => (options.create(true).truncate(true).open(&path)?, 1.0),
         };
         file.set_len(len)?;
         let mut writer = CacheWriter::new(file, path, dir, len);
-        writer.file = writer.file.keep_cached_if_it_fits(len, 1.0);
+        writer.file = writer.file.keep_cached_if_it_fits(len, held);
         Ok(writer)
     }
 

@@ -24,9 +24,9 @@ use crate::repo::error::RepoError;
 use crate::repo::progress::Progress;
 use crate::repo::reconstruct::Reconstructor;
 use crate::repo::seal::{self, Sealed, Shard, ShardManifest, shard_of};
-use crate::repo::tipcache::{self, CacheReader, CacheWriter, SourceMapWriter};
-use crate::store::ObjectId;
+use crate::repo::tipcache::{self, CacheLayout, CacheReader, CacheWriter, SourceMapWriter};
 use crate::store::pending::PendingKey;
+use crate::store::{CommitRecord, ObjectId};
 
 /// What committing one shard did (`--json` prints it).
 #[derive(Debug, Clone, Serialize)]
@@ -150,9 +150,10 @@ pub fn commit_shard(
         let paths: Vec<&Path> = checkpoint.files.iter().map(|f| f.path.as_path()).collect();
         (None, SourceMapWriter::new(&cache_dir, &paths).ok())
     } else {
-        let writer = CacheWriter::create(&cache_dir, plan.layout.total())
-            .with_context(|| format!("cannot create the cache in {}", cache_dir.display()))?;
-        (Some(writer), None)
+        (
+            Some(shard_cache_writer(&cache_dir, base_files.as_ref(), &plan)?),
+            None,
+        )
     };
     let sink = view.shard_sink(&key, shard.index)?;
     let mut session = Session {
@@ -220,6 +221,26 @@ pub fn commit_shard(
         sealed,
         notes: checkpoint.notes.clone(),
     })
+}
+
+/// This rank's new cache file: its base's, overwritten in place when the
+/// layouts match (as a commit along a branch does; the base's cache is
+/// dropped after this commit anyway, since a rank keeps one), else a new
+/// one.
+fn shard_cache_writer(
+    cache_dir: &Path,
+    base: Option<&(ObjectId, CommitRecord)>,
+    plan: &plan::Plan<'_>,
+) -> anyhow::Result<CacheWriter> {
+    if let Some((_, files)) = base
+        && CacheLayout::of_record(files) == plan.layout
+        && let Some(writer) =
+            CacheWriter::reuse(cache_dir, &seal::files_id(&files.files), &plan.layout)
+    {
+        return Ok(writer);
+    }
+    CacheWriter::create(cache_dir, plan.layout.total())
+        .with_context(|| format!("cannot create the cache in {}", cache_dir.display()))
 }
 
 /// Opens rank `shard.index`'s files of step directory `dir`, refusing a
