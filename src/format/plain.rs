@@ -113,7 +113,7 @@ pub fn direct_io_allowed() -> bool {
 #[cfg(target_os = "linux")]
 pub fn direct_writes_work(dir: &Path) -> bool {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    const BLOCK: usize = 4096;
+    const BLOCK: usize = DIRECT_ALIGN;
     let probe = dir.join(format!(".direct-probe-{}", std::process::id()));
     let written = std::fs::OpenOptions::new()
         .write(true)
@@ -136,8 +136,190 @@ pub fn direct_writes_work(_dir: &Path) -> bool {
     false
 }
 
+/// What `O_DIRECT` asks of offsets, lengths and memory here: 4 KiB, the
+/// page size and the block size of common file systems (a larger block
+/// size makes direct writes fail, and buffered I/O serves).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A zeroed heap buffer aligned to [`DIRECT_ALIGN`].
+pub(crate) struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    pub(crate) fn new(len: usize) -> std::io::Result<AlignedBuf> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN)
+            .map_err(std::io::Error::other)?;
+        // SAFETY: the layout's size is non-zero.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(ptr).ok_or(std::io::ErrorKind::OutOfMemory)?;
+        Ok(AlignedBuf { ptr, layout })
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        // SAFETY: the allocation holds `layout.size()` initialized bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the allocation holds `layout.size()` initialized bytes and
+        // `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+// SAFETY: the buffer owns its allocation; nothing else points into it.
+unsafe impl Send for AlignedBuf {}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+/// A file written front to back once and synced, whose bytes are not read
+/// again soon (a rank's staged pack of blobs): whole blocks go `O_DIRECT`
+/// where [`direct_io_allowed`] and the file system takes it, around the
+/// page cache, and the tail through it. On a machine where a new
+/// page-cache page is dear (docs/design.md, "The reconstruction cache and
+/// the page cache") a keyframe's gigabytes would otherwise cost seconds of
+/// system time for pages no one reads. The bytes on disk are the same
+/// either way.
+pub struct AppendFile {
+    buffered: File,
+    direct: Option<File>,
+    buf: AlignedBuf,
+    filled: usize,
+    /// Bytes written to the file so far (whole blocks while direct).
+    written: u64,
+}
+
+/// How many bytes an [`AppendFile`] gathers before a write.
+const APPEND_BUFFER: usize = 8 << 20;
+
+impl AppendFile {
+    /// Creates (truncates) `path`.
+    pub fn create(path: &Path) -> std::io::Result<AppendFile> {
+        let buffered = File::create(path)?;
+        let direct = direct_io_allowed()
+            .then(|| open_direct_for_writing(path))
+            .flatten();
+        Ok(AppendFile {
+            buffered,
+            direct,
+            buf: AlignedBuf::new(APPEND_BUFFER)?,
+            filled: 0,
+            written: 0,
+        })
+    }
+
+    /// Whether whole blocks still go around the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    pub fn write_all(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let take = bytes.len().min(APPEND_BUFFER - self.filled);
+            self.buf.as_mut_slice()[self.filled..self.filled + take]
+                .copy_from_slice(&bytes[..take]);
+            self.filled += take;
+            bytes = &bytes[take..];
+            if self.filled == APPEND_BUFFER {
+                self.write_buffer()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the full buffer: direct if it can, else (the file system
+    /// refused `O_DIRECT`: EINVAL) through the page cache from then on.
+    fn write_buffer(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let block = &self.buf.as_slice()[..self.filled];
+        if let Some(direct) = &self.direct {
+            match direct.write_all_at(block, self.written) {
+                Ok(()) => {
+                    self.written += block.len() as u64;
+                    self.filled = 0;
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
+                Err(e) => return Err(e),
+            }
+        }
+        self.buffered.write_all_at(block, self.written)?;
+        self.written += block.len() as u64;
+        self.filled = 0;
+        Ok(())
+    }
+
+    /// Writes what is left through the page cache, syncs, and returns the
+    /// file.
+    pub fn finish(self) -> std::io::Result<File> {
+        use std::os::unix::fs::FileExt;
+        let tail = &self.buf.as_slice()[..self.filled];
+        self.buffered.write_all_at(tail, self.written)?;
+        self.buffered.sync_all()?;
+        Ok(self.buffered)
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn open_direct_for_writing(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct_for_writing(_path: &Path) -> Option<File> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
+    use super::AppendFile;
+
+    /// What an [`AppendFile`] writes is what was appended, in direct and
+    /// buffered writes alike, on a disk and on tmpfs, across the buffer's
+    /// size and unaligned pieces.
+    #[test]
+    fn an_append_file_holds_what_was_appended() {
+        let mut dirs = vec![tempfile::tempdir().unwrap()];
+        if std::path::Path::new("/dev/shm").is_dir() {
+            dirs.push(tempfile::tempdir_in("/dev/shm").unwrap());
+        }
+        let expected: Vec<u8> = (0..(20u64 << 20) + 12345)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        for dir in &dirs {
+            let path = dir.path().join("pack");
+            let mut file = AppendFile::create(&path).unwrap();
+            let mut at = 0;
+            for piece in [1usize, 4095, 4 << 20, 3, 9 << 20, 777].iter().cycle() {
+                let end = (at + piece).min(expected.len());
+                file.write_all(&expected[at..end]).unwrap();
+                at = end;
+                if at == expected.len() {
+                    break;
+                }
+            }
+            let can = super::direct_io_allowed() && super::direct_writes_work(dir.path());
+            assert_eq!(file.is_direct(), can, "{}", path.display());
+            file.finish().unwrap();
+            assert!(
+                std::fs::read(&path).unwrap() == expected,
+                "{}",
+                path.display()
+            );
+        }
+    }
     use super::*;
     use std::io::Write;
 

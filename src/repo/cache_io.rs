@@ -42,12 +42,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::format::plain::filled_vec;
+use crate::format::plain::{AlignedBuf, filled_vec};
 use crate::format::{Plain, as_bytes, pread_into};
 
 /// Alignment of direct I/O: file offsets, lengths and buffers. 4 KiB
 /// covers the logical block size of the devices in use (512 or 4096).
-pub const ALIGN: u64 = 4096;
+pub const ALIGN: u64 = crate::format::plain::DIRECT_ALIGN as u64;
 
 /// Tensors at least this large start at an [`ALIGN`]-aligned offset in a
 /// cache file; smaller ones are packed (at most 0.4% of padding).
@@ -778,44 +778,6 @@ fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> io::Result<R>) -> io::Result<R> 
         };
         f(buf.as_mut_slice())
     })
-}
-
-/// A zeroed heap buffer aligned to [`ALIGN`].
-struct AlignedBuf {
-    ptr: std::ptr::NonNull<u8>,
-    layout: std::alloc::Layout,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> io::Result<AlignedBuf> {
-        let layout =
-            std::alloc::Layout::from_size_align(len, ALIGN as usize).map_err(io::Error::other)?;
-        // SAFETY: the layout's size is non-zero (SCRATCH).
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = std::ptr::NonNull::new(ptr).ok_or(io::ErrorKind::OutOfMemory)?;
-        Ok(AlignedBuf { ptr, layout })
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: the allocation holds `layout.size()` initialized bytes.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: the allocation holds `layout.size()` initialized bytes and
-        // `&mut self` makes this the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
-    }
-}
-
-// SAFETY: the buffer owns its allocation; nothing else points into it.
-unsafe impl Send for AlignedBuf {}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
-    }
 }
 
 #[cfg(test)]

@@ -16,13 +16,14 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::RocksStore;
 use super::packs::{PackEntries, STAGED_INDEX, STAGED_PACK};
+use crate::format::plain::AppendFile;
 use crate::store::StoreError;
 use crate::store::backend::BlobStore;
 use crate::store::object::ObjectId;
@@ -59,7 +60,8 @@ pub(super) struct RocksShardSink<'a> {
 
 /// The shard's pack being appended to.
 struct Pack {
-    file: BufWriter<File>,
+    /// `None` once finished.
+    file: Option<AppendFile>,
     len: u64,
     entries: PackEntries,
     staged: HashSet<ObjectId>,
@@ -86,14 +88,17 @@ impl<'a> RocksShardSink<'a> {
         let tmp = key_dir.join(format!("tmp-{shard}-{}-{nanos}", std::process::id()));
         std::fs::create_dir(&tmp).map_err(io(&tmp))?;
         let pack_path = tmp.join(STAGED_PACK);
-        let file = File::create(&pack_path).map_err(io(&pack_path))?;
+        // The blobs are synced and not read again before the step is sealed
+        // (and then, if at all, by a checkout or a push): around the page
+        // cache where it can.
+        let file = AppendFile::create(&pack_path).map_err(io(&pack_path))?;
         Ok(RocksShardSink {
             store,
             key_dir,
             tmp,
             shard,
             pack: Mutex::new(Pack {
-                file: BufWriter::with_capacity(1 << 20, file),
+                file: Some(file),
                 len: 0,
                 entries: Vec::new(),
                 staged: HashSet::new(),
@@ -116,7 +121,11 @@ impl BlobSink for RocksShardSink<'_> {
             return Ok(());
         }
         let path = self.tmp.join(STAGED_PACK);
-        pack.file.write_all(bytes).map_err(io(&path))?;
+        let file = pack
+            .file
+            .as_mut()
+            .expect("a pack is written before it is finished");
+        file.write_all(bytes).map_err(io(&path))?;
         let offset = pack.len;
         pack.entries.push((*id, offset, bytes.len() as u64));
         pack.len += bytes.len() as u64;
@@ -128,12 +137,12 @@ impl ShardSink for RocksShardSink<'_> {
     fn finish(self: Box<Self>, manifest: Vec<u8>) -> Result<(), StoreError> {
         let mut pack = self.pack.lock().expect("pack lock");
         let pack_path = self.tmp.join(STAGED_PACK);
-        pack.file.flush().map_err(io(&pack_path))?;
-        let file = pack.file.get_ref();
+        let file = pack.file.take().expect("a pack is finished once");
         if pack.entries.is_empty() {
+            drop(file);
             std::fs::remove_file(&pack_path).map_err(io(&pack_path))?;
         } else {
-            file.sync_all().map_err(io(&pack_path))?;
+            file.finish().map_err(io(&pack_path))?;
             let idx = postcard::to_stdvec(&pack.entries).expect("serializing to a Vec cannot fail");
             write_synced(&self.tmp.join(STAGED_INDEX), &idx)?;
         }
