@@ -88,16 +88,20 @@ pub struct CacheFile {
     pub counts: IoCounts,
 }
 
-/// What writing into pages the page cache did not hold has cost the
-/// kernel so far: bytes written and the writing threads' system time.
+/// What the writes of a file kept in the page cache cost the kernel, in
+/// windows of [`PageCost::WINDOW`] bytes: bytes written and the writing
+/// threads' system time.
 ///
-/// Such a write allocates a page per 4 KiB. On most machines that costs
-/// about 0.3 s of system time per GB; on the development machine, a VM
-/// whose guest pages fault on the host again, 2.5–5 s, and a keyframe's
-/// new 3.45 GB cache took 9 s longer through the page cache than around it
-/// (docs/benchmarks.md, "Eighth round"). Measured rather than assumed: after
-/// [`PageCost::SAMPLE`] bytes, a cost above [`PageCost::DEAR_NS_PER_BYTE`]
-/// sends the rest of the file direct.
+/// A write into pages the page cache lacks allocates a page per 4 KiB. On
+/// most machines that costs about 0.3 s of system time per GB, and a write
+/// over cached pages less; on the development machine, a VM whose guest
+/// pages fault on the host again, 2.5–5 s, and a keyframe's new 3.45 GB
+/// cache took 9 s longer through the page cache than around it
+/// (docs/benchmarks.md, "Eighth round"). How dear depends on the pages: a
+/// first 64 MiB written cheaply once told nothing of the next 3 GB, which
+/// then cost 14 s of system time (benchmarks.md, "Sharded commits from
+/// memory"). So every window is judged: one that cost more than
+/// [`PageCost::DEAR_NS_PER_BYTE`] sends the rest of the file direct.
 #[derive(Debug, Default)]
 struct PageCost {
     bytes: AtomicU64,
@@ -105,23 +109,24 @@ struct PageCost {
 }
 
 impl PageCost {
-    /// Bytes written into new pages before the cost is judged.
-    const SAMPLE: u64 = 64 << 20;
-    /// System time per byte (1 s per GB) above which new pages are too dear:
-    /// about three times what a kernel on bare metal spends.
+    /// Bytes written between two judgements.
+    const WINDOW: u64 = 64 << 20;
+    /// System time per byte (1 s per GB) above which pages are too dear:
+    /// about three times what a kernel on bare metal spends on new ones.
     const DEAR_NS_PER_BYTE: u64 = 1;
 
-    /// Whether the sample is complete: writes are no longer measured.
-    fn judged(&self) -> bool {
-        self.bytes.load(Ordering::Relaxed) >= Self::SAMPLE
-    }
-
-    /// Counts a write of `bytes` that took `system_ns`; whether the pages
-    /// have proved too dear.
+    /// Counts a write of `bytes` that took `system_ns`; whether the window
+    /// it completed proved the pages too dear.
     fn add(&self, bytes: u64, system_ns: u64) -> bool {
         let total = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         let ns = self.system_ns.fetch_add(system_ns, Ordering::Relaxed) + system_ns;
-        total >= Self::SAMPLE && ns > total * Self::DEAR_NS_PER_BYTE
+        if total < Self::WINDOW {
+            return false;
+        }
+        // A new window; a write racing with this reset lands in either.
+        self.bytes.fetch_sub(total, Ordering::Relaxed);
+        self.system_ns.fetch_sub(ns, Ordering::Relaxed);
+        ns > total * Self::DEAR_NS_PER_BYTE
     }
 }
 
@@ -291,16 +296,14 @@ impl CacheFile {
         let len = bytes.len() as u64;
         // Direct writes go through the write-behind thread (a writer whose
         // thread could not start writes buffered).
-        let keep_cached = self.keep_cached.load(Ordering::Relaxed);
+        if self.keep_cached.load(Ordering::Relaxed) {
+            return self.write_kept_cached(offset, bytes);
+        }
         // Whether the range's pages are cached matters only for a file
-        // that is not kept cached, or while the cost of new pages is being
-        // measured: once that is judged cheap, writes go through the page
-        // cache without asking (`mincore` is three system calls).
-        let measuring = keep_cached && !self.page_cost.judged();
+        // that is not kept cached (`mincore` is three system calls).
         let uncached = self.direct_for(offset, len).is_some()
-            && (!keep_cached || measuring)
             && resident_prefix(&self.buffered, offset, ALIGN) == 0;
-        let behind = self.behind.as_ref().filter(|_| uncached && !keep_cached);
+        let behind = self.behind.as_ref().filter(|_| uncached);
         let mut done = 0;
         if let Some(behind) = behind {
             let end = align_down(len);
@@ -309,15 +312,18 @@ impl CacheFile {
                 done = end;
             }
         }
-        let rest = &bytes[done as usize..];
-        if !(uncached && keep_cached) {
-            return pwrite_all(&self.buffered, offset + done, rest);
-        }
-        // New pages for the page cache: what do they cost here?
+        pwrite_all(&self.buffered, offset + done, &bytes[done as usize..])
+    }
+
+    /// A write through the page cache, timed: the [`PageCost`] of a window
+    /// of such writes may send the rest of the file direct.
+    fn write_kept_cached(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
         let before = thread_system_ns();
-        pwrite_all(&self.buffered, offset, rest)?;
+        pwrite_all(&self.buffered, offset, bytes)?;
         if let (Some(before), Some(after)) = (before, thread_system_ns())
-            && self.page_cost.add(len, after.saturating_sub(before))
+            && self
+                .page_cost
+                .add(bytes.len() as u64, after.saturating_sub(before))
         {
             self.keep_cached.store(false, Ordering::Relaxed);
         }
@@ -974,18 +980,23 @@ mod tests {
         );
     }
 
-    /// The cost of new pages is judged only after its sample, and is dear
-    /// above a nanosecond of system time per byte.
+    /// The cost of pages is judged once per window, on that window alone,
+    /// and is dear above a nanosecond of system time per byte: a cheap
+    /// window does not excuse a dear one after it.
     #[test]
-    fn page_cost_judges_after_its_sample() {
+    fn page_cost_judges_each_window() {
+        let w = PageCost::WINDOW;
         let cost = PageCost::default();
-        assert!(!cost.add(PageCost::SAMPLE - 4096, 10 * PageCost::SAMPLE));
-        assert!(!cost.judged());
-        assert!(cost.add(4096, 0));
-        assert!(cost.judged());
+        assert!(!cost.add(w - 4096, 10 * w));
+        assert!(cost.add(4096, 0), "the window's average is dear");
+        let varying = PageCost::default();
+        assert!(!varying.add(w, w / 2), "a cheap window");
+        assert!(!varying.add(w / 2, w), "half a window is not judged");
+        assert!(varying.add(w / 2, w), "a dear window after a cheap one");
         let cheap = PageCost::default();
-        assert!(!cheap.add(PageCost::SAMPLE, PageCost::SAMPLE / 2));
-        assert!(!cheap.add(PageCost::SAMPLE, PageCost::SAMPLE / 2));
+        for _ in 0..4 {
+            assert!(!cheap.add(w, w / 2));
+        }
     }
 
     /// A file to be kept cached whose new pages proved too dear writes the
@@ -996,10 +1007,10 @@ mod tests {
         let path = dir.path().join("cache");
         let file = open(&path).keep_cached_if_it_fits(8 << 20, 1.0);
         assert!(file.keep_cached.load(Ordering::Relaxed));
-        // As if all but the last bytes of the sample had already cost far
+        // As if all but the last bytes of a window had already cost far
         // too much system time: this write completes it.
         file.page_cost
-            .add(PageCost::SAMPLE - 4096, 100 * PageCost::SAMPLE);
+            .add(PageCost::WINDOW - 4096, 100 * PageCost::WINDOW);
         file.write_values(0, &values(1 << 20, 1)).unwrap();
         if !file.is_direct() {
             return;
