@@ -452,9 +452,12 @@ class Repo:
 
     def _commit_files(self, step, files, branch, parent, message, policy, wait,
                       shard=None, group=None) -> dict:
+        # Only a sharded commit passes `shard`: A/B runs swap in native
+        # libraries from before it (scripts/bench_ab_python.sh).
+        sharded = {} if shard is None else {"shard": shard, "group": group}
         text = self._native.commit(
             int(step), files, branch=branch, parent=parent, message=message,
-            policy_name=policy, wait=float(wait), shard=shard, group=group,
+            policy_name=policy, wait=float(wait), **sharded,
         )
         return json.loads(text)
 
