@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ckptvc::format::{MemoryCheckpoint, MemoryFile, MemoryTensor};
+use ckptvc::format::{Checkpoint, MemoryCheckpoint, MemoryFile, MemoryTensor};
 use ckptvc::repo::load::{Snapshot, open_fresh};
 use ckptvc::repo::seal::Shard;
 use ckptvc::repo::{self, CheckoutOptions, CommitOptions, NoProgress, Repo};
@@ -153,6 +153,22 @@ fn memory_files(files: &[HeldFile]) -> Vec<MemoryFile<'_>> {
         .collect()
 }
 
+/// Commits `checkpoint` as `shard` of its step (in `group`, by default
+/// torchrun's run), sealing the step if it is the last; the outcome as a
+/// JSON value.
+fn commit_shard(
+    repo: &Repo,
+    checkpoint: &Checkpoint,
+    options: &CommitOptions,
+    shard: Shard,
+    group: Option<String>,
+) -> anyhow::Result<serde_json::Value> {
+    let group = group.unwrap_or_else(repo::seal::default_group);
+    let outcome =
+        repo::commit::commit_shard(repo, checkpoint, options, shard, &group, &NoProgress)?;
+    Ok(serde_json::to_value(&outcome)?)
+}
+
 /// `(rank, world size)` as a [`Shard`], refused unless rank < world size.
 fn parse_shard(shard: Option<(u32, u32)>) -> PyResult<Option<Shard>> {
     shard
@@ -281,18 +297,7 @@ impl NativeRepo {
             py.detach(|| {
                 let checkpoint = MemoryCheckpoint::new(memory_files(&held))?;
                 match shard {
-                    Some(shard) => {
-                        let group = group.unwrap_or_else(repo::seal::default_group);
-                        let out = repo::commit::commit_shard(
-                            repo,
-                            &checkpoint,
-                            &options,
-                            shard,
-                            &group,
-                            &NoProgress,
-                        )?;
-                        Ok(serde_json::to_value(&out)?)
-                    }
+                    Some(shard) => commit_shard(repo, &checkpoint, &options, shard, group),
                     None => Ok(serde_json::to_value(repo::commit_checkpoint(
                         repo,
                         &checkpoint,
@@ -336,16 +341,7 @@ impl NativeRepo {
             py.detach(|| match shard {
                 Some(shard) => {
                     let input = repo::commit::open_shard_input(repo, &dir, shard)?;
-                    let group = group.unwrap_or_else(repo::seal::default_group);
-                    let out = repo::commit::commit_shard(
-                        repo,
-                        &input,
-                        &options,
-                        shard,
-                        &group,
-                        &NoProgress,
-                    )?;
-                    Ok(serde_json::to_value(&out)?)
+                    commit_shard(repo, &input, &options, shard, group)
                 }
                 None => Ok(serde_json::to_value(repo::commit(
                     repo,
