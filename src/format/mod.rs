@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod dcp;
+pub mod direct;
 pub mod memory;
 pub mod pairing;
 pub mod plain;

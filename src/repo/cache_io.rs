@@ -42,12 +42,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::format::plain::{AlignedBuf, filled_vec};
+use crate::format::direct::{AlignedBuf, BufPool, DIRECT_ALIGN, DIRECT_BUFFER, WriteBehind};
+use crate::format::plain::filled_vec;
 use crate::format::{Plain, as_bytes, pread_into};
 
 /// Alignment of direct I/O: file offsets, lengths and buffers. 4 KiB
 /// covers the logical block size of the devices in use (512 or 4096).
-pub const ALIGN: u64 = crate::format::plain::DIRECT_ALIGN as u64;
+pub const ALIGN: u64 = DIRECT_ALIGN as u64;
 
 /// Tensors at least this large start at an [`ALIGN`]-aligned offset in a
 /// cache file; smaller ones are packed (at most 0.4% of padding).
@@ -480,151 +481,6 @@ fn read_direct(file: &File, offset: u64, out: &mut [MaybeUninit<u8>]) -> io::Res
     })
 }
 
-/// Direct writes done by a thread of their own, so that the encoding
-/// threads go on coding while the disk writes (a direct write returns only
-/// once the device has the bytes). At most [`BEHIND_BUFFERS`] pieces of
-/// [`SCRATCH`] bytes are in flight: memory stays bounded, and a writer that
-/// gets ahead of the disk waits for a free buffer.
-struct WriteBehind {
-    jobs: Mutex<Option<std::sync::mpsc::SyncSender<Job>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<io::Result<()>>>>,
-    pool: Arc<BufPool>,
-}
-
-/// Buffers in flight behind a writer: 32 MiB.
-const BEHIND_BUFFERS: usize = 8;
-
-struct Job {
-    offset: u64,
-    len: usize,
-    buf: AlignedBuf,
-}
-
-impl WriteBehind {
-    /// Starts the thread, writing with `direct` and, where a direct write
-    /// fails (a device whose blocks are larger than [`ALIGN`]), with
-    /// `buffered`: a cache file that could not be written direct is still
-    /// a cache file.
-    fn start(direct: File, buffered: File) -> io::Result<WriteBehind> {
-        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(BEHIND_BUFFERS);
-        let pool = Arc::new(BufPool::new(BEHIND_BUFFERS));
-        let thread_pool = pool.clone();
-        let thread = std::thread::Builder::new()
-            .name("ckptvc-cache-writer".into())
-            .spawn(move || {
-                use std::os::unix::fs::FileExt;
-                let mut result = Ok(());
-                for job in queue {
-                    if result.is_ok() {
-                        let (bytes, at) = (&job.buf.as_slice()[..job.len], job.offset);
-                        result = direct
-                            .write_all_at(bytes, at)
-                            .or_else(|_| buffered.write_all_at(bytes, at));
-                    }
-                    thread_pool.put(job.buf);
-                }
-                result
-            })?;
-        Ok(WriteBehind {
-            jobs: Mutex::new(Some(jobs)),
-            thread: Mutex::new(Some(thread)),
-            pool,
-        })
-    }
-
-    /// Copies `bytes` (a multiple of [`ALIGN`] long, for an aligned
-    /// `offset`) into buffers and queues their direct writes.
-    fn queue(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        let sender = self.jobs.lock().expect("lock").clone();
-        let sender = sender.ok_or_else(|| io::Error::other("cache writer already finished"))?;
-        for (i, piece) in bytes.chunks(SCRATCH).enumerate() {
-            let mut buf = self.pool.take()?;
-            buf.as_mut_slice()[..piece.len()].copy_from_slice(piece);
-            let job = Job {
-                offset: offset + (i * SCRATCH) as u64,
-                len: piece.len(),
-                buf,
-            };
-            sender
-                .send(job)
-                .map_err(|_| io::Error::other("cache writer thread stopped"))?;
-        }
-        Ok(())
-    }
-
-    /// Closes the queue and waits for the thread's last write.
-    fn finish(&self) -> io::Result<()> {
-        drop(self.jobs.lock().expect("lock").take());
-        match self.thread.lock().expect("lock").take() {
-            Some(thread) => thread
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("cache writer thread panicked"))),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for WriteBehind {
-    fn drop(&mut self) {
-        let _ = self.finish();
-    }
-}
-
-/// Aligned buffers of [`SCRATCH`] bytes, at most `limit` of them, reused
-/// rather than reallocated.
-struct BufPool {
-    limit: usize,
-    /// (free buffers, buffers allocated).
-    free: Mutex<(Vec<AlignedBuf>, usize)>,
-    returned: Condvar,
-}
-
-impl BufPool {
-    fn new(limit: usize) -> BufPool {
-        BufPool {
-            limit,
-            free: Mutex::default(),
-            returned: Condvar::new(),
-        }
-    }
-
-    /// A buffer, waiting for one to come back if all `limit` are out.
-    fn take(&self) -> io::Result<AlignedBuf> {
-        let mut guard = self.free.lock().expect("lock");
-        loop {
-            if let Some(buf) = self.try_take_locked(&mut guard) {
-                return buf;
-            }
-            guard = self.returned.wait(guard).expect("lock");
-        }
-    }
-
-    /// A buffer if one is free or may still be allocated.
-    fn try_take(&self) -> Option<AlignedBuf> {
-        let mut guard = self.free.lock().expect("lock");
-        self.try_take_locked(&mut guard)?.ok()
-    }
-
-    fn try_take_locked(
-        &self,
-        guard: &mut (Vec<AlignedBuf>, usize),
-    ) -> Option<io::Result<AlignedBuf>> {
-        let (free, allocated) = guard;
-        if let Some(buf) = free.pop() {
-            return Some(Ok(buf));
-        }
-        (*allocated < self.limit).then(|| {
-            *allocated += 1;
-            AlignedBuf::new(SCRATCH)
-        })
-    }
-
-    fn put(&self, buf: AlignedBuf) {
-        self.free.lock().expect("lock").0.push(buf);
-        self.returned.notify_one();
-    }
-}
-
 /// Chunks read before they are asked for, by a thread of their own, so that
 /// the encoding threads code one chunk while the disk reads the next. A
 /// commit reads each tensor's chunks in order (each encoding thread works
@@ -769,7 +625,7 @@ impl Drop for ReadAhead {
 
 /// Size of each thread's aligned buffer: one 4 MiB chunk (the default
 /// chunk size) per call.
-const SCRATCH: usize = 4 << 20;
+const SCRATCH: usize = DIRECT_BUFFER;
 
 thread_local! {
     static SCRATCH_BUF: RefCell<Option<AlignedBuf>> = const { RefCell::new(None) };

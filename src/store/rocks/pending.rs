@@ -23,7 +23,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::RocksStore;
 use super::packs::{PackEntries, STAGED_INDEX, STAGED_PACK};
-use crate::format::plain::AppendFile;
+use crate::format::direct::AppendFile;
 use crate::store::StoreError;
 use crate::store::backend::BlobStore;
 use crate::store::object::ObjectId;
