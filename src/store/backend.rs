@@ -22,7 +22,7 @@ use std::time::Duration;
 use super::StoreError;
 use super::config::StoreConfig;
 use super::object::{self, CommitRecord, CommitSummary, ObjectId};
-use super::pending::{PendingInfo, PendingKey, ShardSink};
+use super::pending::{CommitSink, PendingInfo, PendingKey, ShardSink, StoreSink};
 use super::refs::RefEdit;
 
 /// Content-addressed blob storage. A blob's id is the blake3 hash of its
@@ -214,6 +214,18 @@ pub trait Backend: BlobStore + MetaStore {
     /// Bytes the store occupies where it is kept.
     fn physical_bytes(&self) -> Result<u64, StoreError> {
         Ok(self.blob_totals()?.1)
+    }
+
+    /// Where the writer's commit of `input_bytes` puts its new blobs; the
+    /// commit is published after [`CommitSink::finish`]. By default the
+    /// blobs go through [`BlobStore::put_blob`] and
+    /// [`BlobStore::flush_blobs`]; a local store writes a large commit's
+    /// blobs to a pack file of their own.
+    fn commit_sink<'a>(
+        &'a self,
+        _input_bytes: u64,
+    ) -> Result<Box<dyn CommitSink + 'a>, StoreError> {
+        Ok(Box::new(StoreSink(self)))
     }
 
     /// A staging area for shard `shard` of pending step `key` (see

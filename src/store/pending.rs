@@ -69,15 +69,30 @@ pub trait ShardSink: BlobSink {
     fn finish(self: Box<Self>, manifest: Vec<u8>) -> Result<(), StoreError>;
 }
 
-/// A store's own blobs as a sink (a commit by one process).
-pub struct StoreSink<'a>(pub &'a dyn super::Backend);
+/// Where the writer's commit puts its new blobs (see
+/// [`super::Backend::commit_sink`]).
+pub trait CommitSink: BlobSink {
+    /// Makes every blob put so far durable and part of the store, so that
+    /// a commit naming them can be published. Call once.
+    fn finish(&self) -> Result<(), StoreError>;
+}
 
-impl BlobSink for StoreSink<'_> {
+/// A store's own blobs as a sink: [`super::BlobStore::put_blob`], then
+/// [`super::BlobStore::flush_blobs`].
+pub struct StoreSink<'a, B: ?Sized>(pub &'a B);
+
+impl<B: super::Backend + ?Sized> BlobSink for StoreSink<'_, B> {
     fn has_blob(&self, id: &ObjectId) -> Result<bool, StoreError> {
         self.0.has_blob(id)
     }
 
     fn put_blob(&self, id: &ObjectId, bytes: &[u8]) -> Result<(), StoreError> {
         self.0.put_blob(id, bytes)
+    }
+}
+
+impl<B: super::Backend + ?Sized> CommitSink for StoreSink<'_, B> {
+    fn finish(&self) -> Result<(), StoreError> {
+        self.0.flush_blobs()
     }
 }

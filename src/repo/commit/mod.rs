@@ -42,7 +42,7 @@ use crate::store::object::COMMIT_VERSION;
 use crate::store::object::{
     ErrorTotals, TensorUpdateError, UpdateErrors, UpdateTotals, version_for,
 };
-use crate::store::pending::{BlobSink, StoreSink};
+use crate::store::pending::BlobSink;
 use crate::store::{
     ChunkRef, CommitRecord, FileContent, FileEntry, ObjectId, PairingRecord, StoreConfig,
     TensorEntry, TorchContent,
@@ -240,9 +240,9 @@ pub fn commit_checkpoint(
     } else {
         (Some(cache_writer(&store, &target, &plan.layout)?), None)
     };
-    let sink = StoreSink(store.backend());
+    let sink = store.backend().commit_sink(checkpoint.total_bytes())?;
     let mut session = Session {
-        sink: &sink,
+        sink: sink.as_ref(),
         reconstructor: Reconstructor::new(&store),
         parent: target.parent.as_ref().map(|(id, _)| *id),
         cache,
@@ -253,7 +253,7 @@ pub fn commit_checkpoint(
     let encoded = encode_or_abandon(&mut session, &plan, &policy, progress)?;
     let (new_blobs, stored_bytes) = new_blob_totals(&encoded);
     let view = store.hold_readers()?;
-    store.flush_blobs()?;
+    sink.finish()?;
 
     let tensor_errors = tensor_errors(&encoded);
     let errors = error_totals(&plan, &tensor_errors);

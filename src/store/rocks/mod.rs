@@ -6,7 +6,7 @@
 //! <repo>/view.lock   orders readers' opens against a writer's publishing
 //! <repo>/db/         RocksDB: column families blobs, blob_sizes, commits, refs, steps, meta
 //! <repo>/cache/      reconstruction cache of branch tips (safe to delete)
-//! <repo>/packs/      blobs that ranks wrote without the lock, adopted at sealing (`packs.rs`)
+//! <repo>/packs/      blobs of large commits, and of ranks that wrote without the lock (`packs.rs`)
 //! <repo>/pending/    shards of steps not sealed yet (see `pending.rs`)
 //! ```
 //!
@@ -31,7 +31,7 @@ use super::StoreError;
 use super::backend::{Backend, BlobStore, PublishGuard};
 use super::config::StoreConfig;
 use super::object::ObjectId;
-use super::pending::{PendingInfo, PendingKey, ShardSink};
+use super::pending::{CommitSink, PendingInfo, PendingKey, ShardSink, StoreSink};
 use crate::format::plain::{direct_io_allowed, direct_writes_work};
 
 /// First line of `<repo>/FORMAT`.
@@ -489,6 +489,15 @@ impl Backend for RocksStore {
             0
         };
         Ok(dir_size(&Self::db_dir(&self.root), &|name| !name.starts_with("LOG"))? + packed)
+    }
+
+    /// A large commit's blobs go to a pack file of their own (`packs.rs`).
+    fn commit_sink<'a>(&'a self, input_bytes: u64) -> Result<Box<dyn CommitSink + 'a>, StoreError> {
+        assert!(self._lock.is_some(), "only the writer commits");
+        if input_bytes < packs::PACKED_COMMIT_BYTES || self.pack_index().is_none() {
+            return Ok(Box::new(StoreSink(self)));
+        }
+        Ok(Box::new(packs::RocksCommitSink::new(self)?))
     }
 
     fn shard_sink<'a>(

@@ -1,11 +1,21 @@
-//! Pack files of a local store: blobs written by processes that do not hold
-//! the writer lock (the ranks of a step committed shard by shard), kept as
-//! they were written instead of being copied into RocksDB.
+//! Pack files of a local store: blobs kept as they were written, back to
+//! back, instead of being copied into RocksDB. Two kinds of writer make
+//! them: processes that do not hold the writer lock (the ranks of a step
+//! committed shard by shard), and the writer itself when a commit's input is
+//! large ([`PACKED_COMMIT_BYTES`]).
 //!
 //! ```text
-//! <repo>/packs/<pack id>.pack   blobs back to back
-//! pack_index (column family)    blob id → pack id (32 bytes) ‖ offset u64 LE ‖ length u64 LE
+//! <repo>/packs/<pack id>.pack            blobs back to back
+//! <repo>/packs/tmp-<pid>-<nanos>.pack    a commit's pack being written
+//! pack_index (column family)             blob id → pack id (32 bytes) ‖ offset u64 LE ‖ length u64 LE
 //! ```
+//!
+//! A commit by the writer appends its new blobs to a `tmp-` pack
+//! ([`RocksCommitSink`]); before the commit is published the pack is synced,
+//! renamed to the blake3 of its postcard index and indexed in one synced
+//! batch, as a shard's pack is at sealing. Through RocksDB the same blobs
+//! were copied into a write batch and a memtable before a flush wrote them
+//! to a blob file. A `tmp-` pack left by a crash is removed by `gc`.
 //!
 //! A rank stages `blobs.pack` with `blobs.idx` (postcard list of (blob id,
 //! offset, length)) in its shard directory under `pending/`. Sealing moves
@@ -16,19 +26,21 @@
 //! blob files). `gc` deletes a pack once none of its blobs is live, and
 //! moves the live blobs of a partly dead pack into RocksDB first.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rocksdb::{ColumnFamily, IteratorMode, WriteBatch};
 
 use super::{CF_BLOB_SIZES, CF_BLOBS, CF_PACK_INDEX, RocksStore};
+use crate::format::direct::AppendFile;
 use crate::store::StoreError;
 use crate::store::backend::BlobStore;
 use crate::store::object::ObjectId;
-use crate::store::pending::PendingKey;
+use crate::store::pending::{BlobSink, CommitSink, PendingKey};
 
 /// A staged pack's index: (blob id, offset, length).
 pub(super) type PackEntries = Vec<(ObjectId, u64, u64)>;
@@ -47,6 +59,150 @@ fn pack_path(root: &Path, pack: &ObjectId) -> PathBuf {
 /// Pack files opened so far, by pack id.
 #[derive(Default)]
 pub(super) struct OpenPacks(Mutex<HashMap<ObjectId, Arc<File>>>);
+
+/// How many pack files a store keeps open at once: a store with a pack per
+/// large commit may hold thousands, more than a process may open.
+const MAX_OPEN_PACKS: usize = 128;
+
+/// Input size from which the writer's commit puts its new blobs in a pack
+/// of its own. Below it they go to RocksDB, which keeps a store of many
+/// small commits in a few files.
+pub(super) const PACKED_COMMIT_BYTES: u64 = 64 << 20;
+
+/// A pack being appended to: a rank's staged pack, or a commit's.
+pub(super) struct PackWriter {
+    path: PathBuf,
+    /// `None` once finished.
+    file: Option<AppendFile>,
+    len: u64,
+    entries: PackEntries,
+    staged: HashSet<ObjectId>,
+}
+
+impl PackWriter {
+    /// Creates the pack at `path`. The blobs are synced and not read again
+    /// before the commit is published (and then, if at all, by a checkout or
+    /// a push): they go around the page cache where they can.
+    pub(super) fn create(path: PathBuf) -> Result<PackWriter, StoreError> {
+        let file = AppendFile::create(&path).map_err(|e| StoreError::io(&path, e))?;
+        Ok(PackWriter {
+            path,
+            file: Some(file),
+            len: 0,
+            entries: Vec::new(),
+            staged: HashSet::new(),
+        })
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the blob was appended already.
+    pub(super) fn holds(&self, id: &ObjectId) -> bool {
+        self.staged.contains(id)
+    }
+
+    /// Appends a blob, unless it was appended before.
+    pub(super) fn append(&mut self, id: &ObjectId, bytes: &[u8]) -> Result<(), StoreError> {
+        if self.staged.contains(id) {
+            return Ok(());
+        }
+        let file = self.file.as_mut().ok_or_else(|| StoreError::Corrupt {
+            what: self.path.display().to_string(),
+            detail: "a blob was put after the pack was finished".into(),
+        })?;
+        file.write_all(bytes)
+            .map_err(|e| StoreError::io(&self.path, e))?;
+        self.staged.insert(*id);
+        self.entries.push((*id, self.len, bytes.len() as u64));
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Syncs the pack and returns its index; a pack without blobs is
+    /// removed instead, and its index is empty.
+    pub(super) fn finish(&mut self) -> Result<PackEntries, StoreError> {
+        let file = self.file.take().ok_or_else(|| StoreError::Corrupt {
+            what: self.path.display().to_string(),
+            detail: "the pack was finished twice".into(),
+        })?;
+        if self.entries.is_empty() {
+            drop(file);
+            std::fs::remove_file(&self.path).map_err(|e| StoreError::io(&self.path, e))?;
+        } else {
+            file.finish().map_err(|e| StoreError::io(&self.path, e))?;
+        }
+        Ok(std::mem::take(&mut self.entries))
+    }
+}
+
+/// Where the writer's commit of a large input puts its new blobs: a pack of
+/// its own, published by [`CommitSink::finish`] (see the module docs).
+pub(super) struct RocksCommitSink<'a> {
+    store: &'a RocksStore,
+    pack: Mutex<PackWriter>,
+}
+
+impl<'a> RocksCommitSink<'a> {
+    pub(super) fn new(store: &'a RocksStore) -> Result<RocksCommitSink<'a>, StoreError> {
+        let dir = packs_dir(&store.root);
+        std::fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let path = dir.join(format!("tmp-{}-{nanos}.pack", std::process::id()));
+        Ok(RocksCommitSink {
+            store,
+            pack: Mutex::new(PackWriter::create(path)?),
+        })
+    }
+}
+
+impl BlobSink for RocksCommitSink<'_> {
+    fn has_blob(&self, id: &ObjectId) -> Result<bool, StoreError> {
+        if self.pack.lock().expect("pack lock").holds(id) {
+            return Ok(true);
+        }
+        self.store.has_blob(id)
+    }
+
+    fn put_blob(&self, id: &ObjectId, bytes: &[u8]) -> Result<(), StoreError> {
+        self.pack.lock().expect("pack lock").append(id, bytes)
+    }
+}
+
+impl CommitSink for RocksCommitSink<'_> {
+    fn finish(&self) -> Result<(), StoreError> {
+        let mut writer = self.pack.lock().expect("pack lock");
+        let entries = writer.finish()?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let index = postcard::to_stdvec(&entries).expect("serializing to a Vec cannot fail");
+        let pack = ObjectId::of(&index);
+        let dest = pack_path(&self.store.root, &pack);
+        std::fs::rename(writer.path(), &dest).map_err(|e| StoreError::io(&dest, e))?;
+        sync_dir(&packs_dir(&self.store.root))?;
+        self.store.index_pack(&pack, entries)
+    }
+}
+
+impl Drop for RocksCommitSink<'_> {
+    /// An abandoned commit (an error while encoding) leaves no pack behind;
+    /// after `finish` the file has been renamed and this finds nothing.
+    fn drop(&mut self) {
+        if let Ok(writer) = self.pack.get_mut() {
+            let _ = std::fs::remove_file(writer.path());
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io(dir, e))
+}
 
 fn index_value(pack: &ObjectId, offset: u64, len: u64) -> Vec<u8> {
     let mut value = pack.0.to_vec();
@@ -101,6 +257,9 @@ impl RocksStore {
         if let Some(file) = open.get(pack) {
             return Ok(file.clone());
         }
+        if open.len() >= MAX_OPEN_PACKS {
+            open.clear();
+        }
         let path = pack_path(&self.root, pack);
         let file = Arc::new(File::open(&path).map_err(|e| StoreError::Corrupt {
             what: format!("pack {}", pack.short()),
@@ -113,7 +272,6 @@ impl RocksStore {
     /// Moves every staged pack of `key`'s shards into `packs/` and indexes
     /// its blobs. Idempotent: a pack already moved is indexed again.
     pub(super) fn adopt_staged_packs(&self, key: &PendingKey) -> Result<(), StoreError> {
-        let index = self.pack_index().expect("a writer has the pack index");
         let dir = packs_dir(&self.root);
         let key_dir = super::pending::key_dir(&self.root, key);
         for (_, shard_dir) in super::pending::shard_dirs(&key_dir)? {
@@ -132,9 +290,7 @@ impl RocksStore {
             if staged.exists() {
                 std::fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
                 std::fs::rename(&staged, &dest).map_err(|e| StoreError::io(&dest, e))?;
-                File::open(&dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| StoreError::io(&dir, e))?;
+                sync_dir(&dir)?;
             }
             if !dest.exists() {
                 return Err(StoreError::Corrupt {
@@ -142,16 +298,23 @@ impl RocksStore {
                     detail: format!("staged by {} but not found", shard_dir.display()),
                 });
             }
-            let mut batch = WriteBatch::default();
-            for (id, offset, len) in entries {
-                if !self.has_blob(&id)? {
-                    batch.put_cf(index, id.0, index_value(&pack, offset, len));
-                    batch.put_cf(self.cf(CF_BLOB_SIZES), id.0, len.to_le_bytes());
-                }
-            }
-            self.write_synced(batch)?;
+            self.index_pack(&pack, entries)?;
         }
         Ok(())
+    }
+
+    /// Indexes the blobs of pack `pack` (in `packs/` already) that the store
+    /// does not hold yet, with their sizes, in one synced batch.
+    fn index_pack(&self, pack: &ObjectId, entries: PackEntries) -> Result<(), StoreError> {
+        let index = self.pack_index().expect("a writer has the pack index");
+        let mut batch = WriteBatch::default();
+        for (id, offset, len) in entries {
+            if !self.has_blob(&id)? {
+                batch.put_cf(index, id.0, index_value(pack, offset, len));
+                batch.put_cf(self.cf(CF_BLOB_SIZES), id.0, len.to_le_bytes());
+            }
+        }
+        self.write_synced(batch)
     }
 
     /// Deletes packs none of whose blobs is indexed any more; the live blobs
@@ -176,6 +339,11 @@ impl RocksStore {
         }
         for file in files {
             let path = file.map_err(|e| StoreError::io(&dir, e))?.path();
+            if is_abandoned_commit_pack(&path) {
+                // `gc` holds the writer lock: no commit is writing it.
+                std::fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+                continue;
+            }
             let Some(pack) = path
                 .file_stem()
                 .and_then(|s| s.to_str())
@@ -218,4 +386,11 @@ impl RocksStore {
         }
         Ok(())
     }
+}
+
+/// A commit's pack that was never renamed: its writer crashed or failed.
+fn is_abandoned_commit_pack(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("tmp-") && n.ends_with(".pack"))
 }

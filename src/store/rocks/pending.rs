@@ -14,7 +14,6 @@
 //! of the blobs. A shard appears when its directory is renamed from
 //! `tmp-…` to `<K>`, after every file in it was synced.
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -22,8 +21,7 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::RocksStore;
-use super::packs::{PackEntries, STAGED_INDEX, STAGED_PACK};
-use crate::format::direct::AppendFile;
+use super::packs::{PackWriter, STAGED_INDEX, STAGED_PACK};
 use crate::store::StoreError;
 use crate::store::backend::BlobStore;
 use crate::store::object::ObjectId;
@@ -55,16 +53,7 @@ pub(super) struct RocksShardSink<'a> {
     key_dir: PathBuf,
     tmp: PathBuf,
     shard: u32,
-    pack: Mutex<Pack>,
-}
-
-/// The shard's pack being appended to.
-struct Pack {
-    /// `None` once finished.
-    file: Option<AppendFile>,
-    len: u64,
-    entries: PackEntries,
-    staged: HashSet<ObjectId>,
+    pack: Mutex<PackWriter>,
 }
 
 impl<'a> RocksShardSink<'a> {
@@ -87,66 +76,37 @@ impl<'a> RocksShardSink<'a> {
             .map_or(0, |d| d.as_nanos());
         let tmp = key_dir.join(format!("tmp-{shard}-{}-{nanos}", std::process::id()));
         std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-        let pack_path = tmp.join(STAGED_PACK);
-        // The blobs are synced and not read again before the step is sealed
-        // (and then, if at all, by a checkout or a push): around the page
-        // cache where it can.
-        let file = AppendFile::create(&pack_path).map_err(io(&pack_path))?;
+        let pack = PackWriter::create(tmp.join(STAGED_PACK))?;
         Ok(RocksShardSink {
             store,
             key_dir,
             tmp,
             shard,
-            pack: Mutex::new(Pack {
-                file: Some(file),
-                len: 0,
-                entries: Vec::new(),
-                staged: HashSet::new(),
-            }),
+            pack: Mutex::new(pack),
         })
     }
 }
 
 impl BlobSink for RocksShardSink<'_> {
     fn has_blob(&self, id: &ObjectId) -> Result<bool, StoreError> {
-        if self.pack.lock().expect("pack lock").staged.contains(id) {
+        if self.pack.lock().expect("pack lock").holds(id) {
             return Ok(true);
         }
         self.store.has_blob(id)
     }
 
     fn put_blob(&self, id: &ObjectId, bytes: &[u8]) -> Result<(), StoreError> {
-        let mut pack = self.pack.lock().expect("pack lock");
-        if !pack.staged.insert(*id) {
-            return Ok(());
-        }
-        let path = self.tmp.join(STAGED_PACK);
-        let file = pack
-            .file
-            .as_mut()
-            .expect("a pack is written before it is finished");
-        file.write_all(bytes).map_err(io(&path))?;
-        let offset = pack.len;
-        pack.entries.push((*id, offset, bytes.len() as u64));
-        pack.len += bytes.len() as u64;
-        Ok(())
+        self.pack.lock().expect("pack lock").append(id, bytes)
     }
 }
 
 impl ShardSink for RocksShardSink<'_> {
     fn finish(self: Box<Self>, manifest: Vec<u8>) -> Result<(), StoreError> {
-        let mut pack = self.pack.lock().expect("pack lock");
-        let pack_path = self.tmp.join(STAGED_PACK);
-        let file = pack.file.take().expect("a pack is finished once");
-        if pack.entries.is_empty() {
-            drop(file);
-            std::fs::remove_file(&pack_path).map_err(io(&pack_path))?;
-        } else {
-            file.finish().map_err(io(&pack_path))?;
-            let idx = postcard::to_stdvec(&pack.entries).expect("serializing to a Vec cannot fail");
+        let entries = self.pack.lock().expect("pack lock").finish()?;
+        if !entries.is_empty() {
+            let idx = postcard::to_stdvec(&entries).expect("serializing to a Vec cannot fail");
             write_synced(&self.tmp.join(STAGED_INDEX), &idx)?;
         }
-        drop(pack);
         write_synced(&self.tmp.join(MANIFEST), &manifest)?;
         sync_dir(&self.tmp)?;
         let done = self.key_dir.join(self.shard.to_string());
