@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Env, STEPS, fixture};
+use common::{Env, STEPS, fixture, large_checkpoint};
 use serde_json::Value;
 
 /// A small deterministic generator (xorshift64*), so a failing seed replays.
@@ -193,25 +193,6 @@ fn killed_writers_lose_nothing() {
         "{killed} kills, {finished} runs finished first; commits/gc/prune started: {ops:?}; {} commits",
         history(&env).len()
     );
-}
-
-/// A safetensors file of `mib` MiB of f32 weights that differ with `seed`
-/// (so every commit has new blobs) and compress a little, as weights do.
-fn large_checkpoint(dir: &std::path::Path, mib: usize, seed: u64) {
-    let elements = mib << 18;
-    let header = format!(
-        r#"{{"w":{{"dtype":"F32","shape":[{elements}],"data_offsets":[0,{}]}}}}"#,
-        elements * 4
-    );
-    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(header.as_bytes());
-    let mut rng = Rng(seed | 1);
-    for _ in 0..elements {
-        let value = (rng.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-        bytes.extend_from_slice(&(value * 0.02).to_le_bytes());
-    }
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
 }
 
 /// Commits of 64 MiB or more write their blobs to a pack of their own

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{Env, STEPS, assert_same_files, file_digests, fixture};
+use common::{Env, STEPS, assert_same_files, file_digests, fixture, large_checkpoint};
 use predicates::str::contains;
 use serde_json::Value;
 
@@ -141,6 +141,39 @@ fn commit_forks_from_current_tip_or_parent() {
         .assert()
         .failure()
         .stderr(contains("no branch named `nosuch`"));
+}
+
+/// A large commit's pack whose blobs are partly dead after its commit is
+/// pruned: `gc` moves the live ones (more than one write batch of them)
+/// into the database and deletes the pack, and the surviving commit still
+/// checks out byte for byte.
+#[test]
+fn gc_keeps_the_live_blobs_of_a_large_commits_pack() {
+    let env = Env::init();
+    let shared = env.path("shared");
+    large_checkpoint(&shared, 96, 1);
+    let both = env.path("both");
+    large_checkpoint(&both, 96, 1);
+    large_checkpoint(&both.join("extra"), 8, 2);
+    let packs = || std::fs::read_dir(env.repo().join("packs")).map_or(0, |d| d.count());
+    env.commit(&both, 1);
+    assert_eq!(packs(), 1, "the commit of 104 MiB wrote a pack");
+    // The next commit reuses the unchanged file's blobs: it writes none.
+    let next = env.json(&["commit", "--step", "2", shared.to_str().unwrap()]);
+    assert_eq!(next["new_blobs"], 0, "{next}");
+    assert_eq!(packs(), 1);
+    // Pruning step 1 collects its garbage (prune runs gc).
+    let physical = || env.json(&["stats"])["physical_bytes"].as_u64().unwrap();
+    let before = physical();
+    let prune = env.json(&["prune", "--branch", "main", "--keep-last", "1"]);
+    assert!(prune.to_string().contains("blobs_removed"), "{prune}");
+    assert_eq!(packs(), 0, "the pack was deleted once its live blobs moved");
+    let after = physical();
+    assert!(after + (6 << 20) < before, "{before} -> {after}");
+    assert_eq!(env.json(&["gc"])["blobs_removed"], 0);
+    let out = env.checkout("main@2", "out");
+    assert_same_files(&shared, &out);
+    env.cmd().arg("fsck").assert().success();
 }
 
 #[test]

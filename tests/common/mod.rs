@@ -169,6 +169,31 @@ pub fn safetensors_bytes(header: &str, data_len: usize) -> Vec<u8> {
     v
 }
 
+/// Writes `dir/model.safetensors`: `mib` MiB of f32 weights that differ
+/// with `seed` and compress a little, as weights do. At 64 MiB or more a
+/// commit puts its blobs in a pack of its own.
+pub fn large_checkpoint(dir: &Path, mib: usize, seed: u64) {
+    let elements = mib << 18;
+    let header = format!(
+        r#"{{"w":{{"dtype":"F32","shape":[{elements}],"data_offsets":[0,{}]}}}}"#,
+        elements * 4
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    let mut state = seed | 1;
+    for _ in 0..elements {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let random = state.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let value = (random >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        bytes.extend_from_slice(&(value * 0.02).to_le_bytes());
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+}
+
 /// A fresh `s3://` URL (its own prefix) on the test S3 server that
 /// `scripts/s3-server.sh` started, or `None` after printing "skipped" when
 /// there is none. With `CKPTVC_REQUIRE_S3` set (CI), no server is a failure.

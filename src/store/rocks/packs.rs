@@ -373,20 +373,29 @@ impl RocksStore {
     ) -> Result<(), StoreError> {
         let index = self.pack_index().expect("checked by the caller");
         let file = self.open_pack(pack)?;
-        for chunk in blobs.chunks(256) {
-            let mut batch = WriteBatch::default();
-            for (id, offset, len) in chunk {
-                let mut bytes = vec![0; *len as usize];
-                file.read_exact_at(&mut bytes, *offset)
-                    .map_err(|e| StoreError::io(pack_path(&self.root, pack), e))?;
-                batch.put_cf(self.cf(CF_BLOBS), id.0, &bytes);
-                batch.delete_cf(index, id.0);
+        // Batches of bounded bytes, not of a number of blobs: a pack of a
+        // large commit holds blobs of up to a chunk (4 MiB) each, and 256
+        // of them held a GiB in memory.
+        let mut batch = WriteBatch::default();
+        let mut batch_bytes = 0;
+        for (id, offset, len) in blobs {
+            let mut bytes = vec![0; *len as usize];
+            file.read_exact_at(&mut bytes, *offset)
+                .map_err(|e| StoreError::io(pack_path(&self.root, pack), e))?;
+            batch.put_cf(self.cf(CF_BLOBS), id.0, &bytes);
+            batch.delete_cf(index, id.0);
+            batch_bytes += bytes.len();
+            if batch_bytes >= MOVE_BATCH_BYTES {
+                self.write_synced(std::mem::take(&mut batch))?;
+                batch_bytes = 0;
             }
-            self.write_synced(batch)?;
         }
-        Ok(())
+        self.write_synced(batch)
     }
 }
+
+/// Bytes of blobs `gc` moves from a pack into RocksDB per write batch.
+const MOVE_BATCH_BYTES: usize = 64 << 20;
 
 /// A commit's pack that was never renamed: its writer crashed or failed.
 fn is_abandoned_commit_pack(path: &Path) -> bool {
