@@ -108,10 +108,10 @@ impl PackWriter {
         if self.staged.contains(id) {
             return Ok(());
         }
-        let file = self.file.as_mut().ok_or_else(|| StoreError::Corrupt {
-            what: self.path.display().to_string(),
-            detail: "a blob was put after the pack was finished".into(),
-        })?;
+        let file = self
+            .file
+            .as_mut()
+            .expect("a pack is written before it is finished");
         file.write_all(bytes)
             .map_err(|e| StoreError::io(&self.path, e))?;
         self.staged.insert(*id);
@@ -123,10 +123,7 @@ impl PackWriter {
     /// Syncs the pack and returns its index; a pack without blobs is
     /// removed instead, and its index is empty.
     pub(super) fn finish(&mut self) -> Result<PackEntries, StoreError> {
-        let file = self.file.take().ok_or_else(|| StoreError::Corrupt {
-            what: self.path.display().to_string(),
-            detail: "the pack was finished twice".into(),
-        })?;
+        let file = self.file.take().expect("a pack is finished once");
         if self.entries.is_empty() {
             drop(file);
             std::fs::remove_file(&self.path).map_err(|e| StoreError::io(&self.path, e))?;
@@ -198,7 +195,7 @@ impl Drop for RocksCommitSink<'_> {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+pub(super) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| StoreError::io(dir, e))

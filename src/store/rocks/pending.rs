@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::RocksStore;
-use super::packs::{PackWriter, STAGED_INDEX, STAGED_PACK};
+use super::packs::{PackWriter, STAGED_INDEX, STAGED_PACK, sync_dir};
 use crate::store::StoreError;
 use crate::store::backend::BlobStore;
 use crate::store::object::ObjectId;
@@ -36,12 +36,6 @@ fn pending_root(root: &Path) -> PathBuf {
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |e| StoreError::io(path, e)
-}
-
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
 }
 
 pub(super) fn key_dir(root: &Path, key: &PendingKey) -> PathBuf {
