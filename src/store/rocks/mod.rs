@@ -497,7 +497,7 @@ impl Backend for RocksStore {
         if input_bytes < packs::PACKED_COMMIT_BYTES || self.pack_index().is_none() {
             return Ok(Box::new(StoreSink(self)));
         }
-        Ok(Box::new(packs::RocksCommitSink::new(self)?))
+        Ok(Box::new(packs::PackSink::for_commit(self)?))
     }
 
     fn shard_sink<'a>(

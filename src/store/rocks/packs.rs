@@ -11,7 +11,7 @@
 //! ```
 //!
 //! A commit by the writer appends its new blobs to a `tmp-` pack
-//! ([`RocksCommitSink`]); before the commit is published the pack is synced,
+//! ([`PackSink::for_commit`]); before the commit is published the pack is synced,
 //! renamed to the blake3 of its postcard index and indexed in one synced
 //! batch, as a shard's pack is at sealing. Through RocksDB the same blobs
 //! were copied into a write batch and a memtable before a flush wrote them
@@ -70,7 +70,7 @@ const MAX_OPEN_PACKS: usize = 128;
 pub(super) const PACKED_COMMIT_BYTES: u64 = 64 << 20;
 
 /// A pack being appended to: a rank's staged pack, or a commit's.
-pub(super) struct PackWriter {
+struct PackWriter {
     path: PathBuf,
     /// `None` once finished.
     file: Option<AppendFile>,
@@ -83,7 +83,7 @@ impl PackWriter {
     /// Creates the pack at `path`. The blobs are synced and not read again
     /// before the commit is published (and then, if at all, by a checkout or
     /// a push): they go around the page cache where they can.
-    pub(super) fn create(path: PathBuf) -> Result<PackWriter, StoreError> {
+    fn create(path: PathBuf) -> Result<PackWriter, StoreError> {
         let file = AppendFile::create(&path).map_err(|e| StoreError::io(&path, e))?;
         Ok(PackWriter {
             path,
@@ -94,17 +94,17 @@ impl PackWriter {
         })
     }
 
-    pub(super) fn path(&self) -> &Path {
+    fn path(&self) -> &Path {
         &self.path
     }
 
     /// Whether the blob was appended already.
-    pub(super) fn holds(&self, id: &ObjectId) -> bool {
+    fn holds(&self, id: &ObjectId) -> bool {
         self.staged.contains(id)
     }
 
     /// Appends a blob, unless it was appended before.
-    pub(super) fn append(&mut self, id: &ObjectId, bytes: &[u8]) -> Result<(), StoreError> {
+    fn append(&mut self, id: &ObjectId, bytes: &[u8]) -> Result<(), StoreError> {
         if self.staged.contains(id) {
             return Ok(());
         }
@@ -122,7 +122,7 @@ impl PackWriter {
 
     /// Syncs the pack and returns its index; a pack without blobs is
     /// removed instead, and its index is empty.
-    pub(super) fn finish(&mut self) -> Result<PackEntries, StoreError> {
+    fn finish(&mut self) -> Result<PackEntries, StoreError> {
         let file = self.file.take().expect("a pack is finished once");
         if self.entries.is_empty() {
             drop(file);
@@ -134,29 +134,43 @@ impl PackWriter {
     }
 }
 
-/// Where the writer's commit of a large input puts its new blobs: a pack of
-/// its own, published by [`CommitSink::finish`] (see the module docs).
-pub(super) struct RocksCommitSink<'a> {
+/// Blobs appended to a pack beside a store: a blob in either is held. A
+/// rank's shard sink stages through one; as a [`CommitSink`] it is where the
+/// writer's commit of a large input puts its new blobs, published by
+/// [`CommitSink::finish`] (see the module docs).
+pub(super) struct PackSink<'a> {
     store: &'a RocksStore,
     pack: Mutex<PackWriter>,
 }
 
-impl<'a> RocksCommitSink<'a> {
-    pub(super) fn new(store: &'a RocksStore) -> Result<RocksCommitSink<'a>, StoreError> {
+impl<'a> PackSink<'a> {
+    pub(super) fn new(store: &'a RocksStore, path: PathBuf) -> Result<PackSink<'a>, StoreError> {
+        Ok(PackSink {
+            store,
+            pack: Mutex::new(PackWriter::create(path)?),
+        })
+    }
+
+    /// A pack for the writer's commit, under a temporary name in `packs/`.
+    pub(super) fn for_commit(store: &'a RocksStore) -> Result<PackSink<'a>, StoreError> {
         let dir = packs_dir(&store.root);
         std::fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let path = dir.join(format!("tmp-{}-{nanos}.pack", std::process::id()));
-        Ok(RocksCommitSink {
+        PackSink::new(
             store,
-            pack: Mutex::new(PackWriter::create(path)?),
-        })
+            dir.join(format!("tmp-{}-{nanos}.pack", std::process::id())),
+        )
+    }
+
+    /// Syncs the pack and returns its index (see [`PackWriter::finish`]).
+    pub(super) fn finish_pack(&self) -> Result<PackEntries, StoreError> {
+        self.pack.lock().expect("pack lock").finish()
     }
 }
 
-impl BlobSink for RocksCommitSink<'_> {
+impl BlobSink for PackSink<'_> {
     fn has_blob(&self, id: &ObjectId) -> Result<bool, StoreError> {
         if self.pack.lock().expect("pack lock").holds(id) {
             return Ok(true);
@@ -169,7 +183,7 @@ impl BlobSink for RocksCommitSink<'_> {
     }
 }
 
-impl CommitSink for RocksCommitSink<'_> {
+impl CommitSink for PackSink<'_> {
     fn finish(&self) -> Result<(), StoreError> {
         let mut writer = self.pack.lock().expect("pack lock");
         let entries = writer.finish()?;
@@ -185,9 +199,10 @@ impl CommitSink for RocksCommitSink<'_> {
     }
 }
 
-impl Drop for RocksCommitSink<'_> {
-    /// An abandoned commit (an error while encoding) leaves no pack behind;
-    /// after `finish` the file has been renamed and this finds nothing.
+impl Drop for PackSink<'_> {
+    /// An abandoned commit or shard (an error while encoding) leaves no pack
+    /// behind; once published the file has been renamed (or moved with its
+    /// shard's directory) and this finds nothing.
     fn drop(&mut self) {
         if let Ok(writer) = self.pack.get_mut() {
             let _ = std::fs::remove_file(writer.path());

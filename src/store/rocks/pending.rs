@@ -17,13 +17,11 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::RocksStore;
-use super::packs::{PackWriter, STAGED_INDEX, STAGED_PACK, sync_dir};
+use super::packs::{PackSink, STAGED_INDEX, STAGED_PACK, sync_dir};
 use crate::store::StoreError;
-use crate::store::backend::BlobStore;
 use crate::store::object::ObjectId;
 use crate::store::pending::{BlobSink, PendingInfo, PendingKey, ShardSink};
 
@@ -43,11 +41,11 @@ pub(super) fn key_dir(root: &Path, key: &PendingKey) -> PathBuf {
 }
 
 pub(super) struct RocksShardSink<'a> {
-    store: &'a RocksStore,
+    /// The shard's staged pack.
+    blobs: PackSink<'a>,
     key_dir: PathBuf,
     tmp: PathBuf,
     shard: u32,
-    pack: Mutex<PackWriter>,
 }
 
 impl<'a> RocksShardSink<'a> {
@@ -70,33 +68,29 @@ impl<'a> RocksShardSink<'a> {
             .map_or(0, |d| d.as_nanos());
         let tmp = key_dir.join(format!("tmp-{shard}-{}-{nanos}", std::process::id()));
         std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-        let pack = PackWriter::create(tmp.join(STAGED_PACK))?;
+        let blobs = PackSink::new(store, tmp.join(STAGED_PACK))?;
         Ok(RocksShardSink {
-            store,
+            blobs,
             key_dir,
             tmp,
             shard,
-            pack: Mutex::new(pack),
         })
     }
 }
 
 impl BlobSink for RocksShardSink<'_> {
     fn has_blob(&self, id: &ObjectId) -> Result<bool, StoreError> {
-        if self.pack.lock().expect("pack lock").holds(id) {
-            return Ok(true);
-        }
-        self.store.has_blob(id)
+        self.blobs.has_blob(id)
     }
 
     fn put_blob(&self, id: &ObjectId, bytes: &[u8]) -> Result<(), StoreError> {
-        self.pack.lock().expect("pack lock").append(id, bytes)
+        self.blobs.put_blob(id, bytes)
     }
 }
 
 impl ShardSink for RocksShardSink<'_> {
     fn finish(self: Box<Self>, manifest: Vec<u8>) -> Result<(), StoreError> {
-        let entries = self.pack.lock().expect("pack lock").finish()?;
+        let entries = self.blobs.finish_pack()?;
         if !entries.is_empty() {
             let idx = postcard::to_stdvec(&entries).expect("serializing to a Vec cannot fail");
             write_synced(&self.tmp.join(STAGED_INDEX), &idx)?;
