@@ -155,13 +155,7 @@ impl<'a> PackSink<'a> {
     pub(super) fn for_commit(store: &'a RocksStore) -> Result<PackSink<'a>, StoreError> {
         let dir = packs_dir(&store.root);
         std::fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        PackSink::new(
-            store,
-            dir.join(format!("tmp-{}-{nanos}.pack", std::process::id())),
-        )
+        PackSink::new(store, dir.join(format!("tmp-{}.pack", writer_tag())))
     }
 
     /// Syncs the pack and returns its index (see [`PackWriter::finish`]).
@@ -208,6 +202,15 @@ impl Drop for PackSink<'_> {
             let _ = std::fs::remove_file(writer.path());
         }
     }
+}
+
+/// `<pid>-<nanoseconds since the epoch>`: names what one writer is writing
+/// apart from what others (or its own earlier attempts) wrote.
+pub(super) fn writer_tag() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos}", std::process::id())
 }
 
 pub(super) fn sync_dir(dir: &Path) -> Result<(), StoreError> {

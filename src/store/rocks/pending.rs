@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::RocksStore;
-use super::packs::{PackSink, STAGED_INDEX, STAGED_PACK, sync_dir};
+use super::packs::{PackSink, STAGED_INDEX, STAGED_PACK, sync_dir, writer_tag};
 use crate::store::StoreError;
 use crate::store::object::ObjectId;
 use crate::store::pending::{BlobSink, PendingInfo, PendingKey, ShardSink};
@@ -63,10 +63,7 @@ impl<'a> RocksShardSink<'a> {
             std::fs::write(&tmp, json).map_err(io(&tmp))?;
             std::fs::rename(&tmp, &key_file).map_err(io(&key_file))?;
         }
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let tmp = key_dir.join(format!("tmp-{shard}-{}-{nanos}", std::process::id()));
+        let tmp = key_dir.join(format!("tmp-{shard}-{}", writer_tag()));
         std::fs::create_dir(&tmp).map_err(io(&tmp))?;
         let blobs = PackSink::new(store, tmp.join(STAGED_PACK))?;
         Ok(RocksShardSink {
