@@ -33,8 +33,9 @@ EXCP = [("excp α=1e-5", ["--alpha", "1e-5"]), ("excp α=5e-5", ["--alpha", "5e-
 def ours():
     """The three presets and points between and beyond them: faithful's
     steps scaled by k (the change bound capped at 4, below √24). The
-    coarsest (×32 to ×128) carry ckptvc's curve out to the drift of ExCP's
-    points, so each frontier factor is read off the curve, not bounded."""
+    coarsest (×32 to ×128) carry ckptvc's curve out towards ExCP's drift:
+    where it gets there, the frontier factor is read off the curve; where
+    ExCP drifts more still, the coarsest point's ratio bounds it."""
     out = [("faithful", ["--policy", "faithful"]), ("balanced", ["--policy", "balanced"]),
            ("compact", ["--policy", "compact"])]
     for k in (0.5, 4.0, 16.0, 32.0, 64.0, 128.0):
