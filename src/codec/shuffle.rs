@@ -16,11 +16,7 @@ pub fn split(raw: &[u8], elem_size: usize) -> Vec<u8> {
         let (p0, rest) = planes.split_at_mut(n);
         let (p1, rest) = rest.split_at_mut(n);
         let (p2, p3) = rest.split_at_mut(n);
-        // The common case (fp32) unrolled, without index arithmetic.
-        let outputs = p0.iter_mut().zip(p1.iter_mut()).zip(p2.iter_mut().zip(p3));
-        for (e, ((b0, b1), (b2, b3))) in raw.chunks_exact(4).zip(outputs) {
-            (*b0, *b1, *b2, *b3) = (e[0], e[1], e[2], e[3]);
-        }
+        split_words(&raw[..n * 4], [p0, p1, p2, p3]);
     } else {
         for (i, element) in raw.chunks_exact(elem_size).enumerate() {
             for (p, &byte) in element.iter().enumerate() {
@@ -30,6 +26,32 @@ pub fn split(raw: &[u8], elem_size: usize) -> Vec<u8> {
     }
     tail.copy_from_slice(&raw[n * elem_size..]);
     out
+}
+
+/// Elements of 4 bytes (fp32, the common case) into their 4 planes, a
+/// block at a time: the block's words are read once, then each plane is a
+/// shift and a narrowing of them, a loop the compiler vectorizes. The
+/// byte-by-byte scatter this replaced was not vectorized and took a quarter
+/// of a lossless keyframe's CPU.
+fn split_words(raw: &[u8], planes: [&mut [u8]; 4]) {
+    // 4 KiB of words and 1 KiB of each plane: all of it stays in L1.
+    const BLOCK: usize = 1024;
+    let mut words = [0u32; BLOCK];
+    let mut planes = planes;
+    for (b, bytes) in raw.chunks(4 * BLOCK).enumerate() {
+        let words = &mut words[..bytes.len() / 4];
+        for (w, e) in words.iter_mut().zip(bytes.chunks_exact(4)) {
+            *w = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+        }
+        let start = b * BLOCK;
+        for (p, plane) in planes.iter_mut().enumerate() {
+            let shift = 8 * p as u32;
+            let out = &mut plane[start..start + words.len()];
+            for (o, &w) in out.iter_mut().zip(words.iter()) {
+                *o = (w >> shift) as u8;
+            }
+        }
+    }
 }
 
 /// Planes → `raw`; the inverse of [`split`].
@@ -81,6 +103,23 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn split_puts_byte_p_of_element_i_at_p_n_plus_i(
+            raw in proptest::collection::vec(any::<u8>(), 0..13_000),
+            k in 1usize..9,
+        ) {
+            let n = raw.len() / k;
+            let mut expected = raw.clone();
+            if k > 1 {
+                for i in 0..n {
+                    for p in 0..k {
+                        expected[p * n + i] = raw[i * k + p];
+                    }
+                }
+            }
+            prop_assert_eq!(split(&raw, k), expected);
+        }
+
         #[test]
         fn join_inverts_split(raw in proptest::collection::vec(any::<u8>(), 0..3000), k in 1usize..9) {
             prop_assert_eq!(join(&split(&raw, k), k), raw);
