@@ -123,6 +123,29 @@ def save_durable(state, path):
         os.close(fd)
 
 
+def todays_path(cli, model, opt, folder, store, step):
+    """Today's path: the model as safetensors and the optimizer as
+    ``optimizer.pt`` into ``folder``, then ``ckptvc commit`` of it into
+    ``store`` (the CLI ``cli``); the folder is removed after. Returns (its
+    seconds, the seconds of its writes)."""
+    from safetensors.torch import save_file
+    start = time.perf_counter()
+    os.makedirs(folder)
+    save_file(model.state_dict(), os.path.join(folder, "model.safetensors"))
+    torch.save(opt.state_dict(), os.path.join(folder, "optimizer.pt"))
+    # The names file python/ckptvc_torch.py writes (docs/format.md), so
+    # that the CLI pairs the moments as the memory path does.
+    names = [n for n, _ in model.named_parameters()]
+    with open(os.path.join(folder, "ckptvc-params.json"), "w") as f:
+        json.dump({"version": 1, "params": names}, f)
+    written = time.perf_counter()
+    subprocess.run([cli, "--repo", store, "-q", "commit", folder, "--step", str(step)],
+                   check=True, stdout=subprocess.DEVNULL)
+    end = time.perf_counter()
+    shutil.rmtree(folder)
+    return end - start, written - start
+
+
 PIECE = 4 << 20
 
 
@@ -209,31 +232,9 @@ def main():
         t_durable, _ = timed(lambda: save_durable(state, os.path.join(args.dir, "save.pt")))
         os.remove(os.path.join(args.dir, "save.pt"))
 
-        folder = os.path.join(args.dir, f"ck-{step}")
-
-        def today(store):
-            from safetensors.torch import save_file
-            os.makedirs(folder)
-            save_file(model.state_dict(), os.path.join(folder, "model.safetensors"))
-            torch.save(opt.state_dict(), os.path.join(folder, "optimizer.pt"))
-            # The names file python/ckptvc_torch.py writes (docs/format.md),
-            # so that the CLI pairs the moments as the memory path does.
-            names = [n for n, _ in model.named_parameters()]
-            with open(os.path.join(folder, "ckptvc-params.json"), "w") as f:
-                json.dump({"version": 1, "params": names}, f)
-            # The write part of today's path, timed apart: the floor
-            # analysis holds the commit from memory against it.
-            written = time.perf_counter()
-            subprocess.run([cli, "--repo", os.path.join(args.dir, store), "-q", "commit",
-                            folder, "--step", str(step)], check=True, stdout=subprocess.DEVNULL)
-            return written
-
         def today_timed(store):
-            start = time.perf_counter()
-            written = today(store)
-            end = time.perf_counter()
-            shutil.rmtree(folder)
-            return end - start, written - start
+            return todays_path(cli, model, opt, os.path.join(args.dir, f"ck-{step}"),
+                               os.path.join(args.dir, store), step)
         t_today_first, t_write_first = today_timed("cli.ckptvc")
 
         base = rss_mib()

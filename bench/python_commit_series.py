@@ -9,7 +9,13 @@ from the page cache before each commit (`posix_fadvise(DONTNEED)`), as in a
 training process whose memory pushed them out: the parent's reconstruction
 is then read from disk.
 
+With `--today CKPTVC`, each checkpoint goes today's path instead (its
+files written into a folder, then `ckptvc commit` of it by the binary
+CKPTVC), so that the two paths can be compared each in a process of its
+own, neither evicting the other's reconstruction from the page cache.
+
     python bench/python_commit_series.py [--checkpoints K] [--policy P] [--perf FILE] [--cold]
+                                         [--today CKPTVC]
 """
 
 import argparse
@@ -23,7 +29,7 @@ import ckptvc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from python_commit import (  # noqa: E402
-    disk_read_mib, fresh_run, series_arguments, timed, train)
+    disk_read_mib, fresh_run, series_arguments, timed, todays_path, train)
 
 
 def drop_cached_tips(store):
@@ -44,10 +50,16 @@ def main():
     parser.add_argument("--perf", help="perf record the last commit into this file")
     parser.add_argument("--cold", action="store_true",
                         help="evict the store's reconstruction caches before each commit")
+    parser.add_argument("--today", metavar="CKPTVC",
+                        help="commit by today's path with this ckptvc binary instead")
     args = parser.parse_args()
     model, opt = fresh_run(args.dir, args.model_bytes)
     store = os.path.join(args.dir, "store.ckptvc")
-    repo = ckptvc.Repo.init(store, policy=args.policy)
+    if args.today:
+        subprocess.run([args.today, "--repo", store, "-q", "init", "--policy", args.policy],
+                       check=True)
+    else:
+        repo = ckptvc.Repo.init(store, policy=args.policy)
     for k in range(1, args.checkpoints + 1):
         step = k * args.steps_between
         train(model, opt, args.steps_between)
@@ -61,18 +73,29 @@ def main():
             drop_cached_tips(store)
         read_before = disk_read_mib()
         cpu_before = os.times()
-        seconds, outcome = timed(lambda: repo.commit(step, model=model, optimizer=opt))
+        if args.today:
+            seconds, written = todays_path(args.today, model, opt,
+                                           os.path.join(args.dir, f"ck-{step}"), store, step)
+        else:
+            seconds, outcome = timed(lambda: repo.commit(step, model=model, optimizer=opt))
         cpu_after = os.times()
         read = disk_read_mib() - read_before
-        user = cpu_after.user - cpu_before.user
-        system = cpu_after.system - cpu_before.system
+        # The CLI's CPU time is its child's.
+        user = (cpu_after.user - cpu_before.user
+                + cpu_after.children_user - cpu_before.children_user)
+        system = (cpu_after.system - cpu_before.system
+                  + cpu_after.children_system - cpu_before.children_system)
         if perf:
             perf.send_signal(signal.SIGINT)
             perf.wait()
+        usage = f"user {user:.2f} s, system {system:.2f} s, read from disk {read:.0f} MiB"
+        if args.today:
+            print(f"step {step}: today's path {seconds:.2f} s (its writes {written:.2f} s, "
+                  f"its ckptvc commit {seconds - written:.2f} s; {usage})", flush=True)
+            continue
         kind = "keyframe" if outcome["keyframe"] else "residual"
         print(f"step {step} ({kind}, ratio {outcome['ratio']:.1f}): commit from memory "
-              f"{seconds:.2f} s (user {user:.2f} s, system {system:.2f} s, "
-              f"read from disk {read:.0f} MiB)", flush=True)
+              f"{seconds:.2f} s ({usage})", flush=True)
 
 
 if __name__ == "__main__":
