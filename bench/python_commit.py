@@ -220,6 +220,8 @@ def main():
         # are prepared while training goes on.
         async_repo.reserve_snapshot(model=model, optimizer=opt)
     rows = []
+    # What the I/O floor writes over (see direct_io_floor).
+    spare = os.path.join(args.dir, "floor-spare")
     for k in range(1, args.checkpoints + 1):
         step = k * args.steps_between
         train(model, opt, args.steps_between)
@@ -252,8 +254,9 @@ def main():
         # reads its parent's reconstruction and writes its own (over the
         # parent's, as a commit along a branch does) and its blobs; a
         # keyframe writes a new reconstruction and its blobs.
+        # The commit's own reconstruction, just written, stands in for its
+        # parent's: the same size, and no longer in the page cache.
         cache = newest_tip_cache(os.path.join(args.dir, "memory.ckptvc"))
-        spare = os.path.join(args.dir, "floor-spare")
         cache_bytes = os.path.getsize(cache) // PIECE * PIECE
         if outcome["keyframe"] and os.path.exists(spare):
             os.remove(spare)
@@ -269,8 +272,8 @@ def main():
         t_write = t_write_first if t_today_first <= t_today_again else t_write_again
 
         rows.append(dict(step=step, save=t_save, save_first=t_save_first, today_first=t_today_first,
-                         durable=t_durable, today=t_today, today_write=t_write, io_floor=t_floor, memory=t_mem, block=t_block,
-                         wait=t_wait, keyframe=outcome["keyframe"], ratio=outcome["ratio"],
+                         durable=t_durable, today=t_today, today_write=t_write,
+                         io_floor=t_floor, memory=t_mem, block=t_block, wait=t_wait, keyframe=outcome["keyframe"], ratio=outcome["ratio"],
                          extra_commit_mib=extra_commit, disk_read_mib=disk_read))
         r = rows[-1]
         print(f"step {step}: torch.save {t_save:.2f} s (first {t_save_first:.2f} s) | "
@@ -286,7 +289,6 @@ def main():
               f"commit extra memory {extra_commit:.0f} MiB, read from disk {disk_read:.0f} MiB",
               flush=True)
 
-    spare = os.path.join(args.dir, "floor-spare")
     if os.path.exists(spare):
         os.remove(spare)
 
