@@ -3,47 +3,89 @@
 //! Release builds target baseline x86-64, whose vectors are 4 floats wide
 //! (SSE2). The loops of lossy coding (quantizing, statistics, reconstruction,
 //! error sums) are written so that they vectorize; compiled for AVX2 they
-//! process 8 floats per instruction. [`with_avx2!`](crate::with_avx2) calls
-//! a function through a copy compiled with AVX2 enabled when the CPU reports
-//! it, so one binary runs everywhere and uses AVX2 where it exists.
+//! process 8 floats per instruction, for AVX-512 16 (and eight f64 lane
+//! sums in one register). [`with_avx2!`](crate::with_avx2) calls a function
+//! through a copy compiled for the widest of these the CPU reports, so one
+//! binary runs everywhere and uses what each machine has.
 //!
 //! Results are bit-identical either way: Rust never contracts a multiply and
 //! an add into an FMA or reassociates float sums on its own, so a wider
 //! vector computes each element, and each lane of a sum, in the same order.
 
-/// Whether the AVX2 copies run: the CPU has AVX2 and the environment does
-/// not say `CKPTVC_SIMD=baseline` (which the tests use to check that both
-/// paths store the same bytes). Decided once per process.
-pub fn avx2_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        let baseline = std::env::var_os("CKPTVC_SIMD").is_some_and(|v| v == "baseline");
-        #[cfg(target_arch = "x86_64")]
-        let available = std::is_x86_feature_detected!("avx2");
-        #[cfg(not(target_arch = "x86_64"))]
-        let available = false;
-        available && !baseline
+/// The vector extensions the dispatched copies use, narrowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Baseline,
+    Avx2,
+    /// AVX-512 F, BW, DQ and VL.
+    Avx512,
+}
+
+/// The widest [`Level`] this CPU has, capped by `CKPTVC_SIMD` (`baseline`
+/// or `avx2`: the tests check that every level stores the same bytes).
+/// Decided once per process.
+pub fn level() -> Level {
+    static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let cap = match std::env::var("CKPTVC_SIMD").as_deref() {
+            Ok("baseline") => Level::Baseline,
+            Ok("avx2") => Level::Avx2,
+            _ => Level::Avx512,
+        };
+        available().min(cap)
     })
 }
 
+#[cfg(target_arch = "x86_64")]
+fn available() -> Level {
+    use std::is_x86_feature_detected as has;
+    if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+        Level::Avx512
+    } else if has!("avx2") {
+        Level::Avx2
+    } else {
+        Level::Baseline
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn available() -> Level {
+    Level::Baseline
+}
+
+/// Whether the AVX2 copies (and the hand-written AVX2 kernels) may run:
+/// [`level`] is AVX2 or wider.
+pub fn avx2_enabled() -> bool {
+    level() >= Level::Avx2
+}
+
 /// An expression: calls `$f($args)` (an `#[inline(always)]` function)
-/// through a copy compiled for AVX2 when this CPU has it, else directly. A
-/// macro rather than a function taking a closure: the compiler may decline
-/// to inline a closure into the AVX2 copy, and then the copy only jumps to
-/// the baseline code. It leaves a labeled block, not the caller (a `return`
-/// here once skipped the code after it in a caller that went on).
+/// through a copy compiled for AVX-512 or AVX2, the widest [`level`]
+/// allows, else directly. A macro rather than a function taking a closure:
+/// the compiler may decline to inline a closure into the wider copy, and
+/// then the copy only jumps to the baseline code. It leaves a labeled
+/// block, not the caller (a `return` here once skipped the code after it in
+/// a caller that went on).
 #[macro_export]
 macro_rules! with_avx2 {
     ($f:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty) => {'dispatch: {
         #[cfg(target_arch = "x86_64")]
         {
+            use $crate::codec::simd::{Level, level};
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+            fn avx512($($arg: $ty),*) -> $ret {
+                $f($($arg),*)
+            }
             #[target_feature(enable = "avx2")]
             fn avx2($($arg: $ty),*) -> $ret {
                 $f($($arg),*)
             }
-            if $crate::codec::simd::avx2_enabled() {
-                // SAFETY: avx2_enabled() checked that the CPU supports AVX2.
-                break 'dispatch unsafe { avx2($($arg),*) };
+            match level() {
+                // SAFETY: level() found these extensions on this CPU.
+                Level::Avx512 => break 'dispatch unsafe { avx512($($arg),*) },
+                // SAFETY: as above.
+                Level::Avx2 => break 'dispatch unsafe { avx2($($arg),*) },
+                Level::Baseline => {}
             }
         }
         $f($($arg),*)
