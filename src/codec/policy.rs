@@ -435,7 +435,7 @@ impl GroupStats {
     /// independent lanes over zipped slices, no branches and no bounds
     /// checks, so the loop vectorizes.
     pub fn tuned_sums_of_chunk(chunk: &GroupChunk<'_>) -> GroupStats {
-        crate::with_avx2!(tuned_sums(chunk: &GroupChunk<'_>) -> GroupStats)
+        crate::with_simd!(tuned_sums(chunk: &GroupChunk<'_>) -> GroupStats)
     }
 
     /// What the guided policies plan from: [`GroupStats::tuned_sums_of_chunk`]
@@ -446,9 +446,9 @@ impl GroupStats {
     /// order as the separate passes made them, so the plans are identical.
     pub fn guided_sums_of_chunk(chunk: &GroupChunk<'_>) -> GroupStats {
         let mut stats = if chunk.side_tensor.is_some() {
-            crate::with_avx2!(guided_sums_scaled(chunk: &GroupChunk<'_>) -> GroupStats)
+            crate::with_simd!(guided_sums_scaled(chunk: &GroupChunk<'_>) -> GroupStats)
         } else {
-            crate::with_avx2!(guided_sums_unscaled(chunk: &GroupChunk<'_>) -> GroupStats)
+            crate::with_simd!(guided_sums_unscaled(chunk: &GroupChunk<'_>) -> GroupStats)
         };
         stats.parent_w_error = chunk.parent_w_error;
         stats
@@ -806,7 +806,7 @@ pub fn quantize_keeping_recons(
     plan: &TensorPlan,
     chunk: &GroupChunk<'_>,
 ) -> ([Quantized; 3], Made) {
-    crate::with_avx2!(quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3], Made))
+    crate::with_simd!(quantize_chunk(plan: &TensorPlan, chunk: &GroupChunk<'_>) -> ([Quantized; 3], Made))
 }
 
 #[inline(always)]

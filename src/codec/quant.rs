@@ -337,7 +337,7 @@ pub fn reconstruct(
     base: Option<&[f32]>,
     side: Option<&[f32]>,
 ) -> Result<Vec<f32>, QuantError> {
-    crate::with_avx2!(reconstruct_values(q: &Quantized, base: Option<&[f32]>, side: Option<&[f32]>) -> Result<Vec<f32>, QuantError>)
+    crate::with_simd!(reconstruct_values(q: &Quantized, base: Option<&[f32]>, side: Option<&[f32]>) -> Result<Vec<f32>, QuantError>)
 }
 
 #[inline(always)]

@@ -4,7 +4,7 @@
 //! (SSE2). The loops of lossy coding (quantizing, statistics, reconstruction,
 //! error sums) are written so that they vectorize; compiled for AVX2 they
 //! process 8 floats per instruction, for AVX-512 16 (and eight f64 lane
-//! sums in one register). [`with_avx2!`](crate::with_avx2) calls a function
+//! sums in one register). [`with_simd!`](crate::with_simd) calls a function
 //! through a copy compiled for the widest of these the CPU reports, so one
 //! binary runs everywhere and uses what each machine has.
 //!
@@ -67,7 +67,7 @@ pub fn avx2_enabled() -> bool {
 /// block, not the caller (a `return` here once skipped the code after it in
 /// a caller that went on).
 #[macro_export]
-macro_rules! with_avx2 {
+macro_rules! with_simd {
     ($f:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty) => {'dispatch: {
         #[cfg(target_arch = "x86_64")]
         {
@@ -116,12 +116,12 @@ mod tests {
     }
 
     fn dispatched(x: &[f32]) -> [f32; 8] {
-        crate::with_avx2!(sum_of_squares(x: &[f32]) -> [f32; 8])
+        crate::with_simd!(sum_of_squares(x: &[f32]) -> [f32; 8])
     }
 
     /// The dispatch inside a body that goes on after it.
     fn doubled(x: &[f32]) -> [f32; 8] {
-        let lanes = crate::with_avx2!(sum_of_squares(x: &[f32]) -> [f32; 8]);
+        let lanes = crate::with_simd!(sum_of_squares(x: &[f32]) -> [f32; 8]);
         lanes.map(|l| 2.0 * l)
     }
 
