@@ -251,11 +251,10 @@ def main():
         t_block, handle = timed(lambda: async_repo.commit_async(step, model=model, optimizer=opt))
         t_wait, _ = timed(handle.wait)
         # The I/O floor of the commit from memory, just measured: a residual
-        # reads its parent's reconstruction and writes its own (over the
-        # parent's, as a commit along a branch does) and its blobs; a
+        # reads its parent's reconstruction (here the commit's own, just
+        # written: the same size, and not in the page cache) and writes its
+        # own over it, as a commit along a branch does, and its blobs; a
         # keyframe writes a new reconstruction and its blobs.
-        # The commit's own reconstruction, just written, stands in for its
-        # parent's: the same size, and no longer in the page cache.
         cache = newest_tip_cache(os.path.join(args.dir, "memory.ckptvc"))
         cache_bytes = os.path.getsize(cache) // PIECE * PIECE
         if outcome["keyframe"] and os.path.exists(spare):
@@ -267,13 +266,12 @@ def main():
         # measured 3x apart for the same bytes), and the faster of the two
         # is the one the marks are held against.
         t_save = min(t_save_first, save())
-        t_today_again, t_write_again = today_timed("cli-again.ckptvc")
-        t_today = min(t_today_first, t_today_again)
-        t_write = t_write_first if t_today_first <= t_today_again else t_write_again
+        t_today, t_write = min((t_today_first, t_write_first), today_timed("cli-again.ckptvc"))
 
         rows.append(dict(step=step, save=t_save, save_first=t_save_first, today_first=t_today_first,
                          durable=t_durable, today=t_today, today_write=t_write,
-                         io_floor=t_floor, memory=t_mem, block=t_block, wait=t_wait, keyframe=outcome["keyframe"], ratio=outcome["ratio"],
+                         io_floor=t_floor, memory=t_mem, block=t_block, wait=t_wait,
+                         keyframe=outcome["keyframe"], ratio=outcome["ratio"],
                          extra_commit_mib=extra_commit, disk_read_mib=disk_read))
         r = rows[-1]
         print(f"step {step}: torch.save {t_save:.2f} s (first {t_save_first:.2f} s) | "
